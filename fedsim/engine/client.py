@@ -1,0 +1,273 @@
+"""Client side of the engine: the Flower ``ClientApp`` that hosts a strategy's client part.
+
+A Flower node (one Ray actor at a time) serves a group of ``simulation.clients_per_node`` virtual clients. For
+each client it builds a ``ClientEnv`` (the client's data, feature map, seed, device) and calls the strategy's client
+part; injected failures and real exceptions are accounted per client; replies of a group are combined with the
+client part's ``reduce``. Byte counts are taken from the serialized records each client would have sent alone.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.serde import recorddict_to_proto
+
+from fedsim.config import ScenarioConfig
+
+ENGINE_KEY = "fedsim"  # ConfigRecord the server adds to every message: round, selected partitions
+ACCOUNTING_KEY = "fedsim.accounting"  # MetricRecord the node adds to every reply; stripped by the server
+
+
+def derive_seed(*parts: Any) -> int:
+    """A stable 31-bit seed from any parts (scenario seed, round, partition id, purpose)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
+def failing_clients(seed: int, round_: int, num_clients: int, rate: float) -> frozenset[int]:
+    """The clients that fail in ``round_``: exactly round(rate * N) of them, the same set in every process."""
+    count = int(round(rate * num_clients))
+    if count == 0:
+        return frozenset()
+    rng = np.random.default_rng(derive_seed(seed, round_, "failures"))
+    return frozenset(int(i) for i in rng.choice(num_clients, size=count, replace=False))
+
+
+def node_group(node_partition: int, clients_per_node: int, num_clients: int) -> list[int]:
+    """Virtual clients served by the Flower node with ``partition-id`` = ``node_partition``."""
+    start = node_partition * clients_per_node
+    return list(range(start, min(start + clients_per_node, num_clients)))
+
+
+def record_nbytes(content: RecordDict) -> int:
+    """Size of ``content`` as Flower serializes it (protobuf), i.e. what goes over the wire."""
+    return int(recorddict_to_proto(content).ByteSize())
+
+
+def resolve_device(setting: str) -> str:
+    import torch
+
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return setting
+
+
+class ClientError(RuntimeError):
+    """Raised on a node when every client it serves failed; Flower turns it into an error reply."""
+
+
+@dataclass
+class ClientEnv:
+    """What a client part may use: its own data and the scenario, nothing from other clients."""
+
+    partition_id: int
+    num_clients: int
+    config: ScenarioConfig
+    params: Any
+    round: int
+    indices: np.ndarray
+    device: str = "cpu"
+
+    @property
+    def seed(self) -> int:
+        return derive_seed(self.config.seed, self.round, self.partition_id, "client")
+
+    def train_data(self):
+        """This client's partition of the training set (tensors on the CPU)."""
+        return _train_split(self.config).subset(self.indices)
+
+    def feature_map(self):
+        """The scenario's frozen feature map; the same map (same seed) on every node and on the server."""
+        return scenario_feature_map(self.config, self.device)
+
+    def stream(self):
+        """This client's stream (tasks or online batches) over its partition; indices refer to the full train set."""
+        labels = _train_split(self.config).labels
+        return build_stream(self.config, labels, [self.indices], seed_offset=self.partition_id)[0]
+
+
+def build_stream(config: ScenarioConfig, labels: np.ndarray, partitions: list[np.ndarray], seed_offset: int = 0):
+    """One stream per partition, as the scenario's ``[stream]`` table describes."""
+    from fedsim.streams import client_streams
+
+    s = config.stream
+    kwargs: dict[str, Any] = {}
+    if s.kind == "class-incremental":
+        kwargs = dict(tasks=s.tasks, first_task_classes=s.first_task_classes)
+    elif s.kind == "online":
+        kwargs = dict(batch_size=s.batch_size, imbalance=s.imbalance, imbalance_ratio=s.imbalance_ratio,
+                      classes_over_time=s.classes_over_time)
+    return client_streams(labels, partitions, kind=s.kind, seed=config.seed + seed_offset, **kwargs)
+
+
+@functools.lru_cache(maxsize=4)
+def _train_split_cached(name: str, root: str | None, max_n: int | None, seed: int, options: tuple):
+    from fedsim.data import load_dataset
+
+    data = load_dataset(name, split="train", root=root, **dict(options))
+    if max_n is not None and max_n < len(data):
+        keep = np.sort(np.random.default_rng(derive_seed(seed, "train-slice")).permutation(len(data))[:max_n])
+        data = data.subset(keep)
+    return data
+
+
+@functools.lru_cache(maxsize=4)
+def _test_split_cached(name: str, root: str | None, max_n: int | None, seed: int, options: tuple):
+    from fedsim.data import load_dataset
+
+    data = load_dataset(name, split="test", root=root, **dict(options))
+    if max_n is not None and max_n < len(data):
+        keep = np.sort(np.random.default_rng(derive_seed(seed, "test-slice")).permutation(len(data))[:max_n])
+        data = data.subset(keep)
+    return data
+
+
+def _train_split(config: ScenarioConfig):
+    d = config.data
+    return _train_split_cached(d.name, d.root, d.max_train, config.seed, tuple(sorted(d.options.items())))
+
+
+def _test_split(config: ScenarioConfig):
+    d = config.data
+    return _test_split_cached(d.name, d.root, d.max_test, config.seed, tuple(sorted(d.options.items())))
+
+
+def train_split(config: ScenarioConfig):
+    """The scenario's training set (after ``data.max_train``), cached per process."""
+    return _train_split(config)
+
+
+def test_split(config: ScenarioConfig):
+    """The scenario's test set (after ``data.max_test``), cached per process."""
+    return _test_split(config)
+
+
+@functools.lru_cache(maxsize=4)
+def _feature_map_cached(name: str, input_shape: tuple, dim: int, seed: int, weights: str | None, device: str):
+    from fedsim.features import build_feature_map
+
+    return build_feature_map(name, input_shape=input_shape, dim=dim, seed=seed, weights=weights, device=device)
+
+
+def scenario_feature_map(config: ScenarioConfig, device: str = "cpu"):
+    m = config.model
+    shape = tuple(_train_split(config).input_shape)
+    return _feature_map_cached(m.feature_map, shape, m.feature_dim, derive_seed(config.seed, "feature-map"),
+                               m.weights, device)
+
+
+def partition_for(config: ScenarioConfig) -> list[np.ndarray]:
+    """The scenario's partition of the training set (deterministic from the seed)."""
+    from fedsim.partition import partition_indices
+
+    p = config.partition
+    return partition_indices(
+        _train_split(config).labels, kind=p.kind, num_clients=p.num_clients, seed=config.seed,
+        alpha=p.alpha, classes_per_client=p.classes_per_client, quantity_alpha=p.quantity_alpha,
+        min_partition_size=p.min_partition_size,
+    )
+
+
+class NodeHandler:
+    """Runs on a Flower node: dispatches a message to the client part for each client the node serves."""
+
+    def __init__(self, config: ScenarioConfig, partitions: list[np.ndarray]) -> None:
+        from fedsim.engine.registry import get_strategy
+
+        self.config = config
+        self.partitions = partitions
+        self.spec = get_strategy(config.strategy.name)
+
+    def __call__(self, kind: str, msg: Message, context: Context) -> Message:
+        cfg = self.config
+        node_partition = int(context.node_config["partition-id"])
+        group = node_group(node_partition, cfg.simulation.clients_per_node, cfg.num_clients)
+        if kind == "query":  # discovery: which clients does this node serve
+            return Message(RecordDict({ACCOUNTING_KEY: MetricRecord({"partition_ids": group})}), reply_to=msg)
+
+        engine = msg.content.config_records.get(ENGINE_KEY, ConfigRecord())
+        round_ = int(engine.get("round", _flower_round(msg.content)))
+        selected = engine.get("partitions")
+        if selected is not None:
+            wanted = set(int(p) for p in selected)
+            group = [p for p in group if p in wanted]
+        content = RecordDict({k: v for k, v in msg.content.items() if k != ENGINE_KEY})
+
+        _limit_threads(cfg.simulation.num_cpus)
+        client = self.spec.client(cfg.strategy.params)
+        handler = getattr(client, kind, None)
+        if handler is None:
+            raise ClientError(f"strategy {cfg.strategy.name!r} has no client-side {kind!r} handler")
+        failing = failing_clients(cfg.seed, round_, cfg.num_clients, cfg.simulation.failure_rate)
+        device = resolve_device(cfg.simulation.device)
+
+        replies: list[RecordDict] = []
+        served, failed, sizes, reasons = [], [], [], []
+        for pid in group:
+            if pid in failing:
+                failed.append(pid)
+                reasons.append(f"client {pid}: injected failure (simulation.failure_rate)")
+                continue
+            env = ClientEnv(pid, cfg.num_clients, cfg, cfg.strategy.params, round_, self.partitions[pid], device)
+            try:
+                reply = handler(content, env)
+            except Exception:  # a real client crash: account it, keep the rest of the group
+                failed.append(pid)
+                reasons.append(f"client {pid}: {traceback.format_exc(limit=3)}")
+                continue
+            served.append(pid)
+            sizes.append(record_nbytes(reply))
+            replies.append(reply)
+        if not replies:
+            raise ClientError("; ".join(reasons) or "no client selected on this node")
+        out = replies[0] if len(replies) == 1 else self.spec.client.reduce(replies)
+        out[ACCOUNTING_KEY] = MetricRecord(
+            {"partition_ids": served, "failed_ids": failed, "client_bytes": sizes}
+        )
+        return Message(out, reply_to=msg)
+
+
+def _flower_round(content: RecordDict) -> int:
+    """Flower's own strategies put the round into their ConfigRecord as ``server-round``."""
+    for record in content.config_records.values():
+        if "server-round" in record:
+            return int(record["server-round"])
+    return 0
+
+
+def _limit_threads(num_cpus: float) -> None:
+    """Each simulated client gets the CPUs Ray reserved for it, no more (avoids oversubscription)."""
+    import torch
+
+    n = max(1, int(num_cpus))
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    os.environ.setdefault("OMP_NUM_THREADS", str(n))
+
+
+def build_client_app(config: ScenarioConfig, partitions: list[np.ndarray]) -> ClientApp:
+    """The Flower ClientApp for ``config``; partitions travel with it (computed once by the driver)."""
+    handler = NodeHandler(config, partitions)
+    app = ClientApp()
+
+    @app.train()
+    def _train(msg: Message, context: Context) -> Message:
+        return handler("train", msg, context)
+
+    @app.evaluate()
+    def _evaluate(msg: Message, context: Context) -> Message:
+        return handler("evaluate", msg, context)
+
+    @app.query()
+    def _query(msg: Message, context: Context) -> Message:
+        return handler("query", msg, context)
+
+    return app

@@ -1,0 +1,308 @@
+"""Server side of the engine: byte accounting on the Flower grid and the context a server part runs in."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from fedsim.config import ScenarioConfig
+from fedsim.engine.client import ACCOUNTING_KEY, ENGINE_KEY, record_nbytes
+from fedsim.results import RunRecorder
+
+DISCOVERY_TIMEOUT = 600.0
+
+
+@dataclass
+class Traffic:
+    """Bytes moved so far, counted from the serialized records of the real messages."""
+
+    up: int = 0  # sum over clients of what each uploaded (per-client sizes, also inside grouped replies)
+    down: int = 0  # sum over clients of what each received
+    messages_up: int = 0
+    messages_down: int = 0
+    per_client_up: dict[int, int] = field(default_factory=dict)
+    per_client_down: dict[int, int] = field(default_factory=dict)
+    failed: int = 0  # client-rounds that failed
+
+
+@dataclass
+class Reply:
+    """One node's answer, seen per virtual client: which clients it covers, their content, who failed."""
+
+    partition_ids: list[int]
+    content: RecordDict | None
+    failed: list[int]
+    error: str | None = None
+    node_id: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.content is not None
+
+
+class AccountingGrid(Grid):
+    """A Flower ``Grid`` that counts every byte and sorts replies, wrapping the real one.
+
+    Flower's own strategies (FedAvg, FedProx, ...) run on it unchanged: it strips fedsim's accounting record from
+    replies before they see them, orders node ids by partition id (so seeded sampling is reproducible) and
+    returns replies sorted by partition id (so float sums are reproducible).
+    """
+
+    def __init__(self, inner: Grid, num_nodes: int) -> None:
+        self.inner = inner
+        self.num_nodes = num_nodes
+        self.traffic = Traffic()
+        self.node_clients: dict[int, list[int]] = {}  # node id -> virtual clients it serves
+        self._sent: dict[str, tuple[int, int]] = {}  # message id -> (node id, content bytes)
+
+    # -- plumbing Flower's Grid requires ------------------------------------------------------------------
+    def set_run(self, run) -> None:  # noqa: ANN001
+        self.inner.set_run(run)
+
+    @property
+    def run(self):  # noqa: ANN201
+        return self.inner.run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # noqa: ANN001, ANN201
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> list[int]:
+        if self.node_clients:
+            return sorted(self.node_clients, key=lambda n: self.node_clients[n][0])
+        return sorted(self.inner.get_node_ids())
+
+    # -- discovery ------------------------------------------------------------------------------------------
+    def discover(self, timeout: float = DISCOVERY_TIMEOUT) -> None:
+        """Ask every node which virtual clients it serves (node ids are random in Flower's simulation)."""
+        deadline = time.time() + timeout
+        while len(list(self.inner.get_node_ids())) < self.num_nodes:
+            if time.time() > deadline:
+                raise TimeoutError(f"only {len(list(self.inner.get_node_ids()))} of {self.num_nodes} nodes started")
+            time.sleep(0.2)
+        nodes = sorted(self.inner.get_node_ids())
+        msgs = [Message(RecordDict(), node, MessageType.QUERY) for node in nodes]
+        replies = self.inner.send_and_receive(msgs, timeout=timeout)
+        for msg in replies:
+            if msg.has_error():
+                raise RuntimeError(f"node {msg.metadata.src_node_id} failed during start-up: {msg.error.reason}")
+            ids = list(msg.content.metric_records[ACCOUNTING_KEY]["partition_ids"])
+            self.node_clients[msg.metadata.src_node_id] = [int(i) for i in ids]
+        if len(self.node_clients) != len(nodes):
+            raise RuntimeError(f"discovery: {len(self.node_clients)} of {len(nodes)} nodes answered")
+
+    # -- accounting -----------------------------------------------------------------------------------------
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        sizes = [record_nbytes(m.content) if m.has_content() else 0 for m in messages]
+        ids = list(self.inner.push_messages(messages))
+        for msg, size, mid in zip(messages, sizes, ids):
+            node = msg.metadata.dst_node_id
+            self._sent[mid] = (node, size)
+            self.traffic.messages_down += 1
+            for pid in self._selected_clients(msg, node):
+                self.traffic.down += size
+                self.traffic.per_client_down[pid] = self.traffic.per_client_down.get(pid, 0) + size
+        return ids
+
+    def _selected_clients(self, msg: Message, node: int) -> list[int]:
+        clients = self.node_clients.get(node, [])
+        if msg.has_content() and ENGINE_KEY in msg.content.config_records:
+            selected = msg.content.config_records[ENGINE_KEY].get("partitions")
+            if selected is not None:
+                chosen = set(int(p) for p in selected)
+                clients = [c for c in clients if c in chosen]
+        return clients
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        replies = list(self.inner.pull_messages(message_ids))
+        for msg in replies:
+            self._account_reply(msg)
+        return replies
+
+    def _account_reply(self, msg: Message) -> None:
+        self.traffic.messages_up += 1
+        self._sent.pop(msg.metadata.reply_to_message_id, None)
+        if msg.has_error() or ACCOUNTING_KEY not in msg.content:
+            node = msg.metadata.src_node_id
+            self.traffic.failed += len(self.node_clients.get(node, [])) or 1
+            return
+        acc = msg.content.metric_records[ACCOUNTING_KEY]
+        for pid, size in zip(acc["partition_ids"], acc["client_bytes"]):
+            self.traffic.up += int(size)
+            self.traffic.per_client_up[int(pid)] = self.traffic.per_client_up.get(int(pid), 0) + int(size)
+        self.traffic.failed += len(acc["failed_ids"])
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        replies = list(self.iter_replies(messages, timeout=timeout))
+        return [msg for _, msg in sorted(replies, key=lambda kv: kv[0])]
+
+    def iter_replies(self, messages: Iterable[Message], *, timeout: float | None = None
+                     ) -> Iterator[tuple[tuple, Message]]:
+        """Push, then yield ``(sort key, reply)`` as replies arrive; accounting stripped from each content."""
+        pending = set(self.push_messages(messages))
+        deadline = None if timeout is None else time.time() + timeout
+        while pending:
+            got = list(self.pull_messages(pending))
+            for msg in got:
+                pending.discard(msg.metadata.reply_to_message_id)
+                key = self._sort_key(msg)
+                if msg.has_content() and ACCOUNTING_KEY in msg.content:
+                    self._last_accounting = msg.content.metric_records[ACCOUNTING_KEY]
+                    del msg.content[ACCOUNTING_KEY]
+                    msg.__dict__.setdefault("_fedsim", {})["accounting"] = self._last_accounting
+                yield key, msg
+            if not pending:
+                break
+            if deadline is not None and time.time() > deadline:
+                for mid in pending:  # count the silent nodes as failed clients
+                    node, _ = self._sent.pop(mid, (0, 0))
+                    self.traffic.failed += len(self.node_clients.get(node, [])) or 1
+                break
+            if not got:
+                time.sleep(0.01)
+
+    def _sort_key(self, msg: Message) -> tuple:
+        clients = self.node_clients.get(msg.metadata.src_node_id) or [1 << 30]
+        return (clients[0], msg.metadata.src_node_id)
+
+
+def accounting_of(msg: Message) -> dict:
+    """The per-client accounting the node attached to ``msg`` (served, failed clients, their bytes)."""
+    acc = msg.__dict__.get("_fedsim", {}).get("accounting")
+    if acc is None:
+        return {"partition_ids": [], "failed_ids": [], "client_bytes": []}
+    return {k: [int(v) for v in acc[k]] for k in ("partition_ids", "failed_ids", "client_bytes")}
+
+
+class ServerContext:
+    """What a strategy's server part works with (see docs/ARCHITECTURE.md)."""
+
+    def __init__(self, config: ScenarioConfig, grid: AccountingGrid, recorder: RunRecorder, progress=None) -> None:
+        from fedsim.engine.client import resolve_device
+
+        self.config = config
+        self.params = config.strategy.params
+        self.seed = config.seed
+        self.grid = grid
+        self.recorder = recorder
+        self.run_dir = recorder.run_dir
+        self.device = resolve_device(config.simulation.device)
+        self.progress = progress
+        self.extra_summary: dict[str, Any] = {}
+        self.model_saved = False
+        self.start_time = time.time()
+        self.rng = random.Random(config.seed)
+        random.seed(config.seed)  # Flower's node sampling uses the global `random`
+        self._last_step_bytes = (0, 0)
+
+    # -- data ----------------------------------------------------------------------------------------------
+    def test_data(self):
+        from fedsim.engine.client import test_split
+
+        return test_split(self.config)
+
+    def train_data(self):
+        from fedsim.engine.client import train_split
+
+        return train_split(self.config)
+
+    def feature_map(self):
+        from fedsim.engine.client import scenario_feature_map
+
+        return scenario_feature_map(self.config, self.device)
+
+    @property
+    def num_classes(self) -> int:
+        return self.train_data().num_classes
+
+    @property
+    def input_shape(self) -> tuple:
+        return tuple(self.train_data().input_shape)
+
+    @property
+    def partition_ids(self) -> list[int]:
+        return list(range(self.config.num_clients))
+
+    # -- messaging -----------------------------------------------------------------------------------------
+    def _messages(self, content: RecordDict, message_type: str, partitions, round_: int) -> list[Message]:
+        chosen = None if partitions is None else set(int(p) for p in partitions)
+        msgs = []
+        for node in self.grid.get_node_ids():
+            clients = self.grid.node_clients.get(node, [])
+            if chosen is not None and not chosen.intersection(clients):
+                continue
+            engine = ConfigRecord({"round": int(round_)})
+            if chosen is not None and not chosen.issuperset(clients):
+                engine["partitions"] = sorted(chosen.intersection(clients))
+            body = RecordDict(dict(content.items()))
+            body[ENGINE_KEY] = engine
+            msgs.append(Message(body, node, message_type, group_id=str(round_)))
+        return msgs
+
+    def stream(self, content: RecordDict, message_type: str = MessageType.TRAIN, partitions=None,
+               round: int = 1) -> Iterator[Reply]:  # noqa: A002
+        """Send ``content`` to the clients (all, or ``partitions``) and yield replies as they arrive."""
+        msgs = self._messages(content, message_type, partitions, round)
+        for _, msg in self.grid.iter_replies(msgs, timeout=self.config.simulation.timeout):
+            yield self._to_reply(msg)
+
+    def send(self, content: RecordDict, message_type: str = MessageType.TRAIN, partitions=None,
+             round: int = 1) -> list[Reply]:  # noqa: A002
+        """Send and wait for all replies (or the timeout); replies sorted by their first partition id."""
+        replies = list(self.stream(content, message_type, partitions, round))
+        return sorted(replies, key=lambda r: (r.partition_ids or r.failed or [1 << 30])[0])
+
+    def _to_reply(self, msg: Message) -> Reply:
+        node = msg.metadata.src_node_id
+        if msg.has_error():
+            return Reply([], None, list(self.grid.node_clients.get(node, [])), msg.error.reason, node)
+        acc = accounting_of(msg)
+        return Reply(acc["partition_ids"], msg.content, acc["failed_ids"], None, node)
+
+    # -- results -------------------------------------------------------------------------------------------
+    def log(self, step: int, **metrics: Any) -> dict:
+        """Record one row of metrics.csv; bytes and seconds come from the engine, not the strategy."""
+        t = self.grid.traffic
+        row = {"round": int(step), **{k: _scalar(v) for k, v in metrics.items()}}
+        row.setdefault("accuracy", float("nan"))
+        row.setdefault("loss", float("nan"))
+        row["bytes_up"] = t.up
+        row["bytes_down"] = t.down
+        row["round_bytes_up"] = t.up - self._last_step_bytes[0]
+        row["round_bytes_down"] = t.down - self._last_step_bytes[1]
+        row["failed_clients"] = t.failed
+        row["seconds"] = round(time.time() - self.start_time, 4)
+        self._last_step_bytes = (t.up, t.down)
+        self.recorder.append_metrics(row)
+        if self.progress is not None:
+            self.progress.update(row)
+        return row
+
+    def summary(self, **values: Any) -> None:
+        self.extra_summary.update({k: _scalar(v) if np.isscalar(v) else v for k, v in values.items()})
+
+    def save_model(self, obj: Any) -> None:
+        self.recorder.save_model(obj)
+        self.model_saved = True
+
+    def save_table(self, name: str, table, index: bool = True) -> None:  # noqa: ANN001
+        self.recorder.save_table(name, table, index=index)
+
+    def set_total_steps(self, total: int) -> None:
+        if self.progress is not None:
+            self.progress.set_total(total)
+
+
+def _scalar(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        return value.item()
+    return value

@@ -1,0 +1,136 @@
+"""``fedsim report``: compare run directories in one table and plot accuracy against rounds and bytes."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from fedsim.results import load_run
+
+TABLE_COLUMNS = [
+    ("label", "run"), ("strategy", "strategy"), ("dataset", "dataset"), ("num_clients", "clients"),
+    ("partition", "partition"), ("rounds", "rounds"), ("final_accuracy", "final acc"),
+    ("best_accuracy", "best acc"), ("mean_class_accuracy", "mean class acc"),
+    ("average_incremental_accuracy", "avg inc acc"), ("forgetting", "forgetting"),
+    ("bytes_up_per_client", "up/client"), ("bytes_up", "bytes up"), ("bytes_down", "bytes down"),
+    ("wall_seconds", "wall s"), ("status", "status"),
+]
+
+
+def find_runs(paths: list[str | Path]) -> list[Path]:
+    """Run directories among ``paths``: each path is a run dir or a folder holding run dirs (one level)."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if (p / "summary.json").exists():
+            found.append(p)
+        elif p.is_dir():
+            found.extend(sorted(d for d in p.iterdir() if (d / "summary.json").exists()))
+        else:
+            raise FileNotFoundError(f"{p}: not a run directory (no summary.json) and not a folder of runs")
+    if not found:
+        raise FileNotFoundError(f"no run directories (with summary.json) under {', '.join(map(str, paths))}")
+    return found
+
+
+def comparison_table(runs: list[dict]) -> pd.DataFrame:
+    rows = []
+    for run in runs:
+        s = run["summary"]
+        rows.append({title: s.get(key) for key, title in TABLE_COLUMNS})
+    table = pd.DataFrame(rows)
+    return table.dropna(axis=1, how="all")
+
+
+def _fmt(value) -> str:  # noqa: ANN001
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 10 else f"{value:,.1f}"
+    if isinstance(value, int) and value > 10_000:
+        return _human_bytes(value)
+    return str(value)
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def print_table(table: pd.DataFrame) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    out = Table(show_lines=False)
+    for col in table.columns:
+        out.add_column(col, justify="left" if col in ("run", "strategy", "dataset", "partition", "status") else "right")
+    for _, row in table.iterrows():
+        cells = []
+        for col in table.columns:
+            v = row[col]
+            if col in ("up/client", "bytes up", "bytes down") and v is not None and v == v:
+                cells.append(_human_bytes(float(v)))
+            else:
+                cells.append(_fmt(v.item() if hasattr(v, "item") else v))
+        out.add_row(*cells)
+    Console().print(out)
+
+
+def plot_runs(runs: list[dict], out_dir: Path) -> list[Path]:
+    """accuracy_vs_round.png and accuracy_vs_bytes.png (cumulative bytes uploaded, log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for x_key, x_label, name, log in (("round", "round / step", "accuracy_vs_round.png", False),
+                                      ("bytes_up", "bytes uploaded (all clients, cumulative)",
+                                       "accuracy_vs_bytes.png", True)):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        plotted = 0
+        for run in runs:
+            m = run["metrics"]
+            if m.empty or x_key not in m or "accuracy" not in m:
+                continue
+            m = m.dropna(subset=["accuracy"])
+            if log:
+                m = m[m[x_key] > 0]
+            if m.empty:
+                continue
+            label = run["summary"].get("label") or run["dir"].name
+            style = "o-" if len(m) < 30 else "-"
+            ax.plot(m[x_key], m["accuracy"], style, label=label, markersize=4)
+            plotted += 1
+        if log and plotted:
+            ax.set_xscale("log")
+        ax.set_xlabel(x_label)
+        ax.set_ylabel("test accuracy")
+        ax.grid(alpha=0.3)
+        if plotted:
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / name
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def report(paths: list[str | Path], out_dir: str | Path | None = None, show: bool = True) -> pd.DataFrame:
+    runs = [load_run(p) for p in find_runs(paths)]
+    table = comparison_table(runs)
+    target = Path(out_dir) if out_dir else Path(paths[0]) if len(paths) == 1 and not (
+        Path(paths[0]) / "summary.json").exists() else runs[0]["dir"].parent
+    if show:
+        print_table(table)
+    plots = plot_runs(runs, target)
+    table.to_csv(target / "report.csv", index=False)
+    if show:
+        print(f"plots: {', '.join(str(p) for p in plots)}; table: {target / 'report.csv'}")
+    return table

@@ -1,0 +1,128 @@
+"""Run directories: what a run leaves behind, written so that an interrupted run keeps everything so far.
+
+Every file is replaced atomically (write to a temporary file, then rename), and metrics.csv is rewritten after
+each round, so a killed run leaves complete files describing the rounds it finished.
+
+    run_dir/config.json     resolved scenario, package versions, seed
+    run_dir/partition.csv   clients x classes sample counts (+ size)
+    run_dir/metrics.csv     one row per round / stream step
+    run_dir/summary.json    strategy, dataset, num_clients, final_accuracy, wall_seconds, bytes_up, bytes_down, seed
+    run_dir/model.pt        the final model (torch.load(run_dir / "model.pt", weights_only=False))
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+CONFIG_FILE = "config.json"
+PARTITION_FILE = "partition.csv"
+METRICS_FILE = "metrics.csv"
+SUMMARY_FILE = "summary.json"
+MODEL_FILE = "model.pt"
+
+REQUIRED_SUMMARY_KEYS = (
+    "strategy", "dataset", "num_clients", "final_accuracy", "wall_seconds", "bytes_up", "bytes_down", "seed",
+)
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("fedsim", "flwr", "flwr-datasets", "ray", "torch", "torchvision", "numpy", "pandas"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mode = "wb" if isinstance(data, bytes) else "w"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, mode) as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: Path, payload: dict) -> None:
+    atomic_write(path, json.dumps(_jsonable(payload), indent=2, sort_keys=False) + "\n")
+
+
+class RunRecorder:
+    """Writes one run directory; the only code that knows the file names and formats."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.rows: list[dict] = []
+        self.tables: dict[str, pd.DataFrame] = {}
+
+    def write_config(self, config: dict, **extra: Any) -> None:
+        write_json(self.run_dir / CONFIG_FILE, {"config": config, "versions": package_versions(), **extra})
+
+    def write_partition(self, table: pd.DataFrame) -> None:
+        self.save_table(PARTITION_FILE, table, index=True)
+
+    def append_metrics(self, row: dict) -> None:
+        self.rows.append(_jsonable(row))
+        atomic_write(self.run_dir / METRICS_FILE, pd.DataFrame(self.rows).to_csv(index=False))
+
+    def save_table(self, name: str, table: pd.DataFrame, index: bool = True) -> None:
+        self.tables[name] = table
+        atomic_write(self.run_dir / name, table.to_csv(index=index))
+
+    def write_summary(self, summary: dict) -> None:
+        write_json(self.run_dir / SUMMARY_FILE, summary)
+
+    def save_model(self, obj: Any) -> Path:
+        import io
+
+        import torch
+
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        path = self.run_dir / MODEL_FILE
+        atomic_write(path, buf.getvalue())
+        return path
+
+
+def load_run(run_dir: str | Path) -> dict:
+    """Read a run directory back: summary (dict), metrics (DataFrame), config (dict)."""
+    run_dir = Path(run_dir)
+    summary_path = run_dir / SUMMARY_FILE
+    if not summary_path.exists():
+        raise FileNotFoundError(f"{run_dir}: no {SUMMARY_FILE}; is this a fedsim run directory?")
+    out = {"dir": run_dir, "summary": json.loads(summary_path.read_text())}
+    metrics = run_dir / METRICS_FILE
+    out["metrics"] = pd.read_csv(metrics) if metrics.exists() and metrics.stat().st_size else pd.DataFrame()
+    config = run_dir / CONFIG_FILE
+    out["config"] = json.loads(config.read_text()) if config.exists() else {}
+    return out
