@@ -1,0 +1,207 @@
+"""Block-structured networks: an ordered list of named blocks plus a classifier head.
+
+Cutting a network after block k (FuseFL's progressive fusion) or taking the backbone without its head (feature
+extraction for AFL / AEF-OCL / DPCR) is then a slice of `BlockNet.blocks`, not a per-model special case.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torchvision.models.resnet import BasicBlock
+
+from fedsim.errors import ConfigError
+
+__all__ = ["BlockNet", "MODELS", "build_model", "num_parameters"]
+
+MODELS: dict[str, str] = {
+    "cnn": "4 conv-BN-ReLU(-maxpool) blocks, width w, 2w, 4w, 8w (default w=32); any image size >= 8x8",
+    "resnet18": "CIFAR-style ResNet-18: 3x3 stem, no maxpool, 8 BasicBlocks (default width 64; FuseFL uses 20)",
+    "mlp": "flatten + 4 Linear-ReLU blocks of width w (default 128); for flat or tiny inputs",
+}
+
+
+class BlockNet(nn.Module):
+    """A network as `blocks` (composed in order = the backbone) followed by `head` (pooling + classifier).
+
+    `forward(x) == head(features(x))`; `forward_blocks(x, start, stop)` runs blocks[start:stop].
+    `cut_points` are block indices where a cut is natural (stage boundaries); `group_blocks(k)` splits the blocks
+    into k contiguous stages for FuseFL. `feature_dim` is the width of `embed(x)` (the vector the final linear
+    layer reads), and `head.fc` is that linear layer.
+    """
+
+    def __init__(
+        self,
+        blocks: Sequence[tuple[str, nn.Module]],
+        head: nn.Module,
+        feature_dim: int,
+        cut_points: Sequence[int] | None = None,
+        groupings: dict[int, list[tuple[int, int]]] | None = None,
+        out_channels: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.block_names: tuple[str, ...] = tuple(name for name, _ in blocks)
+        self.blocks = nn.ModuleList([block for _, block in blocks])
+        self.head = head
+        self.feature_dim = int(feature_dim)
+        n = len(self.blocks)
+        self.cut_points: tuple[int, ...] = tuple(cut_points) if cut_points is not None else tuple(range(1, n))
+        self.out_channels: tuple[int, ...] = tuple(out_channels) if out_channels is not None else ()
+        self._groupings = dict(groupings or {})
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    def forward_blocks(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Run blocks[start:stop] on x (the input of block `start`)."""
+        for block in self.blocks[start:stop]:
+            x = block(x)
+        return x
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """All blocks (the backbone without head); spatial maps for conv nets."""
+        return self.forward_blocks(x, 0, None)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The (n, feature_dim) vector the classifier reads: features, then the head without its last layer."""
+        h = self.features(x)
+        for layer in list(self.head.children())[:-1]:
+            h = layer(h)
+        return h
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def group_blocks(self, k: int) -> list[tuple[int, int]]:
+        """k contiguous (start, stop) stages covering all blocks, cut at stage boundaries where possible.
+
+        Models may fix preferred layouts (resnet18 follows FuseFL: K=2 after layer2; K=4 stem | layer1+2 | layer3 |
+        layer4); otherwise k-1 cuts are chosen among `cut_points` (all block boundaries when there are too few) so
+        that stages hold about equally many blocks.
+        """
+        n = self.num_blocks
+        if not 1 <= k <= n:
+            raise ValueError(f"cannot split {n} blocks into {k} stages (1 <= k <= {n})")
+        if k in self._groupings:
+            return list(self._groupings[k])
+        candidates = list(self.cut_points) if k - 1 <= len(self.cut_points) else list(range(1, n))
+        cuts: list[int] = []
+        for i in range(1, k):  # greedy: closest free candidate to the ideal position i*n/k
+            ideal = i * n / k
+            free = [c for c in candidates if c not in cuts and (not cuts or c > cuts[-1])
+                    and len([d for d in candidates if d > c]) >= k - 1 - i]
+            cuts.append(min(free, key=lambda c: (abs(c - ideal), c)))
+        bounds = [0, *cuts, n]
+        return [(bounds[i], bounds[i + 1]) for i in range(k)]
+
+
+def num_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _classifier_head(channels: int, num_classes: int, spatial: bool) -> nn.Sequential:
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    if spatial:
+        layers["pool"] = nn.AdaptiveAvgPool2d(1)
+        layers["flatten"] = nn.Flatten(1)
+    layers["fc"] = nn.Linear(channels, num_classes)
+    return nn.Sequential(layers)
+
+
+def _conv_bn_relu(cin: int, cout: int, pool: bool) -> nn.Sequential:
+    layers: OrderedDict[str, nn.Module] = OrderedDict(
+        conv=nn.Conv2d(cin, cout, 3, padding=1, bias=False), bn=nn.BatchNorm2d(cout), relu=nn.ReLU(inplace=True))
+    if pool:
+        layers["pool"] = nn.MaxPool2d(2)
+    return nn.Sequential(layers)
+
+
+def _image_shape(name: str, input_shape: Sequence[int]) -> tuple[int, int, int]:
+    if len(input_shape) != 3:
+        raise ConfigError(f"model.name: {name!r} needs image inputs (C, H, W), got input shape {tuple(input_shape)}")
+    return int(input_shape[0]), int(input_shape[1]), int(input_shape[2])
+
+
+def _build_cnn(input_shape: Sequence[int], num_classes: int, width: int) -> BlockNet:
+    c, h, w = _image_shape("cnn", input_shape)
+    blocks, cin, size = [], c, min(h, w)
+    channels = [width, 2 * width, 4 * width, 8 * width]
+    for i, cout in enumerate(channels):
+        pool = i < 3 and size >= 2  # pool 3 times while the map is at least 2x2: 28 -> 3, 32 -> 4, 8 -> 1
+        blocks.append((f"conv{i + 1}", _conv_bn_relu(cin, cout, pool)))
+        size = size // 2 if pool else size
+        cin = cout
+    return BlockNet(blocks, _classifier_head(cin, num_classes, spatial=True), feature_dim=cin,
+                    out_channels=channels)
+
+
+def _build_resnet18(input_shape: Sequence[int], num_classes: int, width: int) -> BlockNet:
+    c, _, _ = _image_shape("resnet18", input_shape)
+    stem = nn.Sequential(OrderedDict(conv=nn.Conv2d(c, width, 3, stride=1, padding=1, bias=False),
+                                     bn=nn.BatchNorm2d(width), relu=nn.ReLU(inplace=True)))
+    blocks: list[tuple[str, nn.Module]] = [("stem", stem)]
+    out_channels = [width]
+    inplanes = width
+    for layer, (mult, stride) in enumerate([(1, 1), (2, 2), (4, 2), (8, 2)], start=1):
+        planes = width * mult
+        for j in range(2):
+            s = stride if j == 0 else 1
+            down = None
+            if s != 1 or inplanes != planes:
+                down = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride=s, bias=False), nn.BatchNorm2d(planes))
+            blocks.append((f"layer{layer}.{j}", BasicBlock(inplanes, planes, stride=s, downsample=down)))
+            out_channels.append(planes)
+            inplanes = planes
+    # blocks: 0 stem | 1-2 layer1 | 3-4 layer2 | 5-6 layer3 | 7-8 layer4
+    net = BlockNet(blocks, _classifier_head(inplanes, num_classes, spatial=True), feature_dim=inplanes,
+                   cut_points=(1, 3, 5, 7), out_channels=out_channels,
+                   groupings={2: [(0, 5), (5, 9)], 3: [(0, 5), (5, 7), (7, 9)], 4: [(0, 1), (1, 5), (5, 7), (7, 9)]})
+    for m in net.modules():  # torchvision ResNet's initialization
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return net
+
+
+def _build_mlp(input_shape: Sequence[int], num_classes: int, width: int) -> BlockNet:
+    in_dim = 1
+    for s in input_shape:
+        in_dim *= int(s)
+    blocks: list[tuple[str, nn.Module]] = []
+    for i in range(4):  # 4 blocks, like the cnn, so FuseFL's K = 2..4 works on every model
+        layers: OrderedDict[str, nn.Module] = OrderedDict(flatten=nn.Flatten(1)) if i == 0 else OrderedDict()
+        layers["linear"] = nn.Linear(in_dim if i == 0 else width, width)
+        layers["relu"] = nn.ReLU(inplace=True)
+        blocks.append((f"fc{i + 1}", nn.Sequential(layers)))
+    return BlockNet(blocks, _classifier_head(width, num_classes, spatial=False), feature_dim=width,
+                    out_channels=(width,) * 4)
+
+
+_BUILDERS = {"cnn": (_build_cnn, 32), "resnet18": (_build_resnet18, 64), "mlp": (_build_mlp, 128)}
+
+
+def build_model(
+    name: str, input_shape: Sequence[int], num_classes: int, width: int | None = None, seed: int = 0
+) -> BlockNet:
+    """The network `name` (see MODELS) for inputs of `input_shape` (C, H, W) or (D,), initialized from `seed`.
+
+    Initialization draws from a forked torch RNG seeded with `seed`, so the same arguments give the same weights
+    in any process (server and clients build the initial model independently) and the caller's RNG is untouched.
+    """
+    if name not in _BUILDERS:
+        raise ConfigError(f"model.name: unknown model {name!r}; allowed: {', '.join(MODELS)}")
+    if num_classes < 1:
+        raise ConfigError(f"model: num_classes must be >= 1, got {num_classes}")
+    builder, default_width = _BUILDERS[name]
+    width = default_width if width is None else int(width)
+    if width < 1:
+        raise ConfigError(f"model.width: {width!r} is out of range; it must be >= 1")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return builder(tuple(input_shape), num_classes, width)
