@@ -1,0 +1,314 @@
+"""FuseFL's learner: the fused network both the client and the server part build, and the one-shot baselines' modules.
+
+FuseFL (Tang et al., "FuseFL: One-Shot Federated Learning through the Lens of Causality with Progressive Model
+Fusion", NeurIPS 2024, arXiv 2410.20380). A network is cut into K stages B^1..B^K (contiguous groups of a
+`fedsim.models.BlockNet`'s blocks) plus a head. With M clients, stage k = 1..K is one round:
+
+    client m trains  head_m o B^K_m o ... o B^{k+1}_m o B^k_m o A^k_m  on top of the frozen fused stages 1..k-1
+    (B^{k+1..K}_m and head_m are its local head for this stage, all starting from the common initial model)
+    and uploads the column (A^k_m, B^k_m); at k = K also head_m.
+    server: the fused stage k runs every received column side by side:
+
+        h^1_m = B^1_m(x)                                   (stage 1 reads the input itself)
+        h^k_m = B^k_m(A^k_m(h^{k-1}_1, ..., h^{k-1}_M))    (k > 1; every column reads all columns of stage k-1)
+
+    merge A (strategy.merge):  avg:     A(h_1..h_M) = (1/M) sum_j h_j
+                               sum:     A(h_1..h_M) = sum_j h_j
+                               conv1x1: A(h_1..h_M) = Conv_{1x1, M c -> c}([h_1; ...; h_M])  (channel concatenation;
+                                        a Linear for flat features); client m's own adaptor, trained with B^k_m
+                                        at stage k and initialized to the average, so it starts where `avg` does.
+    classifier (strategy.head): avg:    logits = head_avg((1/M) sum_m h^K_m),  head_avg = parameter mean of head_m
+                                logits: logits = (1/M) sum_m head_m(h^K_m)
+
+Frozen stages always run in eval mode (their BatchNorm statistics are those the clients uploaded; the official
+code leaves them in train mode so they drift). The fused network grows with M: M columns per stage.
+The result, `FusedNet`, is a plain `torch.nn.Module` (inference needs torch and this module, not the simulator).
+
+The one-shot baselines beside it: `Ensemble` (the M local models, averaged softmax or logits) and
+`average_states` (one-shot FedAvg: example-weighted parameter and BatchNorm-buffer average, done once).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "MERGES",
+    "HEADS",
+    "COMBINES",
+    "Merge",
+    "Column",
+    "FusedStage",
+    "FusedNet",
+    "StageModel",
+    "Ensemble",
+    "stage_modules",
+    "stage_output_shapes",
+    "build_fused",
+    "average_states",
+    "column_state",
+]
+
+MERGES = ("avg", "sum", "conv1x1")
+HEADS = ("avg", "logits")
+COMBINES = ("softmax", "logits")
+
+
+# ------------------------------------------------------------------------------------------------- fusion parts
+class Merge(nn.Module):
+    """A^k_m: combines the outputs of the previous fused stage's columns into one input of the block's width."""
+
+    def __init__(self, rule: str, num_inputs: int, shape: Sequence[int]) -> None:
+        super().__init__()
+        if rule not in MERGES:
+            raise ValueError(f"merge must be one of {MERGES}, got {rule!r}")
+        if num_inputs < 1:
+            raise ValueError(f"a merge needs at least one input, got {num_inputs}")
+        self.rule = rule
+        self.num_inputs = int(num_inputs)
+        self.shape = tuple(int(s) for s in shape)  # one input without the batch dimension: (C, H, W) or (D,)
+        if rule == "conv1x1":
+            c = self.shape[0]
+            if len(self.shape) == 3:
+                self.adaptor = nn.Conv2d(num_inputs * c, c, kernel_size=1)
+            elif len(self.shape) == 1:
+                self.adaptor = nn.Linear(num_inputs * c, c)
+            else:
+                raise ValueError(f"conv1x1 merges (C, H, W) maps or (D,) vectors, got shape {self.shape}")
+            with torch.no_grad():  # start at the average: W = [I/M, ..., I/M], b = 0
+                eye = torch.eye(c) / num_inputs
+                weight = torch.cat([eye] * num_inputs, dim=1)
+                self.adaptor.weight.copy_(weight.reshape(self.adaptor.weight.shape))
+                self.adaptor.bias.zero_()
+
+    def forward(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        if len(inputs) != self.num_inputs:
+            raise ValueError(f"merge expects {self.num_inputs} inputs, got {len(inputs)}")
+        if self.rule == "conv1x1":
+            return self.adaptor(torch.cat(list(inputs), dim=1))
+        total = inputs[0]
+        for h in inputs[1:]:
+            total = total + h
+        return total / self.num_inputs if self.rule == "avg" else total
+
+    def extra_repr(self) -> str:
+        return f"rule={self.rule!r}, num_inputs={self.num_inputs}"
+
+
+class Column(nn.Module):
+    """One client's contribution to a stage: its merge (none at stage 1) followed by its block B^k_m."""
+
+    def __init__(self, block: nn.Module, merge: Merge | None = None) -> None:
+        super().__init__()
+        self.merge = merge
+        self.block = block
+
+    def forward(self, inputs):  # noqa: ANN001, ANN201 - a tensor (stage 1) or the previous stage's outputs
+        if self.merge is not None:
+            inputs = self.merge(inputs)
+        return self.block(inputs)
+
+
+class FusedStage(nn.Module):
+    """Stage k of the fused network: M columns side by side, each reading all outputs of stage k-1."""
+
+    def __init__(self, columns: Sequence[Column]) -> None:
+        super().__init__()
+        if not columns:
+            raise ValueError("a fused stage needs at least one column")
+        self.columns = nn.ModuleList(columns)
+
+    def forward(self, inputs) -> list[torch.Tensor]:  # noqa: ANN001
+        return [column(inputs) for column in self.columns]
+
+
+class FusedNet(nn.Module):
+    """The fused network: stages of columns, then the classifier over the last stage's M outputs.
+
+    `head` is one module (rule "avg": applied to the mean of the final outputs) or a list of M modules
+    (rule "logits": each applied to its own column's output, logits averaged). Without a head the net is a
+    frozen lower part (`features` only), as clients receive it.
+    """
+
+    def __init__(self, stages: Sequence[FusedStage], head: nn.Module | Sequence[nn.Module] | None = None,
+                 head_rule: str = "avg") -> None:
+        super().__init__()
+        if head_rule not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head_rule!r}")
+        self.stages = nn.ModuleList(stages)
+        self.head_rule = head_rule
+        if head is None:
+            self.head = None
+        elif head_rule == "logits":
+            self.head = nn.ModuleList(list(head))  # type: ignore[arg-type]
+        else:
+            self.head = head
+
+    @property
+    def columns_per_stage(self) -> list[int]:
+        return [len(stage.columns) for stage in self.stages]
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The outputs of the last stage's columns (x itself, as a one-element list, when there is no stage)."""
+        h = x
+        for stage in self.stages:
+            h = stage(h)
+        return h if self.stages else [x]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.head is None:
+            raise RuntimeError("this FusedNet has no classifier yet (a lower part sent to clients)")
+        hs = self.features(x)
+        if self.head_rule == "logits":
+            logits = [head(h) for head, h in zip(self.head, hs)]
+            return _mean(logits)
+        return self.head(_mean(hs))
+
+
+def _mean(xs: Sequence[torch.Tensor]) -> torch.Tensor:
+    total = xs[0]
+    for h in xs[1:]:
+        total = total + h
+    return total / len(xs)
+
+
+class StageModel(nn.Module):
+    """What client m trains at stage k: frozen fused stages 1..k-1 -> its column (A^k_m, B^k_m) -> local head.
+
+    The local head is the rest of the client's own network (blocks of stages k+1..K, then the classifier); it is
+    discarded after stage k < K. `train()` keeps the frozen lower part in eval mode, whatever the caller does.
+    """
+
+    def __init__(self, lower: FusedNet | None, column: Column, upper: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.lower = lower
+        if lower is not None:
+            lower.requires_grad_(False)
+            lower.eval()
+        self.column = column
+        self.upper = upper
+        self.head = head
+
+    def train(self, mode: bool = True) -> "StageModel":
+        super().train(mode)
+        if self.lower is not None:
+            self.lower.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lower is not None and self.lower.stages:
+            with torch.no_grad():
+                inputs = self.lower.features(x)
+        else:
+            inputs = x
+        return self.head(self.upper(self.column(inputs)))
+
+
+# --------------------------------------------------------------------------------------------------- building
+def stage_modules(net, stages: int) -> list[nn.Sequential]:  # noqa: ANN001 - a fedsim.models.BlockNet
+    """The K stages of `net` as modules (copies): stage k = its blocks [start, stop) of `net.group_blocks(K)`.
+
+    Composed in order they compute exactly `net.features`.
+    """
+    return [nn.Sequential(*[copy.deepcopy(b) for b in net.blocks[a:b]]) for a, b in net.group_blocks(stages)]
+
+
+@torch.no_grad()
+def stage_output_shapes(modules: Sequence[nn.Module], input_shape: Sequence[int]) -> list[tuple[int, ...]]:
+    """Output shape (without batch) of each module composed in order, from one probe input."""
+    h = torch.zeros(2, *input_shape)
+    shapes = []
+    for module in modules:
+        was = module.training
+        module.eval()
+        h = module(h)
+        module.train(was)
+        shapes.append(tuple(h.shape[1:]))
+    return shapes
+
+
+def build_fused(stage_templates: Sequence[nn.Module], columns: Sequence[int], merge: str,
+                input_shape: Sequence[int], head: nn.Module | None = None, num_heads: int | None = None,
+                head_rule: str = "avg") -> FusedNet:
+    """A `FusedNet` skeleton with `columns[k]` columns at stage k (copies of the templates; load weights after).
+
+    `head`: template of the classifier; with head_rule "logits" it is copied `num_heads` times (default: the
+    number of columns of the last stage). Without `head`, the result is a lower part.
+    """
+    shapes = stage_output_shapes(stage_templates[: len(columns)], input_shape) if columns else []
+    stages = []
+    for k, m in enumerate(columns):
+        cols = []
+        for _ in range(int(m)):
+            mrg = Merge(merge, columns[k - 1], shapes[k - 1]) if k > 0 else None
+            cols.append(Column(copy.deepcopy(stage_templates[k]), mrg))
+        stages.append(FusedStage(cols))
+    heads = None
+    if head is not None:
+        if head_rule == "logits":
+            count = num_heads if num_heads is not None else columns[-1]
+            heads = [copy.deepcopy(head) for _ in range(count)]
+        else:
+            heads = copy.deepcopy(head)
+    net = FusedNet(stages, heads, head_rule=head_rule)
+    return net.eval()
+
+
+def column_state(column: Column) -> dict[str, np.ndarray]:
+    """What a client uploads for its column: every parameter and buffer of (merge, block), as numpy arrays."""
+    return {k: v.detach().cpu().numpy() for k, v in column.state_dict().items()}
+
+
+def average_states(states: Sequence[dict[str, np.ndarray]], weights: Sequence[float] | None = None
+                   ) -> dict[str, np.ndarray]:
+    """Weighted mean of state dicts (float entries); integer buffers (BatchNorm's batch count) keep the maximum.
+
+    Used for the FuseFL classifier (uniform mean of the clients' heads) and one-shot FedAvg (example-weighted).
+    """
+    if not states:
+        raise ValueError("nothing to average")
+    w = np.ones(len(states)) if weights is None else np.asarray(weights, dtype=np.float64)
+    if w.sum() <= 0:
+        w = np.ones(len(states))
+    w = w / w.sum()
+    out = {}
+    for key in states[0]:
+        arrays = [np.asarray(s[key]) for s in states]
+        if np.issubdtype(arrays[0].dtype, np.floating):
+            acc = np.zeros(arrays[0].shape, dtype=np.float64)
+            for f, a in zip(w, arrays):
+                acc += f * a.astype(np.float64)
+            out[key] = acc.astype(arrays[0].dtype)
+        else:
+            out[key] = np.max(np.stack(arrays), axis=0)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- ensemble baseline
+class Ensemble(nn.Module):
+    """The M local models side by side; output = log of the mean softmax ("softmax") or the mean logits.
+
+    Returning log-probabilities keeps cross-entropy evaluation meaningful (it is the ensemble's NLL) and the
+    argmax equal to that of the averaged probabilities.
+    """
+
+    def __init__(self, models: Sequence[nn.Module], combine: str = "softmax") -> None:
+        super().__init__()
+        if combine not in COMBINES:
+            raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
+        if not models:
+            raise ValueError("an ensemble needs at least one model")
+        self.models = nn.ModuleList(models)
+        self.combine = combine
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = [m(x) for m in self.models]
+        if self.combine == "logits":
+            return _mean(outs)
+        probs = _mean([torch.softmax(o, dim=1) for o in outs])
+        return torch.log(probs.clamp_min(1e-30))
