@@ -1,0 +1,94 @@
+"""A small, strict reader for IDX files (the MNIST / Fashion-MNIST format), gzip-compressed or raw.
+
+Reading the files directly avoids torchvision's layout rules (it wants them uncompressed under
+``ROOT/FashionMNIST/raw``), so the Debian package's ``.gz`` files work as they are. Strict because a truncated
+download otherwise turns into a silent reshape error or garbage images.
+"""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from fedsim.errors import DataUnavailableError
+
+__all__ = ["read_idx", "write_idx", "IDX_DTYPES"]
+
+# IDX type byte -> big-endian numpy dtype
+IDX_DTYPES: dict[int, np.dtype] = {
+    0x08: np.dtype(">u1"),
+    0x09: np.dtype(">i1"),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+
+def _corrupt(path: Path, why: str) -> DataUnavailableError:
+    return DataUnavailableError(
+        f"IDX file {path} is corrupt or not an IDX file: {why}. Delete it and provide the original file "
+        f"(e.g. reinstall the dataset package or download it again)."
+    )
+
+
+def read_idx(path: str | Path, expect_ndim: int | None = None) -> np.ndarray:
+    """Read one IDX file (gzip detected from its content, not its name) into a native-endian array.
+
+    Checks the magic number (two zero bytes, a known type byte, ndim >= 1), that the payload size equals
+    the product of the dimensions exactly, and ``expect_ndim`` when given; raises ``DataUnavailableError``
+    naming the file otherwise.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise DataUnavailableError(f"cannot read IDX file {path}: {err}") from err
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as err:
+            raise _corrupt(path, f"broken gzip stream ({err})") from err
+    if len(raw) < 4:
+        raise _corrupt(path, f"only {len(raw)} bytes, shorter than the 4-byte magic number")
+    if raw[0] != 0 or raw[1] != 0:
+        raise _corrupt(path, f"magic number starts with {raw[0]:#04x} {raw[1]:#04x}, expected 0x00 0x00")
+    type_code, ndim = raw[2], raw[3]
+    if type_code not in IDX_DTYPES:
+        raise _corrupt(path, f"unknown data type byte {type_code:#04x} (known: 0x08 0x09 0x0b 0x0c 0x0d 0x0e)")
+    if ndim < 1:
+        raise _corrupt(path, "zero dimensions")
+    if expect_ndim is not None and ndim != expect_ndim:
+        raise _corrupt(path, f"{ndim} dimensions, expected {expect_ndim}")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise _corrupt(path, f"header needs {header} bytes, file has {len(raw)}")
+    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    dtype = IDX_DTYPES[type_code]
+    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise _corrupt(
+            path, f"dimensions {dims} need {expected} data bytes, file has {len(raw) - header}"
+        )
+    data = np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
+    return data.astype(dtype.newbyteorder("="))  # a writeable, native-endian copy
+
+
+def write_idx(path: str | Path, array: np.ndarray, compress: bool | None = None) -> Path:
+    """Write ``array`` as an IDX file (gzip when ``compress`` or the name ends in ``.gz``); for tests/tools."""
+    path = Path(path)
+    arr = np.asarray(array)
+    codes = {dt.newbyteorder("="): code for code, dt in IDX_DTYPES.items()}
+    native = arr.dtype.newbyteorder("=")
+    if native not in codes:
+        raise ValueError(f"IDX cannot store dtype {arr.dtype}")
+    code = codes[native]
+    header = bytes([0, 0, code, arr.ndim]) + np.asarray(arr.shape, dtype=">u4").tobytes()
+    payload = header + arr.astype(IDX_DTYPES[code]).tobytes()
+    if compress or (compress is None and path.name.endswith(".gz")):
+        payload = gzip.compress(payload, compresslevel=1)
+    path.write_bytes(payload)
+    return path
