@@ -65,6 +65,10 @@ def cmd_list(args: argparse.Namespace) -> int:
     })
     section("models (model.name)", MODELS)
     section("strategies (strategy.name)", {n: s.description for n, s in strategies().items()})
+    from fedsim.engine.registry import broken_strategy_modules
+
+    for path, err in broken_strategy_modules().items():
+        print(f"warning: {path} failed to import: {err}", file=sys.stderr)
     return 0
 
 

@@ -17,13 +17,15 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app.error import Error
 from flwr.clientapp import ClientApp
 from flwr.common.serde import recorddict_to_proto
 
 from fedsim.config import ScenarioConfig
 
 ENGINE_KEY = "fedsim"  # ConfigRecord the server adds to every message: round, selected partitions
-ACCOUNTING_KEY = "fedsim.accounting"  # MetricRecord the node adds to every reply; stripped by the server
+ACCOUNTING_KEY = "fedsim.accounting"
+CLIENT_FAILED = 9001  # error code of a reply whose clients all failed (injected or crashed)  # MetricRecord the node adds to every reply; stripped by the server
 
 
 def derive_seed(*parts: Any) -> int:
@@ -75,6 +77,7 @@ class ClientEnv:
     round: int
     indices: np.ndarray
     device: str = "cpu"
+    all_partitions: list | None = None  # every client's indices (for streams sharing one class order)
 
     @property
     def seed(self) -> int:
@@ -89,23 +92,36 @@ class ClientEnv:
         return scenario_feature_map(self.config, self.device)
 
     def stream(self):
-        """This client's stream (tasks or online batches) over its partition; indices refer to the full train set."""
-        labels = _train_split(self.config).labels
-        return build_stream(self.config, labels, [self.indices], seed_offset=self.partition_id)[0]
+        """This client's stream (tasks or online batches) over its partition; indices refer to the full train set.
+
+        Built for all clients at once (the class order is shared, shuffling seeded per client) and cached.
+        """
+        if self.all_partitions is None:
+            raise RuntimeError("ClientEnv.stream() needs the scenario's partitions")
+        return scenario_streams(self.config, self.all_partitions)[self.partition_id]
 
 
-def build_stream(config: ScenarioConfig, labels: np.ndarray, partitions: list[np.ndarray], seed_offset: int = 0):
-    """One stream per partition, as the scenario's ``[stream]`` table describes."""
+_STREAM_CACHE: dict[tuple, list] = {}
+
+
+def scenario_streams(config: ScenarioConfig, partitions: list[np.ndarray]) -> list:
+    """One stream per client as the scenario's ``[stream]`` table describes (cached per process)."""
     from fedsim.streams import client_streams
 
-    s = config.stream
-    kwargs: dict[str, Any] = {}
-    if s.kind == "class-incremental":
-        kwargs = dict(tasks=s.tasks, first_task_classes=s.first_task_classes)
-    elif s.kind == "online":
-        kwargs = dict(batch_size=s.batch_size, imbalance=s.imbalance, imbalance_ratio=s.imbalance_ratio,
-                      classes_over_time=s.classes_over_time)
-    return client_streams(labels, partitions, kind=s.kind, seed=config.seed + seed_offset, **kwargs)
+    key = (id(partitions), config.seed, repr(config.stream))
+    if key not in _STREAM_CACHE:
+        s = config.stream
+        if s.kind == "class-incremental":
+            kwargs: dict[str, Any] = dict(tasks=s.tasks, first_task_classes=s.first_task_classes)
+        elif s.kind == "online":
+            kwargs = dict(batch_size=s.batch_size, imbalance=s.imbalance, imbalance_ratio=s.imbalance_ratio,
+                          classes_over_time=s.classes_over_time)
+        else:
+            raise RuntimeError("stream.kind is 'none': this scenario has no stream")
+        labels = _train_split(config).labels
+        _STREAM_CACHE.clear()
+        _STREAM_CACHE[key] = client_streams(labels, partitions, kind=s.kind, seed=config.seed, **kwargs)
+    return _STREAM_CACHE[key]
 
 
 @functools.lru_cache(maxsize=4)
@@ -216,7 +232,8 @@ class NodeHandler:
                 failed.append(pid)
                 reasons.append(f"client {pid}: injected failure (simulation.failure_rate)")
                 continue
-            env = ClientEnv(pid, cfg.num_clients, cfg, cfg.strategy.params, round_, self.partitions[pid], device)
+            env = ClientEnv(pid, cfg.num_clients, cfg, cfg.strategy.params, round_, self.partitions[pid], device,
+                            self.partitions)
             try:
                 reply = handler(content, env)
             except Exception:  # a real client crash: account it, keep the rest of the group
@@ -226,8 +243,9 @@ class NodeHandler:
             served.append(pid)
             sizes.append(record_nbytes(reply))
             replies.append(reply)
-        if not replies:
-            raise ClientError("; ".join(reasons) or "no client selected on this node")
+        if not replies:  # an error reply, as Flower makes for a crashed ClientApp, without a logged traceback
+            reason = "; ".join(reasons) or "no client selected on this node"
+            return Message(Error(code=CLIENT_FAILED, reason=reason), reply_to=msg)
         out = replies[0] if len(replies) == 1 else self.spec.client.reduce(replies)
         out[ACCOUNTING_KEY] = MetricRecord(
             {"partition_ids": served, "failed_ids": failed, "client_bytes": sizes}

@@ -15,22 +15,29 @@ from flwr.app import Context, Message, RecordDict
 from flwr.app.error import Error
 from flwr.clientapp import ClientApp
 from flwr.common.serde import message_from_proto, message_to_proto
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
 
-SERVER_NODE_ID = 0
+SERVER_NODE_ID = SUPERLINK_NODE_ID
+NODE_ID_OFFSET = 1000
 
 
 class InlineGrid(Grid):
-    """A Grid whose nodes are ClientApp calls in this process (node ids 1..N, partition ids 0..N-1)."""
+    """A Grid whose nodes are ClientApp calls in this process (node id 1000 + partition id)."""
 
     def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int = 1) -> None:
         self.client_app = client_app
         self.run_id = run_id
+        # Flower stamps new messages with the identity of the running task; in-process we are the server.
+        TaskIdentity.task_id = 1
+        TaskIdentity.run_id = run_id
+        TaskIdentity.node_id = SERVER_NODE_ID
         self.contexts = {
-            node: Context(run_id=run_id, node_id=node,
-                          node_config={"partition-id": node - 1, "num-partitions": num_nodes},
-                          state=RecordDict(), run_config={})
-            for node in range(1, num_nodes + 1)
+            NODE_ID_OFFSET + p: Context(run_id=run_id, node_id=NODE_ID_OFFSET + p,
+                                        node_config={"partition-id": p, "num-partitions": num_nodes},
+                                        state=RecordDict(), run_config={})
+            for p in range(num_nodes)
         }
         self._replies: dict[str, Message] = {}
 

@@ -39,6 +39,7 @@ class StrategySpec:
 
 
 _REGISTRY: dict[str, StrategySpec] = {}
+_BROKEN: dict[str, str] = {}  # strategies module -> import error (one broken plugin must not hide the others)
 _DISCOVERED = False
 
 
@@ -60,17 +61,28 @@ def _discover() -> None:
     import strategies
 
     for module in sorted(pkgutil.iter_modules(strategies.__path__), key=lambda m: m.name):
-        if not module.name.startswith("_"):
+        if module.name.startswith("_"):
+            continue
+        try:
             importlib.import_module(f"strategies.{module.name}")
+        except Exception as exc:  # reported when a strategy is looked up, and by `fedsim list`
+            _BROKEN[f"strategies/{module.name}.py"] = f"{type(exc).__name__}: {exc}"
 
 
 def get_strategy(name: Any) -> StrategySpec:
     _discover()
     if name not in _REGISTRY:
+        broken = "".join(f"; {path} failed to import ({err})" for path, err in _BROKEN.items())
         raise ConfigError(
-            f"strategy.name: {name!r} is not a known strategy; choose one of {', '.join(sorted(_REGISTRY))}"
+            f"strategy.name: {name!r} is not a known strategy; choose one of {', '.join(sorted(_REGISTRY))}{broken}"
         )
     return _REGISTRY[name]
+
+
+def broken_strategy_modules() -> dict[str, str]:
+    """Strategy modules that failed to import, with their errors."""
+    _discover()
+    return dict(_BROKEN)
 
 
 def strategies() -> dict[str, StrategySpec]:

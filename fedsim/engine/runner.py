@@ -86,7 +86,7 @@ def run_scenario(config: ScenarioConfig, out_dir: str | Path, *, label: str | No
 
     def server_main(grid: Grid) -> None:
         acc_grid = AccountingGrid(grid, config.num_nodes)
-        ctx = ServerContext(config, acc_grid, recorder, progress)
+        ctx = ServerContext(config, acc_grid, recorder, progress, partitions)
         outcome["ctx"] = ctx
         try:
             acc_grid.discover()
@@ -177,9 +177,9 @@ def _run_on_ray(config: ScenarioConfig, client_app, server_main) -> None:  # noq
     if config.simulation.ray_address:
         init_args["address"] = config.simulation.ray_address
     backend_config = {"client_resources": client_resources(config), "init_args": init_args}
-    if not config.simulation.verbose:
-        for name in ("flwr", "ray"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+    if not config.simulation.verbose:  # Flower's per-round INFO log and run_simulation's deprecation notice
+        logging.getLogger("flwr").setLevel(logging.ERROR)
+        logging.getLogger("ray").setLevel(logging.WARNING)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=config.num_nodes,

@@ -184,7 +184,8 @@ def accounting_of(msg: Message) -> dict:
 class ServerContext:
     """What a strategy's server part works with (see docs/ARCHITECTURE.md)."""
 
-    def __init__(self, config: ScenarioConfig, grid: AccountingGrid, recorder: RunRecorder, progress=None) -> None:
+    def __init__(self, config: ScenarioConfig, grid: AccountingGrid, recorder: RunRecorder, progress=None,
+                 partitions: list | None = None) -> None:
         from fedsim.engine.client import resolve_device
 
         self.config = config
@@ -195,6 +196,7 @@ class ServerContext:
         self.run_dir = recorder.run_dir
         self.device = resolve_device(config.simulation.device)
         self.progress = progress
+        self.partitions = partitions  # every client's indices into the training set (server-side bookkeeping)
         self.extra_summary: dict[str, Any] = {}
         self.model_saved = False
         self.start_time = time.time()
@@ -217,6 +219,12 @@ class ServerContext:
         from fedsim.engine.client import scenario_feature_map
 
         return scenario_feature_map(self.config, self.device)
+
+    def streams(self) -> list:
+        """Every client's stream, exactly as the clients build them (see ``ClientEnv.stream``)."""
+        from fedsim.engine.client import scenario_streams
+
+        return scenario_streams(self.config, self.partitions)
 
     @property
     def num_classes(self) -> int:
