@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import torch
 from flwr.app import ConfigRecord, RecordDict
 from torch import nn
@@ -143,11 +144,26 @@ class AFLServer:
         ctx.log(1, accuracy=result["accuracy"], loss=result["loss"], dropped_clients=len(dropped),
                 answered_clients=len(answered))
         ctx.save_model(afl_module(feature_map, weights))
+        ctx.save_table("clients.csv", client_table(ctx, answered), index=False)
         ctx.summary(final_accuracy=result["accuracy"], test_loss=result["loss"], dropped_clients=len(dropped),
                     answered_clients=len(answered), dropped_client_ids=sorted(dropped),
                     train_samples=int(learner.n_samples_), feature_dim=dim, gamma=p.gamma, target=p.target,
                     upload=p.upload, aggregate_seconds=round(aggregate_seconds, 4),
                     solve_seconds=round(solve_seconds, 4))
+
+
+def client_table(ctx: ServerContext, answered: list[int]) -> pd.DataFrame:
+    """One row per client: its partition size, whether it answered, the bytes it sent and received."""
+    t = ctx.grid.traffic
+    ids = ctx.partition_ids
+    done = set(answered)
+    return pd.DataFrame({
+        "client": ids,
+        "samples": [len(ctx.partitions[i]) for i in ids] if ctx.partitions is not None else np.nan,
+        "answered": [i in done for i in ids],
+        "bytes_up": [t.per_client_up.get(i, 0) for i in ids],
+        "bytes_down": [t.per_client_down.get(i, 0) for i in ids],
+    })
 
 
 def _single_round(config) -> None:  # noqa: ANN001
