@@ -62,12 +62,10 @@ class SGDClient:
         factors = weights / total if total > 0 else np.full(len(replies), 1.0 / len(replies))
         keys = list(replies[0][ARRAYS_KEY].keys())
         out = {}
-        for key in keys:
+        for key in keys:  # integer buffers (BatchNorm's num_batches_tracked) are averaged as floats, as Flower does
             stacked = [r[ARRAYS_KEY][key].numpy() for r in replies]
-            if np.issubdtype(stacked[0].dtype, np.floating):
-                out[key] = sum(f * a for f, a in zip(factors, stacked)).astype(stacked[0].dtype)
-            else:  # integer buffers (BatchNorm's num_batches_tracked): keep the largest
-                out[key] = np.max(np.stack(stacked), axis=0)
+            dtype = stacked[0].dtype if np.issubdtype(stacked[0].dtype, np.floating) else np.float64
+            out[key] = sum(f * a.astype(np.float64) for f, a in zip(factors, stacked)).astype(dtype)
         loss = float(sum(f * float(r[METRICS_KEY]["train_loss"]) for f, r in zip(factors, replies)))
         return RecordDict({ARRAYS_KEY: to_arrayrecord(out),
                            METRICS_KEY: MetricRecord({WEIGHT_KEY: int(total), "train_loss": loss})})

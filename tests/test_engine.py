@@ -28,9 +28,9 @@ num_clients = 6
 alpha = 0.5
 [model]
 name = "cnn"
-width = 8
+width = 16
 [client]
-epochs = 1
+epochs = 3
 batch_size = 32
 lr = 0.05
 [simulation]
@@ -56,8 +56,9 @@ def test_fedavg_inline_writes_run_files_and_counts_bytes(tmp_path):
     model_bytes = metrics["round_bytes_down"].iloc[1] / config.num_clients
     assert model_bytes > 4 * sum(p.numel() for p in torch.load(tmp_path / "run" / "model.pt",
                                                                weights_only=False).parameters())
-    assert summary["bytes_down"] == metrics["bytes_down"].iloc[-1] == 2 * config.num_clients * model_bytes
-    assert summary["bytes_up"] > 0 and summary["messages_up"] == 2 * config.num_clients + config.num_clients
+    assert summary["bytes_down"] == metrics["bytes_down"].iloc[-1] == metrics["round_bytes_down"].sum()
+    assert metrics["round_bytes_down"].iloc[2] == pytest.approx(model_bytes * config.num_clients, rel=1e-3)
+    assert summary["bytes_up"] > 0 and summary["messages_up"] == 2 * config.num_clients  # start-up discovery is not counted
     assert summary["status"] == "completed" and summary["final_accuracy"] == metrics["accuracy"].iloc[-1]
 
 
@@ -73,15 +74,17 @@ def test_same_seed_same_metrics_other_seed_differs(tmp_path):
 
 
 def test_grouped_nodes_give_the_same_model_and_per_client_bytes(tmp_path):
-    single = run_scenario(_config(tmp_path), tmp_path / "single", show_progress=False)
-    grouped = run_scenario(_config(tmp_path, "simulation.clients_per_node=4"), tmp_path / "grouped",
+    # one round: the group's pre-averaged model equals FedAvg over its members up to float32 round-off
+    # (later rounds would amplify that round-off through SGD)
+    single = run_scenario(_config(tmp_path, "rounds=1"), tmp_path / "single", show_progress=False)
+    grouped = run_scenario(_config(tmp_path, "rounds=1", "simulation.clients_per_node=4"), tmp_path / "grouped",
                            show_progress=False)
     m1 = torch.load(tmp_path / "single" / "model.pt", weights_only=False).state_dict()
     m2 = torch.load(tmp_path / "grouped" / "model.pt", weights_only=False).state_dict()
     for key in m1:
-        torch.testing.assert_close(m1[key].float(), m2[key].float(), atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(m1[key].double(), m2[key].double(), atol=1e-6, rtol=1e-5)
     # 6 clients on 2 nodes: fewer messages, same per-client accounting
-    assert grouped["messages_up"] == 2 * 2 + 2 and single["messages_up"] == 2 * 6 + 6
+    assert grouped["messages_up"] == 2 and single["messages_up"] == 6
     assert grouped["bytes_up"] == single["bytes_up"]
     assert grouped["bytes_down"] == single["bytes_down"]
 

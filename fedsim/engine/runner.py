@@ -70,6 +70,9 @@ def run_scenario(config: ScenarioConfig, out_dir: str | Path, *, label: str | No
     """
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
+    if not config.simulation.verbose:  # Flower's per-round INFO log and run_simulation's deprecation notice
+        logging.getLogger("flwr").setLevel(logging.ERROR)
+        logging.getLogger("ray").setLevel(logging.WARNING)
     spec = get_strategy(config.strategy.name)
     recorder = RunRecorder(out_dir)
     recorder.write_config(config.to_dict(), label=label, seed=config.seed)
@@ -177,9 +180,6 @@ def _run_on_ray(config: ScenarioConfig, client_app, server_main) -> None:  # noq
     if config.simulation.ray_address:
         init_args["address"] = config.simulation.ray_address
     backend_config = {"client_resources": client_resources(config), "init_args": init_args}
-    if not config.simulation.verbose:  # Flower's per-round INFO log and run_simulation's deprecation notice
-        logging.getLogger("flwr").setLevel(logging.ERROR)
-        logging.getLogger("ray").setLevel(logging.WARNING)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=config.num_nodes,
