@@ -77,7 +77,10 @@ def print_table(table: pd.DataFrame) -> None:
             else:
                 cells.append(_fmt(v.item() if hasattr(v, "item") else v))
         out.add_row(*cells)
-    Console().print(out)
+    console = Console()
+    if not console.is_terminal:  # piped or captured: do not squeeze the table into 80 columns
+        console = Console(width=220)
+    console.print(out)
 
 
 def plot_runs(runs: list[dict], out_dir: Path) -> list[Path]:
