@@ -145,7 +145,7 @@ def _summary(config: ScenarioConfig, ctx: ServerContext | None, spec, wall: floa
         "dataset": config.data.name,
         "num_clients": config.num_clients,
         "partition": config.partition.kind,
-        "rounds": len({r["round"] for r in rows}) if rows else 0,
+        "rounds": max(r["round"] for r in rows) if rows else 0,
         "final_accuracy": accs[-1] if accs else None,
         "best_accuracy": max(accs) if accs else None,
         "wall_seconds": round(wall, 3),
