@@ -19,6 +19,15 @@ from fedsim.features import BufferLayer, build_feature_map
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One intra-op thread: on the shared 2-core machine two OpenMP threads under contention ran ~10x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def read_idx_gz(path: Path) -> np.ndarray:
     """Tiny IDX reader for the test (fedsim.data has its own)."""
     with gzip.open(path) as f:
