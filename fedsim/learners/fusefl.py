@@ -19,6 +19,13 @@ Fusion", NeurIPS 2024, arXiv 2410.20380). A network is cut into K stages B^1..B^
                                         at stage k and initialized to the average, so it starts where `avg` does.
     classifier (strategy.head): avg:    logits = head_avg((1/M) sum_m h^K_m),  head_avg = parameter mean of head_m
                                 logits: logits = (1/M) sum_m head_m(h^K_m)
+                                ridge:  one more round, after stage K (the official code also recalibrates
+                                        the head on pooled class statistics, there with Gaussian virtual
+                                        features and SGD): with z(x) = [e(x), 1], e(x) the mean (or the
+                                        concatenation) over columns of the pooled final outputs, clients send
+                                        Z_m^T Z_m and Z_m^T Y_m; the server solves the ridge regression
+                                        W = (sum_m Z_m^T Z_m + gamma I)^-1 sum_m Z_m^T Y_m  (`fedsim.analytic`),
+                                        the least-squares head on everybody's data, exactly.
 
 Frozen stages always run in eval mode (their BatchNorm statistics are those the clients uploaded; the official
 code leaves them in train mode so they drift). The fused network grows with M: M columns per stage.
@@ -50,12 +57,16 @@ __all__ = [
     "stage_modules",
     "stage_output_shapes",
     "build_fused",
+    "fused_embedding",
+    "ridge_head",
     "average_states",
     "column_state",
 ]
 
 MERGES = ("avg", "sum", "conv1x1")
-HEADS = ("avg", "logits")
+HEADS = ("avg", "logits", "ridge")
+HEAD_RULES = ("avg", "logits", "concat")  # how a FusedNet applies its head
+HEAD_FEATURES = ("mean", "concat")
 COMBINES = ("softmax", "logits")
 
 
@@ -130,16 +141,17 @@ class FusedStage(nn.Module):
 class FusedNet(nn.Module):
     """The fused network: stages of columns, then the classifier over the last stage's M outputs.
 
-    `head` is one module (rule "avg": applied to the mean of the final outputs) or a list of M modules
-    (rule "logits": each applied to its own column's output, logits averaged). Without a head the net is a
-    frozen lower part (`features` only), as clients receive it.
+    `head` is one module (rule "avg": applied to the mean of the final outputs; rule "concat": its layers but the
+    last embed each column's output, the last reads their concatenation) or a list of M modules (rule "logits":
+    each applied to its own column's output, logits averaged). Without a head the net is a frozen lower part
+    (`features` only), as clients receive it.
     """
 
     def __init__(self, stages: Sequence[FusedStage], head: nn.Module | Sequence[nn.Module] | None = None,
                  head_rule: str = "avg") -> None:
         super().__init__()
-        if head_rule not in HEADS:
-            raise ValueError(f"head must be one of {HEADS}, got {head_rule!r}")
+        if head_rule not in HEAD_RULES:
+            raise ValueError(f"head_rule must be one of {HEAD_RULES}, got {head_rule!r}")
         self.stages = nn.ModuleList(stages)
         self.head_rule = head_rule
         if head is None:
@@ -167,6 +179,10 @@ class FusedNet(nn.Module):
         if self.head_rule == "logits":
             logits = [head(h) for head, h in zip(self.head, hs)]
             return _mean(logits)
+        if self.head_rule == "concat":
+            layers = list(self.head.children())
+            pre = nn.Sequential(*layers[:-1])
+            return layers[-1](torch.cat([pre(h) for h in hs], dim=1))
         return self.head(_mean(hs))
 
 
@@ -257,6 +273,33 @@ def build_fused(stage_templates: Sequence[nn.Module], columns: Sequence[int], me
             heads = copy.deepcopy(head)
     net = FusedNet(stages, heads, head_rule=head_rule)
     return net.eval()
+
+
+def fused_embedding(lower: FusedNet, head: nn.Module, x: torch.Tensor, features: str = "mean") -> torch.Tensor:
+    """e(x): the final columns' outputs through `head`'s layers but the last (pooling, flatten), averaged over
+    columns ("mean", width d) or concatenated ("concat", width M d)."""
+    pre = nn.Sequential(*list(head.children())[:-1])
+    embs = [pre(h) for h in lower.features(x)]
+    if features == "concat":
+        return torch.cat(embs, dim=1)
+    return _mean(embs)
+
+
+def ridge_head(head: nn.Module, weights: np.ndarray) -> nn.Module:
+    """A copy of `head` whose last (linear) layer holds the ridge solution `weights` ((e + 1) x c, bias last row);
+    its input width becomes e (d for "mean" features, M d for "concat")."""
+    new = copy.deepcopy(head)
+    layers = list(new.named_children())
+    name, last = layers[-1]
+    if not isinstance(last, nn.Linear):
+        raise ValueError(f"the head's last layer must be nn.Linear, got {type(last).__name__}")
+    w = torch.as_tensor(np.asarray(weights), dtype=last.weight.dtype)
+    fc = nn.Linear(w.shape[0] - 1, w.shape[1])
+    with torch.no_grad():
+        fc.weight.copy_(w[:-1].T)
+        fc.bias.copy_(w[-1])
+    setattr(new, name, fc)
+    return new
 
 
 def column_state(column: Column) -> dict[str, np.ndarray]:
