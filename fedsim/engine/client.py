@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.app.error import Error
 from flwr.clientapp import ClientApp
 from flwr.common.serde import recorddict_to_proto
@@ -24,6 +24,7 @@ from flwr.common.serde import recorddict_to_proto
 from fedsim.config import ScenarioConfig
 
 ENGINE_KEY = "fedsim"  # ConfigRecord the server adds to every message: round, selected partitions
+REDUCE_EVERY_BYTES = 256 * 2**20  # a grouped node combines its pending replies (with `reduce`) beyond this size
 ACCOUNTING_KEY = "fedsim.accounting"
 CLIENT_FAILED = 9001  # error code of a reply whose clients all failed (injected or crashed)  # MetricRecord the node adds to every reply; stripped by the server
 
@@ -50,8 +51,33 @@ def node_group(node_partition: int, clients_per_node: int, num_clients: int) -> 
 
 
 def record_nbytes(content: RecordDict) -> int:
-    """Size of ``content`` as Flower serializes it (protobuf), i.e. what goes over the wire."""
-    return int(recorddict_to_proto(content).ByteSize())
+    """Size of ``content`` as Flower serializes it (protobuf), i.e. what goes over the wire.
+
+    Exact, and cheap for large arrays: a RecordDict serializes as a repeated field of items, so its size is the
+    sum of its items' sizes, and an ArrayRecord item's size depends only on its keys and on each array's dtype,
+    shape, stype and number of data bytes. That layout's size is computed once and cached, instead of copying
+    every client's arrays into a protobuf again (0.27 s for a 17 MB array on a busy 2-core machine).
+    """
+    total = 0
+    for key, record in content.items():
+        if isinstance(record, ArrayRecord):
+            layout = (key, tuple((k, a.dtype, tuple(a.shape), a.stype, len(a.data)) for k, a in record.items()))
+            size = _ARRAY_ITEM_NBYTES.get(layout)
+            if size is None:
+                if len(_ARRAY_ITEM_NBYTES) >= 4096:
+                    _ARRAY_ITEM_NBYTES.clear()
+                size = _ARRAY_ITEM_NBYTES[layout] = _item_nbytes(key, record)
+            total += size
+        else:
+            total += _item_nbytes(key, record)
+    return total
+
+
+_ARRAY_ITEM_NBYTES: dict[tuple, int] = {}
+
+
+def _item_nbytes(key: str, record: Any) -> int:
+    return int(recorddict_to_proto(RecordDict({key: record})).ByteSize())
 
 
 def resolve_device(setting: str) -> str:
@@ -227,6 +253,7 @@ class NodeHandler:
 
         replies: list[RecordDict] = []
         served, failed, sizes, reasons = [], [], [], []
+        pending_bytes = 0
         for pid in group:
             if pid in failing:
                 failed.append(pid)
@@ -243,6 +270,10 @@ class NodeHandler:
             served.append(pid)
             sizes.append(record_nbytes(reply))
             replies.append(reply)
+            pending_bytes += sizes[-1]
+            if len(replies) > 1 and pending_bytes > REDUCE_EVERY_BYTES:  # bound the node's memory: fold early
+                replies = [self.spec.client.reduce(replies)]
+                pending_bytes = max(sizes)
         if not replies:  # an error reply, as Flower makes for a crashed ClientApp, without a logged traceback
             reason = "; ".join(reasons) or "no client selected on this node"
             return Message(Error(code=CLIENT_FAILED, reason=reason), reply_to=msg)
