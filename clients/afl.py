@@ -45,6 +45,6 @@ class AFLClient:
     @staticmethod
     def reduce(replies: list[RecordDict]) -> RecordDict:
         """A node serving several clients sums their statistics (or AA-law partial sums): exact and associative."""
-        arrays = reduce_replies([from_record(r[ARRAYS_KEY]) for r in replies])
+        arrays = reduce_replies(from_record(r[ARRAYS_KEY]) for r in replies)  # decoded one at a time
         total = sum(int(r[METRICS_KEY]["num-examples"]) for r in replies)
         return RecordDict({ARRAYS_KEY: to_record(arrays), METRICS_KEY: MetricRecord({"num-examples": total})})

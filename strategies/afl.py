@@ -127,7 +127,7 @@ class AFLServer:
                 errors.append(reply.error)
             if reply.ok and reply.partition_ids:
                 t0 = time.perf_counter()
-                learner.add_reply(from_record(reply.content[ARRAYS_KEY]), dim, clients=len(reply.partition_ids))
+                learner.add_reply(from_record(reply.content[ARRAYS_KEY]), clients=len(reply.partition_ids))
                 aggregate_seconds += time.perf_counter() - t0
                 answered.extend(reply.partition_ids)
         missing = set(ctx.partition_ids) - set(answered) - set(dropped)  # silent nodes (timeout)

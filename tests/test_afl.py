@@ -229,9 +229,9 @@ def test_learner_fit_and_every_upload_form_agree():
     for upload in ("statistics", "solution"):
         replies = [encode_reply(s, upload, 0.5) for s in stats]
         learner = AFLLearner(gamma=0.5)
-        learner.add_reply(reduce_replies(replies[:3]), 30, clients=3)  # a node serving 3 clients
+        learner.add_reply(reduce_replies(replies[:3]), clients=3)  # a node serving 3 clients
         for r in replies[3:]:
-            learner.add_reply(r, 30)
+            learner.add_reply(r)
         assert learner.n_clients_ == 7 and learner.n_samples_ == 400
         assert rel_err(learner.solve().coef_, w_ref) < TOL
         assert learner.score(x, y) == central.score(x, y)

@@ -130,3 +130,40 @@ def test_every_client_failing_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(clients.afl.AFLClient, "train", broken)
     with pytest.raises((AllClientsFailed, RunFailed), match="none of the 24 clients answered"):
         run(tmp_path, "none")
+
+
+@pytest.mark.parametrize("upload", ["statistics", "solution"])
+def test_nodes_fold_early_beyond_the_memory_bound(tmp_path, monkeypatch, upload):
+    """With a tiny REDUCE_EVERY_BYTES a node folds after every reply (memory of two replies): same weights."""
+    import fedsim.engine.client as engine_client
+
+    _, _, w_all_at_once, t1 = run(tmp_path, "once", f"strategy.upload={upload}", "simulation.clients_per_node=12")
+    monkeypatch.setattr(engine_client, "REDUCE_EVERY_BYTES", 1)
+    _, _, w_pairwise, t2 = run(tmp_path, "pairwise", f"strategy.upload={upload}", "simulation.clients_per_node=12")
+    assert rel_err(w_pairwise, w_all_at_once) < 1e-12
+    pd.testing.assert_frame_equal(t1, t2)
+
+
+def test_record_nbytes_is_exactly_the_protobuf_size():
+    from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+    from flwr.common.serde import recorddict_to_proto
+
+    from fedsim.engine.client import record_nbytes
+
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        items = {}
+        for j in range(int(rng.integers(0, 4))):
+            kind = int(rng.integers(0, 3))
+            if kind == 0:
+                items[f"a{j}"] = ArrayRecord({
+                    f"x{i}": Array(rng.normal(size=tuple(rng.integers(0, 200, size=int(rng.integers(1, 3)))))
+                                   .astype(str(rng.choice(["float32", "float64", "int64"]))))
+                    for i in range(int(rng.integers(0, 3)))})
+            elif kind == 1:
+                items[f"m{j}"] = MetricRecord({"n": int(rng.integers(0, 10**9)), "v": [1.0] * int(rng.integers(0, 50))})
+            else:
+                items[f"c{j}"] = ConfigRecord({"s": "x" * int(rng.integers(0, 300))})
+        content = RecordDict(items)
+        expected = recorddict_to_proto(content).ByteSize()
+        assert record_nbytes(content) == expected and record_nbytes(content) == expected  # cached layout too

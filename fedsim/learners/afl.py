@@ -20,6 +20,7 @@ and an sklearn-style estimator `AFLLearner` that accepts every form.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -32,10 +33,10 @@ __all__ = [
     "AFLLearner",
     "client_statistics",
     "encode_reply",
-    "decode_reply",
     "reduce_replies",
     "pack_symmetric",
     "unpack_symmetric",
+    "packed_symmetric_matmul",
 ]
 
 #: What a client uploads: its raw statistics (C_k, Q_k) or the paper's (W_k, C_k + gamma I).
@@ -67,13 +68,24 @@ def unpack_symmetric(packed: np.ndarray, dim: int) -> np.ndarray:
     if packed.size != dim * (dim + 1) // 2:
         raise ValueError(f"a packed {dim} x {dim} symmetric matrix has {dim * (dim + 1) // 2} entries, "
                          f"got {packed.size}")
-    out = np.empty((dim, dim), dtype=np.float64)
+    out = np.zeros((dim, dim), dtype=np.float64)
     pos = 0
-    for i in range(dim):
-        row = packed[pos:pos + dim - i]
-        out[i, i:] = row
-        out[i:, i] = row
+    for i in range(dim):  # contiguous row writes of the upper triangle, then one mirrored add
+        out[i, i:] = packed[pos:pos + dim - i]
         pos += dim - i
+    out += np.triu(out, 1).T
+    return out
+
+
+def packed_symmetric_matmul(packed: np.ndarray, dim: int, b: np.ndarray) -> np.ndarray:
+    """A @ b for the symmetric A given by `pack_symmetric` (BLAS spmv per column; A is never expanded)."""
+    from scipy.linalg.blas import dspmv
+
+    packed = np.asarray(packed, dtype=np.float64).reshape(-1)
+    b = np.asarray(b, dtype=np.float64)
+    out = np.empty((dim, b.shape[1]), dtype=np.float64)
+    for j in range(b.shape[1]):  # row-major upper packing == column-major lower packing (BLAS 'L')
+        out[:, j] = dspmv(dim, 1.0, packed, b[:, j], lower=1)
     return out
 
 
@@ -118,67 +130,66 @@ def _kind(arrays: dict[str, Any]) -> str:
     raise ValueError(f"not an AFL reply: arrays {sorted(arrays)}")
 
 
-def decode_reply(arrays: dict[str, Any], dim: int) -> tuple[str, dict[str, Any]]:
-    """(kind, fields) of a reply's arrays, with packed symmetric matrices expanded to (dim x dim)."""
-    kind = _kind(arrays)
-    count = int(np.asarray(arrays["count"]).reshape(-1)[0])
-    if kind == "statistics":
-        return kind, {"stats": RidgeStatistics(unpack_symmetric(arrays["gram"], dim), arrays["cross"], count)}
-    if kind == "solution":
-        return kind, {"weights": np.asarray(arrays["weights"], np.float64),
-                      "c_reg": unpack_symmetric(arrays["c_reg"], dim), "count": count}
-    return kind, {"c_reg": unpack_symmetric(arrays["c_reg"], dim), "cw": np.asarray(arrays["cw"], np.float64),
-                  "count": count}
+def _count(arrays: dict[str, Any]) -> int:
+    return int(np.asarray(arrays["count"]).reshape(-1)[0])
 
 
-def reduce_replies(replies: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-    """Combine several clients' uploads into one (a node serving a group of clients).
+def _dim(packed: np.ndarray) -> int:
+    return int(round((np.sqrt(8 * np.asarray(packed).size + 1) - 1) / 2))
 
-    Raw statistics are summed (still "statistics"). Paper-form uploads are folded with the AA law into the
-    group's partial sums sum C_k^r and sum C_k^r W_k ("aggregate"), which the server adds like any upload. How
-    many clients a combined reply stands for (K, needed to remove the K gamma I of the RI) is not in the arrays:
-    the server takes it from the engine's per-client accounting of the reply.
+
+def reduce_replies(replies: Iterable[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Combine several clients' uploads into one (a node serving a group of clients), folding one at a time.
+
+    Raw statistics are summed (still "statistics"; packed Grams add entrywise). Paper-form uploads are folded with
+    the AA law into the group's partial sums sum C_k^r and sum C_k^r W_k ("aggregate"), which the server adds like
+    any upload. How many clients a combined reply stands for (K, needed to remove the K gamma I of the RI) is not in
+    the arrays: the server takes it from the engine's per-client accounting of the reply.
     """
-    kinds = {_kind(r) for r in replies}
-    if len(kinds) != 1:
-        raise ValueError(f"cannot combine different upload forms {sorted(kinds)}")
-    kind = kinds.pop()
-    count = np.array([sum(int(np.asarray(r["count"]).reshape(-1)[0]) for r in replies)], dtype=np.int64)
-    if kind == "statistics":
-        gram = np.sum([np.asarray(r["gram"], np.float64) for r in replies], axis=0)
-        cross = _sum_padded([np.asarray(r["cross"], np.float64) for r in replies])
-        return {"gram": gram, "cross": cross, "count": count}
-    # the RI sums: C^r is packed in both forms and adds entrywise in packed form; C^r W needs the full matrix
-    c_reg = np.sum([np.asarray(r["c_reg"], np.float64) for r in replies], axis=0)
-    dim = int(round((np.sqrt(8 * c_reg.size + 1) - 1) / 2))
-    parts = []
-    for r in replies:
-        if "weights" in r:
-            parts.append(unpack_symmetric(r["c_reg"], dim) @ np.asarray(r["weights"], np.float64))
+    acc: dict[str, np.ndarray] | None = None
+    for arrays in replies:
+        kind = _kind(arrays)
+        if kind == "statistics":
+            part = {"gram": arrays["gram"], "cross": arrays["cross"]}
+        elif kind == "solution":
+            c_reg = np.asarray(arrays["c_reg"], np.float64)
+            part = {"c_reg": c_reg, "cw": packed_symmetric_matmul(c_reg, _dim(c_reg), arrays["weights"])}
         else:
-            parts.append(np.asarray(r["cw"], np.float64))
-    return {"c_reg": c_reg, "cw": _sum_padded(parts), "count": count}
+            part = {"c_reg": arrays["c_reg"], "cw": arrays["cw"]}
+        if acc is None:
+            acc = {k: np.array(v, dtype=np.float64) for k, v in part.items()}
+            acc["count"] = np.array([_count(arrays)], dtype=np.int64)
+            continue
+        if set(part) != set(acc) - {"count"}:
+            raise ValueError("cannot combine raw statistics with paper-form uploads")
+        for k, v in part.items():
+            if v.ndim == 2 and v.shape[1] != acc[k].shape[1]:  # a reply with more classes widens the sum
+                acc[k] = _pad_columns(acc[k], max(v.shape[1], acc[k].shape[1]))
+                v = _pad_columns(np.asarray(v), acc[k].shape[1])
+            acc[k] += v
+        acc["count"][0] += _count(arrays)
+    if acc is None:
+        raise ValueError("nothing to reduce")
+    return acc
 
 
-def _sum_padded(arrays: list[np.ndarray]) -> np.ndarray:
-    width = max(a.shape[1] for a in arrays)
-    out = np.zeros((arrays[0].shape[0], width))
-    for a in arrays:
-        out[:, : a.shape[1]] += a
-    return out
+def _pad_columns(a: np.ndarray, width: int) -> np.ndarray:
+    return np.pad(a, ((0, 0), (0, width - a.shape[1]))) if a.shape[1] < width else a
 
 
 # ---------------------------------------------------------------------------------------------- estimator
 class AFLLearner:
     """AFL as an sklearn-style estimator over clients' uploads (see the module docstring for the math).
 
-    `partial_fit(x, y)` adds one client's features; `add_statistics`, `add_upload`, `add_aggregate` add a client's
-    (or a group's) upload as it arrives over the wire; `fit(x, y)` is the centralized run (one client holding
-    everything). The learned weights `coef_` (d x c) are (re)computed by `solve()` and on first use.
+    `partial_fit(x, y)` adds one client's features; `add_statistics`, `add_upload`, `add_reply` add a client's (or
+    a group's) upload as it arrives over the wire; `fit(x, y)` is the centralized run (one client holding
+    everything). `solve()` computes the weights `coef_` (d x c).
 
-    Raw statistics are kept as plain sums (so "least-squares" never subtracts gamma I from them); paper-form
-    uploads go through `fedsim.analytic.AnalyticAggregator` (AA law + RI). Learned attributes: `coef_`,
-    `n_clients_` (K, empty clients included), `n_samples_`.
+    Running sums are kept in packed (upper-triangle) form, so folding a reply in is one contiguous vector add and
+    memory is O(d^2 / 2 + d c) whatever the number of clients. Raw statistics are kept as plain sums (so
+    "least-squares" never subtracts gamma I from them) and solved with `fedsim.analytic.ridge_solve`; paper-form
+    uploads are solved through `fedsim.analytic.AnalyticAggregator` (AA law + RI). Learned attributes: `coef_`,
+    `n_clients_` (K, empty clients included), `n_samples_`, `dim_`.
     """
 
     def __init__(self, gamma: float = 1.0, target: str = "ridge") -> None:
@@ -186,58 +197,77 @@ class AFLLearner:
         self.target = target
 
     # ---- accumulation ----------------------------------------------------------------------------------------
-    def _check(self) -> None:
-        if not self.gamma > 0:
-            raise ValueError(f"AFL needs gamma > 0 (the regularization intermediary), got {self.gamma}")
-        if self.target not in TARGETS:
-            raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
-
-    def _ensure(self) -> None:
+    def _ensure(self, dim: int) -> None:
         if not hasattr(self, "n_clients_"):
-            self._check()
-            self.statistics_: RidgeStatistics | None = None
-            self.aggregator_ = AnalyticAggregator(self.gamma)
+            if not self.gamma > 0:
+                raise ValueError(f"AFL needs gamma > 0 (the regularization intermediary), got {self.gamma}")
+            if self.target not in TARGETS:
+                raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
+            self.dim_ = int(dim)
+            self.gram_packed_: np.ndarray | None = None    # sum of raw C_k (packed)
+            self.cross_: np.ndarray | None = None          # sum of raw Q_k
+            self.c_reg_packed_: np.ndarray | None = None   # sum of C_k^r over paper-form uploads (packed)
+            self.cw_: np.ndarray | None = None             # sum of C_k^r W_k over paper-form uploads
+            self.n_uploads_ = 0                            # paper-form uploads (each carries one gamma I)
             self.n_clients_ = 0
             self.n_samples_ = 0
+        elif int(dim) != self.dim_:
+            raise ValueError(f"cannot aggregate dimension {dim} into {self.dim_}")
         self.__dict__.pop("coef_", None)
+
+    @staticmethod
+    def _add(total: np.ndarray | None, part: Any) -> np.ndarray:
+        part = np.asarray(part, dtype=np.float64)
+        if total is None:
+            return part.copy()
+        if part.ndim == 2 and part.shape[1] != total.shape[1]:
+            width = max(part.shape[1], total.shape[1])
+            total, part = _pad_columns(total, width), _pad_columns(part, width)
+        total += part
+        return total
+
+    def add_packed_statistics(self, gram_packed: Any, cross: Any, count: int, clients: int = 1) -> "AFLLearner":
+        """Fold in raw statistics (packed C, Q, n) standing for `clients` clients. Returns self."""
+        cross = np.asarray(cross, dtype=np.float64)
+        self._ensure(cross.shape[0])
+        self.gram_packed_ = self._add(self.gram_packed_, gram_packed)
+        self.cross_ = self._add(self.cross_, cross)
+        self.n_clients_ += int(clients)
+        self.n_samples_ += int(count)
+        return self
 
     def add_statistics(self, stats: RidgeStatistics, clients: int = 1) -> "AFLLearner":
         """Fold in raw statistics (C, Q, n) standing for `clients` clients. Returns self."""
-        self._ensure()
-        self.statistics_ = stats.copy() if self.statistics_ is None else self.statistics_ + stats
+        return self.add_packed_statistics(pack_symmetric(stats.gram), stats.cross, stats.count, clients)
+
+    def add_packed_aggregate(self, c_reg_packed: Any, cw: Any, clients: int, count: int = 0) -> "AFLLearner":
+        """Fold in AA-law partial sums (packed sum_k C_k^r, sum_k C_k^r W_k over `clients` clients)."""
+        cw = np.asarray(cw, dtype=np.float64)
+        self._ensure(cw.shape[0])
+        self.c_reg_packed_ = self._add(self.c_reg_packed_, c_reg_packed)
+        self.cw_ = self._add(self.cw_, cw)
+        self.n_uploads_ += int(clients)
         self.n_clients_ += int(clients)
-        self.n_samples_ += stats.count
+        self.n_samples_ += int(count)
         return self
 
     def add_upload(self, weights: Any, c_reg: Any, count: int = 0) -> "AFLLearner":
-        """Fold in one client's paper-form upload (W_k, C_k^r = C_k + gamma I). Returns self."""
-        self._ensure()
-        self.aggregator_.add_upload(weights, c_reg)
-        self.n_clients_ += 1
-        self.n_samples_ += int(count)
-        return self
+        """Fold in one client's paper-form upload (W_k, C_k^r = C_k + gamma I, full matrix). Returns self."""
+        c_reg = np.asarray(c_reg, dtype=np.float64)
+        return self.add_packed_aggregate(pack_symmetric(c_reg), c_reg @ np.asarray(weights, np.float64), 1, count)
 
-    def add_aggregate(self, c_reg: Any, cw: Any, clients: int, count: int = 0) -> "AFLLearner":
-        """Fold in a group's AA-law partial sums (sum_k C_k^r, sum_k C_k^r W_k over `clients` clients)."""
-        self._ensure()
-        part = AnalyticAggregator(self.gamma)
-        part.c_reg_, part.cw_, part.num_uploads_ = np.asarray(c_reg, np.float64), np.asarray(cw, np.float64), \
-            int(clients)
-        self.aggregator_ += part
-        self.n_clients_ += int(clients)
-        self.n_samples_ += int(count)
-        return self
-
-    def add_reply(self, arrays: dict[str, Any], dim: int, clients: int = 1) -> "AFLLearner":
-        """Fold in a reply's arrays as `encode_reply` / `reduce_replies` wrote them. Returns self."""
-        kind, fields = decode_reply(arrays, dim)
+    def add_reply(self, arrays: dict[str, Any], clients: int = 1) -> "AFLLearner":
+        """Fold in a reply's arrays as `encode_reply` / `reduce_replies` wrote them, standing for `clients`."""
+        kind, count = _kind(arrays), _count(arrays)
         if kind == "statistics":
-            return self.add_statistics(fields["stats"], clients)
+            return self.add_packed_statistics(arrays["gram"], arrays["cross"], count, clients)
         if kind == "solution":
             if clients != 1:
                 raise ValueError(f"a 'solution' reply stands for one client, not {clients}")
-            return self.add_upload(fields["weights"], fields["c_reg"], fields["count"])
-        return self.add_aggregate(fields["c_reg"], fields["cw"], clients, fields["count"])
+            c_reg = np.asarray(arrays["c_reg"], np.float64)
+            cw = packed_symmetric_matmul(c_reg, _dim(c_reg), arrays["weights"])
+            return self.add_packed_aggregate(c_reg, cw, 1, count)
+        return self.add_packed_aggregate(arrays["c_reg"], arrays["cw"], clients, count)
 
     def partial_fit(self, x: Any, y: Any, num_classes: int | None = None) -> "AFLLearner":
         """Add one client holding features `x` (n, d) and labels `y`. Returns self."""
@@ -247,23 +277,27 @@ class AFLLearner:
 
     def fit(self, x: Any, y: Any, num_classes: int | None = None) -> "AFLLearner":
         """Centralized AFL: forget everything, then one client holding (x, y); solves. Returns self."""
-        for name in ("statistics_", "aggregator_", "n_clients_", "n_samples_", "coef_"):
-            self.__dict__.pop(name, None)
+        for name in [k for k in self.__dict__ if k.endswith("_")]:
+            del self.__dict__[name]
         return self.partial_fit(x, y, num_classes).solve()
 
     # ---- solving ---------------------------------------------------------------------------------------------
     def solve(self) -> "AFLLearner":
         """Compute `coef_` (d x c) for `target` from everything folded in so far. Returns self."""
-        if not hasattr(self, "n_clients_") or self.n_clients_ == 0:
+        if getattr(self, "n_clients_", 0) == 0:
             raise RuntimeError("AFLLearner has no client uploads yet")
-        gamma = self.gamma
-        if self.aggregator_.c_reg_ is None:  # raw statistics only: solve on the plain sums
-            s = self.statistics_
-            self.coef_ = ridge_solve(s.gram, s.cross, gamma if self.target == "ridge" else 0.0)
+        d = self.dim_
+        if self.c_reg_packed_ is None:  # raw statistics only: solve on the plain sums
+            gamma = self.gamma if self.target == "ridge" else 0.0
+            self.coef_ = ridge_solve(unpack_symmetric(self.gram_packed_, d), self.cross_, gamma)
             return self
-        agg = self.aggregator_
-        if self.statistics_ is not None:  # mixed forms: raw statistics join the AA-law sums
-            agg = agg + AnalyticAggregator(gamma).add_statistics(self.statistics_)
+        agg = AnalyticAggregator(self.gamma)  # AA law + RI on the paper-form sums
+        agg.c_reg_ = unpack_symmetric(self.c_reg_packed_, d)
+        agg.cw_ = self.cw_.copy()
+        agg.num_uploads_ = self.n_uploads_
+        if self.gram_packed_ is not None:  # mixed forms: raw statistics join as one more upload
+            stats = RidgeStatistics(unpack_symmetric(self.gram_packed_, d), self.cross_)
+            agg += AnalyticAggregator(self.gamma).add_statistics(stats)
         self.coef_ = agg.solve(self.target)
         return self
 
