@@ -34,9 +34,11 @@ from `fedsim.analytic`; everything is float64.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from fedsim.analytic import ClassStatistics, RidgeStatistics, ridge_solve
 
@@ -46,7 +48,19 @@ __all__ = [
     "drift_statistics",
     "drift_map",
     "row_space_projector",
+    "encode_statistics",
+    "decode_statistics",
+    "sum_encoded",
 ]
+
+
+#: Below this feature width the d x d algebra runs on one BLAS thread: on a shared 2-core machine OpenBLAS's
+#: spinning threads made a 128 x 128 eigh 200x slower (0.6 s instead of 3 ms), and one thread is fast enough.
+SINGLE_THREAD_DIM = 512
+
+
+def _blas_scope(dim: int):  # noqa: ANN202
+    return threadpool_limits(1, user_api="blas") if dim <= SINGLE_THREAD_DIM else contextlib.nullcontext()
 
 
 def _np(a: Any) -> np.ndarray:
@@ -198,12 +212,13 @@ class DPCR:
 
     def partial_fit(self, stats: ClassStatistics, drift: RidgeStatistics | None = None) -> "DPCR":
         """One task: calibrate the old classes with this task's TSSP statistics, add ``stats``, reconstruct."""
-        if self.is_fitted and self.tssp and len(self.classes_):
-            if drift is None:
-                raise ValueError("TSSP needs the drift statistics (X_old^T X_old, X_old^T X_new) of this task")
-            self.calibrate(drift_map(drift, self.tssp_eps))
-        self.add_statistics(stats)
-        return self.reconstruct()
+        with _blas_scope(stats.dim):
+            if self.is_fitted and self.tssp and len(self.classes_):
+                if drift is None:
+                    raise ValueError("TSSP needs the drift statistics (X_old^T X_old, X_old^T X_new) of this task")
+                self.calibrate(drift_map(drift, self.tssp_eps))
+            self.add_statistics(stats)
+            return self.reconstruct()
 
     def fit(self, stats: ClassStatistics) -> "DPCR":
         """Forget everything, then learn from ``stats`` (one task, no calibration)."""
@@ -233,3 +248,54 @@ class DPCR:
     def __repr__(self) -> str:
         return (f"DPCR(gamma={self.gamma}, tssp={self.tssp}, cip={self.cip}, cip_tol={self.cip_tol}, "
                 f"class_norm={self.class_norm}, tssp_eps={self.tssp_eps})")
+
+
+# ------------------------------------------------------------------------------------------------ wire format
+def encode_statistics(stats: ClassStatistics, classes: Any, drift: RidgeStatistics | None = None
+                      ) -> dict[str, np.ndarray]:
+    """Additive arrays for a message: per class of ``classes`` its count, feature sum and Gram, plus the TSSP pair.
+
+    Every array is a plain sum over samples, so replies of any group of clients combine by adding them
+    (``sum_encoded``) and the server's total equals the centralized statistics.
+    """
+    classes = np.asarray(classes, dtype=np.int64)
+    stats = stats.copy().grow_classes(int(classes.max()) + 1 if classes.size else 0)
+    out = {
+        "classes": classes,
+        "count": stats.count[classes],
+        "sum": stats.sum[classes],
+        "gram": stats.gram[classes],
+    }
+    if drift is not None:
+        out.update(drift_gram=drift.gram, drift_cross=drift.cross, drift_count=np.array([drift.count], np.int64))
+    return out
+
+
+def sum_encoded(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Add encoded statistics of several clients (same classes); ``classes`` is kept, not added."""
+    if not parts:
+        raise ValueError("nothing to add")
+    first = parts[0]
+    for p in parts[1:]:
+        if set(p) != set(first) or not np.array_equal(p["classes"], first["classes"]):
+            raise ValueError("encoded statistics disagree on their classes or fields")
+    return {k: (first[k] if k == "classes" else sum(p[k] for p in parts)) for k in first}
+
+
+def decode_statistics(arrays: dict[str, Any], num_classes: int | None = None
+                      ) -> tuple[ClassStatistics, RidgeStatistics | None]:
+    """Inverse of ``encode_statistics``: ClassStatistics (with Grams) over label indices, and the TSSP pair."""
+    classes = np.asarray(arrays["classes"], dtype=np.int64)
+    count, total, gram = (np.asarray(arrays[k]) for k in ("count", "sum", "gram"))
+    c = max(int(num_classes or 0), int(classes.max()) + 1 if classes.size else 0)
+    d = gram.shape[-1]
+    full_count, full_sum = np.zeros(c, np.int64), np.zeros((c, d))
+    full_gram = np.zeros((c, d, d))
+    full_count[classes], full_sum[classes], full_gram[classes] = count, total, gram
+    sumsq = np.diagonal(full_gram, axis1=1, axis2=2)
+    stats = ClassStatistics.from_sums(full_count, full_sum, sumsq, full_gram)
+    drift = None
+    if "drift_gram" in arrays:
+        drift = RidgeStatistics(arrays["drift_gram"], arrays["drift_cross"],
+                                int(np.asarray(arrays["drift_count"]).reshape(-1)[0]))
+    return stats, drift

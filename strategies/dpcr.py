@@ -1,0 +1,152 @@
+"""DPCR: Dual-Projection shift estimation and Classifier Reconstruction, centralized and federated.
+
+He et al., "Dual-Projection Shift Estimation and Classifier Reconstruction for Exemplar-Free Class-Incremental
+Learning", ICML 2025 (arXiv 2503.05423); official code github RHe502/ICML25-DPCR. Exemplar-free: no image of an
+old class is kept, only per-class statistics of backbone features x (rows, d = the backbone's embedding width).
+
+Per task t (classes arriving as in ``strategies.cil_baselines``):
+
+1. Backbone: task 0 cross-entropy; t >= 1 LwF, CE(new classes) + lambda * KD(old logits, T), trained by
+   ``local_rounds`` rounds of FedAvg over the clients' shares of the task (one client = centralized training).
+   The previous backbone f_old is kept for TSSP.
+2. Statistics pass (one more round): each client sends, for the new classes, n_c, sum x and Phi_c = X_c^T X_c under
+   f_new, and the TSSP pair X_old^T X_old, X_old^T X_new over its share. The server adds them: the sums are exact,
+   so federated DPCR equals centralized DPCR given the same backbone.
+3. TSSP: Delta = (X_old^T X_old + eps I)^-1 X_old^T X_new.  CIP: P_c = U_c U_c^T from the eigenvectors of Phi_c
+   above the tolerance ``cip_tol`` (relative by default; 0 = the official ``S > 0``).
+   Calibration of every old class: W_c = Delta P_c; Phi_c <- W_c^T Phi_c W_c; mu_c <- mu_c W_c.
+4. Reconstruction: W = (sum_c Phi_c + gamma I)^-1 sum_c n_c mu_c^T e_c with the true class counts n_c (the
+   official code uses a constant 500), then class normalization w_c <- w_c / ||w_c|| (CN).
+
+The math lives in ``fedsim.learners.dpcr`` (one code path for every deployment). ``tssp``, ``cip`` and
+``class_norm`` switch components off for the ablation; ``ridge-uncalibrated`` is the same strategy with all three
+off by default (the ridge classifier on stale statistics). ``ablation = true`` additionally evaluates, on the same
+backbone and the same statistics, the four ablation classifiers (ridge only, +TSSP, +CIP, +CN) and the LwF head,
+logged as ``acc_*`` columns of metrics.csv and under ``companions`` in summary.json.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, RecordDict
+
+from clients.cil import ARRAYS_KEY, CONFIG_KEY, OLD_KEY, embed
+from clients.dpcr import DPCRClient
+from clients.sgd import to_arrayrecord
+from fedsim.engine import ServerContext, StrategySpec, register_strategy
+from fedsim.errors import ConfigError
+from fedsim.learners.dpcr import DPCR, decode_statistics
+from fedsim.training import state_to_arrays
+from strategies.cil_baselines import MAIN, LwFParams, LwFServer, check_class_incremental
+
+#: The ablation rows of the paper (Table 4): name -> (tssp, cip, class_norm).
+ABLATION = {
+    "ridge": (False, False, False),
+    "tssp": (True, False, False),
+    "tssp_cip": (True, True, False),
+    "tssp_cip_cn": (True, True, True),
+}
+
+
+@dataclass
+class DPCRParams(LwFParams):
+    gamma: float = 100.0  # ridge regularization of the reconstruction
+    tssp: bool = True  # task-wise shift projection
+    cip: bool = True  # category-wise row-space projection (needs tssp)
+    cip_tol: float | None = None  # None: numerical rank (S > S_max d eps); t > 0: S > t S_max; 0: S > 0 (official)
+    class_norm: bool = True  # unit-norm class vectors
+    tssp_eps: float = 1e-9  # TSSP's ridge
+    ablation: bool = False  # also evaluate the ablation classifiers and the LwF head on the same statistics
+
+    def validate(self, path: str = "strategy") -> None:
+        super().validate(path)
+        if not self.gamma > 0 or not np.isfinite(self.gamma):
+            raise ConfigError(f"{path}.gamma: {self.gamma!r} is out of range; it must be a finite number > 0")
+        if self.cip and not self.tssp:
+            raise ConfigError(f"{path}.cip: true needs {path}.tssp = true (CIP refines the TSSP map W_c = Delta P_c); "
+                              f"set {path}.cip = false too, or use strategy.name = 'ridge-uncalibrated'")
+        if self.cip_tol is not None and not (self.cip_tol >= 0 and np.isfinite(self.cip_tol)):
+            raise ConfigError(f"{path}.cip_tol: {self.cip_tol!r} is out of range; it must be >= 0 (0 = official "
+                              "S > 0) or unset (numerical rank)")
+        if not (self.tssp_eps >= 0 and np.isfinite(self.tssp_eps)):
+            raise ConfigError(f"{path}.tssp_eps: {self.tssp_eps!r} is out of range; it must be a finite number >= 0")
+
+
+@dataclass
+class RidgeUncalibratedParams(DPCRParams):
+    tssp: bool = False
+    cip: bool = False
+    class_norm: bool = False
+
+
+class DPCRServer(LwFServer):
+    """LwF backbone per task (FedAvg), one statistics round, calibration and reconstruction on the server."""
+
+    def _learner(self, tssp: bool, cip: bool, class_norm: bool) -> DPCR:
+        p = self.params
+        return DPCR(gamma=p.gamma, tssp=tssp, cip=cip, cip_tol=p.cip_tol, class_norm=class_norm,
+                    tssp_eps=p.tssp_eps)
+
+    def begin(self, ctx: ServerContext, tasks: list) -> None:
+        p = self.params
+        self.learner_ = self._learner(p.tssp, p.cip, p.class_norm)
+        self.companions_ = {k: self._learner(*v) for k, v in ABLATION.items()} if p.ablation else {}
+        self.stat_seconds_ = 0.0
+
+    def after_training(self, ctx, t, task_classes, model, old, round_):  # noqa: ANN001, ANN201
+        import time
+
+        content = RecordDict({ARRAYS_KEY: to_arrayrecord(state_to_arrays(model)),
+                              CONFIG_KEY: ConfigRecord({"phase": "dpcr-stats", "classes": task_classes})})
+        needs_drift = self.params.tssp or bool(self.companions_)
+        if old is not None and needs_drift:
+            content[OLD_KEY] = to_arrayrecord(state_to_arrays(old))
+        arrays = self.collect(ctx, content, round_)
+        if arrays is None:
+            raise RuntimeError(f"no client answered the statistics round of task {t}")
+        start = time.perf_counter()
+        stats, drift = decode_statistics(arrays, ctx.num_classes)
+        for learner in (self.learner_, *self.companions_.values()):
+            learner.partial_fit(stats, drift if learner.tssp else None)
+        self.stat_seconds_ += time.perf_counter() - start
+        extra = {"statistics_bytes": self.learner_.statistics_nbytes()}
+        if self.learner_.cip_ranks_:
+            extra["cip_min_rank"] = min(self.learner_.cip_ranks_.values())
+        return extra
+
+    def predict(self, ctx, model, x, seen):  # noqa: ANN001, ANN201
+        z = embed(model, x, ctx.device, ctx.config.evaluation.batch_size).double().numpy()
+        out = {MAIN: self.learner_.predict(z)}
+        if self.companions_:
+            out["lwf_head"] = super().predict(ctx, model, x, seen)[MAIN]
+            out.update({k: learner.predict(z) for k, learner in self.companions_.items()})
+        return out
+
+    def final_summary(self, ctx: ServerContext) -> dict:
+        learner = self.learner_
+        return {
+            "feature_dim": learner.dim_,
+            "statistics_bytes": learner.statistics_nbytes(),  # float64, as stored
+            "statistics_bytes_float32": learner.statistics_nbytes(np.float32),
+            "server_solve_seconds": round(self.stat_seconds_, 4),
+        }
+
+    def model_state(self, model: torch.nn.Module) -> dict:
+        return {"backbone": model.cpu().state_dict(), "dpcr": self.learner_.get_state(),
+                "classes": self.learner_.classes_.tolist()}
+
+
+register_strategy(StrategySpec(
+    name="dpcr", params=DPCRParams, server=DPCRServer, client=DPCRClient, kind="continual",
+    check=check_class_incremental,
+    description="DPCR (He et al. 2025): LwF backbone + TSSP/CIP-calibrated class statistics + ridge reconstruction "
+                "+ class normalization; federated by summing client statistics",
+))
+register_strategy(StrategySpec(
+    name="ridge-uncalibrated", params=RidgeUncalibratedParams, server=DPCRServer, client=DPCRClient,
+    kind="continual", check=check_class_incremental,
+    description="Ridge classifier rebuilt from stored, un-calibrated class statistics (DPCR with TSSP/CIP/CN off)",
+))
