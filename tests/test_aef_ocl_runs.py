@@ -189,3 +189,16 @@ def test_bad_settings_are_config_errors_naming_the_field(tmp_path, override, mat
     (tmp_path / "s.toml").write_text(CENTRAL.split("[[variants]]")[0])
     with pytest.raises(ConfigError, match=match):
         load_scenario(tmp_path / "s.toml", [override])
+
+
+@pytest.mark.slow
+def test_federated_run_on_ray_equals_the_inline_run(tmp_path):
+    (tmp_path / "f.toml").write_text(FEDERATED)
+    overrides = ["data.max_train=3000", "strategy.buffer_width=128", "strategy.pfg=false"]
+    inline = load_scenarios(tmp_path / "f.toml", overrides)[0][1]
+    ray = load_scenarios(tmp_path / "f.toml", overrides + ["simulation.backend='ray'", "simulation.num_cpus=1"])[0][1]
+    a = run_scenario(inline, tmp_path / "inline", show_progress=False)
+    b = run_scenario(ray, tmp_path / "ray", show_progress=False)
+    assert b["status"] == "completed" and b["sync_rounds"] == a["sync_rounds"] > 1
+    assert rel_err(head_weights(tmp_path / "ray"), head_weights(tmp_path / "inline")) < 1e-10
+    assert b["bytes_up"] == a["bytes_up"] and b["prequential_accuracy"] == a["prequential_accuracy"]
