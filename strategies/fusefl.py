@@ -240,7 +240,8 @@ def _with_rounds(value_of_rounds):  # noqa: ANN001, ANN202
 
 def _stages_in(strategy_tree: dict) -> int:
     value = strategy_tree.get("stages", FuseFLParams.stages)
-    stages = value if isinstance(value, int) and not isinstance(value, bool) else FuseFLParams.stages
+    valid = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    stages = value if valid else 1  # an invalid value is reported by the params' validation, naming the field
     return stages + (1 if strategy_tree.get("head") == "ridge" else 0)
 
 
