@@ -125,6 +125,35 @@ def plot_runs(runs: list[dict], out_dir: Path) -> list[Path]:
     return written
 
 
+def plot_tasks(runs: list[dict], out_dir: Path) -> list[Path]:
+    """accuracy_per_task.png for class-incremental runs (summary has ``num_tasks``; metrics row ``round`` = task + 1):
+    accuracy on all classes seen so far after each task. Nothing is written when no run is class-incremental."""
+    tasked = [r for r in runs if r["summary"].get("num_tasks") and not r["metrics"].empty
+              and "accuracy" in r["metrics"]]
+    if not tasked:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for run in tasked:
+        m = run["metrics"].dropna(subset=["accuracy"])
+        ax.plot(m["round"], m["accuracy"], "o-", markersize=4, label=run["summary"].get("label") or run["dir"].name)
+    ax.set_xlabel("after task")
+    ax.set_ylabel("test accuracy on all classes seen")
+    ax.set_xticks(sorted({int(x) for r in tasked for x in r["metrics"]["round"]}))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "accuracy_per_task.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
 def report(paths: list[str | Path], out_dir: str | Path | None = None, show: bool = True) -> pd.DataFrame:
     runs = [load_run(p) for p in find_runs(paths)]
     table = comparison_table(runs)
@@ -132,7 +161,7 @@ def report(paths: list[str | Path], out_dir: str | Path | None = None, show: boo
         Path(paths[0]) / "summary.json").exists() else runs[0]["dir"].parent
     if show:
         print_table(table)
-    plots = plot_runs(runs, target)
+    plots = plot_runs(runs, target) + plot_tasks(runs, target)
     table.to_csv(target / "report.csv", index=False)
     if show:
         print(f"plots: {', '.join(str(p) for p in plots)}; table: {target / 'report.csv'}")

@@ -12,6 +12,7 @@ import torch
 from fedsim.config import load_scenario
 from fedsim.engine.runner import run_scenario
 from fedsim.errors import ConfigError
+from fedsim.report import report
 
 FMNIST_5x2 = """
 seed = 0
@@ -119,6 +120,11 @@ def test_fmnist_5x2_dpcr_beats_lwf_and_the_uncalibrated_ridge(tmp_path):
     assert 0 < summary["forgetting"] < 1
     assert summary["statistics_bytes"] == 10 * 8 + 10 * (128 + 128 * 128) * 8
     assert len(json.loads((run_dir / "summary.json").read_text())["task_classes"]) == 5
+    # fedsim report: continual columns and the per-task plot
+    table = report([run_dir], out_dir=tmp_path / "report", show=False)
+    assert table["avg inc acc"].iloc[0] == pytest.approx(summary["average_incremental_accuracy"])
+    assert table["forgetting"].iloc[0] == pytest.approx(summary["forgetting"])
+    assert (tmp_path / "report" / "accuracy_per_task.png").stat().st_size > 0
 
 
 def test_baselines_run_on_the_same_stream_and_lwf_matches_dpcr_backbone(tmp_path):
@@ -142,3 +148,19 @@ def test_baselines_run_on_the_same_stream_and_lwf_matches_dpcr_backbone(tmp_path
     assert joint["final_accuracy"] > finetune["final_accuracy"] + 0.4 and joint["forgetting"] < 0.2
     for s in (lwf, ncm, finetune, joint):
         assert s["kind"] == "continual" and s["average_incremental_accuracy"] is not None
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_federated_dpcr_on_ray_matches_the_inline_backend(tmp_path):
+    """The real Flower + Ray simulation gives the same DPCR run as the in-process backend (same seeds, same sums)."""
+    fed = ["data.max_train=1000", "data.max_test=300", "client.epochs=1", "partition.kind=\"dirichlet\"",
+           "partition.num_clients=3", "partition.alpha=0.5", "strategy.local_rounds=2", "simulation.num_cpus=1"]
+    inline, _, inline_dir = run(tmp_path, "inline", *fed)
+    ray, metrics, ray_dir = run(tmp_path, "ray", *fed, "simulation.backend=\"ray\"")
+    a = torch.load(inline_dir / "model.pt", weights_only=False)["dpcr"]["coef"]
+    b = torch.load(ray_dir / "model.pt", weights_only=False)["dpcr"]["coef"]
+    assert np.linalg.norm(a - b) <= 1e-9 * np.linalg.norm(a)
+    assert ray["final_accuracy"] == pytest.approx(inline["final_accuracy"], abs=2 / 300)  # server threads may differ
+    assert ray["bytes_up"] == inline["bytes_up"] and ray["messages_down"] == 3 * 3 * 5
+    assert list(metrics["round"]) == [1, 2, 3, 4, 5]
