@@ -150,36 +150,25 @@ def scenario_streams(config: ScenarioConfig, partitions: list[np.ndarray]) -> li
     return _STREAM_CACHE[key]
 
 
-@functools.lru_cache(maxsize=4)
-def _train_split_cached(name: str, root: str | None, max_n: int | None, seed: int, options: tuple):
+@functools.lru_cache(maxsize=8)
+def _split_cached(name: str, split: str, root: str | None, max_n: int | None, seed: int, options: tuple):
     from fedsim.data import load_dataset
 
-    data = load_dataset(name, split="train", root=root, **dict(options))
-    if max_n is not None and max_n < len(data):
-        keep = np.sort(np.random.default_rng(derive_seed(seed, "train-slice")).permutation(len(data))[:max_n])
+    data = load_dataset(name, split=split, root=root, **dict(options))
+    if max_n is not None and max_n < len(data):  # a seeded slice, the same in every process
+        keep = np.sort(np.random.default_rng(derive_seed(seed, f"{split}-slice")).permutation(len(data))[:max_n])
         data = data.subset(keep)
     return data
 
 
-@functools.lru_cache(maxsize=4)
-def _test_split_cached(name: str, root: str | None, max_n: int | None, seed: int, options: tuple):
-    from fedsim.data import load_dataset
-
-    data = load_dataset(name, split="test", root=root, **dict(options))
-    if max_n is not None and max_n < len(data):
-        keep = np.sort(np.random.default_rng(derive_seed(seed, "test-slice")).permutation(len(data))[:max_n])
-        data = data.subset(keep)
-    return data
+def _split(config: ScenarioConfig, split: str):
+    d = config.data
+    max_n = d.max_train if split == "train" else d.max_test
+    return _split_cached(d.name, split, d.root, max_n, config.seed, tuple(sorted(d.options.items())))
 
 
 def _train_split(config: ScenarioConfig):
-    d = config.data
-    return _train_split_cached(d.name, d.root, d.max_train, config.seed, tuple(sorted(d.options.items())))
-
-
-def _test_split(config: ScenarioConfig):
-    d = config.data
-    return _test_split_cached(d.name, d.root, d.max_test, config.seed, tuple(sorted(d.options.items())))
+    return _split(config, "train")
 
 
 def train_split(config: ScenarioConfig):
@@ -189,7 +178,7 @@ def train_split(config: ScenarioConfig):
 
 def test_split(config: ScenarioConfig):
     """The scenario's test set (after ``data.max_test``), cached per process."""
-    return _test_split(config)
+    return _split(config, "test")
 
 
 @functools.lru_cache(maxsize=4)
