@@ -10,6 +10,8 @@ their upper triangle. No gradients, no learning rate, no epochs. An empty client
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
@@ -21,11 +23,36 @@ METRICS_KEY = "afl.metrics"
 
 
 def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    """Arrays as a Flower ArrayRecord in the usual .npy format (`Array.numpy()` reads them back)."""
+    return ArrayRecord({k: npy_array(v) for k, v in arrays.items()})
 
 
 def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in record.items()}
+    """Read-only numpy views of the record's arrays (no copy)."""
+    return {k: npy_view(v) for k, v in record.items()}
+
+
+def npy_array(a: np.ndarray) -> Array:
+    """`Array(a)` with one copy of the data instead of np.save's three (tens of ms per 17 MB Gram upload)."""
+    a = np.require(a, requirements="C")
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, np.lib.format.header_data_from_array_1_0(a))
+    data = b"".join((head.getvalue(), memoryview(a.reshape(-1)).cast("B") if a.size else b""))
+    return Array(dtype=str(a.dtype), shape=tuple(int(s) for s in a.shape), stype="numpy.ndarray", data=data)
+
+
+def npy_view(array: Array) -> np.ndarray:
+    """`array.numpy()` without copying: a read-only view of the message's bytes."""
+    if array.stype != "numpy.ndarray":
+        return array.numpy()
+    fp = io.BytesIO(array.data)  # shares the bytes until written to
+    version = np.lib.format.read_magic(fp)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read_header(fp)
+    if dtype.hasobject:
+        raise ValueError("object arrays are not accepted in AFL messages")
+    flat = np.frombuffer(array.data, dtype=dtype, count=int(np.prod(shape)), offset=fp.tell())
+    return flat.reshape(shape, order="F" if fortran else "C")
 
 
 class AFLClient:

@@ -1,0 +1,212 @@
+"""Benchmark AFL through Flower + Ray against the same math in a bare loop, and FedAvg on the same partition.
+
+For each number of clients N (10, 100, 1000; 10000 with --with-10000) on real Fashion-MNIST, Dirichlet(0.1):
+
+- AFL end to end through Flower + Ray (`scenarios/afl-fmnist.toml`, in a fresh process each): wall time
+  (`wall_s`: Ray start + the round + evaluation; `round_s`: the round and evaluation only), server (driver) peak
+  RSS, bytes uploaded, test accuracy. One Flower node serves ceil(N / --nodes) clients (`simulation.clients_per_node`);
+  bytes and failures are still counted per client.
+- The same math in a bare Python loop (`bare_s`): for every client, its partition through the same feature map
+  into float64 statistics (`fedsim.learners.afl.client_statistics`), folded into the same `AFLLearner`; one
+  solve; the same test evaluation. Timed with 1 BLAS/torch thread and with one per core; `bare_s` is the faster
+  (on a busy machine multi-threaded OpenBLAS can be much slower). `ratio = wall_s / bare_s` (and
+  `round_ratio = round_s / bare_s`). Data loading and partitioning are outside both timings.
+- FedAvg (Flower's, `model.name = cnn`) on the same partition and grouping for up to --fedavg-rounds rounds: the
+  first round whose test accuracy reaches AFL's and its time, else its best accuracy within the budget.
+
+    python scripts/bench_afl.py                       # N = 10, 100, 1000 (about 30 min on 2 cores)
+    python scripts/bench_afl.py --with-10000          # adds N = 10000
+    python scripts/bench_afl.py --clients 100 --nodes 100 --skip-fedavg   # one client per Flower node
+
+Targets (issue #3): ratio <= 1.5 at 1000 clients; server peak RSS at 10000 clients within 20% of that at 100.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCENARIO = ROOT / "scenarios" / "afl-fmnist.toml"
+
+
+# ------------------------------------------------------------------------------------------------- child runs
+def child(args: argparse.Namespace) -> None:
+    """Run one scenario in this (fresh) process and print its summary with this process's peak RSS."""
+    sys.path.insert(0, str(ROOT))
+    from fedsim.engine.runner import run_scenario
+    from fedsim.results import load_run
+
+    import tomllib
+
+    from fedsim.config import apply_override, config_from_dict, parse_overrides
+
+    tree = tomllib.loads(Path(args.scenario).read_text())
+    if args.strategy:  # another strategy on the same data, partition and grouping: its own default parameters
+        tree["strategy"] = {"name": args.strategy}
+    for key, value in parse_overrides(args.set):
+        apply_override(tree, key, value)
+    config = config_from_dict(tree)
+    summary = run_scenario(config, args.out, show_progress=False)
+    metrics = load_run(args.out)["metrics"]
+    out = {
+        "summary": summary,
+        "rounds": metrics[["round", "accuracy", "seconds"]].to_dict("list"),
+        "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    print("RESULT " + json.dumps(out, default=str))
+
+
+def run_child(scenario: Path, overrides: list[str], out: Path, strategy: str | None = None) -> dict:
+    cmd = [sys.executable, __file__, "--child", "--scenario", str(scenario), "--out", str(out)]
+    if strategy:
+        cmd += ["--strategy", strategy]
+    for item in overrides:
+        cmd += ["--set", item]
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    elapsed = time.time() - t0
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+        raise RuntimeError(f"run failed: {' '.join(cmd)}")
+    result = json.loads(lines[-1][len("RESULT "):])
+    result["process_s"] = elapsed
+    return result
+
+
+# ------------------------------------------------------------------------------------------------- bare loop
+def bare_loop(overrides: list[str], threads: int) -> dict:
+    """AFL's math without Flower: per-client statistics through the same feature map, one fold, one solve."""
+    sys.path.insert(0, str(ROOT))
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    from fedsim.config import load_scenario
+    from fedsim.engine.client import partition_for, scenario_feature_map, test_split, train_split
+    from fedsim.learners.afl import AFLLearner, client_statistics
+    from strategies.afl import evaluate_weights
+
+    config = load_scenario(SCENARIO, overrides)
+    p = config.strategy.params
+    train, test = train_split(config), test_split(config)  # loading and partitioning are outside both timings
+    parts = partition_for(config)
+    fmap = scenario_feature_map(config, "cpu")
+    fmap(train.x[:2])  # warm up
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with threadpool_limits(limits=threads):
+            t0 = time.perf_counter()
+            learner = AFLLearner(gamma=p.gamma, target=p.target)
+            for idx in parts:
+                data = train.subset(idx)
+                learner.add_statistics(client_statistics(data.x, data.y, fmap, train.num_classes, p.batch_size))
+            weights = learner.solve().coef_
+            acc = evaluate_weights(weights, fmap, test, p.batch_size)["accuracy"]
+            return {"bare_s": time.perf_counter() - t0, "accuracy": acc}
+    finally:
+        torch.set_num_threads(torch_threads)
+
+
+# ------------------------------------------------------------------------------------------------- main
+def fedavg_to_target(result: dict, target: float) -> dict:
+    rounds = result["rounds"]
+    rows = [(r, a, s) for r, a, s in zip(rounds["round"], rounds["accuracy"], rounds["seconds"]) if a == a]
+    for r, a, s in rows:
+        if a >= target:
+            return {"fedavg_reached": True, "fedavg_round": r, "fedavg_acc": a, "fedavg_round_s": s}
+    r, a, s = max(rows, key=lambda t: t[1])
+    return {"fedavg_reached": False, "fedavg_round": r, "fedavg_acc": a, "fedavg_round_s": s}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, nargs="+", default=[10, 100, 1000])
+    parser.add_argument("--with-10000", action="store_true", help="also N = 10000")
+    parser.add_argument("--nodes", type=int, default=4, help="Flower nodes; each serves ceil(N / nodes) clients")
+    parser.add_argument("--dim", type=int, default=None, help="feature dimension (default: the scenario's)")
+    parser.add_argument("--fedavg-rounds", type=int, default=5)
+    parser.add_argument("--skip-fedavg", action="store_true")
+    parser.add_argument("--bare-threads", type=int, nargs="+", default=sorted({1, os.cpu_count() or 1}),
+                        help="BLAS/torch thread counts to time the bare loop with (the fastest counts)")
+    parser.add_argument("--max-train", type=int, default=None, help="slice of the training set (quick runs)")
+    parser.add_argument("--out", default="runs/bench-afl")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--scenario", default=str(SCENARIO), help=argparse.SUPPRESS)
+    parser.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
+    parser.add_argument("--strategy", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+
+    import pandas as pd
+
+    sizes = list(args.clients) + ([10000] if args.with_10000 else [])
+    out = Path(args.out)
+    rows = []
+    for n in sizes:
+        per_node = math.ceil(n / args.nodes)
+        common = [f"partition.num_clients={n}", f"simulation.clients_per_node={per_node}"]
+        if args.dim:
+            common.append(f"model.feature_dim={args.dim}")
+        if args.max_train:
+            common.append(f"data.max_train={args.max_train}")
+        print(f"N={n}: AFL through Flower + Ray ({math.ceil(n / per_node)} nodes x {per_node} clients) ...",
+              file=sys.stderr, flush=True)
+        afl = run_child(SCENARIO, common, out / f"afl-{n}")
+        s = afl["summary"]
+        print(f"N={n}: bare loop ...", file=sys.stderr, flush=True)
+        bare_runs = {t: bare_loop(common, t) for t in args.bare_threads}
+        bare = min(bare_runs.values(), key=lambda b: b["bare_s"])  # the faster threading: the conservative ratio
+        row = {
+            "clients": n, "nodes": math.ceil(n / per_node), "wall_s": s["wall_seconds"],
+            "round_s": afl["rounds"]["seconds"][-1],
+            **{f"bare_{t}thr_s": round(b["bare_s"], 2) for t, b in bare_runs.items()},
+            "bare_s": round(bare["bare_s"], 2),
+            "ratio": round(s["wall_seconds"] / bare["bare_s"], 2),
+            "round_ratio": round(afl["rounds"]["seconds"][-1] / bare["bare_s"], 2),
+            "server_rss_mb": round(afl["max_rss_mb"]), "bytes_up_mb": round(s["bytes_up"] / 2**20, 1),
+            "accuracy": s["final_accuracy"], "bare_accuracy": bare["accuracy"],
+            "dropped": s["dropped_clients"],
+        }
+        if not args.skip_fedavg:
+            print(f"N={n}: FedAvg, {args.fedavg_rounds} rounds ...", file=sys.stderr, flush=True)
+            fed = run_child(SCENARIO, common + [f"rounds={args.fedavg_rounds}", "model.name=cnn", "model.width=16"],
+                            out / f"fedavg-{n}", strategy="fedavg")
+            row.update(fedavg_to_target(fed, s["final_accuracy"]))
+            row["fedavg_wall_s"] = fed["summary"]["wall_seconds"]
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    table = pd.DataFrame(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "bench_afl.csv", index=False)
+    print(table.to_markdown(index=False) if _has_tabulate() else table.to_string(index=False))
+    if 1000 in sizes:
+        r = table.set_index("clients").loc[1000, "ratio"]
+        print(f"\nframework overhead ratio at 1000 clients: {r} (target <= 1.5)")
+    if 100 in sizes and 10000 in sizes:
+        t = table.set_index("clients")["server_rss_mb"]
+        print(f"server peak RSS 10000 vs 100 clients: {t[10000]} MB vs {t[100]} MB "
+              f"({100 * (t[10000] / t[100] - 1):+.1f}%, target within 20%)")
+
+
+def _has_tabulate() -> bool:
+    try:
+        import tabulate  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    main()
