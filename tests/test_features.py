@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import subprocess
 import sys
 import urllib.error
@@ -16,34 +15,10 @@ from fedsim.analytic import RidgeStatistics
 from fedsim.errors import ConfigError, DataUnavailableError
 from fedsim.features import BufferLayer, build_feature_map
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on the shared 2-core machine two OpenMP threads under contention ran ~10x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def read_idx_gz(path: Path) -> np.ndarray:
-    """Tiny IDX reader for the test (fedsim.data has its own)."""
-    with gzip.open(path) as f:
-        raw = f.read()
-    ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
+from conftest import fmnist
 
 def fmnist_slice(split: str, n: int) -> tuple[torch.Tensor, np.ndarray]:
-    prefix = "train" if split == "train" else "t10k"
-    img_path, lab_path = FMNIST / f"{prefix}-images-idx3-ubyte.gz", FMNIST / f"{prefix}-labels-idx1-ubyte.gz"
-    if not img_path.exists():
-        pytest.skip(f"Fashion-MNIST not installed at {FMNIST} (apt-get install dataset-fashion-mnist)")
-    x = torch.from_numpy(read_idx_gz(img_path)[:n].copy()).float().div(255).unsqueeze(1)
-    return x, read_idx_gz(lab_path)[:n].astype(np.int64)
+    return fmnist(split, n)
 
 
 def test_identity_is_flattened_pixels():

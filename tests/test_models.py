@@ -11,13 +11,6 @@ from fedsim.models import MODELS, BlockNet, build_model, num_parameters
 SHAPES = [(1, 28, 28), (3, 32, 32), (1, 8, 8)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on the shared 2-core machine two OpenMP threads under contention ran ~10x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def small(name: str, shape: tuple, seed: int = 0) -> BlockNet:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import gzip
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import fmnist as real_fmnist
 from fedsim.errors import ConfigError
 from fedsim.models import build_model
 from fedsim.training import (
@@ -22,34 +21,9 @@ from fedsim.training import (
     train_epochs,
 )
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on the shared 2-core machine two OpenMP threads under contention ran ~10x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def read_idx_gz(path: Path) -> np.ndarray:
-    with gzip.open(path) as f:
-        raw = f.read()
-    ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
 def fmnist(split: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    prefix = "train" if split == "train" else "t10k"
-    img = FMNIST / f"{prefix}-images-idx3-ubyte.gz"
-    if not img.exists():
-        pytest.skip(f"Fashion-MNIST not installed at {FMNIST} (apt-get install dataset-fashion-mnist)")
-    x = torch.from_numpy(read_idx_gz(img)[:n].copy()).float().div(255).unsqueeze(1)
-    y = torch.from_numpy(read_idx_gz(FMNIST / f"{prefix}-labels-idx1-ubyte.gz")[:n].astype(np.int64))
-    return x, y
+    x, y = real_fmnist(split, n)
+    return x, torch.from_numpy(y)
 
 
 def small_cnn(seed: int = 0) -> torch.nn.Module:

@@ -1,0 +1,40 @@
+"""Shared test set-up: one compute thread per test process, and real Fashion-MNIST slices through fedsim.data."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_compute_thread():
+    """One torch and one BLAS thread: on the 2-core machine two threads under contention ran ~10x slower,
+    and a fixed thread count keeps float results reproducible."""
+    from threadpoolctl import threadpool_limits
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(limits=1):
+        yield
+    torch.set_num_threads(previous)
+
+
+def fmnist(split: str, n: int | None = None) -> tuple[torch.Tensor, np.ndarray]:
+    """The first ``n`` images (float (n, 1, 28, 28) in [0, 1]) and labels of real Fashion-MNIST.
+
+    Skips where the data is missing, except under CI (``CI`` set), where missing data is a failure.
+    """
+    from fedsim.data import load_dataset
+    from fedsim.errors import DataUnavailableError
+
+    try:
+        data = load_dataset("fashion-mnist", split=split, download=False)
+    except DataUnavailableError as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"Fashion-MNIST not available: {exc}")
+    n = len(data) if n is None else n
+    return data.x[:n], data.labels[:n].copy()
