@@ -135,12 +135,12 @@ class CILClient:
     def other_phase(self, phase: str, content: RecordDict, cfg: ConfigRecord, env: ClientEnv) -> RecordDict:
         raise ValueError(f"unknown phase {phase!r}")
 
-    def _num_classes(self, env: ClientEnv) -> tuple[int, tuple]:
+    def _dataset_shape(self, env: ClientEnv) -> tuple[int, tuple]:
         full = train_split(env.config)
         return full.num_classes, full.input_shape
 
     def train_backbone(self, content: RecordDict, cfg: ConfigRecord, env: ClientEnv) -> RecordDict:
-        num_classes, shape = self._num_classes(env)
+        num_classes, shape = self._dataset_shape(env)
         classes = ints(cfg, "classes")
         data = task_share(env, ints(cfg, "data_classes"))
         model = load_model(env.config, content[ARRAYS_KEY], num_classes, shape)
@@ -167,7 +167,7 @@ class CILClient:
         })
 
     def class_means(self, content: RecordDict, cfg: ConfigRecord, env: ClientEnv) -> RecordDict:
-        num_classes, shape = self._num_classes(env)
+        num_classes, shape = self._dataset_shape(env)
         classes = ints(cfg, "classes")
         data = task_share(env, classes)
         model = load_model(env.config, content[ARRAYS_KEY], num_classes, shape)

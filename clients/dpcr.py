@@ -28,7 +28,7 @@ class DPCRClient(CILClient):
     def other_phase(self, phase: str, content: RecordDict, cfg: ConfigRecord, env: ClientEnv) -> RecordDict:
         if phase != "dpcr-stats":
             return super().other_phase(phase, content, cfg, env)
-        num_classes, shape = self._num_classes(env)
+        num_classes, shape = self._dataset_shape(env)
         classes = ints(cfg, "classes")
         data = task_share(env, classes)
         model = load_model(env.config, content[ARRAYS_KEY], num_classes, shape)

@@ -221,8 +221,8 @@ class LwFNCMServer(LwFServer):
         z = torch.nn.functional.normalize(embed(model, x, ctx.device, ctx.config.evaluation.batch_size).double(),
                                           dim=1).numpy()
         protos = np.stack([self.prototypes_[c] for c in known])
-        dist = ((z[:, None, :] - protos[None]) ** 2).sum(-1)
-        return {MAIN: np.asarray(known)[np.argmin(dist, axis=1)]}
+        # unit vectors: the nearest mean in Euclidean distance is the one with the largest inner product
+        return {MAIN: np.asarray(known)[np.argmax(z @ protos.T, axis=1)]}
 
     def model_state(self, model):  # noqa: ANN001, ANN201
         return {"backbone": model.cpu().state_dict(), "prototypes": dict(self.prototypes_)}

@@ -27,6 +27,7 @@ logged as ``acc_*`` columns of metrics.csv and under ``companions`` in summary.j
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -97,8 +98,6 @@ class DPCRServer(LwFServer):
         self.stat_seconds_ = 0.0
 
     def after_training(self, ctx, t, task_classes, model, old, round_):  # noqa: ANN001, ANN201
-        import time
-
         content = RecordDict({ARRAYS_KEY: to_arrayrecord(state_to_arrays(model)),
                               CONFIG_KEY: ConfigRecord({"phase": "dpcr-stats", "classes": task_classes})})
         needs_drift = self.params.tssp or bool(self.companions_)
