@@ -5,7 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedsim.learners.dpcr import DPCR, class_statistics, drift_map, drift_statistics, row_space_projector
+from fedsim.learners.dpcr import (
+    DPCR,
+    class_statistics,
+    decode_statistics,
+    drift_map,
+    drift_statistics,
+    encode_statistics,
+    pack_upper,
+    row_space_projector,
+    unpack_upper,
+)
 
 
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:
@@ -163,3 +173,29 @@ def test_statistics_memory():
     learner = DPCR().fit(class_statistics(x, y))
     assert learner.statistics_nbytes() == 6 * 8 + 6 * (16 + 256) * 8
     assert learner.statistics_nbytes(np.float32) == 6 * 8 + 6 * (16 + 256) * 4
+
+
+def test_wire_format_round_trip_and_client_sums():
+    """encode -> add over clients -> decode gives the statistics of the union (Grams travel as upper triangles)."""
+    x, y = make_features(n=500, d=9)
+    x_old = x * 0.5 + 0.1
+    parts = np.arange(500) % 3
+    classes = [1, 4]
+    mask = np.isin(y, classes)
+    enc = [encode_statistics(class_statistics(x[mask & (parts == k)], y[mask & (parts == k)], dim=9), classes,
+                             drift_statistics(x_old[mask & (parts == k)], x[mask & (parts == k)]))
+           for k in range(3)]
+    assert enc[0]["gram"].shape == (2, 45) and enc[0]["drift_gram"].shape == (45,)
+    total = {k: (enc[0][k] if k == "classes" else sum(e[k] for e in enc)) for k in enc[0]}
+    stats, drift = decode_statistics(total, num_classes=6)
+    direct = class_statistics(x[mask], y[mask], dim=9)
+    assert stats.num_classes == 6 and list(stats.count) == [0, *direct.count[1:2], 0, 0, *direct.count[4:5], 0]
+    for c in classes:
+        assert np.allclose(stats.mean[c], direct.mean[c]) and np.allclose(stats.gram[c], direct.gram[c])
+        assert np.allclose(stats.var[c], direct.var[c])
+    ref = drift_statistics(x_old[mask], x[mask])
+    assert np.allclose(drift.gram, ref.gram) and np.allclose(drift.cross, ref.cross) and drift.count == mask.sum()
+    a = np.random.default_rng(0).normal(size=(7, 7))
+    assert np.array_equal(unpack_upper(pack_upper(a + a.T), 7), a + a.T)
+    with pytest.raises(ValueError, match="has 28 entries"):
+        unpack_upper(np.zeros(27), 7)

@@ -50,7 +50,8 @@ __all__ = [
     "row_space_projector",
     "encode_statistics",
     "decode_statistics",
-    "sum_encoded",
+    "pack_upper",
+    "unpack_upper",
 ]
 
 
@@ -251,12 +252,33 @@ class DPCR:
 
 
 # ------------------------------------------------------------------------------------------------ wire format
+def pack_upper(a: np.ndarray) -> np.ndarray:
+    """Upper triangles (row by row) of symmetric (..., d, d) matrices: (..., d (d + 1) / 2), exact, half the bytes."""
+    d = a.shape[-1]
+    rows, cols = np.triu_indices(d)
+    return np.ascontiguousarray(a[..., rows, cols])
+
+
+def unpack_upper(packed: np.ndarray, dim: int) -> np.ndarray:
+    """Inverse of ``pack_upper``."""
+    packed = np.asarray(packed, dtype=np.float64)
+    if packed.shape[-1] != dim * (dim + 1) // 2:
+        raise ValueError(f"a packed {dim} x {dim} symmetric matrix has {dim * (dim + 1) // 2} entries, "
+                         f"got {packed.shape[-1]}")
+    rows, cols = np.triu_indices(dim)
+    out = np.zeros(packed.shape[:-1] + (dim, dim))
+    out[..., rows, cols] = packed
+    out[..., cols, rows] = packed
+    return out
+
+
 def encode_statistics(stats: ClassStatistics, classes: Any, drift: RidgeStatistics | None = None
                       ) -> dict[str, np.ndarray]:
     """Additive arrays for a message: per class of ``classes`` its count, feature sum and Gram, plus the TSSP pair.
 
-    Every array is a plain sum over samples, so replies of any group of clients combine by adding them
-    (``sum_encoded``) and the server's total equals the centralized statistics.
+    Every array is a plain sum over samples (the symmetric Grams as their upper triangles), so replies of any group
+    of clients combine by adding them array by array (``classes`` excepted) and the server's total equals the
+    centralized statistics.
     """
     classes = np.asarray(classes, dtype=np.int64)
     stats = stats.copy().grow_classes(int(classes.max()) + 1 if classes.size else 0)
@@ -264,31 +286,22 @@ def encode_statistics(stats: ClassStatistics, classes: Any, drift: RidgeStatisti
         "classes": classes,
         "count": stats.count[classes],
         "sum": stats.sum[classes],
-        "gram": stats.gram[classes],
+        "gram": pack_upper(stats.gram[classes]),
     }
     if drift is not None:
-        out.update(drift_gram=drift.gram, drift_cross=drift.cross, drift_count=np.array([drift.count], np.int64))
+        out.update(drift_gram=pack_upper(drift.gram), drift_cross=drift.cross,
+                   drift_count=np.array([drift.count], np.int64))
     return out
-
-
-def sum_encoded(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Add encoded statistics of several clients (same classes); ``classes`` is kept, not added."""
-    if not parts:
-        raise ValueError("nothing to add")
-    first = parts[0]
-    for p in parts[1:]:
-        if set(p) != set(first) or not np.array_equal(p["classes"], first["classes"]):
-            raise ValueError("encoded statistics disagree on their classes or fields")
-    return {k: (first[k] if k == "classes" else sum(p[k] for p in parts)) for k in first}
 
 
 def decode_statistics(arrays: dict[str, Any], num_classes: int | None = None
                       ) -> tuple[ClassStatistics, RidgeStatistics | None]:
     """Inverse of ``encode_statistics``: ClassStatistics (with Grams) over label indices, and the TSSP pair."""
     classes = np.asarray(arrays["classes"], dtype=np.int64)
-    count, total, gram = (np.asarray(arrays[k]) for k in ("count", "sum", "gram"))
+    count, total = np.asarray(arrays["count"]), np.asarray(arrays["sum"], dtype=np.float64)
+    d = total.shape[-1]
+    gram = unpack_upper(arrays["gram"], d)
     c = max(int(num_classes or 0), int(classes.max()) + 1 if classes.size else 0)
-    d = gram.shape[-1]
     full_count, full_sum = np.zeros(c, np.int64), np.zeros((c, d))
     full_gram = np.zeros((c, d, d))
     full_count[classes], full_sum[classes], full_gram[classes] = count, total, gram
@@ -296,6 +309,6 @@ def decode_statistics(arrays: dict[str, Any], num_classes: int | None = None
     stats = ClassStatistics.from_sums(full_count, full_sum, sumsq, full_gram)
     drift = None
     if "drift_gram" in arrays:
-        drift = RidgeStatistics(arrays["drift_gram"], arrays["drift_cross"],
+        drift = RidgeStatistics(unpack_upper(arrays["drift_gram"], d), arrays["drift_cross"],
                                 int(np.asarray(arrays["drift_count"]).reshape(-1)[0]))
     return stats, drift
