@@ -48,7 +48,7 @@ def learner_for(params, config, num_classes: int, solver: str) -> AEFOCL:  # noq
     return AEFOCL(gamma=params.gamma, buffer_width=params.buffer_width, activation=params.activation,
                   pfg=params.pfg, noise=params.noise, balance=params.balance, draws=params.draws,
                   pfg_space=params.pfg_space, solver=solver, num_classes=num_classes,
-                  seed=buffer_seed(config))
+                  seed=buffer_seed(config), defer_rows=params.defer_rows if solver == "recursive" else 0)
 
 
 def segment_request(weights: np.ndarray, start: int, length: int) -> RecordDict:

@@ -20,7 +20,8 @@ Modes (`mode = "auto"`: federated when the partition has more than one client):
 - centralized: the server runs the stream itself (the union of the clients' streams, in the order a federated
   server would fold them; with one client, simply its stream). Each batch is predicted before it is learned
   (prequential accuracy; with PFG by the balanced weights, refreshed every `balance_every` batches and whenever a
-  new class appears), then learned by the RLS update.
+  new class appears), then learned by the RLS update. With PFG the real-data weights are only read at balancing
+  points, so up to `defer_rows` rows are folded in by one (exact) RLS update instead of one per batch.
 - federated (none of the published systems has it): every client runs its own stream. At synchronization round r
   the server sends the current global weights; each client predicts and learns the next `sync_every` batches of its
   stream and returns the segment's statistics increments (C = H^T H, Q = H^T Y, n, PFG class statistics), never
@@ -106,6 +107,8 @@ class AEFOCLParams(OnlineParams):
     mode: str = "auto"  # "auto" | "centralized" | "federated"
     balance_every: int | None = None  # centralized + PFG: batches between refreshes of the balanced weights
     # (None: eval_every); a new class always triggers one
+    defer_rows: int = 256  # centralized: stream rows folded into the RLS state at once when the real-data weights
+    # are not read at every batch (PFG predicts with the balanced ones); exact; 0 = update at every batch
 
     def validate(self, path: str = "strategy") -> None:
         super().validate(path)
@@ -121,6 +124,7 @@ class AEFOCLParams(OnlineParams):
             value = getattr(self, name)
             if value is not None:
                 _int_at_least(f"{path}.{name}", value, 1)
+        _int_at_least(f"{path}.defer_rows", self.defer_rows, 0)
 
 
 class StreamFailed(FedsimError):

@@ -220,3 +220,18 @@ def test_learner_rejects_bad_arguments():
         learner.partial_fit(x[:, :5], y)
     with pytest.raises(RuntimeError, match="statistics"):
         learner.statistics()
+
+
+def test_deferred_rows_give_the_same_weights_whenever_they_are_read():
+    x, y = imbalanced_stream(n=500)
+    now = AEFOCL(buffer_width=64, pfg=True, num_classes=6, seed=4)
+    later = AEFOCL(buffer_width=64, pfg=True, num_classes=6, seed=4, defer_rows=64)
+    for start in range(0, 500, 10):
+        now.partial_fit(x[start:start + 10], y[start:start + 10])
+        later.partial_fit(x[start:start + 10], y[start:start + 10])
+        assert sum(len(p[1]) for p in later._pending) < 64  # bounded: never more than defer_rows rows wait
+        if start % 130 == 0:
+            assert rel_err(later.coef_, now.coef_) < 1e-10
+            assert later._pending == []  # reading the weights folds the waiting rows in
+    assert rel_err(later.balanced_coef(), now.balanced_coef()) < 1e-8
+    assert np.array_equal(later.class_counts_, now.class_counts_) and later.n_seen_ == now.n_seen_ == 500

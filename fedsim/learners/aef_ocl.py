@@ -188,6 +188,11 @@ class AEFOCL:
     the next batch). Federated: `statistics()` exports C, Q, n and the PFG statistics as plain arrays, `merge`
     folds such arrays in ("statistics" solver only).
 
+    `defer_rows` (recursive solver) lets up to that many rows wait and folds them into (R, W) in one exact RLS
+    update the next time the weights are read (or the limit is reached): the same weights whenever they are
+    observed, at a fraction of the per-row cost of small batches. Useful when predictions use other weights than the
+    real-data `coef_` (AEF-OCL with PFG predicts with the balanced weights); 0 updates at every batch.
+
     Learned attributes: `buffer_` (frozen BufferLayer), `pfg_` (PseudoFeatureGenerator, kept with pfg=False too:
     its class counts mark the seen classes), `rls_` (solver "recursive") or `stats_` (solver "statistics"),
     `n_features_in_`, `n_seen_`.
@@ -195,7 +200,8 @@ class AEFOCL:
 
     def __init__(self, gamma: float = 1e-3, buffer_width: int = 2048, activation: str = "relu", pfg: bool = True,
                  noise: float = 1.0, balance: str = "max", draws: int | None = None, pfg_space: str = "backbone",
-                 solver: str = "recursive", num_classes: int | None = None, seed: int = 0) -> None:
+                 solver: str = "recursive", num_classes: int | None = None, seed: int = 0,
+                 defer_rows: int = 0) -> None:
         self.gamma = gamma
         self.buffer_width = buffer_width
         self.activation = activation
@@ -207,6 +213,7 @@ class AEFOCL:
         self.solver = solver
         self.num_classes = num_classes
         self.seed = seed
+        self.defer_rows = defer_rows
 
     # ---- set-up ----------------------------------------------------------------------------------------------
     def _check(self) -> None:
@@ -242,7 +249,7 @@ class AEFOCL:
             self.rls_ = RecursiveLeastSquares(self.gamma)  # its state starts with the first batch
         else:
             self.stats_ = RidgeStatistics.zeros(int(self.buffer_width), width)
-            self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
         self.n_seen_ = 0
         self._cache: dict[str, np.ndarray] = {}
 
@@ -288,23 +295,30 @@ class AEFOCL:
             return
         width = max(int(self.num_classes or 0), int(y.max()) + 1)
         self.pfg_.update(x if self.pfg_space == "backbone" else h, y, width)
-        if self.solver == "recursive":
+        if self.solver == "recursive" and self.defer_rows <= 1:
             self.rls_.partial_fit(h, y, width)
         else:
             self._pending.append((h, y))
-            if sum(len(p[1]) for p in self._pending) >= _CHUNK:
+            limit = _CHUNK if self.solver == "statistics" else self.defer_rows
+            if sum(len(p[1]) for p in self._pending) >= limit:
                 self._flush()
         self.n_seen_ += int(y.size)
         self._cache.clear()
 
     def _flush(self) -> None:
-        """Fold the pending rows (at most ~_CHUNK) into C and Q with one rank-k update (statistics solver)."""
-        if self.solver != "statistics" or not self._pending:
+        """Fold the pending rows into the state at once: one rank-k update of C and Q (statistics solver, up to
+        ~1024 rows), or one RLS update of k rows (recursive solver with `defer_rows`; exact, as RLS is for any
+        batching, and far cheaper per row than k/b updates of b rows)."""
+        if not self._pending:
             return
         h = np.concatenate([p[0] for p in self._pending])
         y = np.concatenate([p[1] for p in self._pending])
         self._pending = []
-        self.stats_.update(h, y, max(self.num_classes_, int(y.max()) + 1))
+        width = max(int(self.num_classes or 0), int(y.max()) + 1)
+        if self.solver == "statistics":
+            self.stats_.update(h, y, max(self.stats_.num_classes, width))
+        else:
+            self.rls_.partial_fit(h, y, max(self.rls_.W_.shape[1] if self.rls_.is_fitted else 0, width))
 
     # ---- federated -------------------------------------------------------------------------------------------
     def statistics(self) -> dict[str, np.ndarray]:
@@ -351,6 +365,7 @@ class AEFOCL:
         """W (d x c) on the real data seen so far: joint ridge regression with `gamma` (no pseudo-features)."""
         self._check_fitted()
         if self.solver == "recursive":
+            self._flush()
             if not self.rls_.is_fitted:
                 return np.zeros((int(self.buffer_width), self.num_classes_))
             return self.rls_.W_
@@ -366,6 +381,7 @@ class AEFOCL:
         self._check_fitted()
         if "balanced" in self._cache:
             return self._cache["balanced"]
+        self._flush()
         c = self.num_classes_
         if not self.pfg_.draws_for():
             w = self.coef_.copy()
