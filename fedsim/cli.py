@@ -21,7 +21,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedsim.engine.runner import run_scenario
     from fedsim.report import report
 
-    variants = load_scenarios(args.scenario, args.set)
+    variants = load_scenarios(args.scenario, args.set, only=args.only)
     out = Path(args.out) if args.out else _default_out(args.scenario)
     single = len(variants) == 1
     for i, (label, config) in enumerate(variants, 1):
@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a setting, e.g. --set partition.alpha=0.1 (repeatable)")
     run.add_argument("--out", help="run directory (default: runs/<scenario>-<time>)")
+    run.add_argument("--only", action="append", default=[], metavar="LABEL",
+                     help="run only this variant (repeatable)")
     run.add_argument("--quiet", action="store_true", help="no progress display")
     run.set_defaults(func=cmd_run)
 

@@ -410,13 +410,17 @@ def _cross_checks(config: ScenarioConfig) -> None:
             )
 
 
-def load_scenarios(path: str | Path | None, overrides: typing.Iterable[str] = ()) -> list[tuple[str, ScenarioConfig]]:
+def load_scenarios(path: str | Path | None, overrides: typing.Iterable[str] = (),
+                   only: typing.Iterable[str] = ()) -> list[tuple[str, ScenarioConfig]]:
     """Load a scenario file into one (label, config) per variant (a single unnamed one when it has none).
 
     A scenario may list ``[[variants]]``, each with a ``label`` and a ``set`` table of dotted overrides, to run
     several strategies on the same data and partition (``fedsim report`` then compares them).
-    Command-line ``--set`` overrides apply to every variant, after the variant's own.
+    Command-line ``--set`` overrides apply to every variant, after the variant's own; a ``strategy.<param>``
+    override applies to the variants whose strategy has that parameter (an error if none has). ``only`` keeps the
+    variants with those labels.
     """
+    only = list(only)
     tree: dict = {}
     if path is not None:
         path = Path(path)
@@ -440,6 +444,8 @@ def load_scenarios(path: str | Path | None, overrides: typing.Iterable[str] = ()
         for key, value in (variant.get("set") or {}).items():
             apply_override(base, key, value)
         for key, value in cli:
+            if len(variants) > 1 and not _strategy_accepts(base, key):
+                continue  # e.g. --set strategy.draws=256 tunes the variants whose strategy has `draws`
             apply_override(base, key, value)
         config = config_from_dict(base)
         label = variant.get("label") or config.name or config.strategy.name
@@ -447,7 +453,31 @@ def load_scenarios(path: str | Path | None, overrides: typing.Iterable[str] = ()
             raise ConfigError(f"variants[{i}].label: {label!r} is used twice; labels name run directories")
         labels.add(label)
         out.append((label, config))
+    for key, _ in cli:
+        if len(variants) > 1 and not any(_strategy_accepts(config.to_dict(), key) for _, config in out):
+            raise ConfigError(f"{key}: no variant's strategy has this setting "
+                              f"({', '.join(sorted({c.strategy.name for _, c in out}))})")
+    if only:
+        unknown = [name for name in only if name not in labels]
+        if unknown:
+            raise ConfigError(f"--only {unknown[0]}: no such variant; variants are {', '.join(l for l, _ in out)}")
+        out = [(label, config) for label, config in out if label in only]
     return out
+
+
+def _strategy_accepts(tree: dict, dotted: str) -> bool:
+    """Whether a ``strategy.<param>`` override fits the strategy named in ``tree`` (other keys always fit)."""
+    keys = dotted.split(".")
+    if keys[0] != "strategy" or len(keys) != 2 or keys[1] == "name":
+        return True
+    from fedsim.engine.registry import get_strategy
+
+    name = (tree.get("strategy") or {}).get("name", "fedavg")
+    try:
+        spec = get_strategy(name)
+    except ConfigError:
+        return True  # let validation report the bad name
+    return keys[1] in {f.name for f in dataclasses.fields(spec.params)}
 
 
 def load_scenario(path: str | Path | None, overrides: typing.Iterable[str] = ()) -> ScenarioConfig:

@@ -139,3 +139,21 @@ def test_grouping_needs_a_reducible_client(scenario):
 def test_centralized_forces_one_client(scenario):
     config = load_scenario(scenario, ["strategy.name=centralized"])
     assert config.num_clients == 1 and config.partition.kind == "iid"
+
+
+def test_strategy_override_applies_to_the_variants_that_have_it(tmp_path):
+    path = tmp_path / "v.toml"
+    path.write_text(BASE + """
+[[variants]]
+label = "avg"
+[[variants]]
+label = "prox"
+set = { "strategy.name" = "fedprox" }
+""")
+    runs = dict(load_scenarios(path, ["strategy.proximal_mu=0.5"]))
+    assert runs["prox"].strategy.params.proximal_mu == 0.5 and not hasattr(runs["avg"].strategy.params, "proximal_mu")
+    with pytest.raises(ConfigError, match="^strategy.mu: no variant's strategy has this setting"):
+        load_scenarios(path, ["strategy.mu=0.5"])
+    assert [label for label, _ in load_scenarios(path, only=["prox"])] == ["prox"]
+    with pytest.raises(ConfigError, match="^--only nope"):
+        load_scenarios(path, only=["nope"])
