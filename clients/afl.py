@@ -20,6 +20,7 @@ from fedsim.learners.afl import client_statistics, encode_reply, reduce_replies
 
 ARRAYS_KEY = "afl"
 METRICS_KEY = "afl.metrics"
+CONFIG_KEY = "afl.config"
 
 
 def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
@@ -62,10 +63,14 @@ class AFLClient:
         self.params = params
 
     def train(self, content: RecordDict, env: ClientEnv) -> RecordDict:
+        # the server's request names gamma and the upload form (the scenario's values, as a fallback)
+        request = content.config_records.get(CONFIG_KEY) or {}
+        gamma = float(request.get("gamma", self.params.gamma))
+        upload = str(request.get("upload", self.params.upload))
         data = env.train_data()
         stats = client_statistics(data.x, data.y, env.feature_map(), data.num_classes,
                                   batch_size=self.params.batch_size)
-        arrays = encode_reply(stats, self.params.upload, self.params.gamma)
+        arrays = encode_reply(stats, upload, gamma)
         return RecordDict({ARRAYS_KEY: to_record(arrays),
                            METRICS_KEY: MetricRecord({"num-examples": int(stats.count)})})
 

@@ -35,7 +35,7 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 from torch import nn
 
-from clients.afl import ARRAYS_KEY, AFLClient, from_record
+from clients.afl import ARRAYS_KEY, CONFIG_KEY, AFLClient, from_record
 from fedsim.analytic import TARGETS, one_hot
 from fedsim.engine import ServerContext, StrategySpec, register_strategy
 from fedsim.errors import ConfigError, FedsimError
@@ -119,8 +119,9 @@ class AFLServer:
         answered: list[int] = []
         dropped: list[int] = []
         errors: list[str] = []
-        request = RecordDict({"afl.config": ConfigRecord({"gamma": p.gamma, "target": p.target, "upload": p.upload})})
+        request = RecordDict({CONFIG_KEY: ConfigRecord({"gamma": p.gamma, "upload": p.upload})})
         aggregate_seconds = 0.0
+        t_round = time.perf_counter()
         for reply in ctx.stream(request, round=1):  # fold each reply in as it arrives, then drop it
             dropped.extend(reply.failed)
             if reply.error:
@@ -135,12 +136,15 @@ class AFLServer:
         if not answered:
             detail = f" (first error: {errors[0]})" if errors else ""
             raise AllClientsFailed(f"AFL: none of the {len(ctx.partition_ids)} clients answered{detail}")
+        collect_seconds = time.perf_counter() - t_round
         t0 = time.perf_counter()
         weights = learner.solve().coef_
         solve_seconds = time.perf_counter() - t0
 
+        t0 = time.perf_counter()
         test = ctx.test_data()
         result = evaluate_weights(weights, feature_map, test, p.batch_size)
+        evaluate_seconds = time.perf_counter() - t0
         ctx.log(1, accuracy=result["accuracy"], loss=result["loss"], dropped_clients=len(dropped),
                 answered_clients=len(answered))
         ctx.save_model(afl_module(feature_map, weights))
@@ -148,8 +152,9 @@ class AFLServer:
         ctx.summary(final_accuracy=result["accuracy"], test_loss=result["loss"], dropped_clients=len(dropped),
                     answered_clients=len(answered), dropped_client_ids=sorted(dropped),
                     train_samples=int(learner.n_samples_), feature_dim=dim, gamma=p.gamma, target=p.target,
-                    upload=p.upload, aggregate_seconds=round(aggregate_seconds, 4),
-                    solve_seconds=round(solve_seconds, 4))
+                    upload=p.upload, collect_seconds=round(collect_seconds, 4),
+                    aggregate_seconds=round(aggregate_seconds, 4), solve_seconds=round(solve_seconds, 4),
+                    evaluate_seconds=round(evaluate_seconds, 4))
 
 
 def client_table(ctx: ServerContext, answered: list[int]) -> pd.DataFrame:
