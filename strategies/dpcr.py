@@ -11,7 +11,8 @@ Per task t (classes arriving as in ``strategies.cil_baselines``):
    The previous backbone f_old is kept for TSSP.
 2. Statistics pass (one more round): each client sends, for the new classes, n_c, sum x and Phi_c = X_c^T X_c under
    f_new, and the TSSP pair X_old^T X_old, X_old^T X_new over its share. The server adds them: the sums are exact,
-   so federated DPCR equals centralized DPCR given the same backbone.
+   so federated DPCR equals centralized DPCR given the same backbone. A client that fails in this round contributes
+   nothing for this task (the sums cover the clients that answered, as in AFL).
 3. TSSP: Delta = (X_old^T X_old + eps I)^-1 X_old^T X_new.  CIP: P_c = U_c U_c^T from the eigenvectors of Phi_c
    above the tolerance ``cip_tol`` (relative by default; 0 = the official ``S > 0``).
    Calibration of every old class: W_c = Delta P_c; Phi_c <- W_c^T Phi_c W_c; mu_c <- mu_c W_c.
