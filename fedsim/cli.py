@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import sys
 from pathlib import Path
@@ -64,7 +65,13 @@ def cmd_list(args: argparse.Namespace) -> int:
         "online": "one pass in mini-batches (stream.batch_size), optional long-tail imbalance, classes over time",
     })
     section("models (model.name)", MODELS)
-    section("strategies (strategy.name)", {n: s.description for n, s in strategies().items()})
+    print("strategies (strategy.name; their settings go under [strategy])")
+    for name, spec in strategies().items():
+        print(f"  {name:<22} {spec.description}")
+        params = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(spec.params))
+        if params:
+            print(f"  {'':<22} [{spec.kind}] {params}")
+    print()
     from fedsim.engine.registry import broken_strategy_modules
 
     for path, err in broken_strategy_modules().items():
