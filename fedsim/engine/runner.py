@@ -81,7 +81,12 @@ def run_scenario(config: ScenarioConfig, out_dir: str | Path, *, label: str | No
     partitions = partition_for(config)
     from fedsim.partition import partition_table
 
-    recorder.write_partition(partition_table(partitions, train.labels, train.num_classes))
+    table = partition_table(partitions, train.labels, train.num_classes)
+    recorder.write_partition(table)
+    if show_progress:
+        from fedsim.partition import describe_partition
+
+        print(f"partition: {describe_partition(table)}", file=sys.stderr)
 
     progress = RunProgress(label or config.strategy.name, total=config.rounds, enabled=show_progress)
     outcome: dict[str, Any] = {}
