@@ -2,7 +2,8 @@
 
 For Fashion-MNIST, Dirichlet(alpha) label skew over 5 clients and every alpha asked, all methods run through the
 engine on the same partition and seed and the script prints: test accuracy, bytes uploaded per client (counted by
-the engine from the real messages), rounds, wall time and model size in parameters, for
+the engine from the real messages), bytes downloaded per client, rounds, wall time and model size in parameters,
+for
 
     fusefl (head avg, K rounds) | fusefl (head ridge, K + 1 rounds) | one-shot FedAvg | ensemble |
     best local model (from the ensemble run: same local models) | FedAvg after 1 / 5 / 20 rounds (one run of 20,
@@ -48,7 +49,8 @@ def run(args: argparse.Namespace, alpha: float, label: str, strategy: dict, roun
     config = config_from_dict(scenario(args, alpha, strategy, rounds))
     if args.reuse and (out / "summary.json").exists():  # same scenario already run: read its files
         loaded = load_run(out)
-        if loaded["summary"].get("status") == "completed" and loaded["config"].get("config") == json.loads(json.dumps(config.to_dict())):
+        same = loaded["config"].get("config") == json.loads(json.dumps(config.to_dict()))
+        if same and loaded["summary"].get("status") == "completed":
             return loaded
     run_scenario(config, out, label=label, show_progress=False)
     return load_run(out)
@@ -88,7 +90,8 @@ def ridge_head_accuracy(run_dir: Path, gamma: float = 1.0) -> float:
 
 def row(alpha: float, method: str, summary: dict, **extra) -> dict:
     return {"alpha": alpha, "method": method, "accuracy": summary.get("final_accuracy"),
-            "bytes_up_per_client": summary.get("bytes_up_per_client"), "rounds": summary.get("rounds"),
+            "bytes_up_per_client": summary.get("bytes_up_per_client"),
+            "bytes_down_per_client": summary.get("bytes_down_per_client"), "rounds": summary.get("rounds"),
             "wall_s": summary.get("wall_seconds"), "parameters": summary.get("num_parameters"), **extra}
 
 
@@ -136,7 +139,8 @@ def main() -> None:
         for n in fedavg_rounds:
             m = metrics[metrics["round"] == n].iloc[0]
             rows.append(row(alpha, f"FedAvg, {n} rounds", s, accuracy=float(m["accuracy"]),
-                            bytes_up_per_client=float(m["bytes_up"]) / args.clients, rounds=n,
+                            bytes_up_per_client=float(m["bytes_up"]) / args.clients,
+                            bytes_down_per_client=float(m["bytes_down"]) / args.clients, rounds=n,
                             wall_s=float(m["seconds"])))
             print(json.dumps(rows[-1]), flush=True)
 
@@ -145,7 +149,8 @@ def main() -> None:
     table.to_csv(Path(args.out) / "bench_fusefl.csv", index=False)
     show = table.drop(columns=["stage_bytes_up", "fused_vs_single"])
     show["accuracy"] = show["accuracy"].map(lambda v: f"{v:.4f}")
-    show["bytes_up_per_client"] = show["bytes_up_per_client"].map(lambda v: f"{v / 1e3:,.1f} KB")
+    for col in ("bytes_up_per_client", "bytes_down_per_client"):
+        show[col] = show[col].map(lambda v: f"{v / 1e3:,.1f} KB")
     show["wall_s"] = show["wall_s"].map(lambda v: f"{v:.1f}")
     print()
     print(show.to_markdown(index=False) if _has_tabulate() else show.to_string(index=False))
