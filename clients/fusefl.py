@@ -19,7 +19,7 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from torch import nn
 
 from clients.sgd import from_arrayrecord, scenario_model, to_arrayrecord
-from fedsim.engine.client import ClientEnv, train_split
+from fedsim.engine.client import ClientEnv, concatenate_replies, train_split
 from fedsim.analytic import RidgeStatistics
 from fedsim.learners.afl import pack_symmetric
 from fedsim.learners.fusefl import Column, Merge, StageModel, build_fused, column_state, fused_embedding, \
@@ -127,11 +127,4 @@ class FuseFLClient:
             reply[f"{HEAD_PREFIX}{pid}"] = to_arrayrecord(head)
         return reply
 
-    @staticmethod
-    def reduce(replies: list[RecordDict]) -> RecordDict:
-        """A node serving several clients sends their replies side by side (keys carry the partition id)."""
-        out = RecordDict()
-        for reply in replies:
-            for key, value in reply.items():
-                out[key] = value
-        return out
+    reduce = staticmethod(concatenate_replies)  # one node, several clients: records side by side

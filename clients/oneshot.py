@@ -11,7 +11,7 @@ import numpy as np
 from flwr.app import MetricRecord, RecordDict
 
 from clients.sgd import scenario_model, to_arrayrecord
-from fedsim.engine.client import ClientEnv, train_split
+from fedsim.engine.client import ClientEnv, concatenate_replies, train_split
 from fedsim.training import state_to_arrays, train_epochs
 
 MODEL_PREFIX = "model."  # ArrayRecord per client: "model.<pid>"
@@ -44,11 +44,4 @@ class LocalModelClient:
                                                  "train_loss": loss if np.isfinite(loss) else 0.0}),
         })
 
-    @staticmethod
-    def reduce(replies: list[RecordDict]) -> RecordDict:
-        """A node serving several clients sends their models side by side (keys carry the partition id)."""
-        out = RecordDict()
-        for reply in replies:
-            for key, value in reply.items():
-                out[key] = value
-        return out
+    reduce = staticmethod(concatenate_replies)  # one node, several clients: records side by side

@@ -50,6 +50,18 @@ def node_group(node_partition: int, clients_per_node: int, num_clients: int) -> 
     return list(range(start, min(start + clients_per_node, num_clients)))
 
 
+def concatenate_replies(replies: list[RecordDict]) -> RecordDict:
+    """``reduce`` for client parts whose replies cannot be summed: a node sends its clients' records side by
+    side, so their keys must carry the partition id (e.g. ``model.<pid>``)."""
+    out = RecordDict()
+    for reply in replies:
+        for key, value in reply.items():
+            if key in out:
+                raise ValueError(f"two clients of one node replied with the same record key {key!r}")
+            out[key] = value
+    return out
+
+
 def record_nbytes(content: RecordDict) -> int:
     """Size of ``content`` as Flower serializes it (protobuf), i.e. what goes over the wire.
 
