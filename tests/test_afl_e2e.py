@@ -66,7 +66,9 @@ def test_afl_beats_fedavg_for_the_same_wall_clock_budget(tmp_path):
     assert afl["final_accuracy"] > float(rows["accuracy"].max())  # and beats all FedAvg rounds run here
 
 
-# Measured on the 2-core machine (busy): see docs/results-afl.md.
+# Measured on the 2-core machine (quiet; the test took 86 s): AFL (1024 features) 0.8493 test accuracy, its result
+# 13.2 s after the server started; FedAvg 0.100 at round 0 (11.2 s), 0.211 at round 1 (29.9 s), 0.453 at round 2
+# (48.4 s). AFL's accuracy is deterministic (exact math, fixed seed); the floors leave room for other machines.
 AFL_FLOOR = 0.83
-FEDAVG_ROUNDS = 3
+FEDAVG_ROUNDS = 2
 MARGIN = 0.1
