@@ -6,21 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from fedsim.learners.aef_ocl import AEFOCL, PseudoFeatureGenerator, masked_predict, reduce_statistics
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One BLAS and torch thread: small products on a shared 2-core machine run far slower oversubscribed."""
-    from threadpoolctl import threadpool_limits
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
-    torch.set_num_threads(previous)
 
 
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:

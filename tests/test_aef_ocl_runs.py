@@ -90,18 +90,6 @@ label = "fed-aef-ocl"
 """
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One BLAS and torch thread: small products on a shared 2-core machine run far slower oversubscribed."""
-    from threadpoolctl import threadpool_limits
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
-    torch.set_num_threads(previous)
-
-
 def head_weights(run_dir) -> np.ndarray:
     """W (d x c) of a saved model (backbone -> buffer -> float64 linear head)."""
     model = torch.load(run_dir / "model.pt", weights_only=False)
