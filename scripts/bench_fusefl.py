@@ -5,7 +5,7 @@ engine on the same partition and seed and the script prints: test accuracy, byte
 the engine from the real messages), bytes downloaded per client, rounds, wall time and model size in parameters,
 for
 
-    fusefl (head avg, K rounds) | fusefl (head ridge, K + 1 rounds) | one-shot FedAvg | ensemble |
+    fusefl (head avg and head logits: K rounds; head ridge: K + 1 rounds) | one-shot FedAvg | ensemble |
     best local model (from the ensemble run: same local models) | FedAvg after 1 / 5 / 20 rounds (one run of 20,
     read at rounds 1, 5, 20: accuracy, bytes and seconds up to that round)
 
@@ -105,6 +105,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2, help="local epochs (per stage for FuseFL, per round FedAvg)")
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--stages", type=int, default=2, help="FuseFL's K")
+    parser.add_argument("--heads", default="avg,logits,ridge", help="FuseFL classifier heads to run (strategy.head)")
+    parser.add_argument("--merge", default="avg", help="FuseFL merge (strategy.merge)")
     parser.add_argument("--fedavg-rounds", default="1,5,20")
     parser.add_argument("--backend", default="ray", choices=("ray", "inline"))
     parser.add_argument("--seed", type=int, default=0)
@@ -116,13 +118,17 @@ def main() -> None:
     args = parser.parse_args()
     alphas = [float(a) for a in args.alphas.split(",")]
     fedavg_rounds = sorted(int(r) for r in args.fedavg_rounds.split(","))
+    heads = [h.strip() for h in args.heads.split(",") if h.strip()]
 
     rows = []
     for alpha in alphas:
-        ff = {"name": "fusefl", "stages": args.stages}
-        for label, strategy in (("fusefl (avg head)", ff), ("fusefl (ridge head)", {**ff, "head": "ridge"}),
-                                ("one-shot FedAvg", {"name": "fedavg-oneshot"}), ("ensemble", {"name": "ensemble"})):
-            slug = label.split(" (")[0].replace(" ", "-").lower() + ("-ridge" if "ridge" in label else "")
+        ff = {"name": "fusefl", "stages": args.stages, "merge": args.merge}
+        methods = [(f"fusefl ({head} head)", f"fusefl-{head}" if args.merge == "avg" else f"fusefl-{args.merge}-{head}",
+                    {**ff, "head": head}) for head in heads]
+        methods += [("one-shot FedAvg", "one-shot-fedavg", {"name": "fedavg-oneshot"}),
+                    ("ensemble", "ensemble", {"name": "ensemble"})]
+        first = len(rows)
+        for label, slug, strategy in methods:
             r = run(args, alpha, slug, strategy)
             s = r["summary"]
             rows.append(row(alpha, label, s, stage_bytes_up=s.get("bytes_up_per_stage"),
@@ -133,7 +139,9 @@ def main() -> None:
             if label == "ensemble":
                 rows.append(row(alpha, "best local model", s, accuracy=s["best_local_accuracy"],
                                 parameters=s["single_model_parameters"]))
-            print(json.dumps({k: v for k, v in rows[-1].items()}), flush=True)
+            for done in rows[first:]:
+                print(json.dumps(done), flush=True)
+            first = len(rows)
         r = run(args, alpha, "fedavg", {"name": "fedavg"}, rounds=max(fedavg_rounds))
         metrics, s = r["metrics"], r["summary"]
         for n in fedavg_rounds:
@@ -157,12 +165,12 @@ def main() -> None:
     print()
     for alpha in alphas:
         t = table[table["alpha"] == alpha].set_index("method")["accuracy"]
-        for head in ("avg head", "ridge head"):
-            gap = 100 * (t[f"fusefl ({head})"] - t["one-shot FedAvg"])
-            print(f"alpha {alpha}: fusefl ({head}) - one-shot FedAvg = {gap:+.1f} points "
+        for head in heads:
+            gap = 100 * (t[f"fusefl ({head} head)"] - t["one-shot FedAvg"])
+            print(f"alpha {alpha}: fusefl ({head} head) - one-shot FedAvg = {gap:+.1f} points "
                   f"(goal at alpha 0.1: >= +10)")
     for alpha in alphas:
-        ff = table[(table["alpha"] == alpha) & (table["method"] == "fusefl (avg head)")].iloc[0]
+        ff = table[(table["alpha"] == alpha) & (table["method"] == f"fusefl ({heads[0]} head)")].iloc[0]
         print(f"alpha {alpha}: fusefl uploads per stage per client (bytes): {ff['stage_bytes_up']}; "
               f"fused model = {ff['fused_vs_single']}x one local model ({args.clients} columns per stage)")
 

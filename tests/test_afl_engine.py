@@ -120,6 +120,31 @@ def test_crashing_clients_are_left_out(tmp_path, monkeypatch):
     assert rel_err(w, ridge_on(config, tmp_path / "crash", keep)) < 1e-9
 
 
+def test_silent_nodes_time_out_and_are_dropped(tmp_path, monkeypatch):
+    """Nodes that never answer (lost, hung) are given up after `simulation.timeout`: counted as failed, listed as
+    dropped, and the model is the ridge solution on the clients that did answer."""
+    from flwr.app import MessageType
+
+    from fedsim.engine.inline import NODE_ID_OFFSET, InlineGrid
+
+    silent_nodes = {NODE_ID_OFFSET + 2, NODE_ID_OFFSET + 5}  # 4 clients per node: clients 8-11 and 20-23
+    real_pull = InlineGrid.pull_messages
+
+    def lossy_pull(self, message_ids):
+        replies = real_pull(self, message_ids)
+        return [m for m in replies
+                if m.metadata.message_type == MessageType.QUERY or m.metadata.src_node_id not in silent_nodes]
+
+    monkeypatch.setattr(InlineGrid, "pull_messages", lossy_pull)
+    config, summary, w, table = run(tmp_path, "silent", "simulation.clients_per_node=4", "simulation.timeout=0.5")
+    lost = list(range(8, 12)) + list(range(20, 24))
+    assert summary["dropped_client_ids"] == lost and summary["answered_clients"] == 16
+    assert summary["failed_client_rounds"] == 8 and summary["messages_up"] == 4  # 6 nodes, 2 silent
+    assert not table.loc[table["client"].isin(lost), "answered"].any()
+    keep = [k for k in range(24) if k not in lost]
+    assert rel_err(w, ridge_on(config, tmp_path / "silent", keep)) < 1e-9
+
+
 def test_every_client_failing_is_a_clear_error(tmp_path, monkeypatch):
     from fedsim.engine.runner import RunFailed
     from strategies.afl import AllClientsFailed
