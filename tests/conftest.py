@@ -38,3 +38,12 @@ def fmnist(split: str, n: int | None = None) -> tuple[torch.Tensor, np.ndarray]:
         pytest.skip(f"Fashion-MNIST not available: {exc}")
     n = len(data) if n is None else n
     return data.x[:n], data.labels[:n].copy()
+
+
+def scenario_config(text: str, tmp_path, *overrides: str, filename: str = "scenario.toml"):
+    """A scenario from TOML text, as `fedsim run FILE --set ...` would load it (written to ``tmp_path``)."""
+    from fedsim.config import load_scenario
+
+    path = tmp_path / filename
+    path.write_text(text)
+    return load_scenario(path, list(overrides))

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from fedsim.config import load_scenario
+from conftest import scenario_config
 from fedsim.engine.client import failing_clients, partition_for, train_split
 import fedsim.engine.client as engine_client
 from fedsim.engine.runner import run_scenario
@@ -43,9 +43,7 @@ TOL = 1e-9
 
 
 def config_of(tmp_path, *overrides):
-    path = tmp_path / "afl.toml"
-    path.write_text(BASE)
-    return load_scenario(path, list(overrides))
+    return scenario_config(BASE, tmp_path, *overrides)
 
 
 def run(tmp_path, name, *overrides):

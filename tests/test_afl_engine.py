@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import scenario_config
 import clients.afl
-from fedsim.config import load_scenario
 from fedsim.engine.client import failing_clients, node_group, partition_for, train_split
 from fedsim.engine.runner import run_scenario
 
@@ -38,9 +38,7 @@ PAYLOAD = 8 * (D * (D + 1) // 2 + D * C)
 
 
 def run(tmp_path, name, *overrides):
-    path = tmp_path / "s.toml"
-    path.write_text(BASE)
-    config = load_scenario(path, list(overrides))
+    config = scenario_config(BASE, tmp_path, *overrides)
     summary = run_scenario(config, tmp_path / name, show_progress=False)
     model = torch.load(tmp_path / name / "model.pt", weights_only=False)
     table = pd.read_csv(tmp_path / name / "clients.csv")

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from fedsim.config import load_scenario
+from conftest import scenario_config
 from fedsim.engine.runner import run_scenario
 from fedsim.errors import ConfigError
 from fedsim.report import report
@@ -42,9 +42,7 @@ name = "dpcr"
 
 
 def config(tmp_path, *overrides):
-    path = tmp_path / "s.toml"
-    path.write_text(FMNIST_5x2)
-    return load_scenario(path, list(overrides))
+    return scenario_config(FMNIST_5x2, tmp_path, *overrides)
 
 
 def run(tmp_path, name, *overrides):

@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
 from flwr.app import MetricRecord, RecordDict
 
-from fedsim.config import load_scenario
+from conftest import scenario_config
 from fedsim.engine import StrategySpec, register_strategy
 from fedsim.engine.client import failing_clients, node_group, record_nbytes
 from fedsim.engine.runner import run_scenario
@@ -41,9 +40,7 @@ name = "fedavg"
 
 
 def _config(tmp_path, *overrides):
-    path = tmp_path / "s.toml"
-    path.write_text(DIGITS)
-    return load_scenario(path, list(overrides))
+    return scenario_config(DIGITS, tmp_path, *overrides)
 
 
 def test_fedavg_inline_writes_run_files_and_counts_bytes(tmp_path):
@@ -65,7 +62,7 @@ def test_fedavg_inline_writes_run_files_and_counts_bytes(tmp_path):
 def test_same_seed_same_metrics_other_seed_differs(tmp_path):
     a = run_scenario(_config(tmp_path), tmp_path / "a", show_progress=False)
     b = run_scenario(_config(tmp_path), tmp_path / "b", show_progress=False)
-    c = run_scenario(_config(tmp_path, "seed=4"), tmp_path / "c", show_progress=False)
+    run_scenario(_config(tmp_path, "seed=4"), tmp_path / "c", show_progress=False)
     cols = ["round", "accuracy", "loss", "bytes_up", "bytes_down"]
     ma, mb, mc = (pd.read_csv(tmp_path / d / "metrics.csv")[cols] for d in "abc")
     pd.testing.assert_frame_equal(ma, mb)

@@ -11,10 +11,10 @@ import pytest
 import torch
 from flwr.app import MetricRecord, RecordDict
 
+from conftest import scenario_config
 from clients.fusefl import COLUMN_PREFIX, META_PREFIX, WEIGHT_KEY, FuseFLClient, stage_message
 from clients.sgd import scenario_model, to_arrayrecord
 from fedsim.analytic import RidgeStatistics, ridge_solve
-from fedsim.config import load_scenario
 from fedsim.engine import client as engine_client
 from fedsim.engine.client import ClientEnv, failing_clients, partition_for, record_nbytes
 from fedsim.engine.runner import run_scenario
@@ -48,9 +48,7 @@ name = "fusefl"
 
 
 def _config(tmp_path, *overrides):
-    path = tmp_path / "scenario.toml"
-    path.write_text(SCENARIO)
-    return load_scenario(path, list(overrides))
+    return scenario_config(SCENARIO, tmp_path, *overrides)
 
 
 def _run(tmp_path, name, *overrides):
