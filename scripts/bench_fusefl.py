@@ -6,8 +6,9 @@ the engine from the real messages), bytes downloaded per client, rounds, wall ti
 for
 
     fusefl (head avg and head logits: K rounds; head ridge: K + 1 rounds) | one-shot FedAvg | ensemble |
-    best local model (from the ensemble run: same local models) | FedAvg after 1 / 5 / 20 rounds (one run of 20,
-    read at rounds 1, 5, 20: accuracy, bytes and seconds up to that round)
+    best local model (from the ensemble run: same local models) | one-shot FedAvg trained K E epochs (FuseFL's
+    local epochs in all: E per stage) | FedAvg after 1 / 5 / 20 rounds (one run of 20, read at rounds 1, 5, 20:
+    accuracy, bytes and seconds up to that round)
 
 and the gap FuseFL - one-shot FedAvg (the issue's goal: >= 10 points at alpha 0.1).
 
@@ -29,13 +30,14 @@ from fedsim.engine.runner import run_scenario
 from fedsim.results import load_run
 
 
-def scenario(args: argparse.Namespace, alpha: float, strategy: dict, rounds: int | None = None) -> dict:
+def scenario(args: argparse.Namespace, alpha: float, strategy: dict, rounds: int | None = None,
+             epochs: int | None = None) -> dict:
     tree = {
         "seed": args.seed,
         "data": {"name": "fashion-mnist", "max_train": args.max_train, "max_test": args.max_test},
         "partition": {"kind": "dirichlet", "num_clients": args.clients, "alpha": alpha},
         "model": {"name": "cnn", "width": args.width},
-        "client": {"epochs": args.epochs, "batch_size": 32, "lr": args.lr, "momentum": 0.9},
+        "client": {"epochs": epochs or args.epochs, "batch_size": 32, "lr": args.lr, "momentum": 0.9},
         "simulation": {"backend": args.backend, "num_cpus": 1},
         "strategy": strategy,
     }
@@ -44,9 +46,10 @@ def scenario(args: argparse.Namespace, alpha: float, strategy: dict, rounds: int
     return tree
 
 
-def run(args: argparse.Namespace, alpha: float, label: str, strategy: dict, rounds: int | None = None) -> dict:
+def run(args: argparse.Namespace, alpha: float, label: str, strategy: dict, rounds: int | None = None,
+        epochs: int | None = None) -> dict:
     out = Path(args.out) / f"alpha{alpha}" / label
-    config = config_from_dict(scenario(args, alpha, strategy, rounds))
+    config = config_from_dict(scenario(args, alpha, strategy, rounds, epochs))
     if args.reuse and (out / "summary.json").exists():  # same scenario already run: read its files
         loaded = load_run(out)
         same = loaded["config"].get("config") == json.loads(json.dumps(config.to_dict()))
@@ -127,9 +130,13 @@ def main() -> None:
                     {**ff, "head": head}) for head in heads]
         methods += [("one-shot FedAvg", "one-shot-fedavg", {"name": "fedavg-oneshot"}),
                     ("ensemble", "ensemble", {"name": "ensemble"})]
+        if args.stages > 1:  # FuseFL trains E epochs per stage: K E in all; the baseline with the same local epochs
+            methods.append((f"one-shot FedAvg, {args.stages * args.epochs} epochs", "one-shot-fedavg-matched",
+                            {"name": "fedavg-oneshot"}))
         first = len(rows)
         for label, slug, strategy in methods:
-            r = run(args, alpha, slug, strategy)
+            matched = slug.endswith("-matched")
+            r = run(args, alpha, slug, strategy, epochs=args.stages * args.epochs if matched else None)
             s = r["summary"]
             rows.append(row(alpha, label, s, stage_bytes_up=s.get("bytes_up_per_stage"),
                             fused_vs_single=s.get("fused_size_ratio")))

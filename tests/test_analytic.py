@@ -128,6 +128,24 @@ def test_ridge_statistics_merge_is_associative_and_centralized():
     np.testing.assert_array_equal(central.gram, central.gram.T)
 
 
+@pytest.mark.parametrize("dim", [1, 7, 300, 600])  # 300, 600: more than one 256-row block when mirrored
+def test_ridge_statistics_gram_is_exactly_symmetric_between_and_after_updates(dim):
+    rng = np.random.default_rng(dim)
+    x = rng.standard_normal((90, dim))
+    y = rng.integers(0, 4, 90)
+    stats = RidgeStatistics.zeros(dim, 4)
+    for part in (slice(0, 1), slice(1, 40), slice(40, 90)):
+        stats.update(x[part], y[part])
+        seen = x[: part.stop]
+        np.testing.assert_array_equal(stats.gram, stats.gram.T)
+        assert rel_err(stats.gram, seen.T @ seen) < 1e-13
+    # float32 and strided (non-contiguous) input: converted, same statistics
+    other = RidgeStatistics.zeros(dim, 4).update(np.asfortranarray(x), y)
+    assert rel_err(other.gram, x.T @ x) < 1e-13
+    stats.update(x.astype(np.float32)[::2], y[::2])
+    np.testing.assert_array_equal(stats.gram, stats.gram.T)
+
+
 def test_ridge_statistics_grow_classes_empty_and_roundtrip():
     x, y = make_data(n=120, seed=4)
     few = RidgeStatistics.zeros(x.shape[1], 2).update(x[y < 2], y[y < 2])
