@@ -12,7 +12,7 @@ from fedsim.results import load_run
 TABLE_COLUMNS = [
     ("label", "run"), ("strategy", "strategy"), ("dataset", "dataset"), ("num_clients", "clients"),
     ("partition", "partition"), ("rounds", "rounds/steps"), ("final_accuracy", "final acc"),
-    ("best_accuracy", "best acc"), ("mean_class_accuracy", "mean class acc"),
+    ("best_accuracy", "best acc"), ("worst_client_accuracy", "worst client"), ("mean_class_accuracy", "mean class acc"),
     ("average_incremental_accuracy", "avg inc acc"), ("forgetting", "forgetting"),
     ("bytes_up_per_client", "up/client"), ("bytes_up", "bytes up"), ("bytes_down", "bytes down"),
     ("wall_seconds", "wall s"), ("status", "status"),

@@ -186,19 +186,22 @@ def predict_logits(model: nn.Module, x: Any, batch_size: int = 1024, device: str
 
 
 def evaluate(model: nn.Module, x: Any, y: Any, batch_size: int = 1024, device: str | torch.device = "cpu",
-             loss_fn: LossFn | None = None) -> dict[str, float | int]:
-    """{"accuracy", "loss" (mean cross-entropy by default), "num_examples"}; 0.0 for both on an empty set, so
-    example-weighted averages over clients stay finite."""
+             loss_fn: LossFn | None = None) -> dict[str, Any]:
+    """{"accuracy", "loss" (mean cross-entropy by default), "num_examples", "class_accuracy" (per class, NaN where
+    y has none; see `fedsim.client_metrics`)}; 0.0 for accuracy and loss on an empty set, so example-weighted
+    averages over clients stay finite."""
     y = _as_tensor(y).long()
     n = int(y.shape[0])
     if n == 0:
-        return {"accuracy": 0.0, "loss": 0.0, "num_examples": 0}
+        return {"accuracy": 0.0, "loss": 0.0, "num_examples": 0, "class_accuracy": np.zeros(0)}
     logits = predict_logits(model, x, batch_size=batch_size, device=device)
     criterion = loss_fn or nn.functional.cross_entropy
     with torch.inference_mode():
         loss = float(criterion(logits, y))
-    acc = float((logits.argmax(dim=1) == y).float().mean())
-    return {"accuracy": acc, "loss": loss, "num_examples": n}
+    pred = logits.argmax(dim=1)
+    acc = float((pred == y).float().mean())
+    return {"accuracy": acc, "loss": loss, "num_examples": n,
+            "class_accuracy": per_class_accuracy(pred, y, max(int(logits.shape[1]), int(y.max()) + 1))}
 
 
 def per_class_accuracy(pred: Any, y: Any, num_classes: int) -> np.ndarray:

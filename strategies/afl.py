@@ -40,6 +40,7 @@ from fedsim.analytic import TARGETS, one_hot
 from fedsim.engine import ServerContext, StrategySpec, register_strategy
 from fedsim.errors import ConfigError, FedsimError
 from fedsim.learners.afl import UPLOADS, AFLLearner
+from fedsim.training import per_class_accuracy
 
 
 @dataclass
@@ -78,12 +79,14 @@ def features_of(feature_map, x, batch_size: int) -> np.ndarray:  # noqa: ANN001
 def evaluate_weights(weights: np.ndarray, feature_map, data, batch_size: int) -> dict[str, float]:  # noqa: ANN001
     """Accuracy and mean squared error (the ridge objective's data term) of argmax(phi(x) W) on `data`."""
     if len(data) == 0:
-        return {"accuracy": float("nan"), "loss": float("nan")}
+        return {"accuracy": float("nan"), "loss": float("nan"), "class_accuracy": None}
     scores = features_of(feature_map, data.x, batch_size) @ weights
     labels = data.labels
     targets = one_hot(labels, weights.shape[1])
-    return {"accuracy": float(np.mean(scores.argmax(axis=1) == labels)),
-            "loss": float(np.mean(np.sum((scores - targets) ** 2, axis=1)))}
+    pred = scores.argmax(axis=1)
+    return {"accuracy": float(np.mean(pred == labels)),
+            "loss": float(np.mean(np.sum((scores - targets) ** 2, axis=1))),
+            "class_accuracy": per_class_accuracy(pred, labels, weights.shape[1])}
 
 
 class ToDouble(nn.Module):
@@ -146,7 +149,7 @@ class AFLServer:
         result = evaluate_weights(weights, feature_map, test, p.batch_size)
         evaluate_seconds = time.perf_counter() - t0
         ctx.log(1, accuracy=result["accuracy"], loss=result["loss"], dropped_clients=len(dropped),
-                answered_clients=len(answered))
+                answered_clients=len(answered), **ctx.client_accuracy(result["class_accuracy"]))
         ctx.save_model(afl_module(feature_map, weights))
         ctx.save_table("clients.csv", client_table(ctx, answered), index=False)
         ctx.summary(final_accuracy=result["accuracy"], test_loss=result["loss"], dropped_clients=len(dropped),

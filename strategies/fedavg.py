@@ -77,7 +77,8 @@ class FedAvgServer:
                 return None
             arrays_to_state(model, from_arrayrecord(arrays))
             res = evaluate(model, test.x, test.y, batch_size=bs, device=ctx.device)
-            ctx.log(server_round, accuracy=res["accuracy"], loss=res["loss"])
+            ctx.log(server_round, accuracy=res["accuracy"], loss=res["loss"],
+                    **ctx.client_accuracy(res["class_accuracy"]))
             return MetricRecord({"accuracy": float(res["accuracy"]), "loss": float(res["loss"])})
 
         result = self._strategy(ctx).start(

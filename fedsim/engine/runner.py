@@ -161,6 +161,10 @@ def _summary(config: ScenarioConfig, ctx: ServerContext | None, spec, wall: floa
         "failed_client_rounds": traffic.failed if traffic else 0,
         "seed": config.seed,
     }
+    spread = [r for r in rows if r.get("client_acc_min") == r.get("client_acc_min") and "client_acc_min" in r]
+    if spread:  # the final model on each client's label mix (fedsim.client_metrics)
+        summary["worst_client_accuracy"] = spread[-1]["client_acc_min"]
+        summary["client_accuracy_std"] = spread[-1]["client_acc_std"]
     if traffic is not None and config.num_clients:
         summary["bytes_up_per_client"] = traffic.up / config.num_clients
         summary["bytes_down_per_client"] = traffic.down / config.num_clients

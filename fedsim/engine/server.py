@@ -203,6 +203,7 @@ class ServerContext:
         self.rng = random.Random(config.seed)
         random.seed(config.seed)  # Flower's node sampling uses the global `random`
         self._last_step_bytes = (0, 0)
+        self._label_counts: np.ndarray | None = None  # clients x classes, for client_accuracy
 
     # -- data ----------------------------------------------------------------------------------------------
     def test_data(self):
@@ -229,6 +230,18 @@ class ServerContext:
     @property
     def num_classes(self) -> int:
         return self.train_data().num_classes
+
+    def client_accuracy(self, class_accuracy: Any) -> dict[str, float]:
+        """Mean, worst and spread over clients of the test accuracy re-weighted to each client's label mix
+        (`fedsim.client_metrics`), as metrics for `log`; {} without a partition (streams, one client)."""
+        from fedsim.client_metrics import client_accuracy_summary, label_counts
+
+        if not self.partitions or len(self.partitions) < 2 or class_accuracy is None:
+            return {}
+        if self._label_counts is None:
+            train = self.train_data()
+            self._label_counts = label_counts(self.partitions, train.labels, train.num_classes)
+        return client_accuracy_summary(class_accuracy, self._label_counts)
 
     @property
     def input_shape(self) -> tuple:
