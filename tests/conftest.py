@@ -47,3 +47,27 @@ def scenario_config(text: str, tmp_path, *overrides: str, filename: str = "scena
     path = tmp_path / filename
     path.write_text(text)
     return load_scenario(path, list(overrides))
+
+
+# FedAvg over 6 Dirichlet(0.5) clients of the bundled digits set: small and quick (tests of the engine)
+DIGITS = """
+seed = 3
+rounds = 2
+[data]
+name = "digits"
+[partition]
+kind = "dirichlet"
+num_clients = 6
+alpha = 0.5
+[model]
+name = "cnn"
+width = 16
+[client]
+epochs = 3
+batch_size = 32
+lr = 0.05
+[simulation]
+backend = "inline"
+[strategy]
+name = "fedavg"
+"""

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import scenario_config
+from conftest import DIGITS, scenario_config
 from fedsim.client_metrics import client_accuracies, client_accuracy_summary, label_counts
 from fedsim.engine import client as engine_client
 from fedsim.engine.runner import run_scenario
@@ -53,29 +53,8 @@ def test_equals_the_test_accuracy_reweighted_to_each_clients_label_mix():
         assert got[k] == pytest.approx(float(np.sum(w * (pred == y))), abs=1e-12)
 
 
-FEDAVG = """
-seed = 1
-rounds = 2
-[data]
-name = "digits"
-[partition]
-kind = "dirichlet"
-num_clients = 6
-alpha = 0.2
-[model]
-name = "mlp"
-[client]
-epochs = 1
-lr = 0.1
-[simulation]
-backend = "inline"
-[strategy]
-name = "fedavg"
-"""
-
-
 def test_fedavg_run_records_the_worst_client_from_the_final_model(tmp_path):
-    config = scenario_config(FEDAVG, tmp_path)
+    config = scenario_config(DIGITS, tmp_path, "partition.alpha=0.2", "client.epochs=1")
     summary = run_scenario(config, tmp_path / "run", show_progress=False)
     metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
     assert {"client_acc_mean", "client_acc_min", "client_acc_std"} <= set(metrics.columns)

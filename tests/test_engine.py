@@ -11,32 +11,10 @@ import pytest
 import torch
 from flwr.app import MetricRecord, RecordDict
 
-from conftest import scenario_config
+from conftest import DIGITS, scenario_config
 from fedsim.engine import StrategySpec, register_strategy
 from fedsim.engine.client import failing_clients, node_group, record_nbytes
 from fedsim.engine.runner import run_scenario
-
-DIGITS = """
-seed = 3
-rounds = 2
-[data]
-name = "digits"
-[partition]
-kind = "dirichlet"
-num_clients = 6
-alpha = 0.5
-[model]
-name = "cnn"
-width = 16
-[client]
-epochs = 3
-batch_size = 32
-lr = 0.05
-[simulation]
-backend = "inline"
-[strategy]
-name = "fedavg"
-"""
 
 
 def _config(tmp_path, *overrides):
