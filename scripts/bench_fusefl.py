@@ -153,7 +153,7 @@ def main() -> None:
         metrics, s = r["metrics"], r["summary"]
         for n in fedavg_rounds:
             m = metrics[metrics["round"] == n].iloc[0]
-            rows.append(row(alpha, f"FedAvg, {n} rounds", s, accuracy=float(m["accuracy"]),
+            rows.append(row(alpha, f"FedAvg, {n} round{'s' if n != 1 else ''}", s, accuracy=float(m["accuracy"]),
                             bytes_up_per_client=float(m["bytes_up"]) / args.clients,
                             bytes_down_per_client=float(m["bytes_down"]) / args.clients, rounds=n,
                             wall_s=float(m["seconds"])))
