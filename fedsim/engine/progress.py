@@ -55,6 +55,9 @@ class RunProgress:
             return
         acc = row.get("accuracy")
         acc_text = f"acc {acc:.4f}" if isinstance(acc, float) and not math.isnan(acc) else "acc -"
+        worst = row.get("client_acc_min")
+        if isinstance(worst, float) and not math.isnan(worst):
+            acc_text += f" (worst client {worst:.4f})"
         status = f"{acc_text}  up {_fmt_bytes(row.get('bytes_up', 0))}  {row.get('seconds', 0):.1f}s"
         if self._progress is not None:
             self._progress.update(self._task, completed=min(row["round"], self.total), status=status)
