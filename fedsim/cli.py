@@ -21,12 +21,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedsim.config import load_scenarios
     from fedsim.engine.runner import run_scenario
     from fedsim.report import report
+    from fedsim.results import completed_run_of
 
     variants = load_scenarios(args.scenario, args.set, only=args.only)
     out = Path(args.out) if args.out else _default_out(args.scenario)
-    single = len(variants) == 1
+    # a scenario without [[variants]] writes into --out itself; one with variants, one folder per label (also
+    # under --only, so a later --resume or report finds every variant where the full run puts it)
+    single = len(variants) == 1 and len(load_scenarios(args.scenario, args.set)) == 1
     for i, (label, config) in enumerate(variants, 1):
         run_dir = out if single else out / label
+        if args.resume:
+            done = completed_run_of(run_dir, config.to_dict())
+            if done is False:
+                raise FedsimError(f"--resume: {run_dir} holds a completed run of a different configuration "
+                                  f"(variant {label!r}); choose another --out or remove that directory")
+            if done:
+                if not args.quiet:
+                    print(f"[{i}/{len(variants)}] {label}: completed earlier in {run_dir}, skipped", file=sys.stderr)
+                continue
         if not args.quiet:
             print(f"[{i}/{len(variants)}] {label}: {config.strategy.name} on {config.data.name}, "
                   f"{config.num_clients} clients ({config.partition.kind}) -> {run_dir}", file=sys.stderr)
@@ -98,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--only", action="append", default=[], metavar="LABEL",
                      help="run only this variant (repeatable)")
     run.add_argument("--quiet", action="store_true", help="no progress display")
+    run.add_argument("--resume", action="store_true",
+                     help="with --out of an earlier (interrupted) run: skip the variants it completed with the same "
+                          "configuration, run the others again")
     run.set_defaults(func=cmd_run)
 
     val = sub.add_parser("validate", help="check a scenario file without running it")

@@ -126,3 +126,20 @@ def load_run(run_dir: str | Path) -> dict:
     config = run_dir / CONFIG_FILE
     out["config"] = json.loads(config.read_text()) if config.exists() else {}
     return out
+
+
+def completed_run_of(run_dir: str | Path, config: dict) -> bool | None:
+    """Whether `run_dir` holds a completed run of exactly `config` (a resolved `ScenarioConfig.to_dict()`):
+    True (same configuration), False (a completed run of another configuration), None (no completed run there).
+
+    What `fedsim run --resume` and the benchmark scripts use to skip work already done.
+    """
+    run_dir = Path(run_dir)
+    try:
+        summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+        saved = json.loads((run_dir / CONFIG_FILE).read_text()).get("config")
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    if summary.get("status") != "completed":
+        return None
+    return saved == json.loads(json.dumps(_jsonable(config)))

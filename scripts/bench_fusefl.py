@@ -27,7 +27,7 @@ import pandas as pd
 
 from fedsim.config import config_from_dict
 from fedsim.engine.runner import run_scenario
-from fedsim.results import load_run
+from fedsim.results import completed_run_of, load_run
 
 
 def scenario(args: argparse.Namespace, alpha: float, strategy: dict, rounds: int | None = None,
@@ -50,11 +50,8 @@ def run(args: argparse.Namespace, alpha: float, label: str, strategy: dict, roun
         epochs: int | None = None) -> dict:
     out = Path(args.out) / f"alpha{alpha}" / label
     config = config_from_dict(scenario(args, alpha, strategy, rounds, epochs))
-    if args.reuse and (out / "summary.json").exists():  # same scenario already run: read its files
-        loaded = load_run(out)
-        same = loaded["config"].get("config") == json.loads(json.dumps(config.to_dict()))
-        if same and loaded["summary"].get("status") == "completed":
-            return loaded
+    if args.reuse and completed_run_of(out, config.to_dict()):  # same scenario already run: read its files
+        return load_run(out)
     run_scenario(config, out, label=label, show_progress=False)
     return load_run(out)
 

@@ -75,6 +75,24 @@ def test_report_renders_table_and_plots(run_dir, capsys):
     assert list(table["run"]) == ["avg", "prox"]
 
 
+def test_resume_skips_the_variants_already_completed_with_the_same_config(tmp_path, capsys):
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(SCENARIO)
+    out = tmp_path / "runs"
+    assert main(["run", str(scenario), "--out", str(out), "--only", "avg", "--set", "rounds=1", "--quiet"]) == 0
+    first = (out / "avg" / "summary.json").read_text()
+    (out / "prox").mkdir()  # an interrupted variant: a directory without a completed summary
+    assert main(["run", str(scenario), "--out", str(out), "--set", "rounds=1", "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "avg: completed earlier" in err and "prox: fedprox" in err
+    assert (out / "avg" / "summary.json").read_text() == first  # untouched
+    assert json.loads((out / "prox" / "summary.json").read_text())["status"] == "completed"
+    # a completed run of another configuration is never overwritten by --resume
+    assert main(["run", str(scenario), "--out", str(out), "--set", "rounds=2", "--resume", "--quiet"]) == 2
+    assert "different configuration (variant 'avg')" in capsys.readouterr().err
+    assert (out / "avg" / "summary.json").read_text() == first
+
+
 def test_bad_scenario_exits_2_naming_the_field(tmp_path, capsys):
     scenario = tmp_path / "s.toml"
     scenario.write_text(SCENARIO)
