@@ -20,8 +20,7 @@ from torch import nn
 
 from clients.sgd import from_arrayrecord, scenario_model, to_arrayrecord
 from fedsim.engine.client import ClientEnv, concatenate_replies, train_split
-from fedsim.analytic import RidgeStatistics
-from fedsim.learners.afl import pack_symmetric
+from fedsim.analytic import RidgeStatistics, pack_upper
 from fedsim.learners.fusefl import Column, Merge, StageModel, build_fused, column_state, fused_embedding, \
     stage_modules, stage_output_shapes
 from fedsim.training import arrays_to_state, train_epochs
@@ -103,7 +102,7 @@ class FuseFLClient:
             stats = head_statistics(env.config, self.params, full.num_classes, full.input_shape, columns,
                                     lower_arrays or {}, data.x, data.y)
             return RecordDict({
-                f"{STATS_PREFIX}{pid}": to_arrayrecord({"gram": pack_symmetric(stats.gram), "cross": stats.cross}),
+                f"{STATS_PREFIX}{pid}": to_arrayrecord({"gram": pack_upper(stats.gram), "cross": stats.cross}),
                 f"{META_PREFIX}{pid}": MetricRecord({WEIGHT_KEY: int(len(data)), "train_loss": 0.0}),
             })
         model = client_stage_model(env.config, self.params, full.num_classes, full.input_shape, stage, columns,

@@ -43,8 +43,7 @@ from clients.sgd import from_arrayrecord, scenario_model
 from fedsim.config import _choice
 from fedsim.engine import ServerContext, StrategySpec, register_strategy
 from fedsim.errors import ConfigError
-from fedsim.analytic import RidgeStatistics, ridge_solve
-from fedsim.learners.afl import unpack_symmetric
+from fedsim.analytic import RidgeStatistics, ridge_solve, unpack_upper
 from fedsim.learners.fusefl import HEAD_FEATURES, HEADS, MERGES, Column, FusedNet, FusedStage, Merge, \
     average_states, ridge_head, stage_modules, stage_output_shapes
 from fedsim.models import num_parameters
@@ -212,7 +211,7 @@ class FuseFLServer:
         for r in received.values():
             if "stats" in r:
                 s = r["stats"]
-                total += RidgeStatistics(unpack_symmetric(s["gram"], dim), s["cross"], r.get("n", 0))
+                total += RidgeStatistics(unpack_upper(s["gram"], dim), s["cross"], r.get("n", 0))
         if total.count == 0:
             raise RuntimeError(f"round {p.rounds}: no client sent head statistics")
         weights = ridge_solve(total.gram, total.cross, p.ridge_gamma)

@@ -202,15 +202,15 @@ def test_run_files(tmp_path, centralized):
 
 # -- the learner alone: wire format and estimator (no engine) --------------------------------------------------
 def test_packed_symmetric_matrices_round_trip_exactly():
-    from fedsim.learners.afl import pack_symmetric, unpack_symmetric
+    from fedsim.analytic import pack_upper, unpack_upper
 
     a = np.random.default_rng(0).normal(size=(37, 37))
     a = a + a.T
-    packed = pack_symmetric(a)
+    packed = pack_upper(a)
     assert packed.shape == (37 * 38 // 2,)
-    assert np.array_equal(unpack_symmetric(packed, 37), a)
+    assert np.array_equal(unpack_upper(packed, 37), a)
     with pytest.raises(ValueError, match="packed"):
-        unpack_symmetric(packed[:-1], 37)
+        unpack_upper(packed[:-1], 37)
 
 
 def test_learner_fit_and_every_upload_form_agree():

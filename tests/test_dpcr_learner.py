@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fedsim.analytic import pack_upper, unpack_upper
 from fedsim.learners.dpcr import (
     DPCR,
     class_statistics,
@@ -12,9 +13,7 @@ from fedsim.learners.dpcr import (
     drift_map,
     drift_statistics,
     encode_statistics,
-    pack_upper,
     row_space_projector,
-    unpack_upper,
 )
 
 

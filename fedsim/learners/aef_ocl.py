@@ -48,9 +48,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedsim.analytic import ClassStatistics, RecursiveLeastSquares, RidgeStatistics, ridge_solve
+from fedsim.analytic import (
+    ClassStatistics,
+    RecursiveLeastSquares,
+    RidgeStatistics,
+    pack_upper,
+    unpack_upper,
+)
 from fedsim.features import ACTIVATIONS, BufferLayer
-from fedsim.learners.afl import pack_symmetric, unpack_symmetric
 
 __all__ = [
     "BALANCE_RULES",
@@ -328,7 +333,7 @@ class AEFOCL:
             raise RuntimeError("statistics() needs solver='statistics' (the recursive solver keeps R, not C)")
         self._flush()
         cls = self.pfg_.stats_
-        return {"gram": pack_symmetric(self.stats_.gram), "cross": self.stats_.cross,
+        return {"gram": pack_upper(self.stats_.gram), "cross": self.stats_.cross,
                 "count": np.array([self.stats_.count], np.int64),
                 "pfg_count": cls.count, "pfg_mean": cls.mean, "pfg_m2": cls.m2}
 
@@ -438,7 +443,7 @@ class AEFOCL:
 # ------------------------------------------------------------------------------------------------ wire format
 def _decode(arrays: dict[str, Any], width: int) -> dict[str, Any]:
     count = int(np.asarray(arrays["count"]).reshape(-1)[0])
-    stats = RidgeStatistics(unpack_symmetric(arrays["gram"], width), np.asarray(arrays["cross"], np.float64), count)
+    stats = RidgeStatistics(unpack_upper(arrays["gram"], width), np.asarray(arrays["cross"], np.float64), count)
     pfg = ClassStatistics(arrays["pfg_count"], arrays["pfg_mean"], arrays["pfg_m2"])
     return {"stats": stats, "pfg": pfg}
 

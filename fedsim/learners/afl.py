@@ -25,7 +25,15 @@ from typing import Any
 
 import numpy as np
 
-from fedsim.analytic import TARGETS, AnalyticAggregator, RidgeStatistics, regularized_upload, ridge_solve
+from fedsim.analytic import (
+    TARGETS,
+    AnalyticAggregator,
+    RidgeStatistics,
+    pack_upper,
+    regularized_upload,
+    ridge_solve,
+    unpack_upper,
+)
 
 __all__ = [
     "UPLOADS",
@@ -34,8 +42,6 @@ __all__ = [
     "client_statistics",
     "encode_reply",
     "reduce_replies",
-    "pack_symmetric",
-    "unpack_symmetric",
     "packed_symmetric_matmul",
 ]
 
@@ -50,35 +56,8 @@ KINDS = ("statistics", "solution", "aggregate")
 
 
 # ---------------------------------------------------------------------------------------------- wire format
-def pack_symmetric(a: np.ndarray) -> np.ndarray:
-    """Upper triangle of the symmetric (d x d) `a`, row by row, as a flat float64 vector of d (d + 1) / 2."""
-    a = np.asarray(a, dtype=np.float64)
-    d = a.shape[0]
-    out = np.empty(d * (d + 1) // 2, dtype=np.float64)
-    pos = 0
-    for i in range(d):
-        out[pos:pos + d - i] = a[i, i:]
-        pos += d - i
-    return out
-
-
-def unpack_symmetric(packed: np.ndarray, dim: int) -> np.ndarray:
-    """Inverse of `pack_symmetric`: the full symmetric (dim x dim) float64 matrix."""
-    packed = np.asarray(packed, dtype=np.float64).reshape(-1)
-    if packed.size != dim * (dim + 1) // 2:
-        raise ValueError(f"a packed {dim} x {dim} symmetric matrix has {dim * (dim + 1) // 2} entries, "
-                         f"got {packed.size}")
-    out = np.zeros((dim, dim), dtype=np.float64)
-    pos = 0
-    for i in range(dim):  # contiguous row writes of the upper triangle, then one mirrored add
-        out[i, i:] = packed[pos:pos + dim - i]
-        pos += dim - i
-    out += np.triu(out, 1).T
-    return out
-
-
 def packed_symmetric_matmul(packed: np.ndarray, dim: int, b: np.ndarray) -> np.ndarray:
-    """A @ b for the symmetric A given by `pack_symmetric` (BLAS spmv per column; A is never expanded)."""
+    """A @ b for the symmetric A given by `pack_upper` (BLAS spmv per column; A is never expanded)."""
     from scipy.linalg.blas import dspmv
 
     packed = np.asarray(packed, dtype=np.float64).reshape(-1)
@@ -113,10 +92,10 @@ def encode_reply(stats: RidgeStatistics, upload: str, gamma: float) -> dict[str,
     """One client's upload as plain arrays: the raw statistics or the paper's (W_k, C_k^r)."""
     count = np.array([stats.count], dtype=np.int64)
     if upload == "statistics":
-        return {"gram": pack_symmetric(stats.gram), "cross": stats.cross, "count": count}
+        return {"gram": pack_upper(stats.gram), "cross": stats.cross, "count": count}
     if upload == "solution":
         weights, c_reg = regularized_upload(stats, gamma)
-        return {"weights": weights, "c_reg": pack_symmetric(c_reg), "count": count}
+        return {"weights": weights, "c_reg": pack_upper(c_reg), "count": count}
     raise ValueError(f"upload must be one of {UPLOADS}, got {upload!r}")
 
 
@@ -238,7 +217,7 @@ class AFLLearner:
 
     def add_statistics(self, stats: RidgeStatistics, clients: int = 1) -> "AFLLearner":
         """Fold in raw statistics (C, Q, n) standing for `clients` clients. Returns self."""
-        return self.add_packed_statistics(pack_symmetric(stats.gram), stats.cross, stats.count, clients)
+        return self.add_packed_statistics(pack_upper(stats.gram), stats.cross, stats.count, clients)
 
     def add_packed_aggregate(self, c_reg_packed: Any, cw: Any, clients: int, count: int = 0) -> "AFLLearner":
         """Fold in AA-law partial sums (packed sum_k C_k^r, sum_k C_k^r W_k over `clients` clients)."""
@@ -254,7 +233,7 @@ class AFLLearner:
     def add_upload(self, weights: Any, c_reg: Any, count: int = 0) -> "AFLLearner":
         """Fold in one client's paper-form upload (W_k, C_k^r = C_k + gamma I, full matrix). Returns self."""
         c_reg = np.asarray(c_reg, dtype=np.float64)
-        return self.add_packed_aggregate(pack_symmetric(c_reg), c_reg @ np.asarray(weights, np.float64), 1, count)
+        return self.add_packed_aggregate(pack_upper(c_reg), c_reg @ np.asarray(weights, np.float64), 1, count)
 
     def add_reply(self, arrays: dict[str, Any], clients: int = 1) -> "AFLLearner":
         """Fold in a reply's arrays as `encode_reply` / `reduce_replies` wrote them, standing for `clients`."""
@@ -289,14 +268,14 @@ class AFLLearner:
         d = self.dim_
         if self.c_reg_packed_ is None:  # raw statistics only: solve on the plain sums
             gamma = self.gamma if self.target == "ridge" else 0.0
-            self.coef_ = ridge_solve(unpack_symmetric(self.gram_packed_, d), self.cross_, gamma)
+            self.coef_ = ridge_solve(unpack_upper(self.gram_packed_, d), self.cross_, gamma)
             return self
         agg = AnalyticAggregator(self.gamma)  # AA law + RI on the paper-form sums
-        agg.c_reg_ = unpack_symmetric(self.c_reg_packed_, d)
+        agg.c_reg_ = unpack_upper(self.c_reg_packed_, d)
         agg.cw_ = self.cw_.copy()
         agg.num_uploads_ = self.n_uploads_
         if self.gram_packed_ is not None:  # mixed forms: raw statistics join as one more upload
-            stats = RidgeStatistics(unpack_symmetric(self.gram_packed_, d), self.cross_)
+            stats = RidgeStatistics(unpack_upper(self.gram_packed_, d), self.cross_)
             agg += AnalyticAggregator(self.gamma).add_statistics(stats)
         self.coef_ = agg.solve(self.target)
         return self

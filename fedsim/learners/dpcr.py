@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from fedsim.analytic import ClassStatistics, RidgeStatistics, ridge_solve
+from fedsim.analytic import ClassStatistics, RidgeStatistics, pack_upper, ridge_solve, unpack_upper
 
 __all__ = [
     "DPCR",
@@ -50,8 +50,6 @@ __all__ = [
     "row_space_projector",
     "encode_statistics",
     "decode_statistics",
-    "pack_upper",
-    "unpack_upper",
 ]
 
 
@@ -252,26 +250,6 @@ class DPCR:
 
 
 # ------------------------------------------------------------------------------------------------ wire format
-def pack_upper(a: np.ndarray) -> np.ndarray:
-    """Upper triangles (row by row) of symmetric (..., d, d) matrices: (..., d (d + 1) / 2), exact, half the bytes."""
-    d = a.shape[-1]
-    rows, cols = np.triu_indices(d)
-    return np.ascontiguousarray(a[..., rows, cols])
-
-
-def unpack_upper(packed: np.ndarray, dim: int) -> np.ndarray:
-    """Inverse of ``pack_upper``."""
-    packed = np.asarray(packed, dtype=np.float64)
-    if packed.shape[-1] != dim * (dim + 1) // 2:
-        raise ValueError(f"a packed {dim} x {dim} symmetric matrix has {dim * (dim + 1) // 2} entries, "
-                         f"got {packed.shape[-1]}")
-    rows, cols = np.triu_indices(dim)
-    out = np.zeros(packed.shape[:-1] + (dim, dim))
-    out[..., rows, cols] = packed
-    out[..., cols, rows] = packed
-    return out
-
-
 def encode_statistics(stats: ClassStatistics, classes: Any, drift: RidgeStatistics | None = None
                       ) -> dict[str, np.ndarray]:
     """Additive arrays for a message: per class of ``classes`` its count, feature sum and Gram, plus the TSSP pair.
