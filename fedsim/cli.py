@@ -18,16 +18,17 @@ def _default_out(scenario: str | None) -> Path:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedsim.config import load_scenarios
+    from fedsim.config import load_scenarios, select_variants
     from fedsim.engine.runner import run_scenario
     from fedsim.report import report
     from fedsim.results import completed_run_of
 
-    variants = load_scenarios(args.scenario, args.set, only=args.only)
+    every = load_scenarios(args.scenario, args.set)
+    variants = select_variants(every, args.only)
     out = Path(args.out) if args.out else _default_out(args.scenario)
     # a scenario without [[variants]] writes into --out itself; one with variants, one folder per label (also
     # under --only, so a later --resume or report finds every variant where the full run puts it)
-    single = len(variants) == 1 and len(load_scenarios(args.scenario, args.set)) == 1
+    single = len(every) == 1
     for i, (label, config) in enumerate(variants, 1):
         run_dir = out if single else out / label
         if args.resume:

@@ -420,7 +420,6 @@ def load_scenarios(path: str | Path | None, overrides: typing.Iterable[str] = ()
     override applies to the variants whose strategy has that parameter (an error if none has). ``only`` keeps the
     variants with those labels.
     """
-    only = list(only)
     tree: dict = {}
     if path is not None:
         path = Path(path)
@@ -457,12 +456,20 @@ def load_scenarios(path: str | Path | None, overrides: typing.Iterable[str] = ()
         if len(variants) > 1 and not any(_strategy_accepts(config.to_dict(), key) for _, config in out):
             raise ConfigError(f"{key}: no variant's strategy has this setting "
                               f"({', '.join(sorted({c.strategy.name for _, c in out}))})")
-    if only:
-        unknown = [name for name in only if name not in labels]
-        if unknown:
-            raise ConfigError(f"--only {unknown[0]}: no such variant; variants are {', '.join(l for l, _ in out)}")
-        out = [(label, config) for label, config in out if label in only]
-    return out
+    return select_variants(out, only)
+
+
+def select_variants(variants: list[tuple[str, ScenarioConfig]], only: typing.Iterable[str]
+                    ) -> list[tuple[str, ScenarioConfig]]:
+    """The variants labelled in ``only`` (all of them when it is empty); an unknown label is a ConfigError."""
+    only = list(only)
+    if not only:
+        return variants
+    labels = [label for label, _ in variants]
+    unknown = [name for name in only if name not in labels]
+    if unknown:
+        raise ConfigError(f"--only {unknown[0]}: no such variant; variants are {', '.join(labels)}")
+    return [(label, config) for label, config in variants if label in only]
 
 
 def _strategy_accepts(tree: dict, dotted: str) -> bool:
