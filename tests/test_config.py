@@ -20,6 +20,15 @@ alpha = 0.5
 name = "fedavg"
 """
 
+# two variants on the same data: FedAvg and FedProx (mu 0.1)
+AVG_AND_PROX = BASE + """
+[[variants]]
+label = "avg"
+[[variants]]
+label = "prox"
+set = { "strategy.name" = "fedprox", "strategy.proximal_mu" = 0.1 }
+"""
+
 # (override, field that must open the error message, a fragment the message must contain)
 BAD = [
     ("data.name=imagenet21k", "data.name", "fashion-mnist"),
@@ -115,13 +124,7 @@ def test_set_without_equals(scenario):
 
 def test_variants_share_the_base_and_need_unique_labels(tmp_path):
     path = tmp_path / "v.toml"
-    path.write_text(BASE + """
-[[variants]]
-label = "avg"
-[[variants]]
-label = "prox"
-set = { "strategy.name" = "fedprox", "strategy.proximal_mu" = 0.1 }
-""")
+    path.write_text(AVG_AND_PROX)
     runs = load_scenarios(path, ["rounds=3"])
     assert [label for label, _ in runs] == ["avg", "prox"]
     assert all(c.rounds == 3 and c.partition.alpha == 0.5 for _, c in runs)
@@ -143,13 +146,7 @@ def test_centralized_forces_one_client(scenario):
 
 def test_strategy_override_applies_to_the_variants_that_have_it(tmp_path):
     path = tmp_path / "v.toml"
-    path.write_text(BASE + """
-[[variants]]
-label = "avg"
-[[variants]]
-label = "prox"
-set = { "strategy.name" = "fedprox" }
-""")
+    path.write_text(AVG_AND_PROX)
     runs = dict(load_scenarios(path, ["strategy.proximal_mu=0.5"]))
     assert runs["prox"].strategy.params.proximal_mu == 0.5 and not hasattr(runs["avg"].strategy.params, "proximal_mu")
     with pytest.raises(ConfigError, match="^strategy.mu: no variant's strategy has this setting"):
