@@ -58,10 +58,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from fedsim.data import DATASETS
-    from fedsim.engine import strategies
-    from fedsim.models import MODELS
-    from fedsim.partition import PARTITIONS
+    from fedsim.catalog import DATASETS, MODELS, PARTITIONS
+    from fedsim.registry import strategies
 
     def section(title: str, items: dict) -> None:
         print(title)
@@ -85,7 +83,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         if params:
             print(f"  {'':<22} [{spec.kind}] {params}")
     print()
-    from fedsim.engine.registry import broken_strategy_modules
+    from fedsim.registry import broken_strategy_modules
 
     for path, err in broken_strategy_modules().items():
         print(f"warning: {path} failed to import: {err}", file=sys.stderr)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
+import re
 import tomllib
 import types
 import typing
@@ -17,27 +17,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedsim import catalog
 from fedsim.errors import ConfigError
+from fedsim.params import Interval, Options, check_choice, validate_params
+from fedsim.registry import StrategySpec, get_strategy
+
+# shorthands for the declared constraints below
+POSITIVE = Interval(0, None, closed="neither")
+NON_NEGATIVE = Interval(0, None)
+AT_LEAST_1 = Interval(1, None, integer=True)
+AT_LEAST_0 = Interval(0, None, integer=True)
+FRACTION = Interval(0, 1)
+FRACTION_OPEN = Interval(0, 1, closed="left")
+
+LABEL_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
 def _choice(path: str, value: Any, allowed: typing.Iterable[str]) -> None:
-    allowed = list(allowed)
-    if value not in allowed:
-        raise ConfigError(f"{path}: {value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
-
-
-def _positive(path: str, value: float, *, allow_zero: bool = False) -> None:
-    ok = value >= 0 if allow_zero else value > 0
-    if not ok or (isinstance(value, float) and not math.isfinite(value)):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(f"{path}: {value!r} is out of range; it must be a finite number {bound}")
-
-
-def _fraction(path: str, value: float, *, closed_right: bool = True) -> None:
-    ok = 0.0 <= value <= 1.0 if closed_right else 0.0 <= value < 1.0
-    if not ok:
-        right = "1]" if closed_right else "1)"
-        raise ConfigError(f"{path}: {value!r} is out of range; it must lie in [0, {right}")
+    check_choice(path, value, allowed)
 
 
 @dataclass
@@ -50,14 +47,8 @@ class DataConfig:
     max_test: int | None = None
     options: dict = field(default_factory=dict)  # dataset-specific, e.g. synthetic: separation, dim
 
-    def validate(self, path: str = "data") -> None:
-        from fedsim.data import dataset_names
-
-        _choice(f"{path}.name", self.name, dataset_names())
-        for key in ("max_train", "max_test"):
-            value = getattr(self, key)
-            if value is not None and value < 1:
-                raise ConfigError(f"{path}.{key}: {value!r} is out of range; it must be >= 1 or left unset")
+    _parameter_constraints = {"name": [Options(catalog.DATASETS)], "max_train": [AT_LEAST_1, None],
+                              "max_test": [AT_LEAST_1, None]}
 
 
 @dataclass
@@ -71,22 +62,12 @@ class PartitionConfig:
     quantity_alpha: float = 1.0  # quantity skew
     min_partition_size: int = 0
 
-    def validate(self, path: str = "partition") -> None:
-        from fedsim.partition import PARTITIONS
-
-        _choice(f"{path}.kind", self.kind, PARTITIONS)
-        if self.num_clients < 1:
-            raise ConfigError(f"{path}.num_clients: {self.num_clients!r} is out of range; it must be >= 1")
-        _positive(f"{path}.alpha", self.alpha)
-        _positive(f"{path}.quantity_alpha", self.quantity_alpha)
-        if self.classes_per_client < 1:
-            raise ConfigError(
-                f"{path}.classes_per_client: {self.classes_per_client!r} is out of range; it must be >= 1"
-            )
-        _positive(f"{path}.min_partition_size", self.min_partition_size, allow_zero=True)
+    _parameter_constraints = {"kind": [Options(catalog.PARTITIONS)], "num_clients": [AT_LEAST_1],
+                              "alpha": [POSITIVE], "quantity_alpha": [POSITIVE],
+                              "classes_per_client": [AT_LEAST_1], "min_partition_size": [AT_LEAST_0]}
 
 
-STREAM_KINDS = ("none", "class-incremental", "online")
+STREAM_KINDS = catalog.STREAM_KINDS
 
 
 @dataclass
@@ -101,17 +82,10 @@ class StreamConfig:
     imbalance_ratio: float = 100.0
     classes_over_time: bool = True
 
-    def validate(self, path: str = "stream") -> None:
-        _choice(f"{path}.kind", self.kind, STREAM_KINDS)
-        if self.tasks < 1:
-            raise ConfigError(f"{path}.tasks: {self.tasks!r} is out of range; it must be >= 1")
-        if self.first_task_classes is not None and self.first_task_classes < 1:
-            raise ConfigError(f"{path}.first_task_classes: {self.first_task_classes!r} must be >= 1 or unset")
-        if self.batch_size < 1:
-            raise ConfigError(f"{path}.batch_size: {self.batch_size!r} is out of range; it must be >= 1")
-        _choice(f"{path}.imbalance", self.imbalance, ("none", "long-tail"))
-        if self.imbalance_ratio < 1:
-            raise ConfigError(f"{path}.imbalance_ratio: {self.imbalance_ratio!r} is out of range; it must be >= 1")
+    _parameter_constraints = {"kind": [Options(STREAM_KINDS)], "tasks": [AT_LEAST_1],
+                              "first_task_classes": [AT_LEAST_1, None], "batch_size": [AT_LEAST_1],
+                              "imbalance": [Options(("none", "long-tail"))],
+                              "imbalance_ratio": [Interval(1, None)]}
 
 
 @dataclass
@@ -124,14 +98,10 @@ class ModelConfig:
     feature_dim: int = 2048  # width of the random feature map
     weights: str | None = None  # torchvision weights name, e.g. "IMAGENET1K_V1" (needs a download)
 
-    def validate(self, path: str = "model") -> None:
-        from fedsim.models import MODELS
+    _parameter_constraints = {"name": [Options(catalog.MODELS)], "width": [AT_LEAST_1, None],
+                              "feature_dim": [AT_LEAST_1]}
 
-        _choice(f"{path}.name", self.name, MODELS)
-        if self.width is not None and self.width < 1:
-            raise ConfigError(f"{path}.width: {self.width!r} is out of range; it must be >= 1 or unset")
-        if self.feature_dim < 1:
-            raise ConfigError(f"{path}.feature_dim: {self.feature_dim!r} is out of range; it must be >= 1")
+    def check(self, path: str) -> None:
         if not self.feature_map or not isinstance(self.feature_map, str):
             raise ConfigError(f"{path}.feature_map: {self.feature_map!r} must be 'identity', 'random' or a "
                               "torchvision model name")
@@ -148,15 +118,9 @@ class ClientConfig:
     weight_decay: float = 0.0
     optimizer: str = "sgd"
 
-    def validate(self, path: str = "client") -> None:
-        if self.epochs < 0:
-            raise ConfigError(f"{path}.epochs: {self.epochs!r} is out of range; it must be >= 0")
-        if self.batch_size < 1:
-            raise ConfigError(f"{path}.batch_size: {self.batch_size!r} is out of range; it must be >= 1")
-        _positive(f"{path}.lr", self.lr)
-        _fraction(f"{path}.momentum", self.momentum, closed_right=False)
-        _positive(f"{path}.weight_decay", self.weight_decay, allow_zero=True)
-        _choice(f"{path}.optimizer", self.optimizer, ("sgd", "adam"))
+    _parameter_constraints = {"epochs": [AT_LEAST_0], "batch_size": [AT_LEAST_1], "lr": [POSITIVE],
+                              "momentum": [FRACTION_OPEN], "weight_decay": [NON_NEGATIVE],
+                              "optimizer": [Options(("sgd", "adam"))]}
 
 
 @dataclass
@@ -173,16 +137,10 @@ class SimulationConfig:
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     verbose: bool = False
 
-    def validate(self, path: str = "simulation") -> None:
-        _choice(f"{path}.backend", self.backend, ("ray", "inline"))
-        _positive(f"{path}.num_cpus", self.num_cpus)
-        if self.num_gpus is not None:
-            _positive(f"{path}.num_gpus", self.num_gpus, allow_zero=True)
-        if self.clients_per_node < 1:
-            raise ConfigError(f"{path}.clients_per_node: {self.clients_per_node!r} is out of range; it must be >= 1")
-        _fraction(f"{path}.failure_rate", self.failure_rate, closed_right=False)
-        _positive(f"{path}.timeout", self.timeout)
-        _choice(f"{path}.device", self.device, ("auto", "cpu", "cuda"))
+    _parameter_constraints = {"backend": [Options(("ray", "inline"))], "num_cpus": [POSITIVE],
+                              "num_gpus": [NON_NEGATIVE, None], "clients_per_node": [AT_LEAST_1],
+                              "failure_rate": [FRACTION_OPEN], "timeout": [POSITIVE],
+                              "device": [Options(("auto", "cpu", "cuda"))]}
 
 
 @dataclass
@@ -192,11 +150,7 @@ class EvaluationConfig:
     every: int = 1  # rounds between evaluations (the last round is always evaluated)
     batch_size: int = 1024
 
-    def validate(self, path: str = "evaluation") -> None:
-        if self.every < 1:
-            raise ConfigError(f"{path}.every: {self.every!r} is out of range; it must be >= 1")
-        if self.batch_size < 1:
-            raise ConfigError(f"{path}.batch_size: {self.batch_size!r} is out of range; it must be >= 1")
+    _parameter_constraints = {"every": [AT_LEAST_1], "batch_size": [AT_LEAST_1]}
 
 
 @dataclass
@@ -324,8 +278,7 @@ def build_dataclass(cls: type, values: dict, path: str) -> Any:
             )
         kwargs[key] = _coerce(f"{path}.{key}", value, hints[key])
     obj = cls(**kwargs)
-    if hasattr(obj, "validate"):
-        obj.validate(path)
+    validate_params(obj, path)
     return obj
 
 
@@ -361,17 +314,13 @@ def parse_overrides(items: typing.Iterable[str]) -> list[tuple[str, Any]]:
 
 
 def config_from_dict(tree: dict) -> ScenarioConfig:
-    """Validate a raw scenario tree (as loaded from TOML) into a ``ScenarioConfig``."""
-    from fedsim.engine.registry import get_strategy
+    """Validate a raw scenario tree (as loaded from TOML) into a ``ScenarioConfig``.
 
+    The tree is never rewritten: what a strategy derives (the rounds a one-shot or staged algorithm defines, the
+    single client of a centralized baseline) is derived here, on the typed config, after validation.
+    """
     tree = copy.deepcopy(tree)
     tree.pop("variants", None)
-    strategy_name = (tree.get("strategy") or {}).get("name", "fedavg") if isinstance(tree.get("strategy"), dict) \
-        else None
-    if strategy_name is not None:
-        spec = get_strategy(strategy_name)
-        if spec.prepare is not None:
-            tree = spec.prepare(tree)
     known = set(_SECTIONS) | set(_TOP_LEVEL) | {"strategy"}
     for key in tree:
         if key not in known:
@@ -383,31 +332,52 @@ def config_from_dict(tree: dict) -> ScenarioConfig:
         raise ConfigError(f"seed: {top['seed']!r} is out of range; it must be >= 0")
     sections = {name: build_dataclass(cls, tree.get(name, {}), name) for name, cls in _SECTIONS.items()}
 
-    strategy_tree = dict(tree.get("strategy", {}))
+    strategy_tree = tree.get("strategy", {})
     if not isinstance(strategy_tree, dict):
-        raise ConfigError(f"strategy: expected a table, got {strategy_tree!r}")
+        raise ConfigError(f"strategy: expected a table of settings (name = ... and the strategy's parameters), "
+                          f"got {strategy_tree!r}")
+    strategy_tree = dict(strategy_tree)
     name = strategy_tree.pop("name", "fedavg")
     spec = get_strategy(name)  # raises ConfigError naming strategy.name
     params = build_dataclass(spec.params, strategy_tree, "strategy")
+    if "rounds" not in top and spec.fixed_rounds is not None:
+        top["rounds"] = int(spec.fixed_rounds(params))
+    if spec.single_client:
+        sections["partition"] = dataclasses.replace(sections["partition"], kind="iid", num_clients=1)
+        sections["simulation"] = dataclasses.replace(sections["simulation"], clients_per_node=1)
     config = ScenarioConfig(**top, **sections, strategy=StrategyConfig(name=name, params=params))
-    _cross_checks(config)
+    _cross_checks(config, spec)
     if spec.check is not None:
         spec.check(config)
     return config
 
 
-def _cross_checks(config: ScenarioConfig) -> None:
-    """Constraints that span sections."""
-    sim = config.simulation
-    if sim.clients_per_node > 1:
-        from fedsim.engine.registry import get_strategy
+_STREAM_WORDS = {"online": "a single-pass online stream", "class-incremental": "a class-incremental task stream "
+                 "(with stream.tasks)", "none": "a static partition, not a stream"}
 
-        spec = get_strategy(config.strategy.name)
-        if getattr(spec.client, "reduce", None) is None:
-            raise ConfigError(
-                f"simulation.clients_per_node: {sim.clients_per_node} needs a strategy whose client part can "
-                f"combine replies (has `reduce`); {config.strategy.name!r} has none, so use 1"
-            )
+
+def _cross_checks(config: ScenarioConfig, spec: StrategySpec) -> None:
+    """Constraints that span sections."""
+    name = config.strategy.name
+    if config.stream.kind != spec.stream:
+        raise ConfigError(f"stream.kind: {config.stream.kind!r} does not suit {name!r}, which learns from "
+                          f"{_STREAM_WORDS[spec.stream]}; set stream.kind = {spec.stream!r}")
+    sim = config.simulation
+    if sim.clients_per_node > 1 and not spec.reducible:
+        raise ConfigError(
+            f"simulation.clients_per_node: {sim.clients_per_node} needs a strategy whose client part can "
+            f"combine replies (has `reduce`); {name!r} has none, so use 1"
+        )
+
+
+def check_label(path: str, label: Any) -> str:
+    """A variant label names a run directory: letters, digits, '.', '_' and '-' only, and not '.' or '..'."""
+    if not isinstance(label, str):
+        raise ConfigError(f"{path}: {label!r} has the wrong type; it must be a string")
+    if not LABEL_PATTERN.match(label) or label in (".", ".."):
+        raise ConfigError(f"{path}: {label!r} is not a valid label; labels name run directories, so use letters, "
+                          "digits, '.', '_' and '-' only (not '.' or '..', no '/')")
+    return label
 
 
 def load_scenarios(path: str | Path | None, overrides: typing.Iterable[str] = (),
@@ -425,8 +395,14 @@ def load_scenarios(path: str | Path | None, overrides: typing.Iterable[str] = ()
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"scenario: file {str(path)!r} does not exist")
+        if not path.is_file():
+            raise ConfigError(f"scenario: {str(path)!r} is not a file; give the path of a scenario .toml file")
         try:
-            tree = tomllib.loads(path.read_text())
+            tree = tomllib.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise ConfigError(f"scenario: {path} is not a text file (not UTF-8); give a scenario .toml file") from None
+        except OSError as exc:
+            raise ConfigError(f"scenario: {path} cannot be read: {exc.strerror or exc}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"scenario: {path} is not valid TOML: {exc}") from None
     cli = parse_overrides(overrides)
@@ -439,15 +415,22 @@ def load_scenarios(path: str | Path | None, overrides: typing.Iterable[str] = ()
         unknown = set(variant) - {"label", "set"}
         if unknown:
             raise ConfigError(f"variants[{i}].{sorted(unknown)[0]}: unknown setting; allowed settings are label, set")
+        if "label" in variant:
+            check_label(f"variants[{i}].label", variant["label"])
+        settings = variant.get("set") or {}
+        if not isinstance(settings, dict):
+            raise ConfigError(f"variants[{i}].set: {settings!r} has the wrong type; it must be a table of dotted "
+                              'settings, e.g. set = { "strategy.name" = "fedprox" }')
         base = copy.deepcopy({k: v for k, v in tree.items() if k != "variants"})
-        for key, value in (variant.get("set") or {}).items():
+        for key, value in settings.items():
             apply_override(base, key, value)
         for key, value in cli:
             if len(variants) > 1 and not _strategy_accepts(base, key):
                 continue  # e.g. --set strategy.draws=256 tunes the variants whose strategy has `draws`
             apply_override(base, key, value)
         config = config_from_dict(base)
-        label = variant.get("label") or config.name or config.strategy.name
+        label = check_label(f"variants[{i}].label" if "label" in variant else "name",
+                            variant.get("label") or config.name or config.strategy.name)
         if label in labels:
             raise ConfigError(f"variants[{i}].label: {label!r} is used twice; labels name run directories")
         labels.add(label)
@@ -477,9 +460,8 @@ def _strategy_accepts(tree: dict, dotted: str) -> bool:
     keys = dotted.split(".")
     if keys[0] != "strategy" or len(keys) != 2 or keys[1] == "name":
         return True
-    from fedsim.engine.registry import get_strategy
-
-    name = (tree.get("strategy") or {}).get("name", "fedavg")
+    strategy = tree.get("strategy") or {}
+    name = strategy.get("name", "fedavg") if isinstance(strategy, dict) else None
     try:
         spec = get_strategy(name)
     except ConfigError:

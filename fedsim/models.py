@@ -17,11 +17,7 @@ from fedsim.errors import ConfigError
 
 __all__ = ["BlockNet", "MODELS", "build_model", "num_parameters"]
 
-MODELS: dict[str, str] = {
-    "cnn": "4 conv-BN-ReLU(-maxpool) blocks, width w, 2w, 4w, 8w (default w=32); any image size >= 8x8",
-    "resnet18": "CIFAR-style ResNet-18: 3x3 stem, no maxpool, 8 BasicBlocks (default width 64; FuseFL uses 20)",
-    "mlp": "flatten + 4 Linear-ReLU blocks of width w (default 128); for flat or tiny inputs",
-}
+from fedsim.catalog import MODELS  # noqa: E402
 
 
 class BlockNet(nn.Module):

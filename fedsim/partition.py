@@ -18,15 +18,7 @@ from fedsim.errors import ConfigError
 
 __all__ = ["PARTITIONS", "partition_indices", "partition_table", "describe_partition"]
 
-PARTITIONS: dict[str, str] = {
-    "iid": "uniformly shuffled, equal sizes (differ by at most 1), as flwr-datasets' IidPartitioner",
-    "dirichlet": "label skew: each class split among clients by Dirichlet(alpha) proportions (DirichletPartitioner); "
-    "small alpha = few classes per client, empty clients possible",
-    "shards": "pathological label skew: every client holds exactly classes_per_client classes, each class split "
-    "evenly among the clients holding it (PathologicalPartitioner, first class round-robin, the rest random)",
-    "quantity": "quantity skew: IID content, client sizes drawn from Dirichlet(quantity_alpha) over clients "
-    "(SizePartitioner), at least min_partition_size each",
-}
+from fedsim.catalog import PARTITIONS  # noqa: E402  (names and descriptions live in the catalog)
 
 
 def _check_positive_int(field: str, value: object, minimum: int = 1) -> int:

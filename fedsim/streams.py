@@ -281,6 +281,7 @@ def client_streams(
     imbalance_ratio: float = 100.0,
     classes_over_time: bool = True,
     phases: int | None = None,
+    client_ids: Sequence[int] | None = None,
 ) -> list[list[Task]] | list[OnlineStream]:
     """One stream per client, built from its partition (indices into the full ``labels``).
 
@@ -289,6 +290,8 @@ def client_streams(
     Subsampling and shuffling are seeded per client (from ``seed`` and the client's position). A client lacking
     some classes gets empty tasks / zero counts for them; an empty client gets empty tasks or no batches.
     ``kind="class-incremental"`` returns ``list[list[Task]]`` (needs ``tasks``); ``"online"`` ``list[OnlineStream]``.
+    ``client_ids`` names the clients the partitions belong to (default 0, 1, ...), so one client can build its own
+    stream from its own partition alone and get exactly what the whole federation's call gives it.
     """
     if kind not in STREAMS:
         raise ConfigError(f"stream.kind: got {kind!r}; allowed: {', '.join(STREAMS)}")
@@ -305,5 +308,5 @@ def client_streams(
     return [
         _online(labels, p, order, np.random.default_rng(np.random.SeedSequence([seed, 2, cid])), batch_size,
                 imbalance, ratio, bool(classes_over_time), phases)
-        for cid, p in enumerate(parts)
+        for cid, p in zip(range(len(parts)) if client_ids is None else client_ids, parts)
     ]

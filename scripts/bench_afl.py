@@ -90,9 +90,9 @@ def bare_loop(overrides: list[str], threads: int) -> dict:
     from threadpoolctl import threadpool_limits
 
     from fedsim.config import load_scenario
-    from fedsim.engine.client import partition_for, scenario_feature_map, test_split, train_split
+    from fedsim.scenario import partition_for, scenario_feature_map, test_split, train_split
     from fedsim.learners.afl import AFLLearner, client_statistics
-    from strategies.afl import evaluate_weights
+    from fedsim.strategies.afl import evaluate_weights
 
     config = load_scenario(SCENARIO, overrides)
     p = config.strategy.params

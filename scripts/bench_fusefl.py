@@ -67,7 +67,7 @@ def ridge_head_accuracy(run_dir: Path, gamma: float = 1.0) -> float:
 
     from fedsim.analytic import RidgeStatistics, ridge_solve
     from fedsim.config import config_from_dict as build
-    from fedsim.engine.client import test_split, train_split
+    from fedsim.scenario import test_split, train_split
 
     loaded = load_run(run_dir)
     config = build({k: v for k, v in loaded["config"]["config"].items()})

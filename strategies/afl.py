@@ -32,36 +32,15 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
-from flwr.app import ConfigRecord, RecordDict
 from torch import nn
 
-from clients.afl import ARRAYS_KEY, CONFIG_KEY, AFLClient, from_record
-from fedsim.analytic import TARGETS, one_hot
-from fedsim.engine import ServerContext, StrategySpec, register_strategy
-from fedsim.errors import ConfigError, FedsimError
-from fedsim.learners.afl import UPLOADS, AFLLearner
+from fedsim.analytic import one_hot
+from fedsim.engine import ServerContext
+from fedsim.errors import FedsimError
+from fedsim.learners.afl import AFLLearner
+from fedsim.protocol import afl as protocol
+from fedsim.protocol.afl import AFLParams
 from fedsim.training import per_class_accuracy
-
-
-@dataclass
-class AFLParams:
-    gamma: float = 1.0  # ridge regularization (the regularization intermediary); AFL's only hyperparameter
-    target: str = "ridge"  # "ridge" | "least-squares" (the official code's, behind the paper's numbers)
-    upload: str = "statistics"  # "statistics": (C_k, Q_k) | "solution": the paper's (W_k, C_k + gamma I)
-    batch_size: int = 1024  # rows per forward pass of the feature map (memory only; the result is the same)
-
-    def validate(self, path: str = "strategy") -> None:
-        if not (isinstance(self.gamma, float) and np.isfinite(self.gamma) and self.gamma > 0):
-            raise ConfigError(f"{path}.gamma: {self.gamma!r} is out of range; it must be a finite number > 0 "
-                              "(the regularization intermediary needs gamma > 0)")
-        if self.target not in TARGETS:
-            raise ConfigError(f"{path}.target: {self.target!r} is not allowed; choose one of "
-                              f"{', '.join(map(repr, TARGETS))}")
-        if self.upload not in UPLOADS:
-            raise ConfigError(f"{path}.upload: {self.upload!r} is not allowed; choose one of "
-                              f"{', '.join(map(repr, UPLOADS))}")
-        if self.batch_size < 1:
-            raise ConfigError(f"{path}.batch_size: {self.batch_size!r} is out of range; it must be >= 1")
 
 
 class AllClientsFailed(FedsimError):
@@ -119,23 +98,19 @@ class AFLServer:
         feature_map = ctx.feature_map()
         dim = int(feature_map.dim)
         learner = AFLLearner(gamma=p.gamma, target=p.target)
-        answered: list[int] = []
-        dropped: list[int] = []
         errors: list[str] = []
-        request = RecordDict({CONFIG_KEY: ConfigRecord({"gamma": p.gamma, "upload": p.upload})})
         aggregate_seconds = 0.0
         t_round = time.perf_counter()
-        for reply in ctx.stream(request, round=1):  # fold each reply in as it arrives, then drop it
-            dropped.extend(reply.failed)
+        for reply in ctx.stream(protocol.request(p), round=1):  # fold each reply in as it arrives, then drop it
             if reply.error:
                 errors.append(reply.error)
             if reply.ok and reply.partition_ids:
                 t0 = time.perf_counter()
-                learner.add_reply(from_record(reply.content[ARRAYS_KEY]), clients=len(reply.partition_ids))
+                learner.add_reply(protocol.parse_reply(reply.content)[0], clients=len(reply.partition_ids))
                 aggregate_seconds += time.perf_counter() - t0
-                answered.extend(reply.partition_ids)
-        missing = set(ctx.partition_ids) - set(answered) - set(dropped)  # silent nodes (timeout)
-        dropped.extend(sorted(missing))
+        exchange = ctx.last_exchange
+        answered = exchange.answered
+        dropped = sorted(exchange.failed + exchange.silent)  # failed clients and silent nodes (timeout)
         if not answered:
             detail = f" (first error: {errors[0]})" if errors else ""
             raise AllClientsFailed(f"AFL: none of the {len(ctx.partition_ids)} clients answered{detail}")
@@ -172,19 +147,3 @@ def client_table(ctx: ServerContext, answered: list[int]) -> pd.DataFrame:
         "bytes_up": [t.per_client_up.get(i, 0) for i in ids],
         "bytes_down": [t.per_client_down.get(i, 0) for i in ids],
     })
-
-
-def _single_round(config) -> None:  # noqa: ANN001
-    if config.rounds != 1:
-        raise ConfigError(f"rounds: {config.rounds} rounds requested, but AFL is single-round (its result is "
-                          "final after one round); set rounds = 1")
-    if config.stream.kind != "none":
-        raise ConfigError(f"stream.kind: {config.stream.kind!r} is not supported by AFL (a federated, static "
-                          "partition algorithm); use 'none'")
-
-
-register_strategy(StrategySpec(
-    name="afl", params=AFLParams, server=AFLServer, client=AFLClient, check=_single_round,
-    description="AFL (Zhuang et al. 2024): one round of frozen-feature ridge statistics, AA law + RI, exact and "
-                "weight-invariant",
-))

@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 import torch
 
-from clients.aef_ocl import learner_for
+from fedsim.clients.aef_ocl import learner_for
 from fedsim.config import load_scenario, load_scenarios
-from fedsim.engine.client import partition_for, scenario_feature_map, scenario_streams, train_split
+from fedsim.scenario import partition_for, scenario_feature_map, scenario_streams, train_split
 from fedsim.engine.runner import run_scenario
 from fedsim.errors import ConfigError
 from fedsim.report import report

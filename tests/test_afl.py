@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from conftest import scenario_config
-from fedsim.engine.client import failing_clients, partition_for, train_split
-import fedsim.engine.client as engine_client
+from fedsim.engine.accounting import failing_clients
+from fedsim.scenario import partition_for, train_split
+import fedsim.scenario as engine_client
 from fedsim.engine.runner import run_scenario
 from fedsim.errors import ConfigError
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from conftest import scenario_config
-import clients.afl
-from fedsim.engine.client import failing_clients, node_group, partition_for, train_split
+import fedsim.clients.afl
+from fedsim.engine.accounting import failing_clients, node_group
+from fedsim.scenario import partition_for, train_split
 from fedsim.engine.runner import run_scenario
 
 BASE = """
@@ -104,14 +105,14 @@ def test_failures_inside_groups_are_counted_per_client(tmp_path):
 
 
 def test_crashing_clients_are_left_out(tmp_path, monkeypatch):
-    real_train = clients.afl.AFLClient.train
+    real_train = fedsim.clients.afl.AFLClient.train
 
     def flaky(self, content, env):
         if env.partition_id in (3, 4, 17):
             raise RuntimeError("disk full")
         return real_train(self, content, env)
 
-    monkeypatch.setattr(clients.afl.AFLClient, "train", flaky)
+    monkeypatch.setattr(fedsim.clients.afl.AFLClient, "train", flaky)
     config, summary, w, table = run(tmp_path, "crash", "simulation.clients_per_node=4")
     assert summary["dropped_client_ids"] == [3, 4, 17] and summary["failed_client_rounds"] == 3
     keep = [k for k in range(24) if k not in (3, 4, 17)]
@@ -145,12 +146,12 @@ def test_silent_nodes_time_out_and_are_dropped(tmp_path, monkeypatch):
 
 def test_every_client_failing_is_a_clear_error(tmp_path, monkeypatch):
     from fedsim.engine.runner import RunFailed
-    from strategies.afl import AllClientsFailed
+    from fedsim.strategies.afl import AllClientsFailed
 
     def broken(self, content, env):
         raise RuntimeError("no backbone")
 
-    monkeypatch.setattr(clients.afl.AFLClient, "train", broken)
+    monkeypatch.setattr(fedsim.clients.afl.AFLClient, "train", broken)
     with pytest.raises((AllClientsFailed, RunFailed), match="none of the 24 clients answered"):
         run(tmp_path, "none")
 
@@ -158,10 +159,10 @@ def test_every_client_failing_is_a_clear_error(tmp_path, monkeypatch):
 @pytest.mark.parametrize("upload", ["statistics", "solution"])
 def test_nodes_fold_early_beyond_the_memory_bound(tmp_path, monkeypatch, upload):
     """With a tiny REDUCE_EVERY_BYTES a node folds after every reply (memory of two replies): same weights."""
-    import fedsim.engine.client as engine_client
+    import fedsim.engine.node as engine_node
 
     _, _, w_all_at_once, t1 = run(tmp_path, "once", f"strategy.upload={upload}", "simulation.clients_per_node=12")
-    monkeypatch.setattr(engine_client, "REDUCE_EVERY_BYTES", 1)
+    monkeypatch.setattr(engine_node, "REDUCE_EVERY_BYTES", 1)
     _, _, w_pairwise, t2 = run(tmp_path, "pairwise", f"strategy.upload={upload}", "simulation.clients_per_node=12")
     assert rel_err(w_pairwise, w_all_at_once) < 1e-12
     pd.testing.assert_frame_equal(t1, t2)
@@ -171,7 +172,7 @@ def test_record_nbytes_is_exactly_the_protobuf_size():
     from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
     from flwr.common.serde import recorddict_to_proto
 
-    from fedsim.engine.client import record_nbytes
+    from fedsim.engine.accounting import record_nbytes
 
     rng = np.random.default_rng(0)
     for _ in range(100):

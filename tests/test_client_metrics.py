@@ -10,7 +10,7 @@ import torch
 
 from conftest import DIGITS, scenario_config
 from fedsim.client_metrics import client_accuracies, client_accuracy_summary, label_counts
-from fedsim.engine import client as engine_client
+import fedsim.scenario as engine_client
 from fedsim.engine.runner import run_scenario
 from fedsim.training import evaluate, per_class_accuracy
 

@@ -13,7 +13,7 @@ from flwr.app import MetricRecord, RecordDict
 
 from conftest import DIGITS, scenario_config
 from fedsim.engine import StrategySpec, register_strategy
-from fedsim.engine.client import failing_clients, node_group, record_nbytes
+from fedsim.engine.accounting import failing_clients, node_group, record_nbytes
 from fedsim.engine.runner import run_scenario
 
 

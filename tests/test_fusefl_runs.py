@@ -12,11 +12,13 @@ import torch
 from flwr.app import MetricRecord, RecordDict
 
 from conftest import scenario_config
-from clients.fusefl import COLUMN_PREFIX, META_PREFIX, WEIGHT_KEY, FuseFLClient, stage_message
-from clients.sgd import scenario_model, to_arrayrecord
+from fedsim.clients.fusefl import COLUMN_PREFIX, META_PREFIX, WEIGHT_KEY, FuseFLClient, stage_message
+from fedsim.clients.sgd import scenario_model, to_arrayrecord
 from fedsim.analytic import RidgeStatistics, ridge_solve
-from fedsim.engine import client as engine_client
-from fedsim.engine.client import ClientEnv, failing_clients, partition_for, record_nbytes
+import fedsim.scenario as engine_client
+from fedsim.engine.accounting import failing_clients, record_nbytes
+from fedsim.scenario import partition_for
+from fedsim.engine.node import ClientEnv
 from fedsim.engine.runner import run_scenario
 from fedsim.errors import ConfigError
 from fedsim.learners.fusefl import FusedNet, build_fused, fused_embedding, stage_modules

@@ -14,6 +14,7 @@ import functools
 import os
 from typing import Any
 
+from fedsim.catalog import DATASETS as DESCRIPTIONS
 from fedsim.errors import ConfigError
 
 from . import sources
@@ -40,23 +41,15 @@ _DOWNLOAD = {"download": True}
 DATASETS: dict[str, DatasetInfo] = {
     info.name: info
     for info in [
-        DatasetInfo("fashion-mnist", "Fashion-MNIST: 70k 28x28 grayscale clothing images, 10 classes (real, offline "
-                    "via apt package dataset-fashion-mnist)", sources.load_fashion_mnist, dict(_DOWNLOAD)),
-        DatasetInfo("mnist", "MNIST: 70k 28x28 grayscale handwritten digits, 10 classes (IDX files or torchvision "
-                    "download)", sources.load_mnist, dict(_DOWNLOAD)),
-        DatasetInfo("digits", "scikit-learn digits: 1797 8x8 grayscale digits, 10 classes, stratified 80/20 split "
-                    "(bundled, always offline)", sources.load_digits, {}),
-        DatasetInfo("synthetic", "Gaussian classes with controllable separation, shape (1, 1, dim), for scale tests",
-                    sources.load_synthetic,
+        DatasetInfo("fashion-mnist", DESCRIPTIONS["fashion-mnist"], sources.load_fashion_mnist, dict(_DOWNLOAD)),
+        DatasetInfo("mnist", DESCRIPTIONS["mnist"], sources.load_mnist, dict(_DOWNLOAD)),
+        DatasetInfo("digits", DESCRIPTIONS["digits"], sources.load_digits, {}),
+        DatasetInfo("synthetic", DESCRIPTIONS["synthetic"], sources.load_synthetic,
                     dict(num_classes=10, dim=64, num_train=10000, num_test=2000, separation=2.0, seed=0)),
-        DatasetInfo("cifar10", "CIFAR-10: 60k 32x32 RGB images, 10 classes (python-format files or torchvision "
-                    "download)", sources.load_cifar10, dict(_DOWNLOAD)),
-        DatasetInfo("cifar100", "CIFAR-100: 60k 32x32 RGB images, 100 fine classes (python-format files or "
-                    "torchvision download)", sources.load_cifar100, dict(_DOWNLOAD)),
-        DatasetInfo("svhn", "SVHN cropped digits: 32x32 RGB house numbers, 10 classes (.mat files or torchvision "
-                    "download)", sources.load_svhn, dict(_DOWNLOAD)),
-        DatasetInfo("imagefolder", "your own images, root/<split>/<class>/*.png|jpg, all of one size, loaded into "
-                    "memory", sources.load_imagefolder, {}),
+        DatasetInfo("cifar10", DESCRIPTIONS["cifar10"], sources.load_cifar10, dict(_DOWNLOAD)),
+        DatasetInfo("cifar100", DESCRIPTIONS["cifar100"], sources.load_cifar100, dict(_DOWNLOAD)),
+        DatasetInfo("svhn", DESCRIPTIONS["svhn"], sources.load_svhn, dict(_DOWNLOAD)),
+        DatasetInfo("imagefolder", DESCRIPTIONS["imagefolder"], sources.load_imagefolder, {}),
     ]
 }
 

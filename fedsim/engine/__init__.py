@@ -1,12 +1,17 @@
-"""The simulation engine: strategy registry, Flower apps, accounting, and the scenario runner."""
+"""The simulation engine: Flower apps, accounting, and the scenario runner.
 
-from fedsim.engine.client import ClientEnv, derive_seed
-from fedsim.engine.registry import StrategySpec, get_strategy, register_strategy, strategies
-from fedsim.engine.server import Reply, ServerContext
+A strategy's server part sees a ``ServerContext``, its client part a ``ClientEnv``; both extend
+``fedsim.scenario.ScenarioView``. Registration lives in ``fedsim.registry`` (re-exported here).
+"""
+
+from fedsim.engine.node import ClientEnv
+from fedsim.engine.server import Exchange, Reply, ServerContext
+from fedsim.registry import StrategySpec, get_strategy, register_strategy, strategies
+from fedsim.scenario import derive_seed
 
 __all__ = [
-    "ClientEnv", "Reply", "ServerContext", "StrategySpec", "derive_seed", "get_strategy", "register_strategy",
-    "strategies", "run_scenario",
+    "ClientEnv", "Exchange", "Reply", "ServerContext", "StrategySpec", "derive_seed", "get_strategy",
+    "register_strategy", "strategies", "run_scenario",
 ]
 
 

@@ -14,9 +14,10 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedsim.config import ScenarioConfig
-from fedsim.engine.client import build_client_app, partition_for, train_split
+from fedsim.engine.node import build_client_app
 from fedsim.engine.progress import RunProgress
-from fedsim.engine.registry import get_strategy
+from fedsim.registry import get_strategy
+from fedsim.scenario import partition_for, train_split
 from fedsim.engine.server import AccountingGrid, ServerContext
 from fedsim.errors import ConfigError, FedsimError
 from fedsim.results import REQUIRED_SUMMARY_KEYS, RunRecorder
@@ -89,7 +90,7 @@ def run_scenario(config: ScenarioConfig, out_dir: str | Path, *, label: str | No
 
     progress = RunProgress(label or config.strategy.name, total=config.rounds, enabled=show_progress)
     outcome: dict[str, Any] = {}
-    server = spec.server(config.strategy.params)
+    server = spec.server_class()(config.strategy.params)
 
     def server_main(grid: Grid) -> None:
         acc_grid = AccountingGrid(grid, config.num_nodes)

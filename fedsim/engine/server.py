@@ -13,8 +13,9 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedsim.config import ScenarioConfig
-from fedsim.engine.client import ACCOUNTING_KEY, ENGINE_KEY, record_nbytes
+from fedsim.engine.accounting import ACCOUNTING_KEY, ENGINE_KEY, record_nbytes
 from fedsim.results import RunRecorder
+from fedsim.scenario import ScenarioView, resolve_device, scenario_streams, test_split, train_split
 
 DISCOVERY_TIMEOUT = 600.0
 
@@ -30,6 +31,37 @@ class Traffic:
     per_client_up: dict[int, int] = field(default_factory=dict)
     per_client_down: dict[int, int] = field(default_factory=dict)
     failed: int = 0  # client-rounds that failed
+
+
+@dataclass
+class Exchange:
+    """One ``send``/``stream`` of the server, as the engine saw it: who answered, who failed, what it cost.
+
+    ``failed`` are the clients that failed (injected, crashed), ``silent`` those whose node never replied within
+    ``simulation.timeout``; byte counts are this exchange's alone (per client and in total).
+    """
+
+    round: int
+    message_type: str
+    selected: list[int]
+    answered: list[int] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)
+    silent: list[int] = field(default_factory=list)
+    bytes_up: dict[int, int] = field(default_factory=dict)
+    bytes_down: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def total_up(self) -> int:
+        return sum(self.bytes_up.values())
+
+    @property
+    def total_down(self) -> int:
+        return sum(self.bytes_down.values())
+
+    def mean_up_per_answering_client(self) -> float:
+        """Mean upload of the clients that answered (0 when none did)."""
+        ups = [self.bytes_up.get(pid, 0) for pid in self.answered]
+        return float(np.mean(ups)) if ups else 0.0
 
 
 @dataclass
@@ -181,22 +213,19 @@ def accounting_of(msg: Message) -> dict:
     return {k: [int(v) for v in acc[k]] for k in ("partition_ids", "failed_ids", "client_bytes")}
 
 
-class ServerContext:
+class ServerContext(ScenarioView):
     """What a strategy's server part works with (see docs/ARCHITECTURE.md)."""
 
     def __init__(self, config: ScenarioConfig, grid: AccountingGrid, recorder: RunRecorder, progress=None,
                  partitions: list | None = None) -> None:
-        from fedsim.engine.client import resolve_device
-
-        self.config = config
-        self.params = config.strategy.params
+        super().__init__(config, resolve_device(config.simulation.device))
         self.seed = config.seed
         self.grid = grid
         self.recorder = recorder
         self.run_dir = recorder.run_dir
-        self.device = resolve_device(config.simulation.device)
         self.progress = progress
         self.partitions = partitions  # every client's indices into the training set (server-side bookkeeping)
+        self.exchanges: list[Exchange] = []  # every send/stream so far, in order
         self.extra_summary: dict[str, Any] = {}
         self.model_saved = False
         self.start_time = time.time()
@@ -207,29 +236,15 @@ class ServerContext:
 
     # -- data ----------------------------------------------------------------------------------------------
     def test_data(self):
-        from fedsim.engine.client import test_split
-
         return test_split(self.config)
 
     def train_data(self):
-        from fedsim.engine.client import train_split
-
+        """The whole training split (for centralized references computed on the server only)."""
         return train_split(self.config)
-
-    def feature_map(self):
-        from fedsim.engine.client import scenario_feature_map
-
-        return scenario_feature_map(self.config, self.device)
 
     def streams(self) -> list:
         """Every client's stream, exactly as the clients build them (see ``ClientEnv.stream``)."""
-        from fedsim.engine.client import scenario_streams
-
         return scenario_streams(self.config, self.partitions)
-
-    @property
-    def num_classes(self) -> int:
-        return self.train_data().num_classes
 
     def client_accuracy(self, class_accuracy: Any) -> dict[str, float]:
         """Mean, worst and spread over clients of the test accuracy re-weighted to each client's label mix
@@ -244,12 +259,12 @@ class ServerContext:
         return client_accuracy_summary(class_accuracy, self._label_counts)
 
     @property
-    def input_shape(self) -> tuple:
-        return tuple(self.train_data().input_shape)
-
-    @property
     def partition_ids(self) -> list[int]:
         return list(range(self.config.num_clients))
+
+    @property
+    def last_exchange(self) -> Exchange | None:
+        return self.exchanges[-1] if self.exchanges else None
 
     # -- messaging -----------------------------------------------------------------------------------------
     def _messages(self, content: RecordDict, message_type: str, partitions, round_: int) -> list[Message]:
@@ -269,10 +284,31 @@ class ServerContext:
 
     def stream(self, content: RecordDict, message_type: str = MessageType.TRAIN, partitions=None,
                round: int = 1) -> Iterator[Reply]:  # noqa: A002
-        """Send ``content`` to the clients (all, or ``partitions``) and yield replies as they arrive."""
+        """Send ``content`` to the clients (all, or ``partitions``) and yield replies as they arrive.
+
+        The exchange is recorded in ``ctx.exchanges`` (answered, failed and silent clients, bytes per client).
+        """
         msgs = self._messages(content, message_type, partitions, round)
-        for _, msg in self.grid.iter_replies(msgs, timeout=self.config.simulation.timeout):
-            yield self._to_reply(msg)
+        selected = sorted(self.partition_ids if partitions is None else set(int(p) for p in partitions))
+        exchange = Exchange(int(round), str(message_type), selected)
+        self.exchanges.append(exchange)
+        t = self.grid.traffic
+        up_before, down_before = dict(t.per_client_up), dict(t.per_client_down)
+        try:
+            for _, msg in self.grid.iter_replies(msgs, timeout=self.config.simulation.timeout):
+                reply = self._to_reply(msg)
+                exchange.answered.extend(reply.partition_ids)
+                exchange.failed.extend(reply.failed)
+                yield reply
+        finally:
+            heard = set(exchange.answered) | set(exchange.failed)
+            exchange.silent = [pid for pid in selected if pid not in heard]
+            exchange.answered.sort()
+            exchange.failed.sort()
+            exchange.bytes_up = {pid: v - up_before.get(pid, 0) for pid, v in t.per_client_up.items()
+                                 if v != up_before.get(pid, 0)}
+            exchange.bytes_down = {pid: v - down_before.get(pid, 0) for pid, v in t.per_client_down.items()
+                                   if v != down_before.get(pid, 0)}
 
     def send(self, content: RecordDict, message_type: str = MessageType.TRAIN, partitions=None,
              round: int = 1) -> list[Reply]:  # noqa: A002

@@ -1,0 +1,46 @@
+"""The names a scenario may use for its building blocks, with one line each: importable without torch or Flower.
+
+Validating a scenario (``fedsim validate``) reads only this module and the strategies' protocols, so it stays fast;
+the modules that build the objects (``fedsim.data``, ``fedsim.models``, ``fedsim.features``) take their names from
+here, so a name exists in exactly one place.
+"""
+
+from __future__ import annotations
+
+DATASETS: dict[str, str] = {
+    "fashion-mnist": "Fashion-MNIST: 70k 28x28 grayscale clothing images, 10 classes (real, offline via apt package "
+                     "dataset-fashion-mnist)",
+    "mnist": "MNIST: 70k 28x28 grayscale handwritten digits, 10 classes (IDX files or torchvision download)",
+    "digits": "scikit-learn digits: 1797 8x8 grayscale digits, 10 classes, stratified 80/20 split (bundled, always "
+              "offline)",
+    "synthetic": "Gaussian classes with controllable separation, shape (1, 1, dim), for scale tests",
+    "cifar10": "CIFAR-10: 60k 32x32 RGB images, 10 classes (python-format files or torchvision download)",
+    "cifar100": "CIFAR-100: 60k 32x32 RGB images, 100 fine classes (python-format files or torchvision download)",
+    "svhn": "SVHN cropped digits: 32x32 RGB house numbers, 10 classes (.mat files or torchvision download)",
+    "imagefolder": "your own images, root/<split>/<class>/*.png|jpg, all of one size, loaded into memory",
+}
+
+PARTITIONS: dict[str, str] = {
+    "iid": "uniformly shuffled, equal sizes (differ by at most 1), as flwr-datasets' IidPartitioner",
+    "dirichlet": "label skew: each class split among clients by Dirichlet(alpha) proportions (DirichletPartitioner); "
+    "small alpha = few classes per client, empty clients possible",
+    "shards": "pathological label skew: every client holds exactly classes_per_client classes, each class split "
+    "evenly among the clients holding it (PathologicalPartitioner, first class round-robin, the rest random)",
+    "quantity": "quantity skew: IID content, client sizes drawn from Dirichlet(quantity_alpha) over clients "
+    "(SizePartitioner), at least min_partition_size each",
+}
+
+MODELS: dict[str, str] = {
+    "cnn": "4 conv-BN-ReLU(-maxpool) blocks, width w, 2w, 4w, 8w (default w=32); any image size >= 8x8",
+    "resnet18": "CIFAR-style ResNet-18: 3x3 stem, no maxpool, 8 BasicBlocks (default width 64; FuseFL uses 20)",
+    "mlp": "flatten + 4 Linear-ReLU blocks of width w (default 128); for flat or tiny inputs",
+}
+
+# blocks of each model's BlockNet (what FuseFL may cut into stages); tests check them against fedsim.models
+MODEL_BLOCKS: dict[str, int] = {"cnn": 4, "resnet18": 9, "mlp": 4}
+
+ACTIVATIONS: tuple[str, ...] = ("relu", "tanh", "sigmoid", "gelu", "identity")
+
+STREAM_KINDS: tuple[str, ...] = ("none", "class-incremental", "online")
+
+STRATEGY_KINDS: tuple[str, ...] = ("federated", "continual")

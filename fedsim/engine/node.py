@@ -1,0 +1,240 @@
+"""The node side of the engine: the Flower ``ClientApp`` that hosts a strategy's client part.
+
+A Flower node (a Ray actor at a time, or a SuperNode of the deployment engine) serves a group of
+``simulation.clients_per_node`` virtual clients. For each it builds a ``ClientEnv`` (the client's own partition,
+the shared scenario view, its persistent state) and calls the strategy's client part; injected failures and real
+exceptions are accounted per client; replies of a group are combined with the client part's ``reduce``. Byte
+counts are taken from the serialized records each client would have sent alone.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import traceback
+from collections.abc import Callable
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app.error import Error
+from flwr.clientapp import ClientApp
+
+from fedsim.config import ScenarioConfig
+from fedsim.engine.accounting import ACCOUNTING_KEY, CLIENT_FAILED, ENGINE_KEY, failing_clients, node_group, \
+    record_nbytes
+from fedsim.registry import get_strategy
+from fedsim.scenario import ScenarioView, client_stream, derive_seed, partition_for, resolve_device, train_split
+
+REDUCE_EVERY_BYTES = 256 * 2**20  # a grouped node combines its pending replies (with `reduce`) beyond this size
+STATE_SEPARATOR = "/"  # context.state keys: "<partition id>/<the client part's own key>"
+
+
+class ClientError(RuntimeError):
+    """Raised on a node when every client it serves failed; Flower turns it into an error reply."""
+
+
+class ClientEnv(ScenarioView):
+    """What a client part may use: the scenario view, its own partition and its own state, nothing of others.
+
+    ``state`` is a ``flwr.app.RecordDict`` that persists between the messages this client receives (kept in the
+    node's Flower ``Context.state``, one namespace per client when a node serves several): a stateful client part
+    (warm starts, control variates) reads and writes it in place. It survives for the life of the node, as Flower
+    keeps a node's context, and is empty at a client's first message.
+    """
+
+    def __init__(self, config: ScenarioConfig, partition_id: int, round: int, indices: np.ndarray,  # noqa: A002
+                 device: str = "cpu", state: RecordDict | None = None) -> None:
+        super().__init__(config, device)
+        self.partition_id = int(partition_id)
+        self.round = int(round)
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.state = RecordDict() if state is None else state
+
+    @property
+    def seed(self) -> int:
+        """This client's seed in this round (derived from the scenario seed, the round and the partition id)."""
+        return derive_seed(self.config.seed, self.round, self.partition_id, "client")
+
+    def train_data(self):  # noqa: ANN201
+        """This client's partition of the training set (tensors on the CPU)."""
+        return train_split(self.config).subset(self.indices)
+
+    def stream(self):  # noqa: ANN201
+        """This client's stream (tasks or online batches) over its partition; indices refer to the full train set."""
+        return _cached_stream(self.config, self.partition_id, self.indices)
+
+
+_CLIENT_STREAMS: dict[tuple, object] = {}
+
+
+def _cached_stream(config: ScenarioConfig, pid: int, indices: np.ndarray):  # noqa: ANN202
+    key = (config.seed, repr(config.stream), repr(config.data), repr(config.partition), pid)
+    if key not in _CLIENT_STREAMS:
+        if len(_CLIENT_STREAMS) > 64:
+            _CLIENT_STREAMS.clear()
+        _CLIENT_STREAMS[key] = client_stream(config, pid, indices)
+    return _CLIENT_STREAMS[key]
+
+
+def client_state(context_state: RecordDict, pid: int) -> RecordDict:
+    """Client ``pid``'s own state, out of the node's Flower context (records shared, not copied)."""
+    prefix = f"{pid}{STATE_SEPARATOR}"
+    return RecordDict({k[len(prefix):]: v for k, v in context_state.items() if k.startswith(prefix)})
+
+
+def store_client_state(context_state: RecordDict, pid: int, state: RecordDict) -> None:
+    """Replace client ``pid``'s namespace in the node's context with ``state``."""
+    prefix = f"{pid}{STATE_SEPARATOR}"
+    for key in [k for k in context_state.keys() if k.startswith(prefix)]:
+        del context_state[key]
+    for key, record in state.items():
+        context_state[f"{prefix}{key}"] = record
+
+
+def concatenate_replies(replies: list[RecordDict]) -> RecordDict:
+    """``reduce`` for client parts whose replies cannot be summed: a node sends its clients' records side by
+    side, so their keys must carry the partition id (e.g. ``model.<pid>``)."""
+    out = RecordDict()
+    for reply in replies:
+        for key, value in reply.items():
+            if key in out:
+                raise ValueError(f"two clients of one node replied with the same record key {key!r}")
+            out[key] = value
+    return out
+
+
+class NodeHandler:
+    """Runs on a Flower node: dispatches a message to the client part for each client the node serves.
+
+    ``partitions`` (every client's indices, computed once by the driver) spares each actor recomputing them; where
+    it is None (the deployment engine), the node derives the partition itself from the scenario.
+    """
+
+    def __init__(self, config: ScenarioConfig, partitions: list[np.ndarray] | None = None,
+                 group_of: Callable[[Context], list[int]] | None = None) -> None:
+        self.config = config
+        self.partitions = partitions
+        self.group_of = group_of
+        self.spec = get_strategy(config.strategy.name)
+
+    def _indices(self, pid: int) -> np.ndarray:
+        if self.partitions is None:
+            self.partitions = partition_for(self.config)
+        return self.partitions[pid]
+
+    def _group(self, context: Context) -> list[int]:
+        if self.group_of is not None:
+            return self.group_of(context)
+        cfg = self.config
+        return node_group(int(context.node_config["partition-id"]), cfg.simulation.clients_per_node,
+                          cfg.num_clients)
+
+    def __call__(self, kind: str, msg: Message, context: Context) -> Message:
+        cfg = self.config
+        group = self._group(context)
+        if kind == "query":  # discovery: which clients does this node serve
+            return Message(RecordDict({ACCOUNTING_KEY: MetricRecord({"partition_ids": group})}), reply_to=msg)
+
+        engine = msg.content.config_records.get(ENGINE_KEY, ConfigRecord())
+        round_ = int(engine.get("round", _flower_round(msg.content)))
+        selected = engine.get("partitions")
+        if selected is not None:
+            wanted = set(int(p) for p in selected)
+            group = [p for p in group if p in wanted]
+        content = RecordDict({k: v for k, v in msg.content.items() if k != ENGINE_KEY})
+
+        _limit_threads(cfg.simulation.num_cpus)
+        client_cls = self.spec.client_class()
+        client = client_cls(cfg.strategy.params)
+        handler = getattr(client, kind, None)
+        if handler is None:
+            raise ClientError(f"strategy {cfg.strategy.name!r} has no client-side {kind!r} handler")
+        failing = failing_clients(cfg.seed, round_, cfg.num_clients, cfg.simulation.failure_rate)
+        device = resolve_device(cfg.simulation.device)
+
+        replies: list[RecordDict] = []
+        served, failed, sizes, reasons = [], [], [], []
+        pending_bytes = 0
+        for pid in group:
+            if pid in failing:
+                failed.append(pid)
+                reasons.append(f"client {pid}: injected failure (simulation.failure_rate)")
+                continue
+            state = client_state(context.state, pid)
+            env = ClientEnv(cfg, pid, round_, self._indices(pid), device, state)
+            try:
+                reply = handler(content, env)
+            except Exception:  # a real client crash: account it, keep the rest of the group
+                failed.append(pid)
+                reasons.append(f"client {pid}: {traceback.format_exc(limit=3)}")
+                continue
+            store_client_state(context.state, pid, env.state)
+            served.append(pid)
+            sizes.append(record_nbytes(reply))
+            replies.append(reply)
+            pending_bytes += sizes[-1]
+            if len(replies) > 1 and pending_bytes > REDUCE_EVERY_BYTES:  # bound the node's memory: fold early
+                replies = [client_cls.reduce(replies)]
+                pending_bytes = max(sizes)
+        if not replies:  # an error reply, as Flower makes for a crashed ClientApp, without a logged traceback
+            reason = "; ".join(reasons) or "no client selected on this node"
+            return Message(Error(code=CLIENT_FAILED, reason=reason), reply_to=msg)
+        out = replies[0] if len(replies) == 1 else client_cls.reduce(replies)
+        out[ACCOUNTING_KEY] = MetricRecord(
+            {"partition_ids": served, "failed_ids": failed, "client_bytes": sizes}
+        )
+        return Message(out, reply_to=msg)
+
+
+def _flower_round(content: RecordDict) -> int:
+    """Flower's own strategies put the round into their ConfigRecord as ``server-round``."""
+    for record in content.config_records.values():
+        if "server-round" in record:
+            return int(record["server-round"])
+    return 0
+
+
+def _limit_threads(num_cpus: float) -> None:
+    """Each simulated client gets the CPUs Ray reserved for it, no more (avoids oversubscription)."""
+    import torch
+
+    n = max(1, int(num_cpus))
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    os.environ.setdefault("OMP_NUM_THREADS", str(n))
+    _limit_blas_threads(n)
+
+
+@functools.lru_cache(maxsize=8)
+def _limit_blas_threads(n: int) -> None:
+    """numpy's and scipy's OpenBLAS read OMP_NUM_THREADS only when loaded (too late here): cap them at run time.
+
+    Without this, every actor's numpy/scipy math spins all cores' worth of BLAS threads; on a busy 2-core machine a
+    256 x 256 Cholesky then took 0.7 s instead of 0.4 ms.
+    """
+    try:
+        import scipy.linalg  # noqa: F401  (load scipy's BLAS too, so the limit covers it)
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - scikit-learn brings threadpoolctl
+        return
+    threadpool_limits(limits=n, user_api="blas")
+
+
+def build_client_app(config: ScenarioConfig, partitions: list[np.ndarray] | None = None) -> ClientApp:
+    """The Flower ClientApp for ``config``; partitions travel with it (computed once by the driver)."""
+    handler = NodeHandler(config, partitions)
+    app = ClientApp()
+
+    @app.train()
+    def _train(msg: Message, context: Context) -> Message:
+        return handler("train", msg, context)
+
+    @app.evaluate()
+    def _evaluate(msg: Message, context: Context) -> Message:
+        return handler("evaluate", msg, context)
+
+    @app.query()
+    def _query(msg: Message, context: Context) -> Message:
+        return handler("query", msg, context)
+
+    return app

@@ -1,0 +1,174 @@
+"""What a scenario derives, computed in one place and shared by the server and the client parts.
+
+Everything here is a pure function of the validated config (and cached per process), so the driver, every Ray
+actor and every SuperNode of the deployment engine derive identical objects independently: the data splits (after
+``data.max_train`` / ``max_test``), the partition, the streams, the frozen feature map, the initial model, and the
+seeds. ``ScenarioView`` is the part of it both sides may use; ``ClientEnv`` (a client: its own partition only)
+and ``ServerContext`` (the server: all partitions, the test split) extend it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from typing import Any
+
+import numpy as np
+
+from fedsim.config import ScenarioConfig
+
+__all__ = ["ScenarioView", "derive_seed", "train_split", "test_split", "partition_for", "scenario_streams",
+           "client_stream", "scenario_feature_map", "scenario_model", "resolve_device"]
+
+
+def derive_seed(*parts: Any) -> int:
+    """A stable 31-bit seed from any parts (scenario seed, round, partition id, purpose)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
+def resolve_device(setting: str) -> str:
+    """``simulation.device``: "auto" is cuda where torch sees a GPU, else cpu."""
+    if setting != "auto":
+        return setting
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ------------------------------------------------------------------------------------------------- data
+@functools.lru_cache(maxsize=8)
+def _split_cached(name: str, split: str, root: str | None, max_n: int | None, seed: int, options: tuple):
+    from fedsim.data import load_dataset
+
+    data = load_dataset(name, split=split, root=root, **dict(options))
+    if max_n is not None and max_n < len(data):  # a seeded slice, the same in every process
+        keep = np.sort(np.random.default_rng(derive_seed(seed, f"{split}-slice")).permutation(len(data))[:max_n])
+        data = data.subset(keep)
+    return data
+
+
+def _split(config: ScenarioConfig, split: str):  # noqa: ANN202
+    d = config.data
+    max_n = d.max_train if split == "train" else d.max_test
+    return _split_cached(d.name, split, d.root, max_n, config.seed, tuple(sorted(d.options.items())))
+
+
+def train_split(config: ScenarioConfig):  # noqa: ANN201
+    """The scenario's training set (after ``data.max_train``), cached per process."""
+    return _split(config, "train")
+
+
+def test_split(config: ScenarioConfig):  # noqa: ANN201
+    """The scenario's test set (after ``data.max_test``), cached per process."""
+    return _split(config, "test")
+
+
+test_split.__test__ = False  # not a pytest test when imported into a test module
+
+
+def partition_for(config: ScenarioConfig) -> list[np.ndarray]:
+    """The scenario's partition of the training set (deterministic from the seed)."""
+    from fedsim.partition import partition_indices
+
+    p = config.partition
+    return partition_indices(
+        train_split(config).labels, kind=p.kind, num_clients=p.num_clients, seed=config.seed,
+        alpha=p.alpha, classes_per_client=p.classes_per_client, quantity_alpha=p.quantity_alpha,
+        min_partition_size=p.min_partition_size,
+    )
+
+
+def _stream_kwargs(config: ScenarioConfig) -> dict[str, Any]:
+    s = config.stream
+    if s.kind == "class-incremental":
+        return dict(kind=s.kind, tasks=s.tasks, first_task_classes=s.first_task_classes)
+    if s.kind == "online":
+        return dict(kind=s.kind, batch_size=s.batch_size, imbalance=s.imbalance, imbalance_ratio=s.imbalance_ratio,
+                    classes_over_time=s.classes_over_time)
+    raise RuntimeError("stream.kind is 'none': this scenario has no stream")
+
+
+_STREAM_CACHE: dict[tuple, list] = {}
+
+
+def scenario_streams(config: ScenarioConfig, partitions: list[np.ndarray]) -> list:
+    """Every client's stream as the scenario's ``[stream]`` table describes (cached per process).
+
+    The class order is drawn once from the full labels, shuffling is seeded per client, so
+    ``scenario_streams(config, parts)[k] == client_stream(config, k, parts[k])``.
+    """
+    from fedsim.streams import client_streams
+
+    key = (id(partitions), config.seed, repr(config.stream), repr(config.data))
+    if key not in _STREAM_CACHE:
+        _STREAM_CACHE.clear()
+        _STREAM_CACHE[key] = client_streams(train_split(config).labels, partitions, seed=config.seed,
+                                            **_stream_kwargs(config))
+    return _STREAM_CACHE[key]
+
+
+def client_stream(config: ScenarioConfig, partition_id: int, indices: np.ndarray):  # noqa: ANN201
+    """One client's stream, built from its own partition only (equal to ``scenario_streams(...)[partition_id]``)."""
+    from fedsim.streams import client_streams
+
+    return client_streams(train_split(config).labels, [indices], seed=config.seed, client_ids=[partition_id],
+                          **_stream_kwargs(config))[0]
+
+
+# ------------------------------------------------------------------------------------------- models, features
+@functools.lru_cache(maxsize=4)
+def _feature_map_cached(name: str, input_shape: tuple, dim: int, seed: int, weights: str | None, device: str):
+    from fedsim.features import build_feature_map
+
+    return build_feature_map(name, input_shape=input_shape, dim=dim, seed=seed, weights=weights, device=device)
+
+
+def scenario_feature_map(config: ScenarioConfig, device: str = "cpu"):  # noqa: ANN201
+    """The scenario's frozen feature map: the same map (same seed) on every node and on the server."""
+    m = config.model
+    shape = tuple(train_split(config).input_shape)
+    return _feature_map_cached(m.feature_map, shape, m.feature_dim, derive_seed(config.seed, "feature-map"),
+                               m.weights, device)
+
+
+def scenario_model(config: ScenarioConfig, num_classes: int, input_shape: tuple, width: int | None = None):  # noqa: ANN201
+    """The scenario's trainable network, initialized identically on the server and every client."""
+    from fedsim.models import build_model
+
+    m = config.model
+    return build_model(m.name, input_shape=tuple(input_shape), num_classes=num_classes,
+                       width=m.width if width is None else width, seed=derive_seed(config.seed, "model"))
+
+
+class ScenarioView:
+    """What both sides of a strategy may know about the scenario: settings, dataset shape, shared factories."""
+
+    def __init__(self, config: ScenarioConfig, device: str = "cpu") -> None:
+        self.config = config
+        self.params = config.strategy.params
+        self.device = device
+
+    @property
+    def num_clients(self) -> int:
+        return self.config.num_clients
+
+    @property
+    def num_classes(self) -> int:
+        return train_split(self.config).num_classes
+
+    @property
+    def input_shape(self) -> tuple:
+        return tuple(train_split(self.config).input_shape)
+
+    def feature_map(self):  # noqa: ANN201
+        """The scenario's frozen feature map (cached per process, identical on every node and on the server)."""
+        return scenario_feature_map(self.config, self.device)
+
+    def initial_model(self, width: int | None = None):  # noqa: ANN201
+        """A fresh copy of the common initial model (``model.name``; ``width`` overrides ``model.width``)."""
+        return scenario_model(self.config, self.num_classes, self.input_shape, width)
+
+    def derive_seed(self, *parts: Any) -> int:
+        """A seed derived from the scenario seed and ``parts``: equal in every process."""
+        return derive_seed(self.config.seed, *parts)
