@@ -66,7 +66,7 @@ def _single_round(config) -> None:  # noqa: ANN001
 
 register_strategy(StrategySpec(
     name="afl", params=AFLParams, server="fedsim.strategies.afl:AFLServer", client="fedsim.clients.afl:AFLClient",
-    check=_single_round, reducible=True,
+    fixed_rounds=lambda params: 1, check=_single_round, reducible=True,
     description="AFL (Zhuang et al. 2024): one round of frozen-feature ridge statistics, AA law + RI, exact and "
                 "weight-invariant",
 ))
