@@ -2,9 +2,11 @@
 
 The client runs its partition once through the scenario's frozen feature map (`model.feature_map`: random
 features by default, a torchvision backbone when configured), accumulates C_k = X_k^T X_k, Q_k = X_k^T Y_k in
-float64 and answers with one message: the raw statistics (`strategy.upload = "statistics"`) or the paper's local
-solution W_k = (C_k + gamma I)^-1 Q_k with C_k^r = C_k + gamma I (`"solution"`). Symmetric matrices travel as
-their upper triangle. No gradients, no learning rate, no epochs. An empty client answers with zero statistics
+float64 and answers with one message: by default (`strategy.upload = "auto"`) the smaller exact form of its raw
+statistics, the packed Gram or a factor R_k (R_k^T R_k = C_k, 8 n_k d bytes for a client with n_k < d / 2 rows);
+or always the Gram (`"statistics"`), always the factor (`"factor"`), or the paper's local solution
+W_k = (C_k + gamma I)^-1 Q_k with C_k^r = C_k + gamma I (`"solution"`). Symmetric matrices travel as their upper
+triangle. No gradients, no learning rate, no epochs. An empty client answers with zero statistics
 (or (0, gamma I)), which changes nothing in the result, as the AA law promises. Messages: `fedsim.protocol.afl`.
 """
 
@@ -13,7 +15,7 @@ from __future__ import annotations
 from flwr.app import RecordDict
 
 from fedsim.engine import ClientEnv
-from fedsim.learners.afl import client_statistics, encode_reply, reduce_replies
+from fedsim.learners.afl import client_upload, reduce_replies
 from fedsim.protocol import afl as protocol
 
 
@@ -26,9 +28,9 @@ class AFLClient:
     def train(self, content: RecordDict, env: ClientEnv) -> RecordDict:
         gamma, upload = protocol.parse_request(content, self.params)
         data = env.train_data()
-        stats = client_statistics(data.x, data.y, env.feature_map(), env.num_classes,
-                                  batch_size=self.params.batch_size)
-        return protocol.reply(encode_reply(stats, upload, gamma), int(stats.count))
+        arrays = client_upload(data.x, data.y, env.feature_map(), env.num_classes, upload, gamma,
+                               batch_size=self.params.batch_size)
+        return protocol.reply(arrays, int(arrays["count"][0]))
 
     @staticmethod
     def reduce(replies: list[RecordDict]) -> RecordDict:

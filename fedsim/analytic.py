@@ -143,6 +143,23 @@ def _syrk_lower(gram: np.ndarray, x: np.ndarray) -> None:
         gram[lower] = out.T[lower]
 
 
+def gram_factor(x: Any, block_rows: int = 4096) -> np.ndarray:
+    """R (min(n, d) x d) with R^T R = X^T X, from a QR decomposition of X (n x d), float64.
+
+    C = X^T X determines X up to an orthogonal transform, so R carries exactly the information of C, in
+    8 min(n, d) d bytes instead of 8 d (d + 1) / 2 for the packed Gram. Rows are folded in blocks (TSQR: the
+    factor of [R; X_block]), so memory stays O((block_rows + d) d) for a tall X.
+    """
+    x = np.asarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x, dtype=np.float64)
+    n, d = x.shape
+    if n <= max(block_rows, d):
+        return np.linalg.qr(x, mode="r") if n else np.zeros((0, d))
+    r = np.linalg.qr(x[:block_rows], mode="r")
+    for start in range(block_rows, n, block_rows):
+        r = np.linalg.qr(np.vstack([r, x[start:start + block_rows]]), mode="r")
+    return r
+
+
 def pack_upper(a: Any) -> np.ndarray:
     """Upper triangles, row by row, of symmetric (..., d, d) matrices as float64 (..., d (d + 1) / 2): exact, half
     the bytes on the wire. Copies row segments (no index arrays: 33 MB of them at d = 2048)."""
@@ -255,6 +272,20 @@ class RidgeStatistics:
             self._upper_stale = True
             self.cross += xc.T @ targets[start:start + step]
         self.count += x.shape[0]
+        return self
+
+    def add_factor(self, factor: Any, cross: Any, count: int) -> "RidgeStatistics":
+        """Add statistics given by a factor R (r x d, R^T R = X^T X), X^T Y and n: one rank-r syrk. Returns self."""
+        factor = np.ascontiguousarray(_to_numpy(factor), dtype=np.float64)
+        if factor.ndim != 2 or factor.shape[1] != self.dim:
+            raise ValueError(f"factor must be (r, {self.dim}), got {factor.shape}")
+        cross = _to_numpy(cross)
+        self.grow_classes(cross.shape[1])
+        if factor.shape[0]:
+            _syrk_lower(self._gram, factor)
+            self._upper_stale = True
+        self.cross[:, : cross.shape[1]] += cross
+        self.count += int(count)
         return self
 
     def grow_classes(self, num_classes: int) -> "RidgeStatistics":

@@ -186,7 +186,7 @@ def test_bad_config_is_refused_with_the_field_named(tmp_path, overrides, message
 
 def test_run_files(tmp_path, centralized):
     config, summary, model = run(tmp_path, "files", "partition.kind=dirichlet", "partition.num_clients=10",
-                                 "partition.alpha=0.1")
+                                 "partition.alpha=0.1", "strategy.upload=statistics")
     metrics = pd.read_csv(tmp_path / "files" / "metrics.csv")
     assert list(metrics["round"]) == [1] and metrics["accuracy"].iloc[0] == summary["final_accuracy"]
     on_disk = json.loads((tmp_path / "files" / "summary.json").read_text())

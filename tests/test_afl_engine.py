@@ -32,6 +32,7 @@ feature_dim = 96
 backend = "inline"
 [strategy]
 name = "afl"
+upload = "statistics"  # the byte counts below are those of the packed Gram
 """
 D, C = 96, 10
 # one client's upload: packed Gram d (d + 1) / 2 and Q (d x c), float64

@@ -24,14 +24,15 @@ METRICS_KEY = "afl.metrics"
 REQUEST_KEY = "afl.config"
 
 TARGETS = ("ridge", "least-squares")  # == fedsim.analytic.TARGETS (tested)
-UPLOADS = ("statistics", "solution")  # == fedsim.learners.afl.UPLOADS (tested)
+UPLOADS = ("auto", "statistics", "factor", "solution")  # == fedsim.learners.afl.UPLOADS (tested)
 
 
 @dataclass
 class AFLParams:
     gamma: float = 1.0  # ridge regularization (the regularization intermediary); AFL's only hyperparameter
     target: str = "ridge"  # "ridge" | "least-squares" (the official code's, behind the paper's numbers)
-    upload: str = "statistics"  # "statistics": (C_k, Q_k) | "solution": the paper's (W_k, C_k + gamma I)
+    upload: str = "auto"  # "auto": the smaller exact form per client | "statistics": (C_k, Q_k) packed |
+    #                       "factor": (R_k, Q_k), R_k^T R_k = C_k | "solution": the paper's (W_k, C_k + gamma I)
     batch_size: int = 1024  # rows per forward pass of the feature map (memory only; the result is the same)
 
     _parameter_constraints = {"gamma": [Interval(0, None, closed="neither")], "target": [Options(TARGETS)],
