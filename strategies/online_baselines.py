@@ -11,27 +11,26 @@
   AEF-OCL without PFG at the end of the stream, so its test accuracy is what the recursion must reproduce.
 
 Both run centralized on the server: with several clients they learn the union of the clients' streams, in the
-order the federated AEF-OCL server folds them. Metrics as AEF-OCL's (see `strategies/aef_ocl.py`).
+order the federated AEF-OCL server folds them. Metrics, stream order and saved model are the online framework's
+(`fedsim.online`), as AEF-OCL's; parameters and registrations: `fedsim.protocol.online`.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from clients.aef_ocl import buffer_seed
 from fedsim.analytic import RidgeStatistics
-from fedsim.engine import ServerContext, StrategySpec, register_strategy
-from fedsim.engine.client import derive_seed
-from fedsim.learners.aef_ocl import buffer_layer, masked_predict
+from fedsim.engine import ServerContext
+from fedsim.learners.aef_ocl import buffer_layer, buffer_seed, masked_predict
+from fedsim.online import (OnlineRun, PrequentialMeter, StreamFailed, TestEvaluator, linear_model, segment_length,
+                           server_threads, union_batches)
+from fedsim.protocol.online import JointRidgeParams, OnlineParams, OnlineSGDParams
+from fedsim.scenario import derive_seed
 from fedsim.training import train_epochs
-from strategies.aef_ocl import (OnlineParams, OnlineRun, PrequentialMeter, StreamFailed, TestEvaluator,
-                                _check_gamma, check_online, linear_model, online_streams, segment_length,
-                                server_threads, union_batches)
 
 
 def _transform(buffer: nn.Module):  # noqa: ANN202
@@ -41,19 +40,15 @@ def _transform(buffer: nn.Module):  # noqa: ANN202
     return apply
 
 
-def _stream(ctx: ServerContext, params) -> tuple:  # noqa: ANN001
-    streams = online_streams(ctx)
+def _stream(ctx: ServerContext, params: OnlineParams) -> tuple:
+    """(training set, backbone, buffer layer, the stream's batches in the federated fold order)."""
+    streams = ctx.streams()
     batches = union_batches(streams, segment_length(params, streams, ctx.config.rounds))
     if not batches:
         raise StreamFailed("the online stream is empty (no client holds any sample)")
     fmap = ctx.feature_map()
     buffer = buffer_layer(int(fmap.dim), params.buffer_width, buffer_seed(ctx.config), params.activation)
     return ctx.train_data(), fmap, buffer, batches
-
-
-@dataclass
-class OnlineSGDParams(OnlineParams):
-    """Optimizer settings come from the scenario's [client] table (lr, momentum, weight_decay, optimizer, epochs)."""
 
 
 class OnlineSGDServer:
@@ -100,15 +95,6 @@ class OnlineSGDServer:
         run.finish(meter, meter.samples, learn, lr=c.lr, epochs_per_batch=c.epochs)
 
 
-@dataclass
-class JointRidgeParams(OnlineParams):
-    gamma: float = 1e-3  # the same default as AEF-OCL
-
-    def validate(self, path: str = "strategy") -> None:
-        super().validate(path)
-        _check_gamma(path, self.gamma)
-
-
 class JointRidgeServer:
     def __init__(self, params: JointRidgeParams) -> None:
         self.params = params
@@ -134,16 +120,3 @@ class JointRidgeServer:
         run.row(len(batches), None, lambda h: masked_predict(h, weights), last=True, samples=len(idx))
         ctx.save_model(linear_model(fmap, buffer, weights))
         run.finish(None, len(idx), learn, gamma=p.gamma)
-
-
-register_strategy(StrategySpec(
-    name="online-sgd", params=OnlineSGDParams, server=OnlineSGDServer, client=None, kind="continual",
-    check=check_online,
-    description="Online SGD fine-tuning of a linear head on AEF-OCL's buffer features (lower bound), same stream",
-))
-register_strategy(StrategySpec(
-    name="joint-ridge", params=JointRidgeParams, server=JointRidgeServer, client=None, kind="continual",
-    check=check_online,
-    description="Ridge regression on the whole stream at once, AEF-OCL's features (upper bound of the analytic "
-                "learner)",
-))

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from fedsim.clients.aef_ocl import learner_for
+from fedsim.learners.aef_ocl import learner_for
 from fedsim.config import load_scenario, load_scenarios
 from fedsim.scenario import partition_for, scenario_feature_map, scenario_streams, train_split
 from fedsim.engine.runner import run_scenario

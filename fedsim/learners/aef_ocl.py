@@ -37,13 +37,17 @@ Two solvers give the same weights (to round-off):
   and the PFG class statistics; W = (C + gamma I)^-1 Q on demand. Statistics of disjoint streams add, so a server
   folding in its clients' increments holds exactly the statistics of the union of their streams, and its W equals
   the recursive learner's on that union; PFG class statistics merge too, so imbalance is corrected globally.
+
+`learner_for(params, config, ...)` and `buffer_seed(config)` are the scenario's factories: the server, every client
+and the online baselines build the same buffer layer and PFG settings from them. The names the settings may take
+(BALANCE_RULES, PFG_SPACES; activations in `fedsim.catalog`) are declared, torch-free, in `fedsim.protocol.aef_ocl`.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -55,7 +59,14 @@ from fedsim.analytic import (
     pack_upper,
     unpack_upper,
 )
-from fedsim.features import ACTIVATIONS, BufferLayer
+from fedsim.catalog import ACTIVATIONS
+from fedsim.features import BufferLayer
+from fedsim.protocol.aef_ocl import BALANCE_RULES, PFG_SPACES
+from fedsim.scenario import derive_seed
+
+if TYPE_CHECKING:
+    from fedsim.config import ScenarioConfig
+    from fedsim.protocol.aef_ocl import AEFOCLParams
 
 __all__ = [
     "BALANCE_RULES",
@@ -64,12 +75,12 @@ __all__ = [
     "AEFOCL",
     "PseudoFeatureGenerator",
     "buffer_layer",
+    "buffer_seed",
+    "learner_for",
     "masked_predict",
     "reduce_statistics",
 ]
 
-BALANCE_RULES = ("max", "mean")
-PFG_SPACES = ("backbone", "buffer")
 SOLVERS = ("recursive", "statistics")
 
 # Rows pushed through the least-squares update (or the Gram) at a time: compute-bound, bounded memory.
@@ -461,3 +472,17 @@ def reduce_statistics(replies: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     count = sum(int(np.asarray(r["count"]).reshape(-1)[0]) for r in replies)
     return {"gram": packed, "cross": cross, "count": np.array([count], np.int64),
             "pfg_count": pfg.count, "pfg_mean": pfg.mean, "pfg_m2": pfg.m2}
+
+
+# ------------------------------------------------------------------------------------------- scenario factories
+def buffer_seed(config: ScenarioConfig) -> int:
+    """Seed of the scenario's buffer layer: the same on every node, the server and the online baselines."""
+    return derive_seed(config.seed, "aef-ocl")
+
+
+def learner_for(params: AEFOCLParams, config: ScenarioConfig, num_classes: int, solver: str) -> AEFOCL:
+    """The scenario's AEF-OCL learner: the same buffer layer (seed) and PFG settings on the server and clients."""
+    return AEFOCL(gamma=params.gamma, buffer_width=params.buffer_width, activation=params.activation,
+                  pfg=params.pfg, noise=params.noise, balance=params.balance, draws=params.draws,
+                  pfg_space=params.pfg_space, solver=solver, num_classes=num_classes,
+                  seed=buffer_seed(config), defer_rows=params.defer_rows if solver == "recursive" else 0)
