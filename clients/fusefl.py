@@ -9,50 +9,32 @@ With `strategy.head = "ridge"` there is one more round (K + 1): the client recei
 (stages 1..K), runs its data through it once (no training) and uploads the ridge statistics of the fused
 embedding with a bias column, Z^T Z (upper triangle, float64) and Z^T Y.
 Replies are keyed by partition id, so a node serving several clients concatenates them (`reduce`).
+Messages: `fedsim.protocol.fusefl`.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, MetricRecord, RecordDict
+from flwr.app import RecordDict
 from torch import nn
 
-from clients.sgd import from_arrayrecord, scenario_model, to_arrayrecord
-from fedsim.engine.client import ClientEnv, concatenate_replies, train_split
-from fedsim.analytic import RidgeStatistics, pack_upper
+from fedsim.analytic import RidgeStatistics
+from fedsim.engine import ClientEnv
+from fedsim.engine.node import concatenate_replies
 from fedsim.learners.fusefl import Column, Merge, StageModel, build_fused, column_state, fused_embedding, \
     stage_modules, stage_output_shapes
+from fedsim.protocol import fusefl as protocol
+from fedsim.protocol.fusefl import FuseFLParams
+from fedsim.scenario import ScenarioView
 from fedsim.training import arrays_to_state, train_epochs
 
-STAGE_KEY = "fusefl"  # ConfigRecord: stage (1-based), columns (columns per fused stage so far)
-FUSED_KEY = "fused"  # ArrayRecord: state of the fused lower part (stages 1..k-1), FusedNet keys
-COLUMN_PREFIX = "column."  # ArrayRecord per client: "column.<pid>"
-HEAD_PREFIX = "head."  # ArrayRecord per client at the last stage: "head.<pid>"
-STATS_PREFIX = "stats."  # ArrayRecord per client in the ridge-head round: gram (packed), cross
-META_PREFIX = "meta."  # MetricRecord per client: num-examples, train_loss
-WEIGHT_KEY = "num-examples"
 
-
-def stage_of(content: RecordDict) -> tuple[int, list[int]]:
-    """The stage number and the fused layout (columns per stage) a server message describes."""
-    cfg = content.config_records[STAGE_KEY]
-    columns = [int(c) for c in cfg.get("columns", [])]
-    return int(cfg["stage"]), columns
-
-
-def stage_message(stage: int, columns: list[int], lower_arrays: dict[str, np.ndarray] | None) -> RecordDict:
-    """What the server sends at `stage`: the stage number, the fused layout and (stage > 1) the fused weights."""
-    content = RecordDict({STAGE_KEY: ConfigRecord({"stage": int(stage), "columns": [int(c) for c in columns]})})
-    if lower_arrays:
-        content[FUSED_KEY] = to_arrayrecord(lower_arrays)
-    return content
-
-
-def client_stage_model(config, params, num_classes: int, input_shape: tuple, stage: int, columns: list[int],
-                       lower_arrays: dict[str, np.ndarray] | None) -> StageModel:  # noqa: ANN001
+def client_stage_model(view: ScenarioView, params: FuseFLParams, stage: int, columns: list[int],
+                       lower_arrays: dict[str, np.ndarray] | None) -> StageModel:
     """Client m's trainable model at `stage` (1-based): frozen fused lower part, own column, own local head."""
-    net = scenario_model(config, num_classes, input_shape)  # the common initial model
+    input_shape = view.input_shape
+    net = view.initial_model()  # the common initial model
     templates = stage_modules(net, params.stages)
     if len(columns) != stage - 1:
         raise ValueError(f"stage {stage} needs the layout of {stage - 1} fused stages, got {columns}")
@@ -68,13 +50,14 @@ def client_stage_model(config, params, num_classes: int, input_shape: tuple, sta
     return StageModel(lower, column, upper, net.head)
 
 
-def head_statistics(config, params, num_classes: int, input_shape: tuple, columns: list[int],
+def head_statistics(view: ScenarioView, params: FuseFLParams, columns: list[int],
                     fused_arrays: dict[str, np.ndarray], x: torch.Tensor, y: torch.Tensor,
-                    batch_size: int = 1024) -> RidgeStatistics:  # noqa: ANN001
+                    batch_size: int = 1024) -> RidgeStatistics:
     """Ridge statistics of [e(x), 1] for the fused embedding e of the K fused stages (strategy.head = "ridge")."""
-    net = scenario_model(config, num_classes, input_shape)
+    num_classes = view.num_classes
+    net = view.initial_model()
     templates = stage_modules(net, params.stages)
-    fused = build_fused(templates, columns, params.merge, input_shape)
+    fused = build_fused(templates, columns, params.merge, view.input_shape)
     arrays_to_state(fused, fused_arrays)
     dim = net.feature_dim * (columns[-1] if params.head_features == "concat" else 1)
     stats = RidgeStatistics.zeros(dim + 1, num_classes)
@@ -89,26 +72,21 @@ def head_statistics(config, params, num_classes: int, input_shape: tuple, column
 class FuseFLClient:
     """Trains its column of stage k on top of the frozen fused stages and uploads it."""
 
-    def __init__(self, params) -> None:  # noqa: ANN001
+    def __init__(self, params: FuseFLParams) -> None:
         self.params = params
 
     def train(self, content: RecordDict, env: ClientEnv) -> RecordDict:
-        stage, columns = stage_of(content)
+        p = self.params
+        stage, columns = protocol.stage_of(content)
         data = env.train_data()
-        full = train_split(env.config)
-        lower_arrays = from_arrayrecord(content[FUSED_KEY]) if FUSED_KEY in content else None
+        lower_arrays = protocol.fused_of(content)
         pid = env.partition_id
-        if stage == self.params.stages + 1:  # the ridge-head round: statistics of the fused embedding
-            stats = head_statistics(env.config, self.params, full.num_classes, full.input_shape, columns,
-                                    lower_arrays or {}, data.x, data.y)
-            return RecordDict({
-                f"{STATS_PREFIX}{pid}": to_arrayrecord({"gram": pack_upper(stats.gram), "cross": stats.cross}),
-                f"{META_PREFIX}{pid}": MetricRecord({WEIGHT_KEY: int(len(data)), "train_loss": 0.0}),
-            })
-        model = client_stage_model(env.config, self.params, full.num_classes, full.input_shape, stage, columns,
-                                   lower_arrays)
+        if stage == p.stages + 1:  # the ridge-head round: statistics of the fused embedding
+            stats = head_statistics(env, p, columns, lower_arrays or {}, data.x, data.y)
+            return protocol.statistics_reply(pid, stats, len(data))
+        model = client_stage_model(env, p, stage, columns, lower_arrays)
         c = env.config.client
-        epochs = self.params.epochs_per_stage if self.params.epochs_per_stage is not None else c.epochs
+        epochs = p.epochs_per_stage if p.epochs_per_stage is not None else c.epochs
         loss = float("nan")
         if len(data) > 0 and epochs > 0:
             stats = train_epochs(model, data.x, data.y, epochs=epochs, batch_size=c.batch_size, lr=c.lr,
@@ -116,14 +94,10 @@ class FuseFLClient:
                                  seed=env.seed, device=env.device)
             loss = float(stats.get("loss", float("nan")))
         model.cpu()
-        reply = RecordDict({
-            f"{COLUMN_PREFIX}{pid}": to_arrayrecord(column_state(model.column)),
-            f"{META_PREFIX}{pid}": MetricRecord({WEIGHT_KEY: int(len(data)),
-                                                 "train_loss": loss if np.isfinite(loss) else 0.0}),
-        })
-        if stage == self.params.stages and self.params.head != "ridge":
+        head = None
+        if stage == p.stages and p.head != "ridge":
             head = {k: v.detach().numpy() for k, v in model.head.state_dict().items()}
-            reply[f"{HEAD_PREFIX}{pid}"] = to_arrayrecord(head)
-        return reply
+        return protocol.column_reply(pid, column_state(model.column), len(data),
+                                     loss if np.isfinite(loss) else 0.0, head)
 
     reduce = staticmethod(concatenate_replies)  # one node, several clients: records side by side

@@ -9,8 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from fedsim.learners.fusefl import Column, Ensemble, FusedNet, FusedStage, Merge, StageModel, average_states, \
-    build_fused, fused_embedding, ridge_head, stage_modules, stage_output_shapes
+from fedsim.averaging import weighted_average
+from fedsim.catalog import MODEL_BLOCKS, MODELS
+from fedsim.learners.fusefl import Column, Ensemble, FusedNet, FusedStage, Merge, StageModel, build_fused, \
+    fused_embedding, ridge_head, stage_modules, stage_output_shapes
 from fedsim.models import build_model, num_parameters
 from fedsim.training import train_epochs
 
@@ -158,13 +160,29 @@ def test_stage_model_trains_only_its_column_and_head_and_keeps_the_lower_part_fr
     assert any(not torch.equal(v, col_before[k]) for k, v in column.state_dict().items())
 
 
-def test_average_states_weights_floats_and_keeps_integer_buffers():
+def test_weighted_average_weights_floats_in_their_dtype_as_the_avg_head_needs():
+    # the fused "avg" head is the uniform weighted_average of the clients' heads (float-only: fc weight and bias);
+    # integer buffers follow the FedAvg rule (averaged, float64) instead of the former average_states' maximum
     a = {"w": np.array([1.0, 3.0], dtype=np.float32), "n": np.array(4)}
     b = {"w": np.array([3.0, 7.0], dtype=np.float32), "n": np.array(9)}
-    out = average_states([a, b], [1, 3])
+    out = weighted_average([a, b], [1, 3])
     np.testing.assert_array_equal(out["w"], np.array([2.5, 6.0], dtype=np.float32))
-    assert out["w"].dtype == np.float32 and out["n"] == 9
-    np.testing.assert_array_equal(average_states([a, b])["w"], np.array([2.0, 5.0], dtype=np.float32))
+    assert out["w"].dtype == np.float32 and out["n"] == 7.75
+    np.testing.assert_array_equal(weighted_average([a, b])["w"], np.array([2.0, 5.0], dtype=np.float32))
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_heads_hold_only_float_entries(name):
+    net = build_model(name, SHAPES[name], num_classes=10, width=4)
+    assert all(v.is_floating_point() for v in net.head.state_dict().values())
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_catalog_model_blocks_match_the_built_models(name):
+    # fusefl's config check reads MODEL_BLOCKS instead of building a torch model
+    assert set(MODEL_BLOCKS) == set(MODELS)
+    for shape in ((3, 32, 32), (1, 28, 28), (1, 8, 8)):
+        assert build_model(name, shape, num_classes=2, width=2).num_blocks == MODEL_BLOCKS[name], shape
 
 
 def test_ensemble_averages_probabilities_or_logits():

@@ -12,12 +12,13 @@ import torch
 from flwr.app import MetricRecord, RecordDict
 
 from conftest import scenario_config
-from fedsim.clients.fusefl import COLUMN_PREFIX, META_PREFIX, WEIGHT_KEY, FuseFLClient, stage_message
-from fedsim.clients.sgd import scenario_model, to_arrayrecord
+from fedsim.clients.fusefl import FuseFLClient
+from fedsim.codec import to_record
 from fedsim.analytic import RidgeStatistics, ridge_solve
 import fedsim.scenario as engine_client
 from fedsim.engine.accounting import failing_clients, record_nbytes
-from fedsim.scenario import partition_for
+from fedsim.protocol.fusefl import COLUMN_PREFIX, META_PREFIX, WEIGHT_KEY, stage_message
+from fedsim.scenario import partition_for, scenario_model
 from fedsim.engine.node import ClientEnv
 from fedsim.engine.runner import run_scenario
 from fedsim.errors import ConfigError
@@ -73,10 +74,10 @@ def trio(tmp_path_factory):
 
 def _expected_upload(pid, n, arrays, head=None):
     """The bytes of exactly one column (+ the head, the example count and loss): what a client's reply weighs."""
-    reply = RecordDict({f"{COLUMN_PREFIX}{pid}": to_arrayrecord(arrays),
+    reply = RecordDict({f"{COLUMN_PREFIX}{pid}": to_record(arrays),
                         f"{META_PREFIX}{pid}": MetricRecord({WEIGHT_KEY: n, "train_loss": 0.5})})
     if head is not None:
-        reply[f"head.{pid}"] = to_arrayrecord(head)
+        reply[f"head.{pid}"] = to_record(head)
     return record_nbytes(reply)
 
 
@@ -108,7 +109,7 @@ def test_client_uploads_its_column_state_and_nothing_else(tmp_path):
     config = _config(tmp_path, 'strategy.merge="conv1x1"')
     parts = partition_for(config)
     pid = int(np.argmax([len(p) for p in parts]))
-    env = ClientEnv(pid, 5, config, config.strategy.params, 1, parts[pid])
+    env = ClientEnv(config, pid, 1, parts[pid])
     client = FuseFLClient(config.strategy.params)
     first = client.train(stage_message(1, [], None), env)
     assert set(first.keys()) == {f"{COLUMN_PREFIX}{pid}", f"{META_PREFIX}{pid}"}
@@ -120,7 +121,7 @@ def test_client_uploads_its_column_state_and_nothing_else(tmp_path):
     # stage 2 on a lower part of 3 columns: the upload is the conv1x1 adaptor (3c -> c) + block 2 + the head
     lower = build_fused(template, [3], "conv1x1", (1, 28, 28))
     arrays = {k: v.numpy() for k, v in lower.state_dict().items()}
-    env2 = ClientEnv(pid, 5, config, config.strategy.params, 2, parts[pid])
+    env2 = ClientEnv(config, pid, 2, parts[pid])
     second = client.train(stage_message(2, [3], arrays), env2)
     col = second[f"{COLUMN_PREFIX}{pid}"]
     c = template[0][-1].conv.out_channels

@@ -31,8 +31,9 @@ Frozen stages always run in eval mode (their BatchNorm statistics are those the 
 code leaves them in train mode so they drift). The fused network grows with M: M columns per stage.
 The result, `FusedNet`, is a plain `torch.nn.Module` (inference needs torch and this module, not the simulator).
 
-The one-shot baselines beside it: `Ensemble` (the M local models, averaged softmax or logits) and
-`average_states` (one-shot FedAvg: example-weighted parameter and BatchNorm-buffer average, done once).
+The one-shot baselines' `Ensemble` (the M local models, averaged softmax or logits) lives beside it; model averages
+(FuseFL's "avg" head, one-shot FedAvg) use `fedsim.averaging.weighted_average`. The option names (MERGES, HEADS,
+HEAD_FEATURES) belong to the torch-free protocol `fedsim.protocol.fusefl`.
 """
 
 from __future__ import annotations
@@ -44,9 +45,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedsim.protocol.fusefl import HEAD_FEATURES, HEADS, MERGES
+
 __all__ = [
     "MERGES",
     "HEADS",
+    "HEAD_FEATURES",
     "COMBINES",
     "Merge",
     "Column",
@@ -59,14 +63,10 @@ __all__ = [
     "build_fused",
     "fused_embedding",
     "ridge_head",
-    "average_states",
     "column_state",
 ]
 
-MERGES = ("avg", "sum", "conv1x1")
-HEADS = ("avg", "logits", "ridge")
 HEAD_RULES = ("avg", "logits", "concat")  # how a FusedNet applies its head
-HEAD_FEATURES = ("mean", "concat")
 COMBINES = ("softmax", "logits")
 
 
@@ -305,31 +305,6 @@ def ridge_head(head: nn.Module, weights: np.ndarray) -> nn.Module:
 def column_state(column: Column) -> dict[str, np.ndarray]:
     """What a client uploads for its column: every parameter and buffer of (merge, block), as numpy arrays."""
     return {k: v.detach().cpu().numpy() for k, v in column.state_dict().items()}
-
-
-def average_states(states: Sequence[dict[str, np.ndarray]], weights: Sequence[float] | None = None
-                   ) -> dict[str, np.ndarray]:
-    """Weighted mean of state dicts (float entries); integer buffers (BatchNorm's batch count) keep the maximum.
-
-    Used for the FuseFL classifier (uniform mean of the clients' heads) and one-shot FedAvg (example-weighted).
-    """
-    if not states:
-        raise ValueError("nothing to average")
-    w = np.ones(len(states)) if weights is None else np.asarray(weights, dtype=np.float64)
-    if w.sum() <= 0:
-        w = np.ones(len(states))
-    w = w / w.sum()
-    out = {}
-    for key in states[0]:
-        arrays = [np.asarray(s[key]) for s in states]
-        if np.issubdtype(arrays[0].dtype, np.floating):
-            acc = np.zeros(arrays[0].shape, dtype=np.float64)
-            for f, a in zip(w, arrays):
-                acc += f * a.astype(np.float64)
-            out[key] = acc.astype(arrays[0].dtype)
-        else:
-            out[key] = np.max(np.stack(arrays), axis=0)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- ensemble baseline
