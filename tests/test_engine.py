@@ -122,7 +122,7 @@ class _InterruptingServer:
 
 
 register_strategy(StrategySpec(name="test-interrupt", params=_Params, server=_InterruptingServer,
-                               client=_EchoClient, description="test only"))
+                               client=_EchoClient, reducible=True, description="test only"))
 
 
 def test_interrupted_run_keeps_what_it_wrote(tmp_path):

@@ -67,7 +67,7 @@ __all__ = [
 ]
 
 HEAD_RULES = ("avg", "logits", "concat")  # how a FusedNet applies its head
-COMBINES = ("softmax", "logits")
+from fedsim.protocol.oneshot import COMBINES  # noqa: E402  (torch-free, shared with the ensemble baseline)
 
 
 # ------------------------------------------------------------------------------------------------- fusion parts
