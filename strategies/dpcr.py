@@ -4,7 +4,7 @@ He et al., "Dual-Projection Shift Estimation and Classifier Reconstruction for E
 Learning", ICML 2025 (arXiv 2503.05423); official code github RHe502/ICML25-DPCR. Exemplar-free: no image of an
 old class is kept, only per-class statistics of backbone features x (rows, d = the backbone's embedding width).
 
-Per task t (classes arriving as in ``strategies.cil_baselines``):
+Per task t (classes arriving as in ``fedsim.class_incremental``, messages of ``fedsim.protocol.dpcr``):
 
 1. Backbone: task 0 cross-entropy; t >= 1 LwF, CE(new classes) + lambda * KD(old logits, T), trained by
    ``local_rounds`` rounds of FedAvg over the clients' shares of the task (one client = centralized training).
@@ -29,20 +29,15 @@ logged as ``acc_*`` columns of metrics.csv and under ``companions`` in summary.j
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, RecordDict
 
-from clients.cil import ARRAYS_KEY, CONFIG_KEY, OLD_KEY, embed
-from clients.dpcr import DPCRClient
-from clients.sgd import to_arrayrecord
-from fedsim.engine import ServerContext, StrategySpec, register_strategy
-from fedsim.errors import ConfigError
+from fedsim.class_incremental import MAIN, CILServer, embed
+from fedsim.engine import ServerContext
 from fedsim.learners.dpcr import DPCR, decode_statistics
+from fedsim.protocol import dpcr as protocol
 from fedsim.training import state_to_arrays
-from strategies.cil_baselines import MAIN, LwFParams, LwFServer, check_class_incremental
 
 #: The ablation rows of the paper (Table 4): name -> (tssp, cip, class_norm).
 ABLATION = {
@@ -53,39 +48,10 @@ ABLATION = {
 }
 
 
-@dataclass
-class DPCRParams(LwFParams):
-    gamma: float = 100.0  # ridge regularization of the reconstruction
-    tssp: bool = True  # task-wise shift projection
-    cip: bool = True  # category-wise row-space projection (needs tssp)
-    cip_tol: float | None = None  # None: numerical rank (S > S_max d eps); t > 0: S > t S_max; 0: S > 0 (official)
-    class_norm: bool = True  # unit-norm class vectors
-    tssp_eps: float = 1e-9  # TSSP's ridge
-    ablation: bool = False  # also evaluate the ablation classifiers and the LwF head on the same statistics
-
-    def validate(self, path: str = "strategy") -> None:
-        super().validate(path)
-        if not self.gamma > 0 or not np.isfinite(self.gamma):
-            raise ConfigError(f"{path}.gamma: {self.gamma!r} is out of range; it must be a finite number > 0")
-        if self.cip and not self.tssp:
-            raise ConfigError(f"{path}.cip: true needs {path}.tssp = true (CIP refines the TSSP map W_c = Delta P_c); "
-                              f"set {path}.cip = false too, or use strategy.name = 'ridge-uncalibrated'")
-        if self.cip_tol is not None and not (self.cip_tol >= 0 and np.isfinite(self.cip_tol)):
-            raise ConfigError(f"{path}.cip_tol: {self.cip_tol!r} is out of range; it must be >= 0 (0 = official "
-                              "S > 0) or unset (numerical rank)")
-        if not (self.tssp_eps >= 0 and np.isfinite(self.tssp_eps)):
-            raise ConfigError(f"{path}.tssp_eps: {self.tssp_eps!r} is out of range; it must be a finite number >= 0")
-
-
-@dataclass
-class RidgeUncalibratedParams(DPCRParams):
-    tssp: bool = False
-    cip: bool = False
-    class_norm: bool = False
-
-
-class DPCRServer(LwFServer):
+class DPCRServer(CILServer):
     """LwF backbone per task (FedAvg), one statistics round, calibration and reconstruction on the server."""
+
+    loss = "lwf"
 
     def _learner(self, tssp: bool, cip: bool, class_norm: bool) -> DPCR:
         p = self.params
@@ -99,11 +65,9 @@ class DPCRServer(LwFServer):
         self.stat_seconds_ = 0.0
 
     def after_training(self, ctx, t, task_classes, model, old, round_):  # noqa: ANN001, ANN201
-        content = RecordDict({ARRAYS_KEY: to_arrayrecord(state_to_arrays(model)),
-                              CONFIG_KEY: ConfigRecord({"phase": "dpcr-stats", "classes": task_classes})})
         needs_drift = self.params.tssp or bool(self.companions_)
-        if old is not None and needs_drift:
-            content[OLD_KEY] = to_arrayrecord(state_to_arrays(old))
+        drift_from = state_to_arrays(old) if old is not None and needs_drift else None
+        content = protocol.stats_request(state_to_arrays(model), task_classes, drift_from)
         arrays = self.collect(ctx, content, round_)
         if arrays is None:
             raise RuntimeError(f"no client answered the statistics round of task {t}")
@@ -137,16 +101,3 @@ class DPCRServer(LwFServer):
     def model_state(self, model: torch.nn.Module) -> dict:
         return {"backbone": model.cpu().state_dict(), "dpcr": self.learner_.get_state(),
                 "classes": self.learner_.classes_.tolist()}
-
-
-register_strategy(StrategySpec(
-    name="dpcr", params=DPCRParams, server=DPCRServer, client=DPCRClient, kind="continual",
-    check=check_class_incremental,
-    description="DPCR (He et al. 2025): LwF backbone + TSSP/CIP-calibrated class statistics + ridge reconstruction "
-                "+ class normalization; federated by summing client statistics",
-))
-register_strategy(StrategySpec(
-    name="ridge-uncalibrated", params=RidgeUncalibratedParams, server=DPCRServer, client=DPCRClient,
-    kind="continual", check=check_class_incremental,
-    description="Ridge classifier rebuilt from stored, un-calibrated class statistics (DPCR with TSSP/CIP/CN off)",
-))
