@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
+import secrets
+import stat
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -58,13 +59,35 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _temporary_beside(path: Path) -> tuple[int, str]:
+    """A new file next to ``path``, created with mode 0666 so the kernel applies the user's umask, exactly as a
+    plain ``open(path, "w")`` would (``tempfile.mkstemp`` would make it 0600)."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666), str(tmp)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"cannot create a temporary file beside {path}")
+
+
 def atomic_write(path: Path, data: bytes | str) -> None:
+    """Replace ``path`` with ``data`` atomically (a killed run never leaves a half-written file).
+
+    The file gets the mode a plain ``open()`` would give it: the existing file's mode when it is replaced, else
+    0666 less the umask.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     mode = "wb" if isinstance(data, bytes) else "w"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = _temporary_beside(path)
     try:
         with os.fdopen(fd, mode) as fh:
             fh.write(data)
+        try:
+            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))  # keep the mode of the file it replaces
+        except FileNotFoundError:
+            pass
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -196,12 +196,45 @@ def _base_dirs(name: str, root: str | None) -> list[Path]:
     return _dedupe(dirs)
 
 
+# What the official CIFAR python pickles (and numpy arrays pickled by any numpy version) are made of: numpy's
+# array and scalar reconstructors and dtypes, plus the codec Python 3 uses for bytes in protocol-2 pickles.
+# dict, list, tuple, str, bytes and numbers need no global at all. Nothing else may be loaded: an unpickler that
+# resolves arbitrary globals runs arbitrary code (`os.system` in a crafted file).
+_CIFAR_PICKLE_GLOBALS = frozenset({
+    (module, name)
+    for prefix in ("numpy.core", "numpy._core")
+    for module, name in ((f"{prefix}.multiarray", "_reconstruct"), (f"{prefix}.multiarray", "scalar"),
+                         (f"{prefix}.numeric", "_frombuffer"))
+} | {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")})
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Loads plain containers, numbers, strings and numpy arrays; any other global is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _CIFAR_PICKLE_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused to load the global {module}.{name}; a CIFAR batch holds only "
+                                     "dicts, lists, strings, numbers and numpy arrays")
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("refused a persistent id; a CIFAR batch has none")
+
+
 def _unpickle(path: Path) -> dict:
+    """Read one CIFAR python batch with the restricted unpickler: data files are never allowed to run code."""
     try:
         with open(path, "rb") as fh:
-            return pickle.load(fh, encoding="latin1")
+            batch = _RestrictedUnpickler(fh, encoding="latin1").load()
     except Exception as err:
-        raise DataUnavailableError(f"cannot read {path} as a CIFAR python batch: {type(err).__name__}: {err}") from err
+        raise DataUnavailableError(
+            f"cannot read {path} as a CIFAR python batch: {type(err).__name__}: {err}. Only the official "
+            "python-version files (dicts of numpy arrays and lists) are accepted."
+        ) from err
+    if not isinstance(batch, dict):
+        raise DataUnavailableError(f"cannot read {path} as a CIFAR python batch: it holds a "
+                                   f"{type(batch).__name__}, not a dict")
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
 
 
 def _cifar_arrays(name: str, files: list[Path], label_key: str) -> tuple[np.ndarray, np.ndarray]:

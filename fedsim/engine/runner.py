@@ -7,6 +7,7 @@ import os
 import sys
 import time
 import warnings
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +23,35 @@ from fedsim.engine.server import AccountingGrid, ServerContext
 from fedsim.errors import ConfigError, FedsimError
 from fedsim.results import REQUIRED_SUMMARY_KEYS, RunRecorder
 
-# No network at run time: Flower's telemetry and Ray's usage stats stay off unless the user turns them on.
-QUIET_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_DEDUP_LOGS": "1",
-    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-    "TOKENIZERS_PARALLELISM": "false",
-}
+from fedsim import QUIET_ENV  # noqa: F401  (set in os.environ when fedsim is imported, before any flwr import)
+
+
+def _no_telemetry_event(event_type: Any, event_details: Any = None) -> Future:
+    """Stands in for Flower's telemetry ``event``: builds nothing, sends nothing."""
+    done: Future = Future()
+    done.set_result("disabled")
+    return done
+
+
+def silence_flower_telemetry() -> bool:
+    """With telemetry disabled (fedsim's default, ``FLWR_TELEMETRY_ENABLED=0``), make Flower's telemetry ``event``
+    a no-op in every loaded flwr module; return whether it did.
+
+    Disabled, Flower still builds each event (platform and hardware details, a persistent id it writes to
+    ``~/.flwr/source``) and only skips the POST; and a flwr imported before fedsim read the variable too early.
+    Called right before the simulation starts, when the modules that call ``event`` are loaded.
+    """
+    if os.environ.get("FLWR_TELEMETRY_ENABLED", "1") != "0":
+        return False
+    import flwr.supercore.telemetry as telemetry
+
+    telemetry.FLWR_TELEMETRY_ENABLED = "0"
+    original = getattr(telemetry, "_fedsim_original_event", telemetry.event)
+    telemetry._fedsim_original_event = original
+    for name, module in list(sys.modules.items()):
+        if (name == "flwr" or name.startswith("flwr.")) and getattr(module, "event", None) is original:
+            module.event = _no_telemetry_event
+    return True
 
 
 class RunFailed(FedsimError):
@@ -68,8 +90,6 @@ def run_scenario(config: ScenarioConfig, out_dir: str | Path, *, label: str | No
     Interrupting (Ctrl-C) keeps config.json, partition.csv, the finished rows of metrics.csv and writes a
     summary.json with ``status = "interrupted"``.
     """
-    for key, value in QUIET_ENV.items():
-        os.environ.setdefault(key, value)
     if not config.simulation.verbose:  # Flower's per-round INFO log and run_simulation's deprecation notice
         logging.getLogger("flwr").setLevel(logging.ERROR)
         logging.getLogger("ray").setLevel(logging.WARNING)
@@ -178,6 +198,7 @@ def _run_on_ray(config: ScenarioConfig, client_app, server_main) -> None:  # noq
     """Flower's simulation engine with the Ray backend; configuration travels inside the apps."""
     from flwr.simulation import run_simulation
 
+    silence_flower_telemetry()
     server_app = ServerApp()
 
     @server_app.main()
