@@ -21,7 +21,9 @@ The loop (``CILServer.run``), per task t with the seen classes S_t (tasks 0..t) 
 At the end: ``accuracy_matrix.csv`` (a[i][j] after task i on task j's classes), ``summary.json`` with the continual
 metrics of ``fedsim.continual`` (``final_accuracy``, ``average_incremental_accuracy``, ``forgetting``,
 ``backward_transfer``), ``num_tasks``, ``task_classes``, ``num_parameters``, ``companions`` and the
-``final_summary`` hook's values, and ``model.pt`` = the ``model_state`` hook's dict.
+``final_summary`` hook's values, and ``model.pt`` = the ``saved_model`` hook's ``IncrementalModel``: one torch module
+that maps images to scores over all classes exactly as the run predicted (the backbone's head, or a classifier on
+its embeddings), with the stored statistics readable by key (``model["backbone"]``, ``model["dpcr"]``, ...).
 
 Other hooks: ``begin`` (before the first task; create classifiers). Class attributes ``loss`` ("ce" or "lwf") and
 ``cumulative`` choose the training.
@@ -52,7 +54,7 @@ from fedsim.training import arrays_to_state, predict_logits, state_to_arrays
 if TYPE_CHECKING:  # the client parts import the factories below without the server's machinery
     from fedsim.engine.server import ServerContext
 
-__all__ = ["MAIN", "CILServer", "embed", "load_model"]
+__all__ = ["MAIN", "CILServer", "IncrementalModel", "embed", "load_model"]
 
 MAIN = "main"  # the strategy's own prediction among those ``predict`` returns
 
@@ -81,6 +83,43 @@ def load_model(view: ScenarioView, arrays: ArrayRecord | dict[str, np.ndarray]) 
     model = view.initial_model()
     arrays_to_state(model, from_record(arrays) if isinstance(arrays, ArrayRecord) else arrays)
     return model
+
+
+class IncrementalModel(nn.Module):
+    """What a class-incremental run saves: ``model(x)`` -> scores (n, num_classes) as the run predicted them.
+
+    With ``weights`` None the backbone's own head scores the ``classes`` seen; otherwise a linear classifier
+    (``weights``: embedding dim x len(classes), float64) reads the backbone's embeddings, L2-normalized when
+    ``normalize`` (nearest class mean on unit vectors). Classes outside ``classes`` score -inf. The strategy's
+    stored state (backbone weights, class statistics, prototypes) stays readable as ``model[key]``.
+    """
+
+    def __init__(self, backbone: nn.Module, classes: list[int], num_classes: int,
+                 weights: np.ndarray | None = None, normalize: bool = False, state: dict | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.num_classes = int(num_classes)
+        self.normalize = bool(normalize)
+        self.register_buffer("classes", torch.as_tensor(list(classes), dtype=torch.long))
+        self.register_buffer("weights", None if weights is None else torch.as_tensor(np.asarray(weights),
+                                                                                       dtype=torch.float64))
+        self.state = dict(state or {})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weights is None:
+            logits = self.backbone(x)
+            out = torch.full_like(logits, float("-inf"))
+            out[:, self.classes] = logits[:, self.classes]
+            return out
+        z = self.backbone.embed(x).double()
+        if self.normalize:
+            z = nn.functional.normalize(z, dim=1)
+        out = torch.full((z.shape[0], self.num_classes), float("-inf"), dtype=torch.float64, device=z.device)
+        out[:, self.classes] = z @ self.weights
+        return out
+
+    def __getitem__(self, key: str):  # noqa: ANN204
+        return self.state[key]
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -113,9 +152,10 @@ class CILServer:
         """Extra summary.json values."""
         return {}
 
-    def model_state(self, model: nn.Module) -> dict:
-        """What model.pt holds."""
-        return {"backbone": model.cpu().state_dict()}
+    def saved_model(self, ctx: ServerContext, model: nn.Module, seen: list[int]) -> IncrementalModel:
+        """What model.pt holds: by default the backbone's head over the seen classes."""
+        model = model.cpu()
+        return IncrementalModel(model, seen, ctx.num_classes, state={"backbone": model.state_dict()})
 
     # ---- the loop ----------------------------------------------------------------------------------------
     def run(self, ctx: ServerContext) -> None:
@@ -157,7 +197,7 @@ class CILServer:
             summary["companions"] = others
         summary.update(self.final_summary(ctx))
         ctx.summary(**summary)
-        ctx.save_model(self.model_state(model))
+        ctx.save_model(self.saved_model(ctx, model, seen))
 
     def train_task(self, ctx: ServerContext, t: int, task_classes: list[int], seen: list[int],
                    old_classes: list[int], model: nn.Module, old: nn.Module | None, base: int) -> float:

@@ -1,24 +1,31 @@
 """Benchmark AFL through Flower + Ray against the same math in a bare loop, and FedAvg on the same partition.
 
-For each number of clients N (10, 100, 1000; 10000 with --with-10000) on real Fashion-MNIST, Dirichlet(0.1):
+For each number of clients N (10, 100, 1000; 10000 with --with-10000, 100000 with --with-100000) on real
+Fashion-MNIST, Dirichlet(0.1):
 
 - AFL end to end through Flower + Ray (`scenarios/afl-fmnist.toml`, in a fresh process each): wall time
   (`wall_s`: Ray start + the round + evaluation; `round_s`: the round and evaluation only), server (driver) peak
-  RSS, bytes uploaded, test accuracy. One Flower node serves ceil(N / --nodes) clients (`simulation.clients_per_node`);
-  bytes and failures are still counted per client.
+  RSS, bytes uploaded (`bytes_up_mb`, with the scenario's upload form: "auto" = the smaller exact form per client)
+  against what the packed Gram of every client would be (`packed_up_mb`), test accuracy. One Flower node serves
+  ceil(N / --nodes) clients (`simulation.clients_per_node`); bytes and failures are still counted per client.
 - The same math in a bare Python loop (`bare_s`): for every client, its partition through the same feature map
-  into float64 statistics (`fedsim.learners.afl.client_statistics`), folded into the same `AFLLearner`; one
+  into the same upload (`fedsim.learners.afl.client_upload`), folded into the same `AFLLearner`; one
   solve; the same test evaluation. Timed with 1 BLAS/torch thread and with one per core; `bare_s` is the faster
   (on a busy machine multi-threaded OpenBLAS can be much slower). `ratio = wall_s / bare_s` (and
   `round_ratio = round_s / bare_s`). Data loading and partitioning are outside both timings.
+- The physical floor (`floor_s`, once): the features of every training row, one Gram of all of them (BLAS syrk)
+  and one solve on the same machine, one thread: what any exact method must at least compute.
 - FedAvg (Flower's, `model.name = cnn`) on the same partition and grouping for up to --fedavg-rounds rounds: the
   first round whose test accuracy reaches AFL's and its time, else its best accuracy within the budget.
 
     python scripts/bench_afl.py                       # N = 10, 100, 1000 (about 30 min on 2 cores)
     python scripts/bench_afl.py --with-10000          # adds N = 10000
+    python scripts/bench_afl.py --clients 100 1000 10000 100000 --skip-fedavg --bare-threads 1
     python scripts/bench_afl.py --clients 100 --nodes 100 --skip-fedavg   # one client per Flower node
 
 Targets (issue #3): ratio <= 1.5 at 1000 clients; server peak RSS at 10000 clients within 20% of that at 100.
+Targets (issue #14): at 10000 clients wall time <= 60 s and bytes up >= 10x below the packed form; at 100000
+clients the run completes with server peak RSS within 1.2x of the 100-client run and the same accuracy.
 """
 
 from __future__ import annotations
@@ -91,7 +98,7 @@ def bare_loop(overrides: list[str], threads: int) -> dict:
 
     from fedsim.config import load_scenario
     from fedsim.scenario import partition_for, scenario_feature_map, test_split, train_split
-    from fedsim.learners.afl import AFLLearner, client_statistics
+    from fedsim.learners.afl import AFLLearner, client_upload
     from fedsim.strategies.afl import evaluate_weights
 
     config = load_scenario(SCENARIO, overrides)
@@ -108,12 +115,55 @@ def bare_loop(overrides: list[str], threads: int) -> dict:
             learner = AFLLearner(gamma=p.gamma, target=p.target)
             for idx in parts:
                 data = train.subset(idx)
-                learner.add_statistics(client_statistics(data.x, data.y, fmap, train.num_classes, p.batch_size))
+                learner.add_reply(client_upload(data.x, data.y, fmap, train.num_classes, p.upload, p.gamma,
+                                                p.batch_size))
             weights = learner.solve().coef_
             acc = evaluate_weights(weights, fmap, test, p.batch_size)["accuracy"]
             return {"bare_s": time.perf_counter() - t0, "accuracy": acc}
     finally:
         torch.set_num_threads(torch_threads)
+
+
+def physical_floor(overrides: list[str]) -> dict:
+    """Features of all training rows, one Gram (syrk), one solve: one thread, the least any exact method does."""
+    sys.path.insert(0, str(ROOT))
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    from fedsim.analytic import RidgeStatistics
+    from fedsim.config import load_scenario
+    from fedsim.scenario import scenario_feature_map, train_split
+
+    config = load_scenario(SCENARIO, overrides)
+    p = config.strategy.params
+    train = train_split(config)
+    fmap = scenario_feature_map(config, "cpu")
+    fmap(train.x[:2])
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(limits=1):
+            t0 = time.perf_counter()
+            stats = RidgeStatistics.zeros(int(fmap.dim), train.num_classes)
+            for start in range(0, len(train), 4096):
+                stats.update(fmap(train.x[start:start + 4096], dtype=torch.float64), train.labels[start:start + 4096],
+                             train.num_classes)
+            stats.solve(p.gamma)
+            return {"floor_s": time.perf_counter() - t0}
+    finally:
+        torch.set_num_threads(before)
+
+
+def packed_reply_bytes(dim: int, num_classes: int) -> int:
+    """What one client's packed-Gram reply weighs on the wire (what upload = "statistics" sends)."""
+    import numpy as np
+
+    from fedsim.engine.accounting import record_nbytes
+    from fedsim.protocol import afl as protocol
+
+    arrays = {"gram": np.zeros(dim * (dim + 1) // 2), "cross": np.zeros((dim, num_classes)),
+              "count": np.zeros(1, np.int64)}
+    return record_nbytes(protocol.reply(arrays, 0))
 
 
 # ------------------------------------------------------------------------------------------------- main
@@ -131,6 +181,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, nargs="+", default=[10, 100, 1000])
     parser.add_argument("--with-10000", action="store_true", help="also N = 10000")
+    parser.add_argument("--with-100000", action="store_true", help="also N = 100000")
     parser.add_argument("--nodes", type=int, default=4, help="Flower nodes; each serves ceil(N / nodes) clients")
     parser.add_argument("--dim", type=int, default=None, help="feature dimension (default: the scenario's)")
     parser.add_argument("--fedavg-rounds", type=int, default=5)
@@ -150,9 +201,15 @@ def main() -> None:
 
     import pandas as pd
 
-    sizes = list(args.clients) + ([10000] if args.with_10000 else [])
+    sizes = list(args.clients) + ([10000] if args.with_10000 else []) + ([100000] if args.with_100000 else [])
     out = Path(args.out)
     rows = []
+    floor_overrides = [f"model.feature_dim={args.dim}"] if args.dim else []
+    if args.max_train:
+        floor_overrides.append(f"data.max_train={args.max_train}")
+    floor = physical_floor(floor_overrides)["floor_s"]
+    print(f"physical floor (features of all rows + one Gram + one solve, 1 thread): {floor:.2f} s",
+          file=sys.stderr, flush=True)
     for n in sizes:
         per_node = math.ceil(n / args.nodes)
         common = [f"partition.num_clients={n}", f"simulation.clients_per_node={per_node}"]
@@ -174,7 +231,9 @@ def main() -> None:
             "bare_s": round(bare["bare_s"], 2),
             "ratio": round(s["wall_seconds"] / bare["bare_s"], 2),
             "round_ratio": round(afl["rounds"]["seconds"][-1] / bare["bare_s"], 2),
+            "floor_s": round(floor, 2), "wall_to_floor": round(s["wall_seconds"] / floor, 2),
             "server_rss_mb": round(afl["max_rss_mb"]), "bytes_up_mb": round(s["bytes_up"] / 2**20, 1),
+            "packed_up_mb": round(s["answered_clients"] * packed_reply_bytes(s["feature_dim"], 10) / 2**20, 1),
             "accuracy": s["final_accuracy"], "bare_accuracy": bare["accuracy"],
             "dropped": s["dropped_clients"],
         }
@@ -193,6 +252,15 @@ def main() -> None:
     if 1000 in sizes:
         r = table.set_index("clients").loc[1000, "ratio"]
         print(f"\nframework overhead ratio at 1000 clients: {r} (target <= 1.5)")
+    if 10000 in sizes:
+        r = table.set_index("clients").loc[10000]
+        print(f"10000 clients: wall {r['wall_s']} s (target <= 60), bytes up {r['bytes_up_mb']} MiB vs packed "
+              f"{r['packed_up_mb']} MiB ({r['packed_up_mb'] / max(r['bytes_up_mb'], 1e-9):.1f}x, target >= 10x)")
+    if 100 in sizes and 100000 in sizes:
+        t = table.set_index("clients")
+        print(f"server peak RSS 100000 vs 100 clients: {t.loc[100000, 'server_rss_mb']} vs {t.loc[100, 'server_rss_mb']} MB "
+              f"({t.loc[100000, 'server_rss_mb'] / t.loc[100, 'server_rss_mb']:.2f}x, target <= 1.2x); accuracy "
+              f"{t.loc[100000, 'accuracy']} vs {t.loc[100, 'accuracy']}")
     if 100 in sizes and 10000 in sizes:
         t = table.set_index("clients")["server_rss_mb"]
         print(f"server peak RSS 10000 vs 100 clients: {t[10000]} MB vs {t[100]} MB "

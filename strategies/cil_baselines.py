@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fedsim.class_incremental import MAIN, CILServer, embed
+from fedsim.class_incremental import MAIN, CILServer, IncrementalModel, embed
 from fedsim.engine import ServerContext
 from fedsim.protocol import cil as protocol
 from fedsim.training import state_to_arrays
@@ -66,5 +66,9 @@ class LwFNCMServer(LwFServer):
         # unit vectors: the nearest mean in Euclidean distance is the one with the largest inner product
         return {MAIN: np.asarray(known)[np.argmax(z @ protos.T, axis=1)]}
 
-    def model_state(self, model):  # noqa: ANN001, ANN201
-        return {"backbone": model.cpu().state_dict(), "prototypes": dict(self.prototypes_)}
+    def saved_model(self, ctx, model, seen):  # noqa: ANN001, ANN201
+        known = [c for c in seen if c in self.prototypes_]
+        model = model.cpu()
+        return IncrementalModel(model, known, ctx.num_classes, weights=np.stack([self.prototypes_[c] for c in known]).T,
+                                normalize=True,
+                                state={"backbone": model.state_dict(), "prototypes": dict(self.prototypes_)})

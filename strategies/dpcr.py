@@ -33,7 +33,7 @@ import time
 import numpy as np
 import torch
 
-from fedsim.class_incremental import MAIN, CILServer, embed
+from fedsim.class_incremental import MAIN, CILServer, IncrementalModel, embed
 from fedsim.engine import ServerContext
 from fedsim.learners.dpcr import DPCR, decode_statistics
 from fedsim.protocol import dpcr as protocol
@@ -98,6 +98,10 @@ class DPCRServer(CILServer):
             "server_solve_seconds": round(self.stat_seconds_, 4),
         }
 
-    def model_state(self, model: torch.nn.Module) -> dict:
-        return {"backbone": model.cpu().state_dict(), "dpcr": self.learner_.get_state(),
-                "classes": self.learner_.classes_.tolist()}
+    def saved_model(self, ctx: ServerContext, model: torch.nn.Module, seen: list[int]) -> IncrementalModel:
+        learner = self.learner_
+        classes = learner.classes_.tolist()
+        model = model.cpu()
+        return IncrementalModel(model, classes, ctx.num_classes, weights=learner.coef_[:, classes],
+                                state={"backbone": model.state_dict(), "dpcr": learner.get_state(),
+                                       "classes": classes})
