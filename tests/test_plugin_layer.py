@@ -3,6 +3,7 @@ installed namespace, and a scenario load that needs no torch."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -150,7 +151,10 @@ def test_registry_and_config_do_not_import_each_other():
 
 
 def _python(code: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=120)
+    """A fresh interpreter outside the repository (no PYTHONPATH pointing into it)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=120,
+                          env=env)
 
 
 def test_only_fedsim_is_a_top_level_name(tmp_path):
