@@ -8,7 +8,7 @@ import datetime as _dt
 import sys
 from pathlib import Path
 
-from fedsim.errors import FedsimError
+from fedsim.errors import ConfigError, DataUnavailableError, FedsimError
 
 
 def _default_out(scenario: str | None) -> Path:
@@ -17,41 +17,77 @@ def _default_out(scenario: str | None) -> Path:
     return Path("runs") / f"{stem}-{stamp}"
 
 
+def _writable_dir(path: Path) -> None:
+    """``--out`` must be (or become) a directory fedsim can write; a ConfigError naming it otherwise. Creates
+    nothing: the nearest existing folder on the path must be a writable directory."""
+    import os
+
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        what = "is a file, not a directory" if probe == path else f"cannot be created: {probe} is a file"
+        raise ConfigError(f"--out: {path} {what}; give a directory for the runs")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out: cannot write into {path}: {probe} is not writable (read-only file system or "
+                          "no permission)")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from fedsim.config import load_scenarios, select_variants
-    from fedsim.engine.runner import run_scenario
-    from fedsim.report import report
-    from fedsim.results import completed_run_of
 
-    every = load_scenarios(args.scenario, args.set)
+    every = load_scenarios(args.scenario, args.set)  # torch-free: a bad scenario fails here, fast
     variants = select_variants(every, args.only)
     out = Path(args.out) if args.out else _default_out(args.scenario)
     # a scenario without [[variants]] writes into --out itself; one with variants, one folder per label (also
     # under --only, so a later --resume or report finds every variant where the full run puts it)
     single = len(every) == 1
-    for i, (label, config) in enumerate(variants, 1):
+    from fedsim import results
+
+    _writable_dir(out)
+    plan = []
+    for label, config in variants:
         run_dir = out if single else out / label
-        if args.resume:
-            done = completed_run_of(run_dir, config.to_dict())
-            if done is False:
-                raise FedsimError(f"--resume: {run_dir} holds a completed run of a different configuration "
-                                  f"(variant {label!r}); choose another --out or remove that directory")
-            if done:
+        todo = results.check_run_dir(run_dir, config.to_dict(), resume=args.resume, overwrite=args.overwrite,
+                                     label=None if single else label)
+        plan.append((label, config, run_dir, todo))
+    if not single and not args.overwrite:  # the report files fedsim writes into --out beside the variants
+        taken = [n for n in results.foreign_files(out) if n in results.REPORT_FILES]
+        if taken:
+            raise ConfigError(f"--out: {out} holds {', '.join(taken)} that fedsim did not write; choose another "
+                              "--out, or pass --overwrite to replace them")
+    from fedsim.engine.runner import run_scenario, signals_interrupt_runs
+    from fedsim.preflight import preflight
+    from fedsim.report import report
+
+    with signals_interrupt_runs():  # SIGINT and SIGTERM: exit 130 / 143, the run directory says "interrupted"
+        for label, config, _, todo in plan:
+            if todo:
+                preflight(config, label=None if single else label)
+        for i, (label, config, run_dir, todo) in enumerate(plan, 1):
+            if not todo:
                 if not args.quiet:
-                    print(f"[{i}/{len(variants)}] {label}: completed earlier in {run_dir}, skipped", file=sys.stderr)
+                    print(f"[{i}/{len(plan)}] {label}: completed earlier in {run_dir}, skipped", file=sys.stderr)
                 continue
-        if not args.quiet:
-            print(f"[{i}/{len(variants)}] {label}: {config.strategy.name} on {config.data.name}, "
-                  f"{config.num_clients} clients ({config.partition.kind}) -> {run_dir}", file=sys.stderr)
-        run_scenario(config, run_dir, label=label, show_progress=not args.quiet)
-    report([out], show=not args.quiet)
+            if not args.quiet:
+                print(f"[{i}/{len(plan)}] {label}: {config.strategy.name} on {config.data.name}, "
+                      f"{config.num_clients} clients ({config.partition.kind}) -> {run_dir}", file=sys.stderr)
+            run_scenario(config, run_dir, label=label, show_progress=not args.quiet)
+        try:
+            report([out], out_dir=out, show=not args.quiet)
+        except (FedsimError, OSError) as exc:  # the runs are complete; only the comparison is missing
+            print(f"warning: report: {exc}", file=sys.stderr)
     return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from fedsim.config import load_scenarios
 
-    for label, config in load_scenarios(args.scenario, args.set):
+    loaded = load_scenarios(args.scenario, args.set)  # torch-free
+    from fedsim.preflight import preflight
+
+    for label, config in loaded:
+        preflight(config, label=None if len(loaded) == 1 else label)
         print(f"{label}: ok ({config.strategy.name}, {config.data.name}, {config.num_clients} clients, "
               f"{config.rounds} rounds)")
     return 0
@@ -112,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true",
                      help="with --out of an earlier (interrupted) run: skip the variants it completed with the same "
                           "configuration, run the others again")
+    run.add_argument("--overwrite", action="store_true",
+                     help="allow --out to hold a completed run of another configuration or files fedsim did not "
+                          "write (fedsim replaces its own file names there and deletes nothing it did not write)")
     run.set_defaults(func=cmd_run)
 
     val = sub.add_parser("validate", help="check a scenario file without running it")
@@ -129,19 +168,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _leave_without_waiting_for_threads(code: int, grace: float = 1.0) -> None:
+    """After an interrupt, Flower's non-daemon threads may still wait on replies that will never come; give them
+    ``grace`` seconds, then exit without joining them (the run files are written already)."""
+    import threading
+    import time
+
+    deadline = time.monotonic() + grace
+    for thread in threading.enumerate():
+        if thread is threading.current_thread() or thread.daemon:
+            continue
+        thread.join(max(0.0, deadline - time.monotonic()))
+    if any(t.is_alive() and not t.daemon and t is not threading.current_thread() for t in threading.enumerate()):
+        from fedsim.engine.runner import _hard_exit
+
+        _hard_exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except DataUnavailableError as exc:  # its messages name the dataset and files; the field is data (or weights)
+        field = "model.weights" if str(exc).startswith("Pretrained weights") else "data"
+        print(f"error: {field}: {exc}", file=sys.stderr)
+        return 2
     except FedsimError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except FileNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except OSError as exc:  # a file the user named cannot be read or written
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: the run directory keeps what was written so far", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        from fedsim.engine.runner import interrupt_message
+
+        code = getattr(exc, "exit_code", 130)
+        print(interrupt_message(code), file=sys.stderr)
+        _leave_without_waiting_for_threads(code)
+        return code
 
 
 if __name__ == "__main__":

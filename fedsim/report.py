@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
 from pathlib import Path
 
 import pandas as pd
 
-from fedsim.results import load_run
+from fedsim.errors import FedsimError
+from fedsim.results import UnreadableRun, load_run, record_written
 
 TABLE_COLUMNS = [
     ("label", "run"), ("strategy", "strategy"), ("dataset", "dataset"), ("num_clients", "clients"),
@@ -32,6 +35,31 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
     if not found:
         raise FileNotFoundError(f"no run directories (with summary.json) under {', '.join(map(str, paths))}")
     return found
+
+
+def load_runs(dirs: list[Path], warn: bool = True) -> list[dict]:
+    """``load_run`` of each directory; one that cannot be read (truncated summary.json, binary metrics.csv) is
+    skipped with a warning naming the file, so one broken run does not hide the others."""
+    runs = []
+    for d in dirs:
+        try:
+            runs.append(load_run(d))
+        except UnreadableRun as exc:
+            if warn:
+                print(f"warning: skipped {d}: {exc}", file=sys.stderr)
+    if not runs:
+        raise UnreadableRun(f"report: none of the {len(dirs)} run directories could be read (see the warnings)")
+    return runs
+
+
+def default_report_dir(paths: list[str | Path]) -> Path:
+    """Where ``report`` writes without ``out_dir``: into the one directory given (a run or a folder of runs),
+    never beside it; for several, their common parent folder."""
+    paths = [Path(p) for p in paths]
+    if len(paths) == 1:
+        return paths[0]
+    parents = {p.resolve().parent for p in paths}
+    return parents.pop() if len(parents) == 1 else Path(".")
 
 
 def comparison_table(runs: list[dict]) -> pd.DataFrame:
@@ -155,14 +183,21 @@ def plot_tasks(runs: list[dict], out_dir: Path) -> list[Path]:
 
 
 def report(paths: list[str | Path], out_dir: str | Path | None = None, show: bool = True) -> pd.DataFrame:
-    runs = [load_run(p) for p in find_runs(paths)]
+    """Print the comparison table of the runs under ``paths``; write report.csv and the plots into ``out_dir``
+    (default: ``default_report_dir``)."""
+    runs = load_runs(find_runs(paths), warn=True)
     table = comparison_table(runs)
-    target = Path(out_dir) if out_dir else Path(paths[0]) if len(paths) == 1 and not (
-        Path(paths[0]) / "summary.json").exists() else runs[0]["dir"].parent
+    target = Path(out_dir) if out_dir else default_report_dir(paths)
     if show:
         print_table(table)
-    plots = plot_runs(runs, target) + plot_tasks(runs, target)
-    table.to_csv(target / "report.csv", index=False)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        plots = plot_runs(runs, target) + plot_tasks(runs, target)
+        table.to_csv(target / "report.csv", index=False)
+    except OSError as exc:
+        raise FedsimError(f"report: cannot write into {target}: {exc.strerror or exc}") from None
+    with contextlib.suppress(OSError):
+        record_written(target, [p.name for p in plots] + ["report.csv"])
     if show:
         print(f"plots: {', '.join(str(p) for p in plots)}; table: {target / 'report.csv'}")
     return table

@@ -8,6 +8,11 @@ each round, so a killed run leaves complete files describing the rounds it finis
     run_dir/metrics.csv     one row per round / stream step
     run_dir/summary.json    strategy, dataset, num_clients, final_accuracy, wall_seconds, bytes_up, bytes_down, seed
     run_dir/model.pt        the final model (torch.load(run_dir / "model.pt", weights_only=False))
+    run_dir/.fedsim-files   the names of the files fedsim wrote here (so it replaces only its own files)
+
+A run starts by invalidating the previous run in its directory: summary.json goes first (so a crash in between
+never leaves a stale "completed" beside a new config.json), then the other files the previous run listed in
+.fedsim-files; files fedsim did not write are never deleted.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import os
 import platform
 import secrets
 import stat
+import threading
+from collections.abc import Iterable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -24,11 +31,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from fedsim.errors import FedsimError
+
 CONFIG_FILE = "config.json"
 PARTITION_FILE = "partition.csv"
 METRICS_FILE = "metrics.csv"
 SUMMARY_FILE = "summary.json"
 MODEL_FILE = "model.pt"
+MANIFEST_FILE = ".fedsim-files"
+REPORT_FILES = ("report.csv", "accuracy_vs_round.png", "accuracy_vs_bytes.png", "accuracy_per_task.png")
+RUN_FILES = (CONFIG_FILE, PARTITION_FILE, METRICS_FILE, SUMMARY_FILE, MODEL_FILE)
 
 REQUIRED_SUMMARY_KEYS = (
     "strategy", "dataset", "num_clients", "final_accuracy", "wall_seconds", "bytes_up", "bytes_down", "seed",
@@ -95,35 +107,113 @@ def atomic_write(path: Path, data: bytes | str) -> None:
         raise
 
 
+def _json_text(payload: dict) -> str:
+    return json.dumps(_jsonable(payload), indent=2, sort_keys=False) + "\n"
+
+
 def write_json(path: Path, payload: dict) -> None:
-    atomic_write(path, json.dumps(_jsonable(payload), indent=2, sort_keys=False) + "\n")
+    atomic_write(path, _json_text(payload))
+
+
+def _is_temporary(name: str) -> bool:
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+def written_files(directory: str | Path) -> set[str]:
+    """The names fedsim recorded as written in ``directory`` (its .fedsim-files), plus the fixed run-file names
+    when the directory holds a fedsim config.json from before the manifest existed."""
+    directory = Path(directory)
+    try:
+        names = {line for line in (directory / MANIFEST_FILE).read_text(encoding="utf-8").splitlines() if line}
+    except (FileNotFoundError, NotADirectoryError, UnicodeDecodeError):
+        names = set()
+        if _read_config(directory) is not None:
+            names = set(RUN_FILES)
+    return {n for n in names if n and "/" not in n and n not in (".", "..")}
+
+
+def record_written(directory: str | Path, names: Iterable[str]) -> None:
+    """Add ``names`` to ``directory``'s list of files fedsim wrote (report files, for instance)."""
+    directory = Path(directory)
+    known = written_files(directory) if (directory / MANIFEST_FILE).exists() else set()
+    new = known | set(names)
+    if new != known:
+        atomic_write(directory / MANIFEST_FILE, "".join(f"{n}\n" for n in sorted(new)))
+
+
+def foreign_files(directory: str | Path, also_ours: Iterable[str] = ()) -> list[str]:
+    """Entries of ``directory`` that fedsim did not write (sorted); [] for a missing or empty directory."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    ours = written_files(directory) | {MANIFEST_FILE} | set(also_ours)
+    return sorted(p.name for p in directory.iterdir() if p.name not in ours and not _is_temporary(p.name))
+
+
+class RunClosed(FedsimError):
+    """A write to a run directory after its run ended (a server part still running after an interrupt)."""
 
 
 class RunRecorder:
-    """Writes one run directory; the only code that knows the file names and formats."""
+    """Writes one run directory; the only code that knows the file names and formats.
+
+    Thread-safe (the server part writes from Flower's server thread while a signal handler in the main thread
+    may write the summary); after ``close()`` every write raises ``RunClosed``.
+    """
 
     def __init__(self, run_dir: str | Path) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.rows: list[dict] = []
         self.tables: dict[str, pd.DataFrame] = {}
+        self.closed = False
+        self._lock = threading.RLock()
+        self._written: set[str] = set()
+
+    def _write(self, name: str, data: bytes | str, *, after_close: bool = False) -> Path:
+        with self._lock:
+            if self.closed and not after_close:
+                raise RunClosed(f"{self.run_dir / name}: the run has ended; nothing more is written")
+            if name not in self._written:
+                self._written.add(name)
+                record_written(self.run_dir, [name])  # listed before it exists: a crash never hides a file
+            path = self.run_dir / name
+            atomic_write(path, data)
+            return path
+
+    def start(self, config: dict, **extra: Any) -> None:
+        """Begin a run here: invalidate the previous run (its summary first, then its other files), write
+        config.json."""
+        with self._lock:
+            previous = written_files(self.run_dir)
+            for name in [SUMMARY_FILE] + sorted(previous - {SUMMARY_FILE}):
+                path = self.run_dir / name
+                if path.is_file() or path.is_symlink():
+                    path.unlink()
+            if (self.run_dir / MANIFEST_FILE).exists():
+                (self.run_dir / MANIFEST_FILE).unlink()
+            self._written.clear()
+            self.write_config(config, **extra)
 
     def write_config(self, config: dict, **extra: Any) -> None:
-        write_json(self.run_dir / CONFIG_FILE, {"config": config, "versions": package_versions(), **extra})
+        self._write(CONFIG_FILE, _json_text({"config": config, "versions": package_versions(), **extra}))
 
     def write_partition(self, table: pd.DataFrame) -> None:
         self.save_table(PARTITION_FILE, table, index=True)
 
     def append_metrics(self, row: dict) -> None:
-        self.rows.append(_jsonable(row))
-        atomic_write(self.run_dir / METRICS_FILE, pd.DataFrame(self.rows).to_csv(index=False))
+        with self._lock:
+            if self.closed:
+                raise RunClosed(f"{self.run_dir / METRICS_FILE}: the run has ended; nothing more is written")
+            self.rows.append(_jsonable(row))
+            self._write(METRICS_FILE, pd.DataFrame(self.rows).to_csv(index=False))
 
     def save_table(self, name: str, table: pd.DataFrame, index: bool = True) -> None:
         self.tables[name] = table
-        atomic_write(self.run_dir / name, table.to_csv(index=index))
+        self._write(name, table.to_csv(index=index))
 
     def write_summary(self, summary: dict) -> None:
-        write_json(self.run_dir / SUMMARY_FILE, summary)
+        self._write(SUMMARY_FILE, _json_text(summary), after_close=True)
 
     def save_model(self, obj: Any) -> Path:
         import io
@@ -132,37 +222,116 @@ class RunRecorder:
 
         buf = io.BytesIO()
         torch.save(obj, buf)
-        path = self.run_dir / MODEL_FILE
-        atomic_write(path, buf.getvalue())
-        return path
+        return self._write(MODEL_FILE, buf.getvalue())
+
+    def close(self) -> None:
+        """The run has ended: later writes (a server thread still running after an interrupt) raise."""
+        with self._lock:
+            self.closed = True
+
+
+class UnreadableRun(FedsimError):
+    """A run directory whose summary.json, metrics.csv or config.json cannot be read (truncated, not JSON/CSV)."""
+
+
+def _read_json(path: Path) -> Any:
+    """A JSON file's content; ``UnreadableRun`` naming the file when it is truncated, binary or not JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UnreadableRun(f"{path}: not a JSON file ({type(err).__name__}: {err}); truncated or overwritten?"
+                            ) from None
+
+
+def _read_config(run_dir: Path) -> dict | None:
+    """The scenario saved in run_dir/config.json, or None where there is no readable fedsim config."""
+    try:
+        saved = json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return saved.get("config") if isinstance(saved, dict) and isinstance(saved.get("config"), dict) else None
 
 
 def load_run(run_dir: str | Path) -> dict:
-    """Read a run directory back: summary (dict), metrics (DataFrame), config (dict)."""
+    """Read a run directory back: summary (dict), metrics (DataFrame), config (dict).
+
+    Raises ``UnreadableRun`` (naming the file) when a file is truncated, binary or of the wrong format.
+    """
     run_dir = Path(run_dir)
     summary_path = run_dir / SUMMARY_FILE
     if not summary_path.exists():
         raise FileNotFoundError(f"{run_dir}: no {SUMMARY_FILE}; is this a fedsim run directory?")
-    out = {"dir": run_dir, "summary": json.loads(summary_path.read_text())}
+    summary = _read_json(summary_path)
+    if not isinstance(summary, dict):
+        raise UnreadableRun(f"{summary_path}: holds a JSON {type(summary).__name__}, not a run summary")
+    out = {"dir": run_dir, "summary": summary}
     metrics = run_dir / METRICS_FILE
-    out["metrics"] = pd.read_csv(metrics) if metrics.exists() and metrics.stat().st_size else pd.DataFrame()
+    try:
+        out["metrics"] = pd.read_csv(metrics) if metrics.exists() and metrics.stat().st_size else pd.DataFrame()
+    except (UnicodeDecodeError, ValueError, pd.errors.ParserError) as err:
+        raise UnreadableRun(f"{metrics}: not a CSV file ({type(err).__name__}: {_first_line(err)})") from None
+    if not out["metrics"].empty and "round" not in out["metrics"].columns:
+        raise UnreadableRun(f"{metrics}: not a fedsim metrics file (no 'round' column)")
     config = run_dir / CONFIG_FILE
-    out["config"] = json.loads(config.read_text()) if config.exists() else {}
+    out["config"] = _read_json(config) if config.exists() else {}
     return out
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else ""
 
 
 def completed_run_of(run_dir: str | Path, config: dict) -> bool | None:
     """Whether `run_dir` holds a completed run of exactly `config` (a resolved `ScenarioConfig.to_dict()`):
     True (same configuration), False (a completed run of another configuration), None (no completed run there).
 
-    What `fedsim run --resume` and the benchmark scripts use to skip work already done.
+    What `fedsim run --resume` and the benchmark scripts use to skip work already done. An unreadable summary or
+    config counts as no completed run.
     """
     run_dir = Path(run_dir)
     try:
-        summary = json.loads((run_dir / SUMMARY_FILE).read_text())
-        saved = json.loads((run_dir / CONFIG_FILE).read_text()).get("config")
-    except (FileNotFoundError, json.JSONDecodeError):
+        summary = json.loads((run_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    if summary.get("status") != "completed":
+    saved = _read_config(run_dir)
+    if not isinstance(summary, dict) or summary.get("status") != "completed" or saved is None:
         return None
     return saved == json.loads(json.dumps(_jsonable(config)))
+
+
+def check_run_dir(run_dir: str | Path, config: dict, *, resume: bool = False, overwrite: bool = False,
+                  label: str | None = None) -> bool:
+    """Whether ``fedsim run`` may write a run of ``config`` into ``run_dir``: True (run it), False (``resume`` and
+    it completed there earlier with the same configuration: skip it); raises ``FedsimError`` where running would
+    replace something it should not.
+
+    Without ``overwrite``, a completed run of another configuration and files fedsim did not write are refused;
+    an interrupted or failed run, or a completed one of the same configuration, is replaced.
+    """
+    from fedsim.errors import ConfigError
+
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out: {run_dir} is a file, not a directory; give a directory for the run")
+    if not run_dir.exists():
+        return True
+    done = completed_run_of(run_dir, config)
+    variant = f" (variant {label!r})" if label else ""
+    if resume:
+        if done:
+            return False
+        if done is False:
+            raise FedsimError(f"--resume: {run_dir} holds a completed run of a different configuration{variant}; "
+                              "choose another --out or remove that directory")
+    if overwrite:
+        return True
+    if done is False:
+        raise ConfigError(f"--out: {run_dir} holds a completed run of a different configuration{variant}; choose "
+                          "another --out, or pass --overwrite to replace it")
+    foreign = foreign_files(run_dir)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ConfigError(f"--out: {run_dir} holds files fedsim did not write ({shown}); choose a new or empty "
+                          "directory, or pass --overwrite (fedsim then writes its own files there and deletes "
+                          "nothing it did not write)")
+    return True

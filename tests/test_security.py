@@ -77,6 +77,7 @@ def test_the_runner_silences_telemetry_before_the_simulation_starts(tmp_path, mo
         raise RuntimeError("stop before Ray starts")
 
     monkeypatch.setattr(flwr.simulation, "run_simulation", fake_run_simulation)
+    monkeypatch.setattr(runner, "_init_ray", lambda init_args: None)
     scenario = tmp_path / "s.toml"
     scenario.write_text(AFL_DIGITS.replace('backend = "inline"', 'backend = "ray"'))
     with pytest.raises(BaseException, match="stop before Ray starts"):

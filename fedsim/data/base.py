@@ -28,6 +28,7 @@ class LabeledData:
     x: torch.Tensor
     y: torch.Tensor
     classes: list[str] = field(default_factory=list)
+    source: str = ""  # where the split was read from (files, directory, or how it was generated); for config.json
 
     def __post_init__(self) -> None:
         if self.x.dim() != 4:
@@ -58,7 +59,8 @@ class LabeledData:
     def subset(self, indices: np.ndarray | list[int]) -> "LabeledData":
         """The samples at ``indices`` (a copy; empty indices give an empty (0, C, H, W) set)."""
         idx = torch.as_tensor(np.asarray(indices, dtype=np.int64).reshape(-1))
-        return LabeledData(x=self.x.index_select(0, idx), y=self.y.index_select(0, idx), classes=list(self.classes))
+        return LabeledData(x=self.x.index_select(0, idx), y=self.y.index_select(0, idx), classes=list(self.classes),
+                           source=self.source)
 
     def __repr__(self) -> str:
         return f"LabeledData(n={len(self)}, input_shape={self.input_shape}, num_classes={self.num_classes})"
@@ -81,7 +83,8 @@ def default_cache_dir() -> Path:
     return Path(base) / "fedsim"
 
 
-def from_uint8(images: np.ndarray, labels: np.ndarray, classes: list[str], channels_last: bool) -> LabeledData:
+def from_uint8(images: np.ndarray, labels: np.ndarray, classes: list[str], channels_last: bool,
+               source: str = "") -> LabeledData:
     """uint8 images (N, H, W), (N, H, W, C) or (N, C, H, W) -> LabeledData scaled to [0, 1]."""
     arr = np.asarray(images)
     if arr.ndim == 3:
@@ -90,4 +93,4 @@ def from_uint8(images: np.ndarray, labels: np.ndarray, classes: list[str], chann
         arr = arr.transpose(0, 3, 1, 2)
     x = torch.from_numpy(np.ascontiguousarray(arr)).to(torch.float32).div_(255.0)
     y = torch.from_numpy(np.asarray(labels, dtype=np.int64).copy())
-    return LabeledData(x=x, y=y, classes=list(classes))
+    return LabeledData(x=x, y=y, classes=list(classes), source=source)

@@ -129,7 +129,25 @@ def idx_search_dirs(spec: IdxSpec, root: str | None) -> list[Path]:
     return _dedupe(dirs)
 
 
-def _read_idx_split(spec: IdxSpec, images_path: Path, labels_path: Path) -> LabeledData:
+def _check_labels(name: str, where: Path, labels: np.ndarray, num_classes: int) -> None:
+    """Integer labels in 0..num_classes-1; a DataUnavailableError naming the file otherwise."""
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise DataUnavailableError(f"Dataset '{name}': {where} holds {labels.dtype} labels; class labels must be "
+                                   f"integers in 0..{num_classes - 1}.")
+    if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise DataUnavailableError(
+            f"Dataset '{name}': {where} holds labels outside the class range 0..{num_classes - 1} (smallest "
+            f"{int(labels.min())}, largest {int(labels.max())}); these are not {name} files."
+        )
+
+
+def _check_not_empty(name: str, split: str, where: Path, n: int) -> None:
+    if n == 0:
+        raise DataUnavailableError(f"Dataset '{name}' ({split} split): {where} holds no samples; provide the "
+                                   "complete files.")
+
+
+def _read_idx_split(spec: IdxSpec, images_path: Path, labels_path: Path, split: str = "train") -> LabeledData:
     images = read_idx(images_path, expect_ndim=3)
     labels = read_idx(labels_path, expect_ndim=1)
     if images.shape[0] != labels.shape[0]:
@@ -142,7 +160,23 @@ def _read_idx_split(spec: IdxSpec, images_path: Path, labels_path: Path) -> Labe
             f"Dataset '{spec.name}': {images_path} / {labels_path} are not {spec.name} files "
             f"(image dtype {images.dtype}, largest label {int(labels.max()) if labels.size else None})."
         )
-    return from_uint8(images, labels, spec.classes, channels_last=False)
+    _check_labels(spec.name, labels_path, labels, len(spec.classes))
+    _check_not_empty(spec.name, split, images_path, images.shape[0])
+    return from_uint8(images, labels, spec.classes, channels_last=False,
+                      source=f"{images_path}, {labels_path}")
+
+
+def _other(split: str) -> str:
+    return "test" if split == "train" else "train"
+
+
+def _split_elsewhere(name: str, split: str, d: Path, what: str) -> DataUnavailableError:
+    """The first directory holding the dataset has only the other split: refuse rather than mix two copies."""
+    return DataUnavailableError(
+        f"Dataset '{name}' ({split} split): {d} holds its {_other(split)} split but not the {split} split "
+        f"({what}); both splits must come from one place, so put the {split} files there too (or point "
+        f"FEDSIM_DATA / data.root at a directory holding both)."
+    )
 
 
 def load_idx_dataset(spec: IdxSpec, split: str, root: str | None, download: bool = True) -> LabeledData:
@@ -151,13 +185,15 @@ def load_idx_dataset(spec: IdxSpec, split: str, root: str | None, download: bool
     for d in dirs:
         pair = _find_idx_pair(d, split)
         if pair is not None:
-            return _read_idx_split(spec, *pair)
+            return _read_idx_split(spec, *pair, split=split)
+        if _find_idx_pair(d, _other(split)) is not None:
+            raise _split_elsewhere(spec.name, split, d, " and ".join(f"{s}[.gz]" for s in IDX_FILES[split]))
     dl_dir = _download_dir(root)
     ok, note = _try_download(spec.tv_class, dl_dir, download, train=(split == "train"))
     if ok:
         pair = _find_idx_pair(dl_dir / spec.tv_class / "raw", split)
         if pair is not None:
-            return _read_idx_split(spec, *pair)
+            return _read_idx_split(spec, *pair, split=split)
         note = f"torchvision reported a download into {dl_dir} but the IDX files are not under {dl_dir / spec.tv_class / 'raw'}"
     how = []
     if spec.apt_package:
@@ -281,13 +317,14 @@ def _cifar_files(spec: CifarSpec, base: Path, split: str) -> list[Path] | None:
     return files if all(f.is_file() for f in files) else None
 
 
-def _read_cifar(spec: CifarSpec, files: list[Path]) -> LabeledData:
+def _read_cifar(spec: CifarSpec, files: list[Path], split: str = "train") -> LabeledData:
     *batches, meta = files
     x, y = _cifar_arrays(spec.name, batches, spec.label_key)
     classes = [str(c) for c in _unpickle(meta).get(spec.names_key, [])]
     if not classes or (y.size and (y.min() < 0 or y.max() >= len(classes))):
         raise DataUnavailableError(f"Dataset '{spec.name}': labels in {batches[0].parent} do not match the class names in {meta}")
-    return from_uint8(x, y, classes, channels_last=False)
+    _check_not_empty(spec.name, split, batches[0].parent, x.shape[0])
+    return from_uint8(x, y, classes, channels_last=False, source=str(batches[0].parent))
 
 
 def load_cifar(spec: CifarSpec, split: str, root: str | None, download: bool = True) -> LabeledData:
@@ -296,13 +333,16 @@ def load_cifar(spec: CifarSpec, split: str, root: str | None, download: bool = T
     for d in dirs:
         files = _cifar_files(spec, d, split)
         if files is not None:
-            return _read_cifar(spec, files)
+            return _read_cifar(spec, files, split)
+        if _cifar_files(spec, d, _other(split)) is not None:
+            names = spec.train_files if split == "train" else spec.test_files
+            raise _split_elsewhere(spec.name, split, d / spec.folder, ", ".join(names))
     dl_dir = _download_dir(root)
     ok, note = _try_download(spec.tv_class, dl_dir, download, train=(split == "train"))
     if ok:
         files = _cifar_files(spec, dl_dir, split)
         if files is not None:
-            return _read_cifar(spec, files)
+            return _read_cifar(spec, files, split)
         note = f"torchvision reported a download into {dl_dir} but {dl_dir / spec.folder} is incomplete"
     names = spec.train_files if split == "train" else spec.test_files
     what = f"{spec.folder}/{{{','.join(names + (spec.meta_file,))}}}"
@@ -335,7 +375,8 @@ def _read_svhn(path: Path) -> LabeledData:
     y = np.where(y == 10, 0, y)  # SVHN stores the digit 0 as label 10
     if y.size and (y.min() < 0 or y.max() > 9):
         raise DataUnavailableError(f"{path}: SVHN labels outside 0..10")
-    return from_uint8(np.transpose(x, (3, 2, 0, 1)), y, DIGIT_CLASSES, channels_last=False)
+    _check_not_empty("svhn", path.name.split("_")[0], path, y.shape[0])
+    return from_uint8(np.transpose(x, (3, 2, 0, 1)), y, DIGIT_CLASSES, channels_last=False, source=str(path))
 
 
 def load_svhn(split: str, root: str | None, download: bool = True) -> LabeledData:
@@ -345,6 +386,8 @@ def load_svhn(split: str, root: str | None, download: bool = True) -> LabeledDat
     for d in dirs:
         if (d / fname).is_file():
             return _read_svhn(d / fname)
+        if (d / f"{_other(split)}_32x32.mat").is_file():
+            raise _split_elsewhere("svhn", split, d, fname)
     dl_dir = _download_dir(root)
     ok, note = _try_download("SVHN", dl_dir, download, split=split)
     if ok:
@@ -369,7 +412,8 @@ def load_digits(split: str, root: str | None) -> LabeledData:
     )
     idx = np.sort(train_idx if split == "train" else test_idx)
     x = torch.from_numpy((np.asarray(bunch.images, dtype=np.float32)[idx] / 16.0)[:, None, :, :].copy())
-    return LabeledData(x=x, y=torch.from_numpy(target[idx].copy()), classes=list(DIGIT_CLASSES))
+    return LabeledData(x=x, y=torch.from_numpy(target[idx].copy()), classes=list(DIGIT_CLASSES),
+                       source="sklearn.datasets.load_digits (bundled with scikit-learn)")
 
 
 def load_synthetic(
@@ -409,6 +453,7 @@ def load_synthetic(
         x=torch.from_numpy(x.reshape(n, 1, 1, dim)),
         y=torch.from_numpy(y),
         classes=[f"class_{c}" for c in range(num_classes)],
+        source=f"generated (synthetic Gaussian classes, seed {seed})",
     )
 
 
@@ -477,4 +522,4 @@ def load_imagefolder(split: str, root: str | None) -> LabeledData:
     mode = "L" if gray else "RGB"
     arr = np.stack([np.asarray(im.convert(mode), dtype=np.uint8) for im in images])
     labels = np.asarray([lab for _, lab in files], dtype=np.int64)
-    return from_uint8(arr, labels, classes, channels_last=not gray)
+    return from_uint8(arr, labels, classes, channels_last=not gray, source=str(split_dir))

@@ -1,29 +1,42 @@
-"""Run one scenario end to end: build the apps, run them on Flower's Ray backend (or inline), write the run dir."""
+"""Run one scenario end to end: build the apps, run them on Flower's Ray backend (or inline), write the run dir.
+
+Signals: inside ``signals_interrupt_runs()`` (what ``fedsim run`` uses), SIGINT and SIGTERM end a run the same way.
+The handler writes the run's summary.json with ``status = "interrupted"`` at once (the finished rows of
+metrics.csv stay), stops the server loop at its next message, and raises ``Interrupted`` in the main thread; Flower
+then shuts Ray down, and the command exits with 128 + the signal number (130, 143). A second signal exits at once
+(the files are already written).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Context
+from flwr.app import Context, Message, MessageType
 from flwr.serverapp import Grid, ServerApp
 
+from fedsim import QUIET_ENV  # noqa: F401  (set in os.environ when fedsim is imported, before any flwr import)
 from fedsim.config import ScenarioConfig
 from fedsim.engine.node import build_client_app
 from fedsim.engine.progress import RunProgress
-from fedsim.registry import get_strategy
-from fedsim.scenario import partition_for, train_split
 from fedsim.engine.server import AccountingGrid, ServerContext
 from fedsim.errors import ConfigError, FedsimError
+from fedsim.registry import get_strategy
 from fedsim.results import REQUIRED_SUMMARY_KEYS, RunRecorder
+from fedsim.scenario import partition_for, test_split, train_split
 
-from fedsim import QUIET_ENV  # noqa: F401  (set in os.environ when fedsim is imported, before any flwr import)
+SERVER_STOP_WAIT = 10.0  # seconds the driver waits for the server part to stop after an interrupt
+HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def _no_telemetry_event(event_type: Any, event_details: Any = None) -> Future:
@@ -54,8 +67,228 @@ def silence_flower_telemetry() -> bool:
     return True
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM ended the run; ``exit_code`` is the shell's 128 + signal number (130, 143)."""
+
+    def __init__(self, signum: int = signal.SIGINT) -> None:
+        self.signum = int(signum)
+        super().__init__(signal.Signals(self.signum).name)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
 class RunFailed(FedsimError):
     """The server part raised; the original exception is chained."""
+
+
+_ACTIVE_RUNS: list["_Run"] = []  # the run_scenario calls in progress in this process
+_SIGNALLED: list[int] = []  # the signal being handled (at most one)
+
+
+def _hard_exit(code: int) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
+def interrupt_message(code: int) -> str:
+    """What ``fedsim run`` prints when a signal ended it (exit status ``code``)."""
+    name = {130: "interrupted (SIGINT)", 143: "terminated (SIGTERM)"}.get(code, "interrupted")
+    return f"{name}: the run directory keeps what was written so far (summary.json: status interrupted)"
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    if _SIGNALLED:  # a second signal while the first is handled: the run files are written already
+        _hard_exit(128 + _SIGNALLED[0])
+    _SIGNALLED.append(signum)
+    for run in list(_ACTIVE_RUNS):
+        run.interrupt(signum)
+    if signum == signal.SIGTERM and _ACTIVE_RUNS and _teardown_local_ray():
+        # SIGTERM usually reaches Ray's processes too (the whole process group: timeout, Slurm), and Ray's own
+        # shutdown then waits ~8 s on the dead raylet; the summary is written, Ray's processes are gone: leave.
+        print(interrupt_message(128 + signum), file=sys.stderr)
+        _hard_exit(128 + signum)
+    raise Interrupted(signum)
+
+
+def _teardown_local_ray(timeout: float = 2.0) -> bool:
+    """Stop the Ray node this process started (raylet, GCS, dashboard, log monitor: SIGTERM, then SIGKILL after
+    ``timeout`` s; the raylet takes its workers and agents along); True when it did. A joined cluster
+    (``simulation.ray_address``) is left alone (False), as is anything this Ray version does not expose."""
+    try:
+        worker = sys.modules.get("ray._private.worker")
+        node = getattr(worker, "_global_node", None) if worker is not None else None
+        if node is None or not node.is_head():
+            return False
+        procs = [info.process for infos in node.all_processes.values() for info in infos]
+    except Exception:  # noqa: BLE001 - private Ray API: fall back to Ray's own shutdown
+        return False
+    for proc in procs:
+        if proc.poll() is None:
+            with contextlib.suppress(OSError):
+                proc.terminate()
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        with contextlib.suppress(Exception):
+            proc.wait(max(0.0, deadline - time.monotonic()))
+    for proc in procs:
+        if proc.poll() is None:
+            with contextlib.suppress(OSError):
+                proc.kill()
+    return True
+
+
+_handlers_installed = [False]  # inside signals_interrupt_runs()
+
+
+def _install_signal_handlers() -> None:
+    """(Re)install fedsim's handlers, inside ``signals_interrupt_runs`` only (``ray.init`` replaces them)."""
+    if _handlers_installed[0] and threading.current_thread() is threading.main_thread():
+        for sig in HANDLED_SIGNALS:
+            signal.signal(sig, _on_signal)
+
+
+@contextlib.contextmanager
+def signals_interrupt_runs() -> Iterator[None]:
+    """Within: SIGINT and SIGTERM interrupt the running scenario (see the module docstring). Main thread only;
+    elsewhere (and nested) it changes nothing."""
+    if threading.current_thread() is not threading.main_thread() or _handlers_installed[0]:
+        yield
+        return
+    _SIGNALLED.clear()
+    previous = {sig: signal.getsignal(sig) for sig in HANDLED_SIGNALS}
+    _handlers_installed[0] = True
+    try:
+        _install_signal_handlers()
+        yield
+    finally:
+        _handlers_installed[0] = False
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        _SIGNALLED.clear()
+
+
+class StoppableGrid(Grid):
+    """Flower's grid as the server part sees it, with a stop switch: once ``stop`` is set (an interrupt), the
+    next call raises ``Interrupted`` in the server thread, so the server part ends within one poll instead of
+    waiting ``simulation.timeout`` for replies that will never come. Also notes how the latest batch of messages
+    went, to explain a failure of every client."""
+
+    POLL = 0.05
+
+    def __init__(self, inner: Grid, stop: threading.Event, signum: list[int]) -> None:
+        self.inner = inner
+        self.stop = stop
+        self._signum = signum
+        # the latest batch of messages pushed, and how their replies went (to explain "every client failed")
+        self.batch: set[str] = set()
+        self.batch_group = ""
+        self.batch_ok = 0
+        self.batch_errors: list[str] = []
+        self.replies_ok = 0  # over the whole run, discovery aside
+        self.replies_failed = 0
+        self.first_error = ""
+
+    def _check(self) -> None:
+        if self.stop.is_set():
+            raise Interrupted(self._signum[0] if self._signum else signal.SIGINT)
+
+    def set_run(self, run) -> None:  # noqa: ANN001
+        self.inner.set_run(run)
+
+    @property
+    def run(self):  # noqa: ANN201
+        return self.inner.run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # noqa: ANN001, ANN201
+        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        self._check()
+        return self.inner.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        self._check()
+        messages = list(messages)
+        ids = list(self.inner.push_messages(messages))
+        # (Flower's strategies push empty batches too, e.g. with fraction_evaluate = 0; discovery is no round)
+        if ids and messages[0].metadata.message_type != MessageType.QUERY:
+            self.batch, self.batch_ok, self.batch_errors = set(ids), 0, []
+            self.batch_group = _round_of(messages[0])
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        self._check()
+        replies = list(self.inner.pull_messages(message_ids))
+        for msg in replies:
+            if msg.metadata.reply_to_message_id in self.batch:
+                if msg.has_error():
+                    self.batch_errors.append(msg.error.reason)
+                    self.replies_failed += 1
+                    self.first_error = self.first_error or msg.error.reason
+                else:
+                    self.batch_ok += 1
+                    self.replies_ok += 1
+        return replies
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        pending = set(self.push_messages(messages))
+        deadline = None if timeout is None else time.time() + timeout
+        out: list[Message] = []
+        while pending:
+            got = list(self.pull_messages(pending))
+            out += got
+            pending -= {m.metadata.reply_to_message_id for m in got}
+            if not pending or (deadline is not None and time.time() > deadline):
+                break
+            if not got:
+                self.stop.wait(self.POLL)
+        return out
+
+
+def _round_of(msg: Message) -> str:
+    """The round a server message belongs to: fedsim's engine record, Flower's ``server-round``, or the group."""
+    with contextlib.suppress(Exception):
+        for record in msg.content.config_records.values():
+            for key in ("round", "server-round"):
+                if key in record:
+                    return str(int(record[key]))
+    return str(msg.metadata.group_id or "")
+
+
+class _Run:
+    """One run_scenario in progress: what a signal handler needs to stop it and write its summary."""
+
+    def __init__(self, config: ScenarioConfig, spec, recorder: RunRecorder, label: str | None) -> None:  # noqa: ANN001
+        self.config = config
+        self.spec = spec
+        self.recorder = recorder
+        self.label = label
+        self.stop = threading.Event()
+        self.signum: list[int] = []
+        self.server_done = threading.Event()
+        self.outcome: dict[str, Any] = {}
+        self.start = time.time()
+
+    def summary(self, status: str, error: str | None = None) -> dict[str, Any]:
+        summary = _summary(self.config, self.outcome.get("ctx"), self.recorder, self.spec, time.time() - self.start,
+                           status, self.label)
+        if error is not None:
+            summary["error"] = error
+        return summary
+
+    def interrupt(self, signum: int) -> None:
+        """From the signal handler: stop the server loop, write the summary now (before Ray is torn down)."""
+        if not self.signum:
+            self.signum.append(int(signum))
+        self.stop.set()
+        if not self.config.simulation.verbose:  # actors dying under SIGTERM make Flower log tracebacks
+            logging.getLogger("flwr").setLevel(logging.CRITICAL)
+        with contextlib.suppress(Exception):
+            self.recorder.write_summary(self.summary("interrupted"))
 
 
 def _gpu_count() -> int:
@@ -87,45 +320,55 @@ def run_scenario(config: ScenarioConfig, out_dir: str | Path, *, label: str | No
                  show_progress: bool = True) -> dict[str, Any]:
     """Run ``config`` and write its run directory ``out_dir``; return the summary.
 
-    Interrupting (Ctrl-C) keeps config.json, partition.csv, the finished rows of metrics.csv and writes a
-    summary.json with ``status = "interrupted"``.
+    The previous run in ``out_dir`` is invalidated first (``RunRecorder.start``). Interrupting (Ctrl-C, SIGTERM)
+    keeps config.json, partition.csv, the finished rows of metrics.csv and writes a summary.json with
+    ``status = "interrupted"``; a failure (data loading included) writes ``status = "failed"`` and ``error``.
     """
     if not config.simulation.verbose:  # Flower's per-round INFO log and run_simulation's deprecation notice
         logging.getLogger("flwr").setLevel(logging.ERROR)
         logging.getLogger("ray").setLevel(logging.WARNING)
     spec = get_strategy(config.strategy.name)
     recorder = RunRecorder(out_dir)
-    recorder.write_config(config.to_dict(), label=label, seed=config.seed)
-
-    train = train_split(config)
-    partitions = partition_for(config)
-    from fedsim.partition import partition_table
-
-    table = partition_table(partitions, train.labels, train.num_classes)
-    recorder.write_partition(table)
-    if show_progress:
-        from fedsim.partition import describe_partition
-
-        print(f"partition: {describe_partition(table)}", file=sys.stderr)
-
-    progress = RunProgress(label or config.strategy.name, total=config.rounds, enabled=show_progress)
-    outcome: dict[str, Any] = {}
-    server = spec.server_class()(config.strategy.params)
-
-    def server_main(grid: Grid) -> None:
-        acc_grid = AccountingGrid(grid, config.num_nodes)
-        ctx = ServerContext(config, acc_grid, recorder, progress, partitions)
-        outcome["ctx"] = ctx
-        try:
-            acc_grid.discover()
-            server.run(ctx)
-        except BaseException as exc:  # surfaced after the simulation returns
-            outcome["error"] = exc
-
-    client_app = build_client_app(config, partitions)
-    start = time.time()
-    status = "completed"
+    config_entry = dict(label=label, seed=config.seed)
+    recorder.start(config.to_dict(), **config_entry)
+    run = _Run(config, spec, recorder, label)
+    outcome = run.outcome
+    _ACTIVE_RUNS.append(run)
+    status, error = "completed", None
     try:
+        train = train_split(config)
+        test = test_split(config)
+        recorder.write_config(config.to_dict(), **config_entry,
+                              data_files={"train": train.source or None, "test": test.source or None})
+        partitions = partition_for(config)
+        from fedsim.partition import partition_table
+
+        table = partition_table(partitions, train.labels, train.num_classes)
+        recorder.write_partition(table)
+        if show_progress:
+            from fedsim.partition import describe_partition
+
+            print(f"partition: {describe_partition(table)}", file=sys.stderr)
+
+        progress = RunProgress(label or config.strategy.name, total=config.rounds, enabled=show_progress)
+        server = spec.server_class()(config.strategy.params)
+
+        def server_main(grid: Grid) -> None:
+            try:
+                stoppable = StoppableGrid(grid, run.stop, run.signum)
+                outcome["grid"] = stoppable
+                acc_grid = AccountingGrid(stoppable, config.num_nodes)
+                ctx = ServerContext(config, acc_grid, recorder, progress, partitions)
+                outcome["ctx"] = ctx
+                acc_grid.discover()
+                server.run(ctx)
+            except BaseException as exc:  # surfaced after the simulation returns
+                outcome["error"] = exc
+            finally:
+                run.server_done.set()
+
+        client_app = build_client_app(config, partitions)
+        run.start = time.time()
         with progress:
             if config.simulation.backend == "inline":
                 from fedsim.engine.inline import InlineGrid
@@ -139,28 +382,63 @@ def run_scenario(config: ScenarioConfig, out_dir: str | Path, *, label: str | No
                 raise err
             if isinstance(err, FedsimError):
                 raise err
-            raise RunFailed(f"{spec.name} failed on the server: {type(err).__name__}: {err}") from err
+            raise _server_failure(spec.name, outcome, err) from err
         if "ctx" not in outcome:
             raise RunFailed("the Flower simulation ended before the server started (see the log above)")
-    except KeyboardInterrupt:
+        grid = outcome.get("grid")
+        if grid is not None and grid.replies_failed and not grid.replies_ok:
+            # no client ever contributed: whatever the server part reports is its initial model, not a result
+            lines = grid.first_error.strip().splitlines()
+            raise RunFailed(f"simulation: every client failed in every round ({grid.replies_failed} error "
+                            f"replies, none answered), so {spec.name!r} learned nothing; first error: "
+                            f"{lines[-1] if lines else '?'}")
+    except KeyboardInterrupt as exc:
         status = "interrupted"
+        run.stop.set()
+        run.server_done.wait(SERVER_STOP_WAIT if "ctx" in outcome else 0)
+        if not isinstance(exc, Interrupted):
+            raise Interrupted(run.signum[0] if run.signum else signal.SIGINT) from None
         raise
-    except BaseException:
-        status = "failed"
+    except BaseException as exc:
+        status, error = "failed", _error_text(exc)
+        run.stop.set()
         raise
     finally:
-        summary = _summary(config, outcome.get("ctx"), spec, time.time() - start, status, label)
-        recorder.write_summary(summary)
+        _ACTIVE_RUNS.remove(run)
+        summary = run.summary(status, error)
+        try:
+            recorder.write_summary(summary)
+        finally:
+            recorder.close()
     missing = [k for k in REQUIRED_SUMMARY_KEYS if summary.get(k) is None]
     if missing:
         raise RunFailed(f"strategy {spec.name!r} did not report {', '.join(missing)} (call ctx.summary)")
     return summary
 
 
-def _summary(config: ScenarioConfig, ctx: ServerContext | None, spec, wall: float, status: str,
-             label: str | None) -> dict[str, Any]:
+def _error_text(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, FedsimError) else f"{type(exc).__name__}: {exc}"
+
+
+def _server_failure(name: str, outcome: dict, err: BaseException) -> RunFailed:
+    """The error a server part's unexpected exception becomes; "every client failed" when that is the cause
+    (the latest messages got no good reply), which Flower's strategies report as a confusing aggregation error."""
+    grid = outcome.get("grid")
+    if grid is not None and grid.batch and grid.batch_ok == 0 and grid.batch_errors:
+        first = grid.batch_errors[0].strip().splitlines()
+        reason = f"; first error: {first[-1] if first else '?'}"
+        where = f" in round {grid.batch_group}" if grid.batch_group.isdigit() else ""
+        return RunFailed(
+            f"simulation: every client failed{where} ({len(grid.batch_errors)} of {len(grid.batch)} nodes "
+            f"answered with an error), so {name!r} had nothing to aggregate{reason}"
+        )
+    return RunFailed(f"strategy: {name!r} failed on the server: {type(err).__name__}: {err}")
+
+
+def _summary(config: ScenarioConfig, ctx: ServerContext | None, recorder: RunRecorder, spec, wall: float,  # noqa: ANN001
+             status: str, label: str | None) -> dict[str, Any]:
     traffic = ctx.grid.traffic if ctx is not None else None
-    rows = ctx.recorder.rows if ctx is not None else []
+    rows = list(recorder.rows)
     accs = [r["accuracy"] for r in rows if r.get("accuracy") == r.get("accuracy")]
     summary: dict[str, Any] = {
         "label": label or config.strategy.name,
@@ -210,8 +488,46 @@ def _run_on_ray(config: ScenarioConfig, client_app, server_main) -> None:  # noq
     if config.simulation.ray_address:
         init_args["address"] = config.simulation.ray_address
     backend_config = {"client_resources": client_resources(config), "init_args": init_args}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=config.num_nodes,
-                       backend_name="ray", backend_config=backend_config,
-                       verbose_logging=bool(config.simulation.verbose))
+    try:
+        _init_ray(init_args)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            run_simulation(server_app=server_app, client_app=client_app, num_supernodes=config.num_nodes,
+                           backend_name="ray", backend_config=backend_config,
+                           verbose_logging=bool(config.simulation.verbose))
+    finally:
+        _shutdown_ray()
+
+
+def _init_ray(init_args: dict[str, Any]) -> None:
+    """Start (or join) Ray the way Flower's Ray backend would, then take SIGINT/SIGTERM back.
+
+    ``ray.init`` replaces the driver's SIGTERM handler (with ``sys.exit``, and a C++ failure handler that aborts:
+    exit 134 without a summary), so fedsim starts Ray itself (Flower's backend then finds it running) and
+    re-installs its handlers. Same arguments as ``flwr``'s ``RayBackend.init_ray``: the driver's ``sys.path`` as
+    the workers' PYTHONPATH.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        pythonpath = os.pathsep.join(sys.path)
+        if os.environ.get("PYTHONPATH"):
+            pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+        os.environ["PYTHONPATH"] = pythonpath
+        try:
+            ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
+        except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
+            if not init_args.get("address"):
+                raise
+            raise ConfigError(f"simulation.ray_address: cannot connect to Ray at {init_args['address']!r}: "
+                              f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
+                              ) from None
+    _install_signal_handlers()
+
+
+def _shutdown_ray() -> None:
+    """Ray down, if this process started it and Flower did not already (after an interrupt or failure)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        with contextlib.suppress(Exception):
+            ray.shutdown()

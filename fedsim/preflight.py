@@ -1,0 +1,217 @@
+"""Checks before training that need the data or the machine (``fedsim validate`` and ``fedsim run`` call them).
+
+Loading a scenario (``fedsim.config``) validates every field from the file alone and stays torch-free. What it
+cannot know needs the dataset's size and classes or this machine's GPUs and memory: more clients than samples for
+a partition that gives each client one, more classes per client or tasks than the data has, an unknown torchvision
+feature map, GPUs requested where none is visible, an unreachable Ray cluster, and models or statistics too large
+to fit in memory. Each raises a ``ConfigError`` naming the field, so the user learns it in seconds, not after the
+first round (or as a ZeroDivisionError, an OOM kill or Ray's "ActorPool is empty").
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import numpy as np
+
+from fedsim.config import ScenarioConfig
+from fedsim.errors import ConfigError
+
+RAY_CONNECT_TIMEOUT = 10.0  # seconds to reach simulation.ray_address before giving up
+MEMORY_FRACTION = 1.0  # refuse estimates above this share of the machine's physical memory
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} PiB"  # pragma: no cover
+
+
+def physical_memory() -> int | None:
+    """This machine's physical memory in bytes (None where it cannot be read)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return None
+
+
+def gpu_count() -> int:
+    try:
+        import torch
+
+        return int(torch.cuda.device_count())
+    except Exception:  # pragma: no cover
+        return 0
+
+
+def preflight(config: ScenarioConfig, label: str | None = None) -> None:
+    """Run every check on ``config``; a ``ConfigError`` naming the field (and the variant) on the first failure."""
+    try:
+        check_machine(config)
+        check_data(config)
+    except ConfigError as exc:
+        if label:
+            raise ConfigError(f"{exc} (variant {label!r})") from None
+        raise
+
+
+# ------------------------------------------------------------------------------------------------ machine
+def check_machine(config: ScenarioConfig) -> None:
+    """GPUs, the Ray cluster address, the torchvision feature map name."""
+    sim = config.simulation
+    gpus = None
+    if sim.device == "cuda":
+        gpus = gpu_count()
+        if gpus == 0:
+            raise ConfigError("simulation.device: 'cuda' requested but no GPU is visible on this machine; use "
+                              "'auto' or 'cpu'")
+    if sim.backend == "ray" and sim.num_gpus and sim.num_gpus > 0 and sim.ray_address is None:
+        gpus = gpu_count() if gpus is None else gpus
+        if gpus == 0:
+            raise ConfigError(
+                f"simulation.num_gpus: {sim.num_gpus} GPUs per client requested but no GPU is visible on this "
+                "machine (Flower's Ray backend would fail with 'ActorPool is empty'); set it to 0 or leave it unset"
+            )
+    if sim.backend == "ray" and sim.ray_address:
+        check_ray_address(sim.ray_address)
+    name = config.model.feature_map
+    if name not in ("identity", "random"):
+        from fedsim.features import _torchvision_names
+
+        names = _torchvision_names()
+        if name not in names:
+            close = [n for n in names if n.startswith(name[:4])][:8]
+            hint = f" (similar: {', '.join(close)})" if close else ""
+            raise ConfigError(f"model.feature_map: unknown feature map {name!r}; allowed: identity, random, or a "
+                              f"torchvision classification model name such as resnet18{hint}")
+
+
+def check_ray_address(address: str, timeout: float = RAY_CONNECT_TIMEOUT) -> None:
+    """A ``host:port`` or ``ray://host:port`` address must accept a TCP connection within ``timeout`` seconds
+    ("auto" and "local" are Ray's to resolve)."""
+    if address in ("auto", "local"):
+        return
+    target = address.split("://", 1)[1] if "://" in address else address
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ConfigError(f"simulation.ray_address: {address!r} is not 'auto' or host:port (or ray://host:port)")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+        raise ConfigError(f"simulation.ray_address: cannot reach the Ray cluster at {address!r} within "
+                          f"{timeout:.0f} s ({reason}); start it (ray start --head) or fix the address") from None
+
+
+# --------------------------------------------------------------------------------------------------- data
+def check_data(config: ScenarioConfig) -> None:
+    """Both splits load; the partition, stream and model sizes fit the data and the machine."""
+    from fedsim.scenario import test_split, train_split
+
+    train = train_split(config)  # DataUnavailableError (missing, corrupt, mixed splits) surfaces here
+    test_split(config)
+    labels = train.labels
+    present = int(np.unique(labels).size)
+    n = len(train)
+    check_partition(config, n, present)
+    check_stream(config, present)
+    check_memory(config, tuple(train.input_shape), train.num_classes)
+
+
+def check_partition(config: ScenarioConfig, n: int, classes_present: int) -> None:
+    p = config.partition
+    if p.kind in ("dirichlet", "shards") and p.num_clients > n:
+        raise ConfigError(f"partition.num_clients: {p.num_clients} clients for {n} training samples; a {p.kind} "
+                          f"partition gives every client at least one, so allowed: at most {n}")
+    if p.kind in ("dirichlet", "quantity") and p.min_partition_size * p.num_clients > n:
+        raise ConfigError(
+            f"partition.min_partition_size: {p.min_partition_size} per client x {p.num_clients} clients exceeds "
+            f"the {n} training samples; allowed: at most {n // p.num_clients}"
+        )
+    if p.kind == "shards" and p.classes_per_client > classes_present:
+        raise ConfigError(f"partition.classes_per_client: {p.classes_per_client} is more than the "
+                          f"{classes_present} classes of the training data; allowed: 1 to {classes_present}")
+
+
+def check_stream(config: ScenarioConfig, classes_present: int) -> None:
+    s = config.stream
+    if s.kind == "class-incremental":
+        from fedsim.streams import split_classes
+
+        split_classes(list(range(classes_present)), s.tasks, s.first_task_classes)  # ConfigError naming stream.*
+
+
+# ------------------------------------------------------------------------------------------------- memory
+def model_parameters(config: ScenarioConfig, input_shape: tuple, num_classes: int) -> int | None:
+    """Parameters of the scenario's trainable model, counted on torch's meta device (nothing is allocated);
+    None when even one tensor's size overflows 64 bits."""
+    import torch
+
+    from fedsim.scenario import scenario_model
+
+    try:
+        with torch.device("meta"):
+            model = scenario_model(config, num_classes, input_shape)
+    except RuntimeError as exc:
+        if "overflow" in str(exc):  # a tensor's byte size does not fit in 64 bits
+            return None
+        raise
+    return int(sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers()))
+
+
+def feature_bytes(config: ScenarioConfig, input_shape: tuple) -> tuple[int, int, str]:
+    """(feature dimension d, bytes, what) of the frozen feature map and the d x d float64 statistics (Gram and
+    its factor for the solve) that the analytic strategies keep; (0, 0, "") for a torchvision backbone."""
+    m = config.model
+    flat = int(np.prod(input_shape))
+    if m.feature_map == "identity":
+        d, projection = flat, 0
+    elif m.feature_map == "random":
+        d, projection = int(m.feature_dim), 4 * flat * int(m.feature_dim)
+    else:
+        return 0, 0, ""
+    gram = 2 * 8 * d * d
+    what = f"the {d} x {d} float64 statistics of the analytic strategies"
+    if projection:
+        what += f" and the {flat} x {d} random projection"
+    return d, gram + projection, what
+
+
+def check_memory(config: ScenarioConfig, input_shape: tuple, num_classes: int,
+                 memory: int | None = None) -> dict[str, Any]:
+    """Refuse a model or feature map whose estimated size exceeds the machine's memory; return the estimates."""
+    memory = physical_memory() if memory is None else memory
+    limit = None if memory is None else memory * MEMORY_FRACTION
+    estimates: dict[str, Any] = {"memory": memory}
+    d, fbytes, what = feature_bytes(config, input_shape)
+    estimates["feature_bytes"] = fbytes
+    if limit is not None and fbytes > limit:
+        field = "model.feature_dim" if config.model.feature_map == "random" else "model.feature_map"
+        value = config.model.feature_dim if field == "model.feature_dim" else config.model.feature_map
+        raise ConfigError(f"{field}: {value!r} needs about {_fmt_bytes(fbytes)} ({what}), more than this machine's "
+                          f"{_fmt_bytes(memory)} of memory; use a smaller feature_dim")
+    params = model_parameters(config, input_shape, num_classes)
+    width = config.model.width
+    field, value = ("model.width", width) if width is not None else ("model.name", config.model.name)
+    if params is None:
+        raise ConfigError(f"{field}: {value!r} makes {config.model.name!r} a model whose tensors overflow 64-bit "
+                          f"sizes (far more than this machine's {_fmt_bytes(memory or 0)} of memory); use a "
+                          "smaller width")
+    clients_at_once = max(1, min(config.num_nodes, os.cpu_count() or 1)) if config.simulation.backend == "ray" else 1
+    # float32 copies a run holds at least: the server's global model, running average and evaluation copy; each
+    # concurrent client's model, gradients, optimizer state and the global model it received
+    mbytes = 4 * params * (3 + 4 * clients_at_once)
+    estimates["model_parameters"], estimates["model_bytes"] = params, mbytes
+    if limit is not None and mbytes > limit:
+        raise ConfigError(
+            f"{field}: {value!r} makes {config.model.name!r} a model of {params:,} parameters "
+            f"({_fmt_bytes(4 * params)} in float32); with the copies a run keeps (server and "
+            f"{clients_at_once} concurrent client{'s' if clients_at_once > 1 else ''}) that is about "
+            f"{_fmt_bytes(mbytes)}, more than this machine's {_fmt_bytes(memory)} of memory; use a smaller width"
+        )
+    return estimates
