@@ -136,11 +136,19 @@ class SimulationConfig:
     ray_address: str | None = None  # join an existing Ray cluster ("auto" or "ray://host:port")
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     verbose: bool = False
+    # byzantine clients (a seeded set, fixed for the run) replace their model update d = w_k - w_t by
+    # factor * d: sign-flip: factor = -byzantine_scale (unset: -1); scale: +byzantine_scale (unset: 10).
+    # Applied by the node to model replies of the gradient strategies (fedsim.engine.node.byzantine_clients)
+    byzantine_fraction: float = 0.0
+    byzantine_mode: str = "sign-flip"
+    byzantine_scale: float | None = None
 
     _parameter_constraints = {"backend": [Options(("ray", "inline"))], "num_cpus": [POSITIVE],
                               "num_gpus": [NON_NEGATIVE, None], "clients_per_node": [AT_LEAST_1],
                               "failure_rate": [FRACTION_OPEN], "timeout": [POSITIVE],
-                              "device": [Options(("auto", "cpu", "cuda"))]}
+                              "device": [Options(("auto", "cpu", "cuda"))], "byzantine_fraction": [FRACTION],
+                              "byzantine_mode": [Options(("sign-flip", "scale"))],
+                              "byzantine_scale": [POSITIVE, None]}
 
 
 @dataclass

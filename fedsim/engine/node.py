@@ -4,7 +4,9 @@ A Flower node (a Ray actor at a time, or a SuperNode of the deployment engine) s
 ``simulation.clients_per_node`` virtual clients. For each it builds a ``ClientEnv`` (the client's own partition,
 the shared scenario view, its persistent state) and calls the strategy's client part; injected failures and real
 exceptions are accounted per client; replies of a group are combined with the client part's ``reduce``. Byte
-counts are taken from the serialized records each client would have sent alone.
+counts are taken from the serialized records each client would have sent alone. Byzantine clients
+(``simulation.byzantine_fraction``) are simulated here, after the client part, so every strategy's client stays
+honest code.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.app.error import Error
 from flwr.clientapp import ClientApp
 
+from fedsim.codec import from_record, to_record
 from fedsim.config import ScenarioConfig
 from fedsim.engine.accounting import ACCOUNTING_KEY, CLIENT_FAILED, ENGINE_KEY, failing_clients, node_group, \
     record_nbytes
+from fedsim.protocol import sgd as sgd_protocol
 from fedsim.registry import get_strategy
 from fedsim.scenario import ScenarioView, client_stream, derive_seed, partition_for, resolve_device, train_split
 
@@ -103,6 +107,60 @@ def concatenate_replies(replies: list[RecordDict]) -> RecordDict:
     return out
 
 
+BYZANTINE_DEFAULT_SCALE = {"sign-flip": 1.0, "scale": 10.0}
+
+
+def byzantine_clients(config: ScenarioConfig) -> frozenset[int]:
+    """The byzantine clients: round(byzantine_fraction * N) of them, drawn once from the scenario seed, so every
+    process (driver, Ray actors, SuperNodes) derives the same set; fixed for the whole run."""
+    sim, n = config.simulation, config.num_clients
+    count = int(round(sim.byzantine_fraction * n))
+    if count == 0:
+        return frozenset()
+    rng = np.random.default_rng(derive_seed(config.seed, "byzantine"))
+    return frozenset(int(i) for i in rng.choice(n, size=count, replace=False))
+
+
+def byzantine_factor(config: ScenarioConfig) -> float:
+    """What a byzantine client multiplies its update by: -scale (sign-flip, default scale 1) or +scale (scale,
+    default 10)."""
+    sim = config.simulation
+    scale = BYZANTINE_DEFAULT_SCALE[sim.byzantine_mode] if sim.byzantine_scale is None else sim.byzantine_scale
+    return -float(scale) if sim.byzantine_mode == "sign-flip" else float(scale)
+
+
+def byzantine_summary(config: ScenarioConfig) -> dict:
+    """summary.json entries describing the attack ({} without byzantine clients)."""
+    clients = byzantine_clients(config)
+    if not clients:
+        return {}
+    return {"byzantine_clients": sorted(clients), "byzantine_mode": config.simulation.byzantine_mode,
+            "byzantine_factor": byzantine_factor(config)}
+
+
+def byzantine_update(local: dict[str, np.ndarray], received: dict[str, np.ndarray],
+                     factor: float) -> dict[str, np.ndarray]:
+    """``received + factor * (local - received)`` on floating arrays, in their dtype; integer arrays (BatchNorm's
+    step counters) stay as the client computed them."""
+    out = {}
+    for key, value in local.items():
+        value = np.asarray(value)
+        if np.issubdtype(value.dtype, np.floating) and key in received:
+            ref = np.asarray(received[key], dtype=np.float64)
+            out[key] = (ref + factor * (value.astype(np.float64) - ref)).astype(value.dtype)
+        else:
+            out[key] = value
+    return out
+
+
+def _attack(content: RecordDict, reply: RecordDict, factor: float) -> None:
+    """Replace a model reply (the SGD protocol's arrays key, relative to the model received under the same key)
+    by the byzantine one, in place; other replies are left alone."""
+    key = sgd_protocol.ARRAYS_KEY
+    if key in content.array_records and key in reply.array_records:
+        reply[key] = to_record(byzantine_update(from_record(reply[key]), from_record(content[key]), factor))
+
+
 class NodeHandler:
     """Runs on a Flower node: dispatches a message to the client part for each client the node serves.
 
@@ -150,6 +208,7 @@ class NodeHandler:
         if handler is None:
             raise ClientError(f"strategy {cfg.strategy.name!r} has no client-side {kind!r} handler")
         failing = failing_clients(cfg.seed, round_, cfg.num_clients, cfg.simulation.failure_rate)
+        byzantine = byzantine_clients(cfg) if kind == "train" else frozenset()
         device = resolve_device(cfg.simulation.device)
 
         replies: list[RecordDict] = []
@@ -169,6 +228,8 @@ class NodeHandler:
                 reasons.append(f"client {pid}: {traceback.format_exc(limit=3)}")
                 continue
             store_client_state(context.state, pid, env.state)
+            if pid in byzantine:
+                _attack(content, reply, byzantine_factor(cfg))
             served.append(pid)
             sizes.append(record_nbytes(reply))
             replies.append(reply)
