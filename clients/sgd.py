@@ -1,19 +1,56 @@
-"""Client part of the gradient baselines (FedAvg, FedProx, centralized): local SGD epochs on the partition.
+"""Client part of the gradient baselines (every Flower strategy of ``fedsim.strategies.fedavg``): local SGD epochs.
 
 The client loads the global model it received, trains ``client.epochs`` epochs on its own partition and answers
-with the model and its example count. FedProx's proximal weight mu is read from the message (Flower's FedProx
-puts it into the train config), never from the scenario, so the client does what the server asked.
+with the model and its example count. What the server asks travels in the message, never in the scenario, so the
+client does what the server asked:
+- FedProx's proximal weight mu (Flower's FedProx puts it into the train config);
+- client-side DP clipping: Flower's ``DifferentialPrivacyClientSideFixedClipping`` puts ``clipping_norm`` into the
+  train config and expects the client to clip its model update (what Flower's ``fixedclipping_mod`` does):
+  the update w_k - w_t of the floating-point arrays is scaled by min(1, C / ||w_k - w_t||_2); integer arrays
+  (BatchNorm's step counters) are sent back as received, so they neither leak the step count nor spend the budget;
+- q-FedAvg's F_k(w_t): with ``report-initial-loss`` the client also reports the mean loss of the received model
+  on its partition (evaluated before training).
 Messages: ``fedsim.protocol.sgd``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import numpy as np
 from flwr.app import RecordDict
 
 from fedsim.averaging import average_factors, weighted_average
 from fedsim.engine import ClientEnv
 from fedsim.protocol import sgd as protocol
-from fedsim.training import arrays_to_state, state_to_arrays, train_epochs
+from fedsim.training import arrays_to_state, evaluate, state_to_arrays, train_epochs
+
+
+def update_norm(local: Mapping[str, np.ndarray], global_: Mapping[str, np.ndarray]) -> float:
+    """L2 norm of the floating-point part of the update ``local - global_`` (float64)."""
+    total = 0.0
+    for key, value in local.items():
+        if np.issubdtype(np.asarray(value).dtype, np.floating):
+            diff = np.asarray(value, dtype=np.float64) - np.asarray(global_[key], dtype=np.float64)
+            total += float(np.dot(diff.ravel(), diff.ravel()))
+    return float(np.sqrt(total))
+
+
+def clip_update(local: Mapping[str, np.ndarray], global_: Mapping[str, np.ndarray],
+                clipping_norm: float) -> dict[str, np.ndarray]:
+    """``global_ + min(1, C / ||local - global_||) (local - global_)`` on floating arrays (Flower's FlatClip,
+    arXiv 1710.06963), in each array's dtype; integer arrays take the global model's value."""
+    norm = update_norm(local, global_)
+    scale = min(1.0, clipping_norm / norm) if norm > 0 else 1.0
+    out = {}
+    for key, value in local.items():
+        value, ref = np.asarray(value), np.asarray(global_[key])
+        if np.issubdtype(value.dtype, np.floating):
+            g = ref.astype(np.float64)
+            out[key] = (g + scale * (value.astype(np.float64) - g)).astype(value.dtype)
+        else:
+            out[key] = ref.astype(value.dtype, copy=True)
+    return out
 
 
 class SGDClient:
@@ -23,16 +60,24 @@ class SGDClient:
         self.params = params
 
     def train(self, content: RecordDict, env: ClientEnv) -> RecordDict:
-        global_arrays, mu = protocol.parse_train(content)
+        request = protocol.parse_request(content)
+        mu = request.proximal_mu
         data = env.train_data()
-        model = arrays_to_state(env.initial_model(), global_arrays)
+        model = arrays_to_state(env.initial_model(), request.arrays)
         c = env.config.client
+        initial_loss = None
+        if request.report_initial_loss:
+            initial_loss = evaluate(model, data.x, data.y, batch_size=env.config.evaluation.batch_size,
+                                    device=env.device)["loss"]
         stats = train_epochs(
             model, data.x, data.y, epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, momentum=c.momentum,
             weight_decay=c.weight_decay, optimizer=c.optimizer, seed=env.seed, device=env.device,
             proximal_mu=mu, global_params=[p.detach().clone() for p in model.parameters()] if mu > 0 else None,
         )
-        return protocol.reply(state_to_arrays(model), len(data), float(stats.get("loss", float("nan"))))
+        arrays = state_to_arrays(model)
+        if request.clipping_norm is not None:
+            arrays = clip_update(arrays, request.arrays, request.clipping_norm)
+        return protocol.reply(arrays, len(data), float(stats.get("loss", float("nan"))), initial_loss)
 
     @staticmethod
     def reduce(replies: list[RecordDict]) -> RecordDict:
@@ -41,4 +86,14 @@ class SGDClient:
         weights = [float(n) for _, n, _ in parsed]
         factors = average_factors(len(parsed), weights)
         loss = float(sum(f * loss for f, (_, _, loss) in zip(factors, parsed)))
-        return protocol.reply(weighted_average([arrays for arrays, _, _ in parsed], weights), int(sum(weights)), loss)
+        initial = [protocol.initial_loss_of(r) for r in replies]
+        initial_loss = None if None in initial else float(sum(f * v for f, v in zip(factors, initial)))
+        return protocol.reply(weighted_average([arrays for arrays, _, _ in parsed], weights), int(sum(weights)), loss,
+                              initial_loss)
+
+
+class PerClientSGDClient(SGDClient):
+    """The same client for strategies that need every client's own reply (the robust rules, q-FedAvg, DP): no
+    ``reduce``, so a node serves one client and each reply reaches the aggregation as the client sent it."""
+
+    reduce = None

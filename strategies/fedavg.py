@@ -1,25 +1,65 @@
-"""FedAvg and FedProx (and centralized training): Flower's own strategies, run on fedsim's accounting grid.
+"""Flower's Message-API strategies as fedsim strategies, run on fedsim's accounting grid.
 
-FedAvg (McMahan et al., AISTATS 2017, arXiv 1602.05629): w_{t+1} = sum_k (n_k / n) w_k^{t+1}, where each selected
-client starts from w_t and runs ``client.epochs`` epochs of SGD on its partition.
-FedProx (Li et al., MLSys 2020, arXiv 1812.06127) adds (mu / 2) ||w - w_t||^2 to each client's local loss; Flower's
-FedProx sends mu to the clients in its train config.
-Centralized training is FedAvg with a single client holding the whole training set (the registry's
-``single_client``): the same model, optimizer, epochs and evaluation; only the data distribution differs.
-Aggregation is ``flwr.serverapp.strategy.FedAvg`` / ``FedProx``; the server evaluates the global model on the test
-set after every ``evaluation.every`` rounds. Messages: ``fedsim.protocol.sgd``.
+One server class family: each member is a ``flwr.serverapp.strategy`` class plus the keyword arguments its
+parameters name (Flower's own names), optionally wrapped (the DP wrappers around FedAvg). Every member trains with
+the same client part (``fedsim.clients.sgd``: local SGD epochs), evaluates the global model on the test set after
+every ``evaluation.every`` rounds and saves it. Messages: ``fedsim.protocol.sgd``.
+
+- FedAvg (McMahan et al., AISTATS 2017, arXiv 1602.05629): w_{t+1} = sum_k (n_k / n) w_k^{t+1}, where each selected
+  client starts from w_t and runs ``client.epochs`` epochs of SGD on its partition.
+- FedProx (Li et al., MLSys 2020, arXiv 1812.06127) adds (mu / 2) ||w - w_t||^2 to each client's local loss; Flower's
+  FedProx sends mu to the clients in its train config.
+- Centralized training is FedAvg with a single client holding the whole training set (the registry's
+  ``single_client``): the same model, optimizer, epochs and evaluation; only the data distribution differs.
+- FedAvgM, FedAdagrad, FedAdam, FedYogi: server optimizers on the pseudo-gradient w_t - FedAvg(w_k). Flower's
+  FedAdam divides by bias corrections (with exponent round + 1), which Reddi et al.'s Algorithm 2 does not.
+- FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan: byzantine-robust rules over the clients' models (see
+  ``simulation.byzantine_fraction`` for clients to be robust against).
+- q-FedAvg: by default the clients report F_k(w_t), the loss of the model they received, as the paper's algorithm
+  uses (``strategy.loss = "training"``: Flower's reading of the last epoch's training loss).
+- DP with fixed clipping, server side or client side (the client clips, reading the norm Flower's wrapper puts
+  into the train config). Noise is Flower's ``np.random.normal``, drawn from a per-round seed so a run repeats.
+  By default the clipped updates are averaged uniformly (``weighting = "uniform"``), the average the noise std
+  z C / m is calibrated for; Flower's wrapper around its FedAvg weights by examples (``weighting = "examples"``).
+
+Integer arrays (BatchNorm's ``num_batches_tracked``) reach Flower's aggregation as float64 (FedAvg averages them to
+float64 anyway): Flower's q-FedAvg and DP clipping compute on them in place and fail on integers. Under DP the
+counters are held at the global model's value (they are not learned, BatchNorm ignores them when its momentum is
+set, and a client's step count should neither leak nor spend the clipping budget).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Iterable, Iterator
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAvg, FedProx
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import (
+    Bulyan,
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    MultiKrum,
+    QFedAvg,
+    Strategy,
+)
 
 from fedsim.codec import from_record, to_record
 from fedsim.engine import ServerContext
+from fedsim.engine.node import byzantine_summary
 from fedsim.protocol import sgd as protocol
+from fedsim.scenario import derive_seed
 from fedsim.training import arrays_to_state, evaluate, state_to_arrays
 
 
@@ -30,25 +70,131 @@ def _train_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
     return MetricRecord({protocol.LOSS_KEY: sum(n * loss for n, loss in weights) / total})
 
 
-class FedAvgServer:
-    """Runs Flower's FedAvg for ``rounds`` rounds; evaluation and logging through the fedsim context."""
+def _integer_arrays_as_float(content: RecordDict, hold: ArrayRecord | None = None) -> None:
+    """Replace the integer arrays of a reply's model by float64 ones, in place: their own values, or (``hold``)
+    the values of the global model the server sent."""
+    record = content.array_records.get(protocol.ARRAYS_KEY)
+    if record is None:
+        return
+    for key in list(record.keys()):
+        arr = record[key].numpy()
+        if not np.issubdtype(arr.dtype, np.integer):
+            continue
+        source = arr if hold is None or key not in hold else hold[key].numpy()
+        record[key] = Array(np.asarray(source, dtype=np.float64))
 
-    flower_strategy = FedAvg
+
+class _FloatCounters:
+    """Mixin for a Flower strategy: integer arrays of the replies become float64 before aggregation."""
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        for msg in replies:
+            if msg.has_content():
+                _integer_arrays_as_float(msg.content)
+        return super().aggregate_train(server_round, replies)
+
+
+class _UniformWeights:
+    """Mixin for FedAvg: every reply weighs 1 (the unweighted mean of DP-FedAvg), whatever its example count."""
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        for msg in replies:
+            if msg.has_content() and self.weighted_by_key in msg.content.metric_records.get(protocol.METRICS_KEY, {}):
+                msg.content[protocol.METRICS_KEY][self.weighted_by_key] = 1
+        return super().aggregate_train(server_round, replies)
+
+
+@functools.cache
+def _fedsim_flavour(cls: type, uniform: bool = False) -> type:
+    """``cls`` with fedsim's float counters (and, for DP-FedAvg, uniform weights)."""
+    bases = (_FloatCounters, _UniformWeights, cls) if uniform else (_FloatCounters, cls)
+    return type(cls.__name__, bases, {"__doc__": cls.__doc__})
+
+
+@contextlib.contextmanager
+def _seeded_numpy(seed: int) -> Iterator[None]:
+    """numpy's global RNG seeded for the duration (Flower's DP noise draws from it), then restored."""
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
+
+
+class _SeededNoise:
+    """Mixin for Flower's DP wrappers: each round's Gaussian noise comes from a seed derived from the scenario."""
+
+    noise_seed: int = 0
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        with _seeded_numpy(derive_seed(self.noise_seed, server_round, "dp-noise")):
+            return super().aggregate_train(server_round, replies)
+
+
+class _ClientSideDP(_SeededNoise, DifferentialPrivacyClientSideFixedClipping):
+    """Flower's client-side fixed-clipping wrapper with seeded noise."""
+
+
+class _ServerSideDP(_SeededNoise, DifferentialPrivacyServerSideFixedClipping):
+    """Flower's server-side fixed-clipping wrapper with seeded noise; integer arrays held at the global model's."""
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        for msg in replies:
+            if msg.has_content():
+                _integer_arrays_as_float(msg.content, hold=self.current_arrays)
+        return super().aggregate_train(server_round, replies)
+
+
+class FedAvgServer:
+    """Runs a Flower strategy for ``rounds`` rounds; evaluation and logging through the fedsim context.
+
+    A family member sets ``flower_strategy`` and ``flower_params`` (the parameters passed to it under their own
+    names) and may override ``context_options`` (keyword arguments derived from the scenario), ``train_config``
+    (extra keys of the train ConfigRecord), ``wrap`` (a strategy wrapper) and ``summary_values``.
+    """
+
+    flower_strategy: type = FedAvg
+    flower_params: tuple[str, ...] = ()
 
     def __init__(self, params: protocol.FedAvgParams) -> None:
         self.params = params
 
     def strategy_options(self) -> dict[str, Any]:
-        """Extra keyword arguments of the Flower strategy (FedProx: its mu)."""
+        """Keyword arguments of the Flower strategy taken from the parameters (FedProx: its mu)."""
+        return {name: getattr(self.params, name) for name in self.flower_params}
+
+    def context_options(self, ctx: ServerContext) -> dict[str, Any]:
+        """Keyword arguments of the Flower strategy derived from the scenario."""
         return {}
 
-    def _strategy(self, ctx: ServerContext) -> FedAvg:
-        return self.flower_strategy(
+    def train_config(self, ctx: ServerContext) -> dict[str, Any]:
+        """Extra keys of the ConfigRecord every train message carries."""
+        return {}
+
+    def wrap(self, strategy: Strategy, ctx: ServerContext) -> Strategy:
+        """The strategy that runs (a wrapper around ``strategy``, or itself)."""
+        return strategy
+
+    def summary_values(self, ctx: ServerContext) -> dict[str, Any]:
+        """Extra summary.json entries of this strategy."""
+        return {}
+
+    def _strategy(self, ctx: ServerContext, uniform: bool = False) -> Strategy:
+        base = _fedsim_flavour(self.flower_strategy, uniform)(
             fraction_train=self.params.fraction_train, fraction_evaluate=0.0, min_train_nodes=1,
             min_evaluate_nodes=0, min_available_nodes=ctx.config.num_nodes, arrayrecord_key=protocol.ARRAYS_KEY,
             configrecord_key=protocol.CONFIG_KEY, weighted_by_key=protocol.WEIGHT_KEY,
-            train_metrics_aggr_fn=_train_metrics, **self.strategy_options(),
+            train_metrics_aggr_fn=_train_metrics, **self.strategy_options(), **self.context_options(ctx),
         )
+        return self.wrap(base, ctx)
 
     def run(self, ctx: ServerContext) -> None:
         test = ctx.test_data()
@@ -66,19 +212,115 @@ class FedAvgServer:
                     **ctx.client_accuracy(res["class_accuracy"]))
             return MetricRecord({"accuracy": float(res["accuracy"]), "loss": float(res["loss"])})
 
+        initial = to_record(state_to_arrays(model))
         result = self._strategy(ctx).start(
-            grid=ctx.grid, initial_arrays=to_record(state_to_arrays(model)), num_rounds=rounds,
-            timeout=ctx.config.simulation.timeout, train_config=ConfigRecord(), evaluate_fn=evaluate_fn,
+            grid=ctx.grid, initial_arrays=initial, num_rounds=rounds, timeout=ctx.config.simulation.timeout,
+            train_config=ConfigRecord(self.train_config(ctx)), evaluate_fn=evaluate_fn,
         )
-        arrays_to_state(model, from_record(result.arrays))
+        # Flower's result holds the last aggregate; none when every round skipped aggregation (DP with a failed
+        # client, Bulyan with too few replies): the model stays the initial one
+        arrays_to_state(model, from_record(result.arrays if len(result.arrays) else initial))
         ctx.save_model(model.cpu())
-        ctx.summary(num_parameters=int(sum(p.numel() for p in model.parameters())))
+        skipped = [r for r in range(1, rounds + 1) if r not in result.train_metrics_clientapp]
+        ctx.summary(num_parameters=int(sum(p.numel() for p in model.parameters())),
+                    **({"rounds_not_aggregated": skipped} if skipped else {}),
+                    **byzantine_summary(ctx.config), **self.summary_values(ctx))
 
 
 class FedProxServer(FedAvgServer):
     """FedAvg's server with Flower's FedProx, which sends ``proximal_mu`` to the clients."""
 
     flower_strategy = FedProx
+    flower_params = ("proximal_mu",)
 
-    def strategy_options(self) -> dict[str, Any]:
-        return {"proximal_mu": float(self.params.proximal_mu)}
+
+class FedAvgMServer(FedAvgServer):
+    flower_strategy = FedAvgM
+    flower_params = ("server_learning_rate", "server_momentum")
+
+
+class FedAdagradServer(FedAvgServer):
+    flower_strategy = FedAdagrad
+    flower_params = ("eta", "tau")
+
+    def context_options(self, ctx: ServerContext) -> dict[str, Any]:
+        return {"eta_l": ctx.config.client.lr}  # Flower only logs it; the clients train with client.lr
+
+
+class FedAdamServer(FedAdagradServer):
+    flower_strategy = FedAdam
+    flower_params = ("eta", "tau", "beta_1", "beta_2")
+
+
+class FedYogiServer(FedAdamServer):
+    flower_strategy = FedYogi
+
+
+class FedMedianServer(FedAvgServer):
+    flower_strategy = FedMedian
+
+
+class FedTrimmedAvgServer(FedAvgServer):
+    flower_strategy = FedTrimmedAvg
+    flower_params = ("beta",)
+
+
+class KrumServer(FedAvgServer):
+    flower_strategy = Krum
+    flower_params = ("num_malicious_nodes",)
+
+
+class MultiKrumServer(KrumServer):
+    flower_strategy = MultiKrum
+
+    def context_options(self, ctx: ServerContext) -> dict[str, Any]:
+        m = self.params.num_nodes_to_select
+        if m is None:  # Blanchard et al.: m = n - f
+            m = max(protocol.sampled_clients(ctx.config) - self.params.num_malicious_nodes, 1)
+        return {"num_nodes_to_select": int(m)}
+
+
+class BulyanServer(KrumServer):
+    flower_strategy = Bulyan
+
+
+class QFedAvgServer(FedAvgServer):
+    flower_strategy = QFedAvg
+    flower_params = ("q",)
+
+    def context_options(self, ctx: ServerContext) -> dict[str, Any]:
+        lr = self.params.client_learning_rate
+        key = protocol.INITIAL_LOSS_KEY if self.params.loss == "global-model" else protocol.LOSS_KEY
+        return {"client_learning_rate": float(ctx.config.client.lr if lr is None else lr), "train_loss_key": key}
+
+    def train_config(self, ctx: ServerContext) -> dict[str, Any]:
+        return {protocol.INITIAL_LOSS_FLAG: True} if self.params.loss == "global-model" else {}
+
+
+class _DPServer(FedAvgServer):
+    """FedAvg inside one of Flower's fixed-clipping DP wrappers."""
+
+    wrapper: type = _ServerSideDP
+
+    def _strategy(self, ctx: ServerContext, uniform: bool = False) -> Strategy:
+        return super()._strategy(ctx, uniform=self.params.weighting == "uniform")
+
+    def wrap(self, strategy: Strategy, ctx: ServerContext) -> Strategy:
+        p = self.params
+        dp = self.wrapper(strategy, float(p.noise_multiplier), float(p.clipping_norm),
+                          protocol.sampled_clients(ctx.config))
+        dp.noise_seed = int(ctx.config.seed)
+        return dp
+
+    def summary_values(self, ctx: ServerContext) -> dict[str, Any]:
+        m = protocol.sampled_clients(ctx.config)
+        return {"dp_sampled_clients": m,
+                "dp_noise_std": float(self.params.noise_multiplier * self.params.clipping_norm / m)}
+
+
+class DPServerSideServer(_DPServer):
+    wrapper = _ServerSideDP
+
+
+class DPClientSideServer(_DPServer):
+    wrapper = _ClientSideDP
