@@ -572,3 +572,22 @@ def test_report_skips_an_unreadable_run_with_a_warning(two_runs, tmp_path, capsy
     assert main(["report", str(runs), "--out", str(tmp_path / "rep2")]) == 2
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1].startswith("error: report: none of the 2 run directories")
+
+
+def test_out_on_a_read_only_file_system_is_one_error_line(tmp_path, capsys, monkeypatch):
+    """As root no directory is unwritable, so the read-only file system is simulated: access(2) says EROFS."""
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if str(path).startswith(str(tmp_path / "ro"))
+                        else real_access(path, mode, **kw))
+    (tmp_path / "ro").mkdir()
+    assert main(["run", str(_scenario(tmp_path)), "--out", str(tmp_path / "ro" / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --out: cannot write into ") and "Traceback" not in err
+    assert list((tmp_path / "ro").iterdir()) == []
+
+
+def test_report_out_at_a_file_is_one_error_line(two_runs, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    assert main(["report", str(two_runs), "--out", str(tmp_path / "afile")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: report: cannot write into ") and (tmp_path / "afile").read_text() == "x"
