@@ -46,9 +46,13 @@ class DataConfig:
     max_train: int | None = None  # keep the first n of a seeded permutation (quick runs, tests)
     max_test: int | None = None
     options: dict = field(default_factory=dict)  # dataset-specific, e.g. synthetic: separation, dim
+    # fraction of the training split that the server keeps and no client holds (FedDF's unlabeled distillation
+    # data); unset: what the strategy needs (FedDF: 0.1, every other strategy: 0). Set it in a scenario that
+    # compares strategies so that all of them partition the same client data (fedsim.scenario.server_holdout)
+    server_holdout: float | None = None
 
     _parameter_constraints = {"name": [Options(catalog.DATASETS)], "max_train": [AT_LEAST_1, None],
-                              "max_test": [AT_LEAST_1, None]}
+                              "max_test": [AT_LEAST_1, None], "server_holdout": [FRACTION_OPEN, None]}
 
 
 @dataclass

@@ -17,7 +17,8 @@ import numpy as np
 
 from fedsim.config import ScenarioConfig
 
-__all__ = ["ScenarioView", "derive_seed", "train_split", "test_split", "partition_for", "scenario_streams",
+__all__ = ["ScenarioView", "derive_seed", "train_split", "test_split", "partition_for", "server_holdout",
+           "server_holdout_fraction", "scenario_streams",
            "client_stream", "scenario_feature_map", "scenario_model", "resolve_device"]
 
 
@@ -67,16 +68,44 @@ def test_split(config: ScenarioConfig):  # noqa: ANN201
 test_split.__test__ = False  # not a pytest test when imported into a test module
 
 
+def server_holdout_fraction(config: ScenarioConfig) -> float:
+    """``data.server_holdout``, or where unset the default of the strategy's parameters (``server_holdout_default()``,
+    FedDF: 0.1 when it distills on held-out training data), else 0."""
+    if config.data.server_holdout is not None:
+        return float(config.data.server_holdout)
+    default = getattr(config.strategy.params, "server_holdout_default", None)
+    return float(default()) if callable(default) else 0.0
+
+
+def server_holdout(config: ScenarioConfig) -> np.ndarray:
+    """Sorted training-split indices that the server keeps and no client holds (empty when the fraction is 0).
+
+    A seeded uniform draw of ``round(fraction * n)`` indices, the same in every process, taken before the partition:
+    ``partition_for`` splits only the remaining indices, so the clients' data is disjoint from it.
+    """
+    fraction = server_holdout_fraction(config)
+    n = len(train_split(config))
+    k = int(round(fraction * n))
+    if k == 0:
+        return np.empty(0, dtype=np.int64)
+    order = np.random.default_rng(derive_seed(config.seed, "server-holdout")).permutation(n)
+    return np.sort(order[:k]).astype(np.int64)
+
+
 def partition_for(config: ScenarioConfig) -> list[np.ndarray]:
-    """The scenario's partition of the training set (deterministic from the seed)."""
+    """The scenario's partition of the training set (deterministic from the seed), without the server's holdout."""
     from fedsim.partition import partition_indices
 
     p = config.partition
-    return partition_indices(
-        train_split(config).labels, kind=p.kind, num_clients=p.num_clients, seed=config.seed,
+    labels = train_split(config).labels
+    held = server_holdout(config)
+    keep = np.setdiff1d(np.arange(len(labels), dtype=np.int64), held) if held.size else None
+    parts = partition_indices(
+        labels if keep is None else labels[keep], kind=p.kind, num_clients=p.num_clients, seed=config.seed,
         alpha=p.alpha, classes_per_client=p.classes_per_client, quantity_alpha=p.quantity_alpha,
         min_partition_size=p.min_partition_size,
     )
+    return parts if keep is None else [keep[part] for part in parts]
 
 
 def _stream_kwargs(config: ScenarioConfig) -> dict[str, Any]:
