@@ -28,9 +28,15 @@ its embeddings), with the stored statistics readable by key (``model["backbone"]
 Other hooks: ``begin`` (before the first task; create classifiers). Class attributes ``loss`` ("ce" or "lwf") and
 ``cumulative`` choose the training.
 
+The network's classifier (``strategy.head``, built by ``initial_model``): ``"cosine"`` for LwF and the methods on its
+backbone (lwf, lwf-ncm, dpcr, ridge-uncalibrated), as the official DPCR code trains (PyCIL ``"cosine": true``);
+``"linear"`` for finetune and joint (PyCIL's ``IncrementalNet``). Either is one ``--set strategy.head=...`` away. The
+embeddings the statistics read (``embed``) are the pooled features before that layer, un-normalized in both cases.
+
 Round numbering: with P = R + 1 message rounds per task, task t uses rounds t P + 1 .. t P + R for training and
 t P + R + 1 for statistics (whether the strategy sends any or not). The numbering is the same in every strategy, so
-runs of finetune, LwF and DPCR with the same seed draw the same client seeds and train the same backbones.
+runs of LwF and DPCR (or finetune and joint's first task) with the same seed and head draw the same client seeds and
+train the same backbones.
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ from fedsim.training import arrays_to_state, predict_logits, state_to_arrays
 if TYPE_CHECKING:  # the client parts import the factories below without the server's machinery
     from fedsim.engine.server import ServerContext
 
-__all__ = ["MAIN", "CILServer", "IncrementalModel", "embed", "load_model"]
+__all__ = ["MAIN", "CILServer", "IncrementalModel", "embed", "initial_model", "load_model"]
 
 MAIN = "main"  # the strategy's own prediction among those ``predict`` returns
 
@@ -78,9 +84,24 @@ def embed(model: nn.Module, x: torch.Tensor, device: str = "cpu", batch_size: in
     return predict_logits(_Embedder(model), x, batch_size=batch_size, device=device)
 
 
-def load_model(view: ScenarioView, arrays: ArrayRecord | dict[str, np.ndarray]) -> nn.Module:
-    """The scenario's network (on the CPU) holding ``arrays`` (a record or ``from_record``'s dict)."""
+def initial_model(view: ScenarioView) -> nn.Module:
+    """The scenario's initial network with the strategy's training head (``strategy.head``), on the CPU.
+
+    ``"linear"``: the model as built (``nn.Linear`` with bias); ``"cosine"``: its last layer replaced by
+    ``fedsim.models.CosineLinear`` drawn from a seed derived from the scenario's, so the server and every client
+    build the same network.
+    """
+    from fedsim.models import use_cosine_classifier
+
     model = view.initial_model()
+    if getattr(view.params, "head", "linear") == "cosine":
+        use_cosine_classifier(model, seed=view.derive_seed("cosine-head"))
+    return model
+
+
+def load_model(view: ScenarioView, arrays: ArrayRecord | dict[str, np.ndarray]) -> nn.Module:
+    """The scenario's network (on the CPU, with the strategy's head) holding ``arrays`` (a record or a dict)."""
+    model = initial_model(view)
     arrays_to_state(model, from_record(arrays) if isinstance(arrays, ArrayRecord) else arrays)
     return model
 
@@ -166,7 +187,7 @@ class CILServer:
         ctx.set_total_steps(len(tasks))
         task_classes = [t.classes for t in tasks]
         matrices: dict[str, AccuracyMatrix] = {}
-        model = ctx.initial_model()
+        model = initial_model(ctx)
         old = None
         per_task = self.params.local_rounds + 1
         self.begin(ctx, tasks)

@@ -15,7 +15,7 @@ from torchvision.models.resnet import BasicBlock
 
 from fedsim.errors import ConfigError
 
-__all__ = ["BlockNet", "MODELS", "build_model", "num_parameters"]
+__all__ = ["BlockNet", "CosineLinear", "MODELS", "build_model", "num_parameters", "use_cosine_classifier"]
 
 from fedsim.catalog import MODELS  # noqa: E402
 
@@ -25,8 +25,8 @@ class BlockNet(nn.Module):
 
     `forward(x) == head(features(x))`; `forward_blocks(x, start, stop)` runs blocks[start:stop].
     `cut_points` are block indices where a cut is natural (stage boundaries); `group_blocks(k)` splits the blocks
-    into k contiguous stages for FuseFL. `feature_dim` is the width of `embed(x)` (the vector the final linear
-    layer reads), and `head.fc` is that linear layer.
+    into k contiguous stages for FuseFL. `feature_dim` is the width of `embed(x)` (the vector the final layer
+    reads), and `head.fc` is that layer: an `nn.Linear`, or a `CosineLinear` after `use_cosine_classifier`.
     """
 
     def __init__(
@@ -93,6 +93,42 @@ class BlockNet(nn.Module):
             cuts.append(min(free, key=lambda c: (abs(c - ideal), c)))
         bounds = [0, *cuts, n]
         return [(bounds[i], bounds[i + 1]) for i in range(k)]
+
+
+class CosineLinear(nn.Module):
+    """Cosine classifier: logits = sigma * <x / ||x||, w_c / ||w_c||>, one learnable scale sigma, no bias.
+
+    The head the official DPCR code trains its backbone with (PyCIL's ``CosineLinear``, config ``"cosine": true``):
+    weights uniform in +-1/sqrt(in_features), sigma starting at 1. Normalizing both sides takes the feature norm
+    out of the decision, so class information has to live in the features' directions, which is what DPCR's class
+    normalization (unit-norm ridge columns) assumes. ``weight`` is (out_features, in_features) like ``nn.Linear``.
+    """
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        bound = 1.0 / self.in_features**0.5
+        self.weight = nn.Parameter(torch.empty(self.out_features, self.in_features).uniform_(-bound, bound))
+        self.sigma = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sigma * nn.functional.linear(nn.functional.normalize(x, dim=1),
+                                                 nn.functional.normalize(self.weight, dim=1))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+def use_cosine_classifier(net: BlockNet, seed: int = 0) -> BlockNet:
+    """Replace ``net.head.fc`` by a ``CosineLinear`` of the same shape, initialized from ``seed``; returns ``net``.
+
+    The caller's torch RNG is untouched (forked), so every process builds the same head from the same seed.
+    """
+    fc = net.head.fc
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net.head.fc = CosineLinear(fc.in_features, fc.out_features)
+    return net
 
 
 def num_parameters(model: nn.Module) -> int:

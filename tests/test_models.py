@@ -98,3 +98,30 @@ def test_seeded_init_is_reproducible_and_leaves_global_rng_alone():
 def test_unknown_model_names_field_and_choices():
     with pytest.raises(ConfigError, match=r"model\.name.*vgg.*cnn.*resnet18"):
         build_model("vgg", (1, 28, 28), num_classes=10)
+
+
+def test_cosine_classifier_scores_scaled_cosines_and_is_seeded():
+    from fedsim.models import CosineLinear, use_cosine_classifier
+
+    torch.manual_seed(7)
+    expected_next = torch.rand(1)
+    torch.manual_seed(7)
+    net = use_cosine_classifier(small("cnn", (1, 28, 28)), seed=3)
+    assert torch.equal(torch.rand(1), expected_next)  # the caller's RNG is untouched
+    fc = net.head.fc
+    assert isinstance(fc, CosineLinear) and fc.weight.shape == (7, net.feature_dim) and fc.sigma.item() == 1.0
+    bound = 1 / net.feature_dim**0.5
+    assert fc.weight.abs().max() <= bound  # PyCIL's CosineLinear initialization
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        fc.sigma.fill_(2.5)
+        z = net.embed(x)
+        cos = (z / z.norm(dim=1, keepdim=True)) @ (fc.weight / fc.weight.norm(dim=1, keepdim=True)).T
+        torch.testing.assert_close(net(x), 2.5 * cos)
+        torch.testing.assert_close(net(x), fc(z))
+        torch.testing.assert_close(net(3.0 * x), net(x), rtol=1e-4, atol=1e-5)  # ReLU net: scale-free logits
+    again = use_cosine_classifier(small("cnn", (1, 28, 28)), seed=3).head.fc.weight
+    other = use_cosine_classifier(small("cnn", (1, 28, 28)), seed=4).head.fc.weight
+    assert torch.equal(again, use_cosine_classifier(small("cnn", (1, 28, 28)), seed=3).head.fc.weight)
+    assert not torch.equal(again, other)
+    assert {n for n, _ in net.head.fc.named_parameters()} == {"weight", "sigma"}  # no bias; sigma is learned

@@ -30,7 +30,7 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from fedsim.averaging import average_factors, weighted_average
 from fedsim.codec import from_record, to_record
 from fedsim.errors import ConfigError
-from fedsim.params import Interval
+from fedsim.params import Interval, Options
 from fedsim.registry import StrategySpec, register_strategy
 
 CONFIG_KEY = "cil"  # ConfigRecord: phase, classes, data_classes, new_classes, old_classes, loss, lwf_lambda, T
@@ -44,20 +44,28 @@ TRAIN = "train"
 CLASS_MEANS = "class-means"
 PHASES = (TRAIN, CLASS_MEANS)
 LOSSES = ("ce", "lwf")
+#: The backbone's classifier during training: "linear" (nn.Linear with bias) or "cosine"
+#: (``fedsim.models.CosineLinear``: normalized features and class weights, one learnable scale).
+HEADS = ("linear", "cosine")
 
 
 # ----------------------------------------------------------------------------------------------- parameters
 @dataclass
 class CILParams:
     local_rounds: int = 1  # FedAvg rounds per task (each: client.epochs local epochs)
+    head: str = "linear"  # the network's classifier: "linear" (PyCIL's finetune / joint) or "cosine"
 
-    _parameter_constraints = {"local_rounds": [Interval(1, None, integer=True)]}
+    _parameter_constraints = {"local_rounds": [Interval(1, None, integer=True)], "head": [Options(HEADS)]}
 
 
 @dataclass
 class LwFParams(CILParams):
+    """LwF and the methods on its backbone (lwf-ncm, DPCR): the official DPCR configuration trains with the cosine
+    head (PyCIL ``"cosine": true``), so it is their default; ``head = "linear"`` is the option."""
+
     lwf_lambda: float = 10.0  # weight of the distillation term
     temperature: float = 2.0  # distillation temperature T
+    head: str = "cosine"
 
     _parameter_constraints = {"lwf_lambda": [Interval(0, None)],
                               "temperature": [Interval(0, None, closed="neither")]}
