@@ -12,6 +12,14 @@ row exactly; the script checks it.
     python scripts/bench_dpcr.py                          # both settings, the scenario files as they are
     python scripts/bench_dpcr.py --quick                  # reduced: 5,000 train / 2,000 test images, 2 passes/task
     python scripts/bench_dpcr.py --setting federated --set data.max_train=10000
+
+``--regime d512`` (issue #11) instead runs scenarios/dpcr-fmnist-d512.toml, the regime DPCR's calibration is for
+(d = 512 > ~300 images per class, a 4-class first task, 8 epochs per task), over ``--seeds`` (default 0 1 2) in
+``--jobs`` parallel processes of one thread each: DPCR with the cosine head (ablation rows, LwF head and the
+``cip_tol_sweep`` companions on one backbone per seed), the same with the linear head, and the baselines
+(lwf-ncm, finetune, joint) for ``--baseline-seeds``. It prints mean and sample standard deviation over the seeds::
+
+    python scripts/bench_dpcr.py --regime d512 --seeds 0 1 2 --jobs 2 --out runs/bench-dpcr-d512
 """
 
 from __future__ import annotations
@@ -93,14 +101,128 @@ def run_setting(setting: str, overrides: list[str], out: Path, backend: str | No
     return rows
 
 
+# ------------------------------------------------------------------------------------------ the d512 regime
+D512 = ROOT / "scenarios/dpcr-fmnist-d512.toml"
+D512_ROWS = [("ridge", "ridge only (un-calibrated statistics)"), ("tssp", "+ TSSP"), ("tssp_cip", "+ CIP"),
+             ("tssp_cip_cn", "+ CN (= DPCR)"), ("tssp_cn", "TSSP + CN, no CIP"), ("lwf_head", "LwF head")]
+D512_BASELINES = ["lwf-ncm", "finetune", "joint"]
+
+
+def _run_one(job: tuple[str, int, list[str], str, bool]) -> dict:
+    """One variant and seed in a worker process on one thread (summary.json reused with ``reuse``)."""
+    label, seed, overrides, out, reuse = job
+    run_dir = Path(out) / label / f"seed{seed}"
+    done = run_dir / "summary.json"
+    if reuse and done.exists():
+        summary = json.loads(done.read_text())
+        if summary.get("status") == "completed":
+            return summary
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(1)
+    variants = dict(load_scenarios(D512, [f"seed={seed}", *overrides]))
+    start = time.time()
+    with threadpool_limits(1):
+        summary = run_scenario(variants[label], run_dir, label=label, show_progress=False)
+    print(f"[d512] {label} seed {seed}: last {summary['final_accuracy']:.4f}, {time.time() - start:.0f} s",
+          file=sys.stderr, flush=True)
+    return summary
+
+
+def _mean_std(values: list[float]) -> str:
+    import numpy as np
+
+    a = np.asarray(values, dtype=float)
+    if len(a) < 2:
+        return f"{a.mean():.3f}"
+    return f"{a.mean():.3f} ± {a.std(ddof=1):.3f}"
+
+
+def run_d512(args) -> int:  # noqa: ANN001
+    import concurrent.futures
+    import multiprocessing
+
+    import numpy as np
+
+    seeds, base_seeds = args.seeds, args.baseline_seeds if args.baseline_seeds is not None else args.seeds[:1]
+    overrides = (["client.epochs=2", "data.max_test=2000"] if args.quick else []) + args.set
+    jobs = [(label, s, overrides, args.out, args.reuse) for s in seeds for label in ("dpcr", "dpcr-linear-head")]
+    jobs += [(label, s, overrides, args.out, args.reuse) for s in base_seeds for label in D512_BASELINES]
+    start = time.time()
+    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        summaries = dict(zip([(j[0], j[1]) for j in jobs], pool.map(_run_one, jobs)))
+    wall = time.time() - start
+    print(f"seeds {seeds}; {len(jobs)} runs in {wall:.0f} s wall ({args.jobs} processes)\n")
+    print("| row | cosine head: last acc | avg inc acc | linear head: last acc | avg inc acc |")
+    print("|---|---|---|---|---|")
+    table = {}
+    for key, name in D512_ROWS:
+        cells = []
+        for label in ("dpcr", "dpcr-linear-head"):
+            comp = [summaries[(label, s)]["companions"][key] for s in seeds]
+            last = [c["final_accuracy"] for c in comp]
+            avg = [c["average_incremental_accuracy"] for c in comp]
+            table.setdefault(label, {})[key] = {"final_accuracy": last, "average_incremental_accuracy": avg}
+            cells += [_mean_std(last), _mean_std(avg)]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    print("\nCIP tolerance sweep (cosine head; full method: TSSP + CIP + CN; rank = mean rank of the old classes' "
+          "projectors at the last task, of d = 512)\n")
+    print("| cip_tol | mean rank | last acc | avg inc acc |")
+    print("|---|---|---|---|")
+    sweep = summaries[("dpcr", seeds[0])].get("cip_tol_sweep", {})
+    rows = [("numerical rank (default)", "tssp_cip_cn", None)] + [(f"{v['cip_tol']:g}", k, k) for k, v in
+                                                                    sweep.items()]
+    rows.append(("no CIP (P_c = I)", "tssp_cn", None))
+    for name, key, sweep_key in rows:
+        comp = [summaries[("dpcr", s)]["companions"][key] for s in seeds]
+        if sweep_key is not None:
+            ranks = [np.mean(list(summaries[("dpcr", s)]["cip_tol_sweep"][sweep_key]["cip_ranks"].values()))
+                     for s in seeds]
+        elif key == "tssp_cip_cn":
+            ranks = [np.mean(list(summaries[("dpcr", s)]["cip_ranks"].values())) for s in seeds]
+        else:
+            ranks = [512.0]
+        print(f"| {name} | {np.mean(ranks):.1f} | {_mean_std([c['final_accuracy'] for c in comp])} | "
+              f"{_mean_std([c['average_incremental_accuracy'] for c in comp])} |")
+    print(f"\nBaselines (seeds {base_seeds})\n")
+    print("| method | last acc | avg inc acc | forgetting | wall s |")
+    print("|---|---|---|---|---|")
+    for label in D512_BASELINES:
+        ss = [summaries[(label, s)] for s in base_seeds]
+        print(f"| {label} | {_mean_std([x['final_accuracy'] for x in ss])} | "
+              f"{_mean_std([x['average_incremental_accuracy'] for x in ss])} | "
+              f"{_mean_std([x['forgetting'] for x in ss])} | {np.mean([x['wall_seconds'] for x in ss]):.0f} |")
+    counts = {s: max(summaries[("dpcr", s)]["class_counts"]) for s in seeds}
+    print(f"\nlargest class in the training slice per seed: {counts} (d = "
+          f"{summaries[('dpcr', seeds[0])]['feature_dim']}); DPCR wall s per run: "
+          f"{[round(summaries[('dpcr', s)]['wall_seconds']) for s in seeds]}")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "bench.json").write_text(json.dumps(
+        {"seeds": seeds, "baseline_seeds": base_seeds, "overrides": overrides, "wall_seconds": wall,
+         "ablation": table, "summaries": {f"{k[0]}/seed{k[1]}": v for k, v in summaries.items()}}, indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setting", choices=["centralized", "federated", "both"], default="both")
-    parser.add_argument("--quick", action="store_true", help="reduced variant (see QUICK)")
+    parser.add_argument("--regime", choices=["fmnist-5x2", "d512"], default="fmnist-5x2",
+                        help="d512: the regime of scenarios/dpcr-fmnist-d512.toml over seeds (issue #11)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="d512: scenario seeds")
+    parser.add_argument("--baseline-seeds", type=int, nargs="*", default=None,
+                        help="d512: seeds of the baselines (default: the first of --seeds)")
+    parser.add_argument("--jobs", type=int, default=2, help="d512: parallel processes (one thread each)")
+    parser.add_argument("--reuse", action="store_true", help="d512: reuse completed runs found under --out")
+    parser.add_argument("--quick", action="store_true", help="reduced variant (see QUICK; d512: 2 epochs)")
     parser.add_argument("--backend", choices=["ray", "inline"], help="override simulation.backend")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="scenario override")
-    parser.add_argument("--out", default="runs/bench-dpcr")
+    parser.add_argument("--out", default=None, help="default runs/bench-dpcr (d512: runs/bench-dpcr-d512)")
     args = parser.parse_args(argv)
+    if args.regime == "d512":
+        args.out = args.out or "runs/bench-dpcr-d512"
+        return run_d512(args)
+    args.out = args.out or "runs/bench-dpcr"
     settings = ["centralized", "federated"] if args.setting == "both" else [args.setting]
     rows = []
     for setting in settings:

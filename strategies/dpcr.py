@@ -22,8 +22,14 @@ Per task t (classes arriving as in ``fedsim.class_incremental``, messages of ``f
 The math lives in ``fedsim.learners.dpcr`` (one code path for every deployment). ``tssp``, ``cip`` and
 ``class_norm`` switch components off for the ablation; ``ridge-uncalibrated`` is the same strategy with all three
 off by default (the ridge classifier on stale statistics). ``ablation = true`` additionally evaluates, on the same
-backbone and the same statistics, the four ablation classifiers (ridge only, +TSSP, +CIP, +CN) and the LwF head,
-logged as ``acc_*`` columns of metrics.csv and under ``companions`` in summary.json.
+backbone and the same statistics, the four ablation classifiers (ridge only, +TSSP, +CIP, +CN), TSSP + CN without
+CIP, and the LwF head,
+logged as ``acc_*`` columns of metrics.csv and under ``companions`` in summary.json. ``cip_tol_sweep = [t, ...]``
+adds the full method at each CIP tolerance t the same way (companions ``cip_tol_<t>``; metrics column
+``rank_cip_tol_<t>`` = mean rank of the old classes' projectors; their ranks at the last task in summary.json).
+
+The backbone trains with the cosine head by default (``strategy.head``, see ``fedsim.class_incremental``), as in the
+official code; the statistics are those of the un-normalized pooled features either way.
 """
 
 from __future__ import annotations
@@ -39,12 +45,14 @@ from fedsim.learners.dpcr import DPCR, decode_statistics
 from fedsim.protocol import dpcr as protocol
 from fedsim.training import state_to_arrays
 
-#: The ablation rows of the paper (Table 4): name -> (tssp, cip, class_norm).
+#: The ablation rows of the paper (Table 4): name -> (tssp, cip, class_norm); "tssp_cn" (CN without CIP) is not a
+#: row of the paper's table: it separates what CN adds from what CIP adds.
 ABLATION = {
     "ridge": (False, False, False),
     "tssp": (True, False, False),
     "tssp_cip": (True, True, False),
     "tssp_cip_cn": (True, True, True),
+    "tssp_cn": (True, False, True),
 }
 
 
@@ -53,15 +61,18 @@ class DPCRServer(CILServer):
 
     loss = "lwf"
 
-    def _learner(self, tssp: bool, cip: bool, class_norm: bool) -> DPCR:
+    def _learner(self, tssp: bool, cip: bool, class_norm: bool, cip_tol: float | None | str = "params") -> DPCR:
         p = self.params
-        return DPCR(gamma=p.gamma, tssp=tssp, cip=cip, cip_tol=p.cip_tol, class_norm=class_norm,
-                    tssp_eps=p.tssp_eps)
+        return DPCR(gamma=p.gamma, tssp=tssp, cip=cip, cip_tol=p.cip_tol if cip_tol == "params" else cip_tol,
+                    class_norm=class_norm, tssp_eps=p.tssp_eps)
 
     def begin(self, ctx: ServerContext, tasks: list) -> None:
         p = self.params
         self.learner_ = self._learner(p.tssp, p.cip, p.class_norm)
         self.companions_ = {k: self._learner(*v) for k, v in ABLATION.items()} if p.ablation else {}
+        self.sweep_ = {protocol.sweep_name(t): float(t) for t in p.cip_tol_sweep}
+        for name, tol in self.sweep_.items():  # the full method at each tolerance
+            self.companions_[name] = self._learner(True, True, p.class_norm, tol)
         self.stat_seconds_ = 0.0
 
     def after_training(self, ctx, t, task_classes, model, old, round_):  # noqa: ANN001, ANN201
@@ -79,24 +90,38 @@ class DPCRServer(CILServer):
         extra = {"statistics_bytes": self.learner_.statistics_nbytes()}
         if self.learner_.cip_ranks_:
             extra["cip_min_rank"] = min(self.learner_.cip_ranks_.values())
+            extra["cip_mean_rank"] = float(np.mean(list(self.learner_.cip_ranks_.values())))
+        for name in self.sweep_:
+            ranks = self.companions_[name].cip_ranks_
+            if ranks:
+                extra[f"rank_{name}"] = float(np.mean(list(ranks.values())))
         return extra
 
     def predict(self, ctx, model, x, seen):  # noqa: ANN001, ANN201
         z = embed(model, x, ctx.device, ctx.config.evaluation.batch_size).double().numpy()
         out = {MAIN: self.learner_.predict(z)}
-        if self.companions_:
+        if self.params.ablation:
             out["lwf_head"] = super().predict(ctx, model, x, seen)[MAIN]
-            out.update({k: learner.predict(z) for k, learner in self.companions_.items()})
+        out.update({k: learner.predict(z) for k, learner in self.companions_.items()})
         return out
 
     def final_summary(self, ctx: ServerContext) -> dict:
         learner = self.learner_
-        return {
+        out = {
             "feature_dim": learner.dim_,
             "statistics_bytes": learner.statistics_nbytes(),  # float64, as stored
             "statistics_bytes_float32": learner.statistics_nbytes(np.float32),
             "server_solve_seconds": round(self.stat_seconds_, 4),
+            "class_counts": learner.counts_.tolist(),
         }
+        if learner.cip_ranks_:  # rank of each old class's projector at the last calibration
+            out["cip_ranks"] = {str(c): r for c, r in sorted(learner.cip_ranks_.items())}
+        if self.sweep_:
+            out["cip_tol_sweep"] = {name: {"cip_tol": tol, "cip_ranks": {str(c): r for c, r in
+                                                                         sorted(self.companions_[name].cip_ranks_
+                                                                                .items())}}
+                                    for name, tol in self.sweep_.items()}
+        return out
 
     def saved_model(self, ctx: ServerContext, model: torch.nn.Module, seen: list[int]) -> IncrementalModel:
         learner = self.learner_

@@ -162,3 +162,66 @@ def test_federated_dpcr_on_ray_matches_the_inline_backend(tmp_path):
     assert ray["final_accuracy"] == pytest.approx(inline["final_accuracy"], abs=2 / 300)  # server threads may differ
     assert ray["bytes_up"] == inline["bytes_up"] and ray["messages_down"] == 3 * 3 * 5
     assert list(metrics["round"]) == [1, 2, 3, 4, 5]
+
+
+def test_training_head_defaults_follow_the_official_protocol(tmp_path):
+    """Cosine head (PyCIL "cosine": true) for DPCR and the methods on LwF's backbone; linear for finetune/joint."""
+    from fedsim.class_incremental import initial_model
+    from fedsim.models import CosineLinear
+    from fedsim.scenario import ScenarioView
+
+    heads = {name: config(tmp_path, f"strategy.name=\"{name}\"").strategy.params.head
+             for name in ("dpcr", "ridge-uncalibrated", "lwf", "lwf-ncm", "finetune", "joint")}
+    assert heads == {"dpcr": "cosine", "ridge-uncalibrated": "cosine", "lwf": "cosine", "lwf-ncm": "cosine",
+                     "finetune": "linear", "joint": "linear"}
+    assert config(tmp_path, "strategy.head=\"linear\"").strategy.params.head == "linear"
+    assert config(tmp_path, "strategy.name=\"joint\"", "strategy.head=\"cosine\"").strategy.params.head == "cosine"
+    with pytest.raises(ConfigError, match="strategy.head: 'arcface' is not allowed"):
+        config(tmp_path, "strategy.head=\"arcface\"")
+    cosine = initial_model(ScenarioView(config(tmp_path)))
+    linear = initial_model(ScenarioView(config(tmp_path, "strategy.head=\"linear\"")))
+    assert isinstance(cosine.head.fc, CosineLinear) and isinstance(linear.head.fc, torch.nn.Linear)
+    for (k, a), (_, b) in zip(list(cosine.state_dict().items())[:-2], linear.state_dict().items()):
+        assert torch.equal(a, b), k  # the same backbone: only the last layer differs
+
+
+def test_cosine_head_trains_and_the_saved_model_predicts_with_it(tmp_path):
+    """The LwF run's model.pt holds the cosine head it trained (sigma learned), and reproduces final_accuracy."""
+    from fedsim.models import CosineLinear
+    from fedsim.scenario import test_split
+
+    small = ["data.max_train=1000", "data.max_test=400", "client.epochs=1"]
+    summary, _, run_dir = run(tmp_path, "lwf", *small, "strategy.name=\"lwf\"")
+    model = torch.load(run_dir / "model.pt", weights_only=False)
+    fc = model.backbone.head.fc
+    assert isinstance(fc, CosineLinear) and fc.sigma.item() != 1.0
+    test = test_split(config(tmp_path, *small))
+    with torch.no_grad():
+        pred = model.eval()(test.x).argmax(1).numpy()
+    assert np.mean(pred == test.labels) == summary["final_accuracy"]
+    linear, _, linear_dir = run(tmp_path, "lwf-linear", *small, "strategy.name=\"lwf\"", "strategy.head=\"linear\"")
+    assert isinstance(torch.load(linear_dir / "model.pt", weights_only=False).backbone.head.fc, torch.nn.Linear)
+    assert linear["final_accuracy"] != summary["final_accuracy"]
+
+
+def test_cip_tolerance_sweep_companions_share_the_backbone(tmp_path):
+    """Each sweep entry is the full method at that tolerance on the same backbone and statistics."""
+    summary, metrics, _ = run(tmp_path, "sweep", "data.max_train=1500", "data.max_test=500", "client.epochs=1",
+                              "strategy.ablation=true", "strategy.cip_tol=1e-6",
+                              "strategy.cip_tol_sweep=[1e-6, 0.0, 0.5]")
+    comp = summary["companions"]
+    assert set(comp) == {"lwf_head", "ridge", "tssp", "tssp_cip", "tssp_cip_cn", "tssp_cn", "cip_tol_1e-06",
+                         "cip_tol_0", "cip_tol_0.5"}
+    assert comp["cip_tol_1e-06"] == comp["tssp_cip_cn"]  # the main learner has cip_tol = 1e-6 too
+    assert summary["final_accuracy"] == comp["cip_tol_1e-06"]["final_accuracy"]
+    sweep = summary["cip_tol_sweep"]
+    assert sweep["cip_tol_1e-06"]["cip_ranks"] == summary["cip_ranks"]
+    ranks = {k: np.mean(list(v["cip_ranks"].values())) for k, v in sweep.items()}
+    assert ranks["cip_tol_0"] >= ranks["cip_tol_1e-06"] > ranks["cip_tol_0.5"] >= 1  # a larger tolerance cuts more
+    assert ranks["cip_tol_0"] <= summary["feature_dim"]
+    assert {"acc_cip_tol_0", "rank_cip_tol_0.5", "cip_mean_rank"} <= set(metrics.columns)
+    assert len(summary["class_counts"]) == 10 and sum(summary["class_counts"]) == 1500
+    with pytest.raises(ConfigError, match=r"strategy\.cip_tol_sweep\[1\]: -1\.0 is out of range"):
+        config(tmp_path, "strategy.cip_tol_sweep=[0.0, -1.0]")
+    with pytest.raises(ConfigError, match="lists a tolerance twice"):
+        config(tmp_path, "strategy.cip_tol_sweep=[0.0, 0.0]")

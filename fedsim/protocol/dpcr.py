@@ -13,7 +13,7 @@ server part is ``fedsim.strategies.dpcr``, the client part ``fedsim.clients.dpcr
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import RecordDict
@@ -35,6 +35,9 @@ class DPCRParams(LwFParams):
     class_norm: bool = True  # unit-norm class vectors
     tssp_eps: float = 1e-9  # TSSP's ridge
     ablation: bool = False  # also evaluate the ablation classifiers and the LwF head on the same statistics
+    # CIP tolerances to evaluate beside the main classifier on the same backbone and statistics (companions
+    # "cip_tol_<t>": tssp + cip + class_norm with cip_tol = t); empty: none
+    cip_tol_sweep: list[float] = field(default_factory=list)
 
     _parameter_constraints = {"gamma": [Interval(0, None, closed="neither")], "cip_tol": [Interval(0, None), None],
                               "tssp_eps": [Interval(0, None)]}
@@ -43,6 +46,17 @@ class DPCRParams(LwFParams):
         if self.cip and not self.tssp:
             raise ConfigError(f"{path}.cip: true needs {path}.tssp = true (CIP refines the TSSP map W_c = Delta P_c); "
                               f"set {path}.cip = false too, or use strategy.name = 'ridge-uncalibrated'")
+        tolerance = Interval(0, None)
+        for i, t in enumerate(self.cip_tol_sweep):
+            if not tolerance.accepts(t):
+                raise ConfigError(f"{path}.cip_tol_sweep[{i}]: {t!r} is out of range; {tolerance.describe()}")
+        if len(set(self.cip_tol_sweep)) != len(self.cip_tol_sweep):
+            raise ConfigError(f"{path}.cip_tol_sweep: {self.cip_tol_sweep!r} lists a tolerance twice")
+
+
+def sweep_name(tol: float) -> str:
+    """The companion name of CIP tolerance ``tol`` in a ``cip_tol_sweep`` (metrics column ``acc_<name>``)."""
+    return f"cip_tol_{tol:g}"
 
 
 @dataclass
