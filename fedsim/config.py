@@ -65,10 +65,18 @@ class PartitionConfig:
     classes_per_client: int = 2  # shards
     quantity_alpha: float = 1.0  # quantity skew
     min_partition_size: int = 0
+    self_balancing: bool = False  # dirichlet: no share of later classes for a client above N / num_clients (FuseFL's
+    #                               official sampler; with min_partition_size = 10 the paper's partition)
 
     _parameter_constraints = {"kind": [Options(catalog.PARTITIONS)], "num_clients": [AT_LEAST_1],
                               "alpha": [POSITIVE], "quantity_alpha": [POSITIVE],
-                              "classes_per_client": [AT_LEAST_1], "min_partition_size": [AT_LEAST_0]}
+                              "classes_per_client": [AT_LEAST_1], "min_partition_size": [AT_LEAST_0],
+                              "self_balancing": [Options((False, True))]}
+
+    def check(self, path: str) -> None:
+        if self.self_balancing and self.kind != "dirichlet":
+            raise ConfigError(f"{path}.self_balancing: only the dirichlet partition balances itself, got kind "
+                              f"{self.kind!r}; set kind = \"dirichlet\" or self_balancing = false")
 
 
 STREAM_KINDS = catalog.STREAM_KINDS

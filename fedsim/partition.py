@@ -81,6 +81,7 @@ def partition_indices(
     classes_per_client: int = 2,
     quantity_alpha: float = 1.0,
     min_partition_size: int = 0,
+    self_balancing: bool = False,
 ) -> list[np.ndarray]:
     """Assign every sample index to one of ``num_clients`` clients; returns sorted int64 index arrays.
 
@@ -88,6 +89,13 @@ def partition_indices(
     resamples up to 10 times to meet it), ``shards`` (``classes_per_client``), ``quantity`` (``quantity_alpha``,
     ``min_partition_size``). Empty clients are legal (``dirichlet`` with small alpha, ``quantity``).
     Same arguments -> identical result.
+
+    ``self_balancing`` (dirichlet only): flwr-datasets' DirichletPartitioner ``self_balancing=True``, the sampler
+    of FuseFL's official code (and of Li et al.'s NIID-Bench): classes are dealt in turn and a client that already
+    holds more than N / num_clients samples gets no share of the later classes. With ``min_partition_size = 10``
+    it is the paper's partition (the official code redraws until every client has at least 10; flwr-datasets
+    tries 10 times, then the error names ``partition.min_partition_size``). The cap is checked before each class,
+    so a client may end above N / num_clients by at most one class's share.
 
     ``shards`` caveat (flwr-datasets' PathologicalPartitioner): a class that no client draws is left out, so its
     samples are assigned to nobody. With num_clients >= number of classes every class is drawn (the first class
@@ -106,6 +114,11 @@ def partition_indices(
     alpha = _check_positive_float("alpha", alpha)
     quantity_alpha = _check_positive_float("quantity_alpha", quantity_alpha)
     min_partition_size = _check_positive_int("min_partition_size", min_partition_size, minimum=0)
+    if not isinstance(self_balancing, (bool, np.bool_)):
+        raise ConfigError(f"partition.self_balancing: must be true or false, got {self_balancing!r}")
+    if self_balancing and kind != "dirichlet":
+        raise ConfigError(f"partition.self_balancing: only the dirichlet partition balances itself, got kind "
+                          f"{kind!r}; set kind = \"dirichlet\" or self_balancing = false")
     if kind == "shards":
         if isinstance(classes_per_client, bool) or not isinstance(classes_per_client, (int, np.integer)) or not (
             1 <= classes_per_client <= max(len(classes), 1)
@@ -141,7 +154,7 @@ def partition_indices(
     if kind == "dirichlet":
         partitioner = DirichletPartitioner(
             num_partitions=num_clients, partition_by="label", alpha=alpha, min_partition_size=min_partition_size,
-            self_balancing=False, shuffle=True, seed=part_seed,
+            self_balancing=bool(self_balancing), shuffle=True, seed=part_seed,
         )
     else:  # shards
         partitioner = PathologicalPartitioner(

@@ -103,7 +103,7 @@ def partition_for(config: ScenarioConfig) -> list[np.ndarray]:
     parts = partition_indices(
         labels if keep is None else labels[keep], kind=p.kind, num_clients=p.num_clients, seed=config.seed,
         alpha=p.alpha, classes_per_client=p.classes_per_client, quantity_alpha=p.quantity_alpha,
-        min_partition_size=p.min_partition_size,
+        min_partition_size=p.min_partition_size, self_balancing=p.self_balancing,
     )
     return parts if keep is None else [keep[part] for part in parts]
 
