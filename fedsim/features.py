@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 from fedsim.errors import ConfigError, DataUnavailableError
+from fedsim.protocol.online import BUFFER_INITS
 
-__all__ = ["BufferLayer", "FeatureMap", "build_feature_map", "FEATURE_MAPS", "ACTIVATIONS"]
+__all__ = ["BufferLayer", "FeatureMap", "build_feature_map", "FEATURE_MAPS", "ACTIVATIONS", "BUFFER_INITS"]
 
 FEATURE_MAPS: dict[str, str] = {
     "identity": "flattened pixels in [0, 1]",
@@ -47,21 +48,32 @@ _IMAGENET_STD = (0.229, 0.224, 0.225)
 class BufferLayer(nn.Module):
     """Fixed random projection + nonlinearity: x (n, in_dim) -> act(x W + b) (n, width).
 
-    W ~ N(0, 1 / in_dim) drawn from a torch.Generator seeded with `seed` (identical in every process), stored as
-    buffers (frozen, saved in state_dict, never trained). No bias by default, as in the official analytic-learning
-    buffer (ReLU without bias is positively homogeneous, so the weight scale only rescales gamma); on Fashion-MNIST
-    pixels this measured best among N(0,1/d) / N(0,1) / uniform with or without bias (86.7% vs 85.6-86.4%).
+    W drawn from a torch.Generator seeded with `seed` (identical in every process), stored as buffers (frozen, saved
+    in state_dict, never trained): `init = "normal"` (default) W ~ N(0, 1 / in_dim); `"uniform"` W ~ U(-1/sqrt(in_dim),
+    1/sqrt(in_dim)), the official analytic-learning buffer (`analytic/Buffer.py`: torch's `nn.Linear` reset,
+    kaiming-uniform with a = sqrt(5), bound 1/sqrt(fan_in)), whose entries have 1/3 of the normal init's variance.
+    No bias by default, as in the official buffer (ReLU without bias is positively homogeneous, so the weight scale
+    only rescales gamma: the uniform init acts as the normal one with gamma 3x larger); on Fashion-MNIST pixels the
+    normal init measured best among N(0,1/d) / N(0,1) / uniform with or without bias (86.7% vs 85.6-86.4%).
     """
 
-    def __init__(self, in_dim: int, width: int, seed: int = 0, activation: str = "relu", bias: bool = False) -> None:
+    def __init__(self, in_dim: int, width: int, seed: int = 0, activation: str = "relu", bias: bool = False,
+                 init: str = "normal") -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ConfigError(f"activation: unknown {activation!r}; allowed: {', '.join(ACTIVATIONS)}")
+        if init not in BUFFER_INITS:
+            raise ConfigError(f"buffer_init: unknown {init!r}; allowed: {', '.join(BUFFER_INITS)}")
         if in_dim < 1 or width < 1:
             raise ConfigError(f"model.feature_dim: buffer layer needs in_dim, width >= 1, got {in_dim}, {width}")
         self.in_dim, self.width, self.seed, self.activation = int(in_dim), int(width), int(seed), activation
+        self.init = init
         gen = torch.Generator(device="cpu").manual_seed(int(seed))
-        weight = torch.randn(self.in_dim, self.width, generator=gen, dtype=torch.float32) / self.in_dim**0.5
+        if init == "uniform":
+            bound = 1.0 / self.in_dim**0.5
+            weight = (torch.rand(self.in_dim, self.width, generator=gen, dtype=torch.float32) * 2.0 - 1.0) * bound
+        else:
+            weight = torch.randn(self.in_dim, self.width, generator=gen, dtype=torch.float32) / self.in_dim**0.5
         self.register_buffer("weight", weight)
         self.register_buffer("bias", torch.randn(self.width, generator=gen) if bias else None)
 
@@ -74,7 +86,8 @@ class BufferLayer(nn.Module):
         return ACTIVATIONS[self.activation](h)
 
     def extra_repr(self) -> str:
-        return f"in_dim={self.in_dim}, width={self.width}, seed={self.seed}, activation={self.activation}"
+        return (f"in_dim={self.in_dim}, width={self.width}, seed={self.seed}, activation={self.activation}, "
+                f"init={self.init}")
 
 
 class _ImagePreprocess(nn.Module):

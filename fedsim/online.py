@@ -13,11 +13,14 @@ Strategies that learn from an online stream (``stream.kind = "online"``: AEF-OCL
 - ``TestEvaluator(ctx, transform)``: the test set's features through the frozen backbone and the strategy's
   ``transform`` hook (backbone features -> the features its head reads, e.g. the buffer layer), computed once;
 - ``OnlineRun(ctx, params, evaluator, total_rows)``: the rows of metrics.csv. A strategy calls
-  ``row(step, meter, predict, last, **extra)`` where it wants a row (every ``eval_every`` batches, every round);
+  ``row(step, meter, predict, last, **extra)`` where it wants a row (centralized: at ``row_points``, i.e. every
+  ``eval_every`` batches or at each phase end with ``eval_at = "phases"``; federated: every round);
   ``predict(H) -> labels`` is the hook that scores the current model on the test features, called every
-  ``test_every`` rows and at the last one. ``finish(meter, samples, learn_seconds, **extra)`` writes summary.json
-  (final and best test accuracy, mean class and per-class accuracy, prequential accuracy, stream samples, learning
-  throughput, plus the strategy's ``extra``);
+  ``test_every`` rows and at the last one: on the whole test set (``accuracy``) and on the test samples of the
+  classes seen so far (``seen_accuracy``, the official protocol). ``finish(meter, samples, learn_seconds, **extra)``
+  writes summary.json (final and best test accuracy, mean class and per-class accuracy, ``stream_average_accuracy``
+  = the mean of ``seen_accuracy`` over the test evaluations as the official code averages, prequential accuracy,
+  stream samples, learning throughput, plus the strategy's ``extra``);
 - ``linear_model(feature_map, buffer, W)``: the saved model.pt, backbone -> buffer -> float64 linear head;
 - ``StreamFailed``: an empty stream, or a federated round in which no client answered.
 
@@ -45,7 +48,7 @@ if TYPE_CHECKING:
     from fedsim.protocol.online import OnlineParams
 
 __all__ = ["StreamFailed", "union_batches", "segment_length", "server_threads", "PrequentialMeter",
-           "TestEvaluator", "OnlineRun", "linear_model"]
+           "TestEvaluator", "OnlineRun", "row_points", "linear_model"]
 
 
 class StreamFailed(FedsimError):
@@ -135,18 +138,33 @@ class TestEvaluator:
         self.features = np.concatenate(parts) if parts else np.zeros((0, 0))
         self.seconds = 0.0
 
-    def metrics(self, predict: Callable[[np.ndarray], np.ndarray]) -> dict:
-        """{"accuracy", "mean_class_accuracy", "per_class_accuracy"} of `predict(H) -> labels` on the test set."""
+    def metrics(self, predict: Callable[[np.ndarray], np.ndarray], seen: np.ndarray | None = None) -> dict:
+        """{"accuracy", "mean_class_accuracy", "per_class_accuracy"} of `predict(H) -> labels` on the test set, and
+        with `seen` (class labels) "seen_accuracy": the same predictions scored on the test samples of those classes
+        only (the official protocol's test subset of the classes seen so far; nan when none of them is in the test
+        set). The predictions are not restricted to `seen`: a model that predicts an unseen class is wrong."""
         t0 = time.perf_counter()
         pred = np.asarray(predict(self.features))
         per_class = per_class_accuracy(pred, self.labels, self.data.num_classes)
+        out = {"accuracy": float(np.mean(pred == self.labels)), "mean_class_accuracy": float(np.nanmean(per_class)),
+               "per_class_accuracy": [None if np.isnan(a) else round(float(a), 6) for a in per_class]}
+        if seen is not None:
+            mask = np.isin(self.labels, np.asarray(seen, np.int64))
+            out["seen_accuracy"] = float(np.mean(pred[mask] == self.labels[mask])) if mask.any() else float("nan")
         self.seconds += time.perf_counter() - t0
-        return {"accuracy": float(np.mean(pred == self.labels)), "mean_class_accuracy": float(np.nanmean(per_class)),
-                "per_class_accuracy": [None if np.isnan(a) else round(float(a), 6) for a in per_class]}
+        return out
 
 
 class OnlineRun:
-    """Rows of metrics.csv for an online run: prequential accuracy each row, test metrics every `test_every`."""
+    """Rows of metrics.csv for an online run: prequential accuracy each row, test metrics every `test_every`.
+
+    A test evaluation scores the current model twice: on the whole test set (`accuracy`, `mean_class_accuracy`;
+    the last one is `final_accuracy`) and on the test samples of the classes seen so far (`seen_accuracy`, the
+    official protocol's `subset_until_phase`). `stream_average_accuracy` in summary.json is the mean of
+    `seen_accuracy` over the test evaluations: the official code's average accuracy (`acc@avg`, the running mean
+    over its evaluation points of the top-1 accuracy on the seen classes' test samples), at fedsim's evaluation
+    points (every `test_every` rows; `eval_at = "phases"` puts the rows where the official code evaluates).
+    """
 
     def __init__(self, ctx: ServerContext, params: OnlineParams, evaluator: TestEvaluator, total_rows: int) -> None:
         self.ctx, self.params, self.evaluator = ctx, params, evaluator
@@ -154,11 +172,15 @@ class OnlineRun:
         self.rows = 0
         self.best = float("-inf")
         self.last_test: dict = {}
+        self.seen_accuracies: list[float] = []
         ctx.set_total_steps(total_rows)
 
     def row(self, step: int, meter: PrequentialMeter | None, predict: Callable[[np.ndarray], np.ndarray],
-            last: bool, **extra: Any) -> None:
-        """One row: prequential accuracy of `meter` (if any) and, when due, test metrics of `predict(H)`."""
+            last: bool, seen: np.ndarray | None = None, **extra: Any) -> None:
+        """One row: prequential accuracy of `meter` (if any) and, when due, test metrics of `predict(H)`.
+
+        `seen`: the classes seen so far (labels); default: those the prequential meter has counted (every sample
+        the model has learned from passed through it), or every test class without a meter."""
         self.rows += 1
         values = {"accuracy": float("nan")}
         if meter is not None:
@@ -166,25 +188,59 @@ class OnlineRun:
                           prequential_mean_class_accuracy=meter.mean_class_accuracy, samples=meter.samples)
         values.update(extra)
         if last or self.rows % self.params.test_every == 0:
-            self.last_test = self.evaluator.metrics(predict)
+            if seen is None:
+                seen = np.flatnonzero(meter.total) if meter is not None else np.unique(self.evaluator.labels)
+            self.last_test = self.evaluator.metrics(predict, seen)
             self.best = max(self.best, self.last_test["accuracy"])
+            self.seen_accuracies.append(self.last_test["seen_accuracy"])
             values.update(accuracy=self.last_test["accuracy"],
-                          mean_class_accuracy=self.last_test["mean_class_accuracy"])
+                          mean_class_accuracy=self.last_test["mean_class_accuracy"],
+                          seen_accuracy=self.last_test["seen_accuracy"])
         self.ctx.log(step, **values)
+
+    @property
+    def stream_average_accuracy(self) -> float:
+        """Mean of `seen_accuracy` over the test evaluations so far (nan before the first; nan rows skipped)."""
+        a = np.asarray(self.seen_accuracies, dtype=float)
+        return float(np.nanmean(a)) if np.isfinite(a).any() else float("nan")
 
     def finish(self, meter: PrequentialMeter | None, samples: int, learn_seconds: float, **extra: Any) -> None:
         """summary.json: the final test metrics, prequential accuracy, throughput, plus `extra`."""
         t = self.last_test
         values = dict(final_accuracy=t["accuracy"], best_accuracy=self.best,
                       mean_class_accuracy=t["mean_class_accuracy"], per_class_accuracy=t["per_class_accuracy"],
+                      stream_average_accuracy=self.stream_average_accuracy,
+                      test_evaluations=len(self.seen_accuracies),
                       prequential_accuracy=meter.accuracy if meter is not None else None,
                       prequential_mean_class_accuracy=meter.mean_class_accuracy if meter is not None else None,
                       stream_samples=int(samples),
                       samples_per_second=round(samples / learn_seconds, 2) if learn_seconds > 0 else None,
                       learn_seconds=round(learn_seconds, 3), test_seconds=round(self.evaluator.seconds, 3),
-                      buffer_width=self.params.buffer_width)
+                      buffer_width=self.params.buffer_width, buffer_init=self.params.buffer_init)
         values.update(extra)
         self.ctx.summary(**values)
+
+
+def row_points(params: OnlineParams, batches: Sequence[np.ndarray], labels: np.ndarray) -> set[int]:
+    """The batch numbers t (1-based) after which a centralized run writes a metrics row.
+
+    `eval_at = "batches"`: every `eval_every` batches. `"phases"`: after the last batch before one that holds a class
+    not seen in any earlier batch (the end of a phase: where the official code evaluates; a batch at a phase boundary
+    that mixes both phases counts to the new one). The last batch always has a row.
+    """
+    n = len(batches)
+    if params.eval_at == "batches":
+        points = set(range(params.eval_every, n + 1, params.eval_every))
+    else:
+        points, seen = set(), np.zeros(0, np.int64)
+        for t, idx in enumerate(batches):
+            classes = np.unique(labels[idx])
+            if t > 0 and np.setdiff1d(classes, seen).size:
+                points.add(t)  # batch t (1-based) is the one before batch t + 1, which brings a new class
+            seen = np.union1d(seen, classes)
+    if n:
+        points.add(n)
+    return points
 
 
 class _Float64(nn.Module):

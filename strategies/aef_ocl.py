@@ -29,13 +29,16 @@ Modes (`mode = "auto"`: federated when the partition has more than one client):
   equal the centralized learner's on the union of all streams so far; PFG statistics are merged too, so the
   imbalance is corrected globally. `rounds` is the number of rounds when `sync_every` is unset.
 
-metrics.csv: one row every `eval_every` batches (centralized) or per round (federated): `prequential_accuracy` =
+metrics.csv: one row every `eval_every` batches (centralized; with `eval_at = "phases"` one at the end of each phase
+of the stream instead, where the official code evaluates) or per round (federated): `prequential_accuracy` =
 running prequential (predict-then-learn) accuracy over the stream so far, `prequential_mean_class_accuracy`,
 `samples` (stream samples so far), and every `test_every` rows (and the last) `accuracy` / `mean_class_accuracy` of
-the current model on the (class-balanced) test set, which `fedsim report` plots over the stream. Prequential accuracy
+the current model on the (class-balanced) test set, which `fedsim report` plots over the stream, and
+`seen_accuracy` on the test samples of the classes seen so far (the official protocol). Prequential accuracy
 on a long-tailed, class-by-class stream rewards predicting the current head class (online SGD scores ~0.99 there
 while forgetting everything else), so the test set is the comparison that matters. summary.json: `final_accuracy`
-(test accuracy of the final model), `mean_class_accuracy`, `per_class_accuracy`, `samples_per_second` (stream
+(test accuracy of the final model), `stream_average_accuracy` (the official average accuracy: the mean of
+`seen_accuracy` over the test evaluations), `mean_class_accuracy`, `per_class_accuracy`, `samples_per_second` (stream
 samples per second of learning: features, prediction, update, balancing; test evaluations excluded),
 `prequential_accuracy`. model.pt: a torch module backbone -> buffer -> float64 head.
 
@@ -52,8 +55,8 @@ import torch
 
 from fedsim.engine import ServerContext
 from fedsim.learners.aef_ocl import learner_for, masked_predict
-from fedsim.online import (OnlineRun, PrequentialMeter, StreamFailed, TestEvaluator, linear_model, segment_length,
-                           server_threads, union_batches)
+from fedsim.online import (OnlineRun, PrequentialMeter, StreamFailed, TestEvaluator, linear_model, row_points,
+                           segment_length, server_threads, union_batches)
 from fedsim.protocol import aef_ocl as protocol
 from fedsim.protocol.aef_ocl import AEFOCLParams
 
@@ -83,7 +86,8 @@ class AEFOCLServer:
         learner = learner_for(p, ctx.config, num_classes, solver="recursive")
         learner.partial_fit(np.zeros((0, int(fmap.dim))), np.zeros(0, np.int64))
         evaluator = TestEvaluator(ctx, learner.transform)
-        run = OnlineRun(ctx, p, evaluator, total_rows=-(-len(batches) // p.eval_every))
+        points = row_points(p, batches, train.labels)
+        run = OnlineRun(ctx, p, evaluator, total_rows=len(points))
         meter = PrequentialMeter(num_classes)
         balance_every = p.balance_every or p.eval_every
         predict_w = learner.coef_.copy()
@@ -99,7 +103,7 @@ class AEFOCLServer:
                 predict_w = learner.balanced_coef()
                 balances += 1
             learn += time.perf_counter() - t0
-            if t % p.eval_every == 0 or t == len(batches):  # the test set sees the freshly balanced weights
+            if t in points:  # the test set sees the freshly balanced weights
                 run.row(t, meter, lambda h: masked_predict(h, learner.weights()), last=t == len(batches),
                         classes_seen=int(np.count_nonzero(learner.class_counts_)))
         weights = learner.weights()

@@ -26,8 +26,8 @@ from torch import nn
 from fedsim.analytic import RidgeStatistics
 from fedsim.engine import ServerContext
 from fedsim.learners.aef_ocl import buffer_layer, buffer_seed, masked_predict
-from fedsim.online import (OnlineRun, PrequentialMeter, StreamFailed, TestEvaluator, linear_model, segment_length,
-                           server_threads, union_batches)
+from fedsim.online import (OnlineRun, PrequentialMeter, StreamFailed, TestEvaluator, linear_model, row_points,
+                           segment_length, server_threads, union_batches)
 from fedsim.protocol.online import JointRidgeParams, OnlineParams, OnlineSGDParams
 from fedsim.scenario import derive_seed
 from fedsim.training import train_epochs
@@ -47,7 +47,8 @@ def _stream(ctx: ServerContext, params: OnlineParams) -> tuple:
     if not batches:
         raise StreamFailed("the online stream is empty (no client holds any sample)")
     fmap = ctx.feature_map()
-    buffer = buffer_layer(int(fmap.dim), params.buffer_width, buffer_seed(ctx.config), params.activation)
+    buffer = buffer_layer(int(fmap.dim), params.buffer_width, buffer_seed(ctx.config), params.activation,
+                          params.buffer_init)
     return ctx.train_data(), fmap, buffer, batches
 
 
@@ -67,7 +68,8 @@ class OnlineSGDServer:
         torch.manual_seed(derive_seed(ctx.seed, "online-sgd"))
         head = nn.Linear(p.buffer_width, num_classes)
         evaluator = TestEvaluator(ctx, transform)
-        run = OnlineRun(ctx, p, evaluator, total_rows=-(-len(batches) // p.eval_every))
+        points = row_points(p, batches, train.labels)
+        run = OnlineRun(ctx, p, evaluator, total_rows=len(points))
         meter = PrequentialMeter(num_classes)
 
         def predict(h: np.ndarray) -> np.ndarray:
@@ -86,7 +88,7 @@ class OnlineSGDServer:
                                  seed=derive_seed(ctx.seed, "online-sgd", t))
             loss = float(stats["loss"])
             learn += time.perf_counter() - t0
-            if t % p.eval_every == 0 or t == len(batches):
+            if t in points:
                 run.row(t, meter, predict, last=t == len(batches), loss=loss)
         weights = np.concatenate([head.weight.detach().numpy().T, head.bias.detach().numpy()[None]]).astype(np.float64)
         model = linear_model(fmap, buffer, weights[:-1])

@@ -116,3 +116,19 @@ def test_unknown_names_are_config_errors():
         build_feature_map("no_such_net", (1, 28, 28))
     with pytest.raises(ConfigError, match="model.weights"):
         build_feature_map("resnet18", (1, 28, 28), weights="NOT_A_WEIGHT")
+
+
+def test_buffer_layer_uniform_init_is_the_official_one():
+    """init = "uniform": U(-1/sqrt(D), 1/sqrt(D)) as torch's nn.Linear (the official analytic-learning buffer)."""
+    d_in = 400
+    layer = BufferLayer(d_in, 2000, seed=5, init="uniform")
+    w = layer.weight.double()
+    bound = 1 / d_in**0.5
+    assert w.abs().max() <= bound and w.abs().max() > 0.999 * bound
+    assert abs(w.mean().item()) < 0.01 * bound and w.var().item() == pytest.approx(bound**2 / 3, rel=0.02)
+    normal = BufferLayer(d_in, 2000, seed=5).weight.double()
+    assert normal.var().item() == pytest.approx(1 / d_in, rel=0.02)  # 3x the uniform variance
+    assert torch.equal(BufferLayer(d_in, 2000, seed=5, init="uniform").weight, layer.weight)
+    assert "init=uniform" in repr(layer)
+    with pytest.raises(ConfigError, match="buffer_init"):
+        BufferLayer(4, 4, init="kaiming")

@@ -3,7 +3,8 @@
 Analytic Exemplar-Free Online Continual Learning (Zhuang et al., "Online Analytic Exemplar-Free Continual Learning
 with Large Models for Imbalanced Autonomous Driving Task", arXiv 2405.17779; official code
 github.com/ZHUANGHP/Analytic-continual-learning, `analytic/AEFOCL.py`). With a frozen backbone x = f(image) in
-R^D, a frozen buffer layer h = act(x B) in R^d (B seeded Gaussian, D x d) and one-hot labels Y:
+R^D, a frozen buffer layer h = act(x B) in R^d (B seeded, D x d: N(0, 1/D) by default, or U(+-1/sqrt(D)) as the official
+buffer with `buffer_init = "uniform"`) and one-hot labels Y:
 
 Classifier (ACIL-style recursive least squares, float64). With R_0 = I / gamma and W_0 = 0, a batch (H_t, Y_t):
 
@@ -62,6 +63,7 @@ from fedsim.analytic import (
 from fedsim.catalog import ACTIVATIONS
 from fedsim.features import BufferLayer
 from fedsim.protocol.aef_ocl import BALANCE_RULES, PFG_SPACES
+from fedsim.protocol.online import BUFFER_INITS
 from fedsim.scenario import derive_seed
 
 if TYPE_CHECKING:
@@ -88,9 +90,9 @@ _CHUNK = 1024
 
 
 @functools.lru_cache(maxsize=8)
-def buffer_layer(in_dim: int, width: int, seed: int, activation: str = "relu") -> BufferLayer:
+def buffer_layer(in_dim: int, width: int, seed: int, activation: str = "relu", init: str = "normal") -> BufferLayer:
     """The seeded buffer layer in float64 (cached per process; identical on every node and on the server)."""
-    return BufferLayer(in_dim, width, seed=seed, activation=activation).double().eval()
+    return BufferLayer(in_dim, width, seed=seed, activation=activation, init=init).double().eval()
 
 
 def _numpy(a: Any, dtype: Any = np.float64) -> np.ndarray:
@@ -217,7 +219,7 @@ class AEFOCL:
     def __init__(self, gamma: float = 1e-3, buffer_width: int = 2048, activation: str = "relu", pfg: bool = True,
                  noise: float = 1.0, balance: str = "max", draws: int | None = None, pfg_space: str = "backbone",
                  solver: str = "recursive", num_classes: int | None = None, seed: int = 0,
-                 defer_rows: int = 0) -> None:
+                 defer_rows: int = 0, buffer_init: str = "normal") -> None:
         self.gamma = gamma
         self.buffer_width = buffer_width
         self.activation = activation
@@ -230,6 +232,7 @@ class AEFOCL:
         self.num_classes = num_classes
         self.seed = seed
         self.defer_rows = defer_rows
+        self.buffer_init = buffer_init
 
     # ---- set-up ----------------------------------------------------------------------------------------------
     def _check(self) -> None:
@@ -241,6 +244,8 @@ class AEFOCL:
             raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {self.activation!r}")
         if self.pfg_space not in PFG_SPACES:
             raise ValueError(f"pfg_space must be one of {PFG_SPACES}, got {self.pfg_space!r}")
+        if self.buffer_init not in BUFFER_INITS:
+            raise ValueError(f"buffer_init must be one of {BUFFER_INITS}, got {self.buffer_init!r}")
         if self.solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
 
@@ -255,7 +260,8 @@ class AEFOCL:
             return
         self._check()
         self.n_features_in_ = int(in_dim)
-        self.buffer_ = buffer_layer(int(in_dim), int(self.buffer_width), int(self.seed), self.activation)
+        self.buffer_ = buffer_layer(int(in_dim), int(self.buffer_width), int(self.seed), self.activation,
+                                    self.buffer_init)
         self.pfg_ = PseudoFeatureGenerator(self.noise, self.balance, self.draws, seed=int(self.seed) + 1)
         self.pfg_._ensure(in_dim if self.pfg_space == "backbone" else int(self.buffer_width))
         if self.num_classes:
@@ -447,8 +453,8 @@ class AEFOCL:
         return masked_predict(self.transform(x), self.weights(balanced))
 
     def __repr__(self) -> str:
-        return (f"AEFOCL(gamma={self.gamma}, buffer_width={self.buffer_width}, pfg={self.pfg}, "
-                f"balance={self.balance!r}, draws={self.draws}, solver={self.solver!r})")
+        return (f"AEFOCL(gamma={self.gamma}, buffer_width={self.buffer_width}, buffer_init={self.buffer_init!r}, "
+                f"pfg={self.pfg}, balance={self.balance!r}, draws={self.draws}, solver={self.solver!r})")
 
 
 # ------------------------------------------------------------------------------------------------ wire format
@@ -485,4 +491,5 @@ def learner_for(params: AEFOCLParams, config: ScenarioConfig, num_classes: int, 
     return AEFOCL(gamma=params.gamma, buffer_width=params.buffer_width, activation=params.activation,
                   pfg=params.pfg, noise=params.noise, balance=params.balance, draws=params.draws,
                   pfg_space=params.pfg_space, solver=solver, num_classes=num_classes,
-                  seed=buffer_seed(config), defer_rows=params.defer_rows if solver == "recursive" else 0)
+                  seed=buffer_seed(config), defer_rows=params.defer_rows if solver == "recursive" else 0,
+                  buffer_init=params.buffer_init)

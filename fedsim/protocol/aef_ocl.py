@@ -18,6 +18,7 @@ import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 
 from fedsim.codec import from_record, to_record
+from fedsim.errors import ConfigError
 from fedsim.params import Interval, Options
 from fedsim.protocol.online import OnlineParams
 from fedsim.registry import StrategySpec, register_strategy
@@ -84,9 +85,18 @@ def parse_segment_reply(content: RecordDict) -> tuple[dict[str, np.ndarray], np.
     return arrays, correct, total
 
 
+def check_scenario(config) -> None:  # noqa: ANN001
+    """Rows at phase ends are a centralized notion: a federated run writes one row per synchronization round."""
+    p = config.strategy.params
+    if p.eval_at == "phases" and p.federated(config.num_clients):
+        raise ConfigError("strategy.eval_at: 'phases' needs a centralized run (strategy.mode = 'centralized' or one "
+                          "client); a federated run writes one row per round (strategy.sync_every)")
+
+
 register_strategy(StrategySpec(
     name="aef-ocl", params=AEFOCLParams, server="fedsim.strategies.aef_ocl:AEFOCLServer",
     client="fedsim.clients.aef_ocl:AEFOCLClient", kind="continual", stream="online", reducible=True,
+    check=check_scenario,
     description="AEF-OCL (Zhuang et al. 2024): online exemplar-free continual learning, recursive least squares on "
                 "a frozen buffer layer with a pseudo-feature generator for imbalance; centralized or federated",
 ))
