@@ -54,7 +54,7 @@ def test_run_writes_the_four_files_with_documented_keys(run_dir):
         d = run_dir / label
         config = json.loads((d / "config.json").read_text())
         assert config["config"]["seed"] == 0 and config["config"]["rounds"] == 1  # --set applied
-        assert config["versions"]["flwr"].startswith("1.41")
+        assert config["versions"]["flwr"].startswith("1.42")
         assert set(pd.read_csv(d / "partition.csv").columns) >= {"client", "size", "class_0"}
         metrics = pd.read_csv(d / "metrics.csv")
         assert {"round", "accuracy", "loss", "bytes_up", "bytes_down", "seconds"} <= set(metrics.columns)
