@@ -22,6 +22,15 @@ every ``evaluation.every`` rounds and saves it. Messages: ``fedsim.protocol.sgd`
   By default the clipped updates are averaged uniformly (``weighting = "uniform"``), the average the noise std
   z C / m is calibrated for; Flower's wrapper around its FedAvg weights by examples (``weighting = "examples"``).
 
+Every rule acts on the whole model message, BatchNorm running statistics included, as Flower's strategies do on
+a state dict. Two consequences measured on the digits test scenario (cnn width 16, 6 clients, 3 local epochs):
+the BatchNorm statistics move 2-5x more than the parameters, so DP clipping at C = 1 spends most of the budget on
+them and the parameters barely move (use a model without BatchNorm, ``model.name = "mlp"``, for DP); and
+q-FedAvg's h_k grows with ||L (w_t - w_k)||^2, so with many local steps and L = 1 / client.lr its steps are small
+(q = 0.1: loss 2.305 -> 2.297 in 5 rounds on the mlp; q = 0 is the uniform mean and learns like FedAvg). DP
+wrappers skip a round's aggregation when a client failed (Flower's rule: the noise assumes every sampled update);
+``rounds_not_aggregated`` in summary.json lists such rounds.
+
 Integer arrays (BatchNorm's ``num_batches_tracked``) reach Flower's aggregation as float64 (FedAvg averages them to
 float64 anyway): Flower's q-FedAvg and DP clipping compute on them in place and fail on integers. Under DP the
 counters are held at the global model's value (they are not learned, BatchNorm ignores them when its momentum is

@@ -93,6 +93,5 @@ def _check(config) -> None:  # noqa: ANN001
 register_strategy(StrategySpec(
     name="feddyn", params=FedDynParams, server="fedsim.strategies.feddyn:FedDynServer",
     client="fedsim.clients.feddyn:FedDynClient", check=_check, reducible=True,
-    description="FedDyn (Acar et al. 2021): dynamic regularization -<g_k, w> + alpha/2 ||w - w_server||^2 (g_k in "
-                "client state), server correction by h",
+    description="FedDyn (Acar et al. 2021): local dynamic regularizer from the client's state, server correction",
 ))

@@ -111,6 +111,6 @@ def _check(config) -> None:  # noqa: ANN001
 register_strategy(StrategySpec(
     name="scaffold", params=ScaffoldParams, server="fedsim.strategies.scaffold:ScaffoldServer",
     client="fedsim.clients.scaffold:ScaffoldClient", check=_check, reducible=True,
-    description="SCAFFOLD (Karimireddy et al. 2020): local steps corrected by control variates c - c_i "
-                "(client state), option II update of c_i",
+    description="SCAFFOLD (Karimireddy et al. 2020): local steps corrected by control variates c - c_i (client "
+                "state)",
 ))
