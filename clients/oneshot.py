@@ -2,6 +2,8 @@
 
 Every client builds the common initial model from the scenario seed (nothing needs to be downloaded), trains it
 for `client.epochs` epochs on its partition and uploads the whole model (parameters and BatchNorm buffers).
+In round 2 of `ensemble-recalibrated` it receives the M local models (one fused stage of M columns), runs its data
+through them once and uploads the class statistics of their summed embeddings (FuseFL's recalibration form).
 Replies are keyed by partition id, so a node serving several clients concatenates them (`reduce`).
 Messages: `fedsim.protocol.oneshot`.
 """
@@ -12,8 +14,10 @@ from flwr.app import RecordDict
 
 from fedsim.engine import ClientEnv
 from fedsim.engine.node import concatenate_replies
+from fedsim.learners.fusefl import build_fused, class_moments_of, stage_modules
+from fedsim.protocol import fusefl as fusefl_protocol
 from fedsim.protocol import oneshot as protocol
-from fedsim.training import state_to_arrays, train_epochs
+from fedsim.training import arrays_to_state, state_to_arrays, train_epochs
 
 
 class LocalModelClient:
@@ -24,6 +28,14 @@ class LocalModelClient:
 
     def train(self, content: RecordDict, env: ClientEnv) -> RecordDict:
         data = env.train_data()
+        members = protocol.members_of(content)
+        if members is not None:  # ensemble-recalibrated, round 2: class statistics of the summed embeddings
+            arrays, m = members
+            net = env.initial_model()
+            fused = build_fused(stage_modules(net, 1), [m], "avg", env.input_shape)
+            arrays_to_state(fused, arrays)
+            moments = class_moments_of(fused, net.head, data.x, data.y, env.num_classes, device=env.device)
+            return fusefl_protocol.class_statistics_reply(env.partition_id, moments.to_arrays(), len(data))
         model = env.initial_model()
         c = env.config.client
         loss = float("nan")

@@ -191,7 +191,7 @@ def _build_resnet18(input_shape: Sequence[int], num_classes: int, width: int) ->
     # blocks: 0 stem | 1-2 layer1 | 3-4 layer2 | 5-6 layer3 | 7-8 layer4
     net = BlockNet(blocks, _classifier_head(inplanes, num_classes, spatial=True), feature_dim=inplanes,
                    cut_points=(1, 3, 5, 7), out_channels=out_channels,
-                   groupings={2: [(0, 5), (5, 9)], 3: [(0, 5), (5, 7), (7, 9)], 4: [(0, 1), (1, 5), (5, 7), (7, 9)]})
+                   groupings={2: [(0, 5), (5, 9)], 3: [(0, 1), (1, 5), (5, 9)], 4: [(0, 1), (1, 5), (5, 7), (7, 9)]})
     for m in net.modules():  # torchvision ResNet's initialization
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

@@ -1,33 +1,39 @@
 """FuseFL: one-shot federated learning by progressive block training and fusion.
 
 Tang et al., "FuseFL: One-Shot Federated Learning through the Lens of Causality with Progressive Model Fusion",
-NeurIPS 2024, arXiv 2410.20380; official code github wizard1203/FuseFL (`models/fl_exnn.py`).
+NeurIPS 2024, arXiv 2410.20380; official code github wizard1203/FuseFL (`models/fl_exnn.py`, `alg_train.py`,
+`locals/ccvr.py`).
 
 The scenario's model (a `fedsim.models.BlockNet`) is cut into K = `strategy.stages` stages B^1..B^K
 (`group_blocks(K)`) plus a classifier; every node builds the same initial model from the scenario seed. Round
 k = 1..K is stage k:
 
     down:   the fused stages 1..k-1 (all their columns, frozen) and their layout
-    client m (its data D_m, E = epochs_per_stage or client.epochs):
-            min  CE( head_m(B^K_m(...B^{k+1}_m(B^k_m(A^k_m(F_{<k}(x)))))), y )   over (x, y) in D_m, E epochs,
-            F_{<k} frozen (eval mode); uploads (A^k_m, B^k_m), and head_m at k = K
+    client m (its data D_m, E_k = stage_epochs: client.epochs spread over the K stages, or epochs_per_stage):
+            min  CE( head_m(B^K_m(...B^{k+1}_m(B^k_m(A^k_m(F_{<k}(x)))))), y )   over (x, y) in D_m, E_k epochs,
+            F_{<k} frozen (eval mode); B^{k..K}_m and head_m continue from its previous stage (warm start, client
+            state); uploads (A^k_m, B^k_m), and head_m at k = K
     server: fused stage k = the M columns side by side; column m reads A^k_m(h^{k-1}_1, ..., h^{k-1}_M):
             avg (1/M) sum_j h_j | sum  sum_j h_j | conv1x1  Conv_{1x1}([h_1; ...; h_M])  (strategy.merge)
-    end:    classifier = parameter mean of the M heads on the mean of the M final outputs (strategy.head = "avg")
-            or the mean of the M heads' logits, each on its own column (strategy.head = "logits");
-            or (strategy.head = "ridge") one more round K + 1 in which clients run their data once through the
-            fused network and send the ridge statistics of z = [e(x), 1] (e = mean, or concatenation with
-            head_features = "concat", of the columns' pooled final outputs): the server solves
-            W = (sum_m Z_m^T Z_m + gamma I)^-1 sum_m Z_m^T Y_m, the least-squares head on all clients' data.
-            The official code also recalibrates its head after stage K from pooled class statistics (Gaussian
-            virtual features, one SGD epoch); without a recalibration the heads, each fitted to its own client's
-            few classes under label skew, are the weak part (see docs/results-fusefl.md).
+    end (strategy.head):
+            recalibrated (default, the published method): the parameter mean of the M heads reading the SUM of
+                the M final features, then round K + 1: clients run their data through the fused network once
+                and send per-class count, mean and centred scatter of those features; the server pools them
+                (unbiased covariance; `recalibration_covariance = "official"` reproduces the official centring
+                bug), draws `virtual_per_class` Gaussian features per class and trains the head on them
+                (`recalibration_epochs` of SGD at `recalibration_lr`). The summary also reports the accuracy
+                before the recalibration (`accuracy_before_recalibration` = head "avg").
+            avg: the averaged head without recalibration (K rounds); logits: the mean of the M heads' logits,
+                each on its own column (K rounds); ridge: round K + 1 sends the ridge statistics of z = [e(x), 1]
+                (e = mean, or concatenation with head_features = "concat", of the columns' pooled final
+                outputs) and the server solves W = (sum_m Z_m^T Z_m + gamma I)^-1 sum_m Z_m^T Y_m.
 
-Each client uploads K blocks, about one model in total; what each stage sends is logged (metrics.csv) and put in
-`stages.csv` / the summary. The fused network has M columns per stage, so it grows with M (`num_parameters`
-against `single_model_parameters` in the summary). Clients without data (possible under Dirichlet skew) are left
-out of the fusion. The fused model is saved as a standalone `torch.nn.Module` (model.pt). Messages:
-`fedsim.protocol.fusefl`; the bytes of each stage are the engine's record of that exchange (`ctx.last_exchange`).
+Each client uploads K blocks, about one model in total, plus its class statistics (recalibrated head) or ridge
+statistics (ridge head); what each round sends is logged (metrics.csv) and put in `stages.csv` / the summary.
+The fused network has M columns per stage, so it grows with M (`num_parameters` against
+`single_model_parameters` in the summary). Clients without data (possible under Dirichlet skew) are left out of
+the fusion. The fused model is saved as a standalone `torch.nn.Module` (model.pt). Messages:
+`fedsim.protocol.fusefl`; the bytes of each round are the engine's record of that exchange (`ctx.last_exchange`).
 """
 
 from __future__ import annotations
@@ -40,11 +46,11 @@ import pandas as pd
 from fedsim.analytic import RidgeStatistics, ridge_solve
 from fedsim.averaging import weighted_average
 from fedsim.engine import ServerContext
-from fedsim.learners.fusefl import Column, FusedNet, FusedStage, Merge, ridge_head, stage_modules, \
-    stage_output_shapes
+from fedsim.learners.fusefl import ClassMoments, Column, FusedNet, FusedStage, Merge, recalibrated_head, \
+    ridge_head, stage_modules, stage_output_shapes
 from fedsim.models import num_parameters
 from fedsim.protocol import fusefl as protocol
-from fedsim.protocol.fusefl import FuseFLParams
+from fedsim.protocol.fusefl import FuseFLParams, stage_epochs
 from fedsim.training import arrays_to_state, evaluate
 
 
@@ -114,6 +120,7 @@ class FuseFLServer:
                 ctx.log(k, train_loss=loss, columns=len(cols), column_parameters=column_params)
 
         head_template = net.head
+        extra: dict = {}
         if p.head == "ridge":
             model = self._ridge_head(ctx, net, stages, columns, table)
         elif p.head == "logits":
@@ -123,10 +130,17 @@ class FuseFLServer:
                 arrays_to_state(h, heads[pid])
                 head_list.append(h)
             model = FusedNet(stages, head_list, head_rule="logits")
-        else:
+        else:  # avg, and the start of recalibrated: the uniform mean of the heads on the sum of the features
             head = copy.deepcopy(head_template)
-            arrays_to_state(head, weighted_average(list(heads.values())))  # the uniform mean of the heads
-            model = FusedNet(stages, head, head_rule="avg")
+            arrays_to_state(head, weighted_average(list(heads.values())))
+            model = FusedNet(stages, head, head_rule="sum")
+            if p.head == "recalibrated":
+                before = evaluate(model.eval().cpu(), test.x, test.y, batch_size=ctx.config.evaluation.batch_size,
+                                  device=ctx.device)
+                model.cpu()
+                extra["accuracy_before_recalibration"] = float(before["accuracy"])
+                model, facts = self._recalibrated(ctx, net, stages, columns, head, table)
+                extra.update(facts)
         model = model.eval().cpu()
         res = evaluate(model, test.x, test.y, batch_size=ctx.config.evaluation.batch_size, device=ctx.device)
         model.cpu()
@@ -139,6 +153,7 @@ class FuseFLServer:
         uploads = frame[frame["stage"].apply(lambda v: str(v).isdigit())]
         ctx.save_table("stages.csv", frame, index=False)
         fused_params, single = num_parameters(model), num_parameters(net)
+        epochs = [stage_epochs(p, ctx.config.client.epochs, k) for k in range(1, p.stages + 1)]
         ctx.summary(
             final_accuracy=float(res["accuracy"]),
             num_parameters=fused_params,
@@ -147,13 +162,37 @@ class FuseFLServer:
             columns_per_stage=columns,
             bytes_up_per_stage=[float(b) for b in uploads["bytes_up_per_client"]],
             block_parameters_per_stage=[int(c) for c in uploads["column_parameters"]],
-            head_bytes_up_per_client=float(frame["bytes_up_per_client"].iloc[-1]) if p.head == "ridge" else 0.0,
+            head_bytes_up_per_client=(float(frame["bytes_up_per_client"].iloc[-1])
+                                      if p.head in protocol.STATS_ROUND_HEADS else 0.0),
             head=p.head,
-            local_epochs_total=p.stages * (p.epochs_per_stage or ctx.config.client.epochs),
+            warm_start=p.warm_start,
+            epochs_per_stage=epochs,
+            local_epochs_total=int(sum(epochs)),
+            **extra,
             model_note=f"fused network: {columns[-1]} columns per stage (one per client with data), "
                        f"{fused_params} parameters = {fused_params / single:.2f}x one local model ({single}); "
                        "it grows linearly with the number of clients",
         )
+
+    def _recalibrated(self, ctx: ServerContext, net, stages, columns, head, table):  # noqa: ANN001, ANN202
+        """Round K + 1: clients' class statistics of the summed fused features; the averaged `head` retrained
+        on virtual features drawn from the pooled class Gaussians."""
+        p = self.params
+        replies = ctx.send(protocol.stage_message(p.stages + 1, columns, _state_arrays(FusedNet(stages))),
+                           round=p.stages + 1)
+        exchange = ctx.last_exchange
+        received = protocol.parse_replies(r.content for r in replies)
+        dim, classes = net.feature_dim, ctx.num_classes
+        parts = [ClassMoments.from_arrays(u.class_stats, classes, dim) for u in received.values()
+                 if u.class_stats is not None and u.num_examples > 0]
+        if not parts:
+            raise RuntimeError(f"round {p.rounds}: no client sent class statistics")
+        new_head, facts = recalibrated_head(head, parts, p, ctx.derive_seed("fusefl", "virtual-features"))
+        table.append({"stage": "head", "blocks": f"recalibration ({p.recalibration_covariance} covariance)",
+                      "columns": columns[-1], "clients_answered": len(exchange.answered), "column_parameters": 0,
+                      "head_parameters": num_parameters(new_head), "bytes_up_per_client": _mean_upload(exchange),
+                      "bytes_down": exchange.total_down, "train_loss": table[-1]["train_loss"]})
+        return FusedNet(stages, new_head, head_rule="sum"), facts
 
     def _ridge_head(self, ctx: ServerContext, net, stages, columns, table):  # noqa: ANN001, ANN202
         """Round K + 1: clients' ridge statistics of the fused embedding, summed and solved once."""

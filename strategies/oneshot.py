@@ -2,13 +2,21 @@
 
 With M clients training the common initial model w_0 for `client.epochs` epochs each, giving w_m (n_m examples):
 
-- `fedavg-oneshot`  one-shot FedAvg: w = sum_m (n_m / n) w_m, parameters and BatchNorm buffers averaged once
-                    (`strategy.weighting = "uniform"`: plain mean); FuseFL's first baseline (Tang et al. 2024,
-                    arXiv 2410.20380, and the one-shot FL literature since Guha et al. 2019, arXiv 1902.11175).
-- `ensemble`        the M local models side by side: p(y|x) = (1/M) sum_m softmax(f_m(x)) (`combine = "softmax"`)
-                    or the mean logits (`"logits"`, what FuseFL's code reports); M times the memory and compute.
+- `fedavg-oneshot`  one-shot FedAvg: w = (1/M) sum_m w_m, parameters and BatchNorm buffers averaged once (FuseFL's
+                    baseline as its code defines it; `strategy.weighting = "examples"`: FedAvg's sum_m (n_m / n) w_m,
+                    which equals one round of `fedavg`) (Tang et al. 2024, arXiv 2410.20380, and the one-shot FL
+                    literature since Guha et al. 2019, arXiv 1902.11175).
+- `ensemble`        the M local models side by side: the mean of their logits (`combine = "logits"`, FuseFL's
+                    baseline) or p(y|x) = (1/M) sum_m softmax(f_m(x)) (`"softmax"`); M times the memory and compute.
                     Its summary also reports every local model's test accuracy (`best_local_accuracy`,
                     `mean_local_accuracy`; table `local_models.csv`).
+- `ensemble-recalibrated`  the same local models with FuseFL's head: logits = head(sum_m e_m(x)), head = the
+                    parameter mean of the M heads, recalibrated on virtual features from the pooled class
+                    statistics of sum_m e_m(x) (a second round: the server sends the M models, clients send their
+                    class statistics), exactly FuseFL's recalibration (FuseFL with K = 1 is this model); so a
+                    report separates what the head gives from what the fusion gives. Its summary also reports the
+                    plain ensemble (`ensemble_accuracy`, mean logits), the local models and
+                    `accuracy_before_recalibration`.
 - `best-local`      the single local model with the highest test accuracy (an oracle choice: it looks at the
                     test set, so it is an optimistic reference, not a deployable rule).
 
@@ -21,10 +29,14 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+import copy
+
 from fedsim.averaging import weighted_average
 from fedsim.engine import ServerContext
-from fedsim.learners.fusefl import Ensemble
+from fedsim.learners.fusefl import ClassMoments, Column, Ensemble, FusedNet, FusedStage, recalibrated_head, \
+    stage_modules
 from fedsim.models import num_parameters
+from fedsim.protocol import fusefl as fusefl_protocol
 from fedsim.protocol import oneshot as protocol
 from fedsim.protocol.oneshot import LocalModel
 from fedsim.training import arrays_to_state, evaluate
@@ -67,14 +79,16 @@ class OneShotServer:
     def combine(self, ctx: ServerContext, local: list[LocalModel]):  # noqa: ANN201
         raise NotImplementedError
 
+    rounds = 1
+
     def run(self, ctx: ServerContext) -> None:
-        ctx.set_total_steps(1)
+        ctx.set_total_steps(self.rounds)
         local = self.collect(ctx)
         model, extra = self.combine(ctx, local)
         res = self.evaluate(ctx, model)
         n = np.array([e.n for e in local], dtype=np.float64)
         loss = float(np.dot(n, [e.loss for e in local]) / n.sum())
-        ctx.log(1, accuracy=res["accuracy"], loss=res["loss"], train_loss=loss, local_models=len(local),
+        ctx.log(self.rounds, accuracy=res["accuracy"], loss=res["loss"], train_loss=loss, local_models=len(local),
                 **ctx.client_accuracy(res["class_accuracy"]))
         ctx.save_model(model.cpu())
         single = num_parameters(self.local_model(ctx, local[0].arrays))
@@ -108,3 +122,39 @@ class BestLocalServer(OneShotServer):
                  "mean_local_accuracy": float(table["test_accuracy"].mean()),
                  "selection": "highest test accuracy (oracle)"}
         return self.local_model(ctx, local[best].arrays), extra
+
+
+class EnsembleRecalibratedServer(OneShotServer):
+    """The local models under FuseFL's recalibrated head (one more round for the class statistics)."""
+
+    rounds = 2
+
+    def combine(self, ctx: ServerContext, local: list[LocalModel]):  # noqa: ANN201
+        table = self.local_table(ctx, local)
+        ctx.save_table("local_models.csv", table, index=False)
+        n = np.array([e.n for e in local], dtype=np.float64)
+        ctx.log(1, train_loss=float(np.dot(n, [e.loss for e in local]) / n.sum()), local_models=len(local))
+        models = [self.local_model(ctx, e.arrays) for e in local]
+        extra = {"ensemble_accuracy": float(self.evaluate(ctx, Ensemble(models, "logits").eval())["accuracy"]),
+                 "best_local_accuracy": float(table["test_accuracy"].max()),
+                 "mean_local_accuracy": float(table["test_accuracy"].mean()),
+                 "best_local_client": int(table.loc[table["test_accuracy"].idxmax(), "client"])}
+        stage = FusedStage([Column(stage_modules(m, 1)[0]) for m in models]).eval()
+        head = copy.deepcopy(models[0].head)
+        arrays_to_state(head, weighted_average([{k[len("head."):]: v for k, v in e.arrays.items()
+                                                 if k.startswith("head.")} for e in local]))
+        before = FusedNet([stage], head, head_rule="sum").eval()
+        extra["accuracy_before_recalibration"] = float(self.evaluate(ctx, before)["accuracy"])
+
+        arrays = {k: v.detach().cpu().numpy() for k, v in FusedNet([stage]).state_dict().items()}
+        replies = ctx.send(protocol.members_request(arrays, len(models)), round=2)
+        exchange = ctx.last_exchange
+        received = fusefl_protocol.parse_replies(r.content for r in replies)
+        parts = [ClassMoments.from_arrays(u.class_stats, ctx.num_classes, models[0].feature_dim)
+                 for u in received.values() if u.class_stats is not None and u.num_examples > 0]
+        if not parts:
+            raise RuntimeError("round 2: no client sent class statistics")
+        new_head, facts = recalibrated_head(head, parts, self.params, ctx.derive_seed("fusefl", "virtual-features"))
+        extra.update(facts)
+        extra["head_bytes_up_per_client"] = exchange.mean_up_per_answering_client()
+        return FusedNet([stage], new_head, head_rule="sum").eval(), extra

@@ -53,6 +53,11 @@ def test_resnet18_stage_cuts_follow_fusefl():
     net = build_model("resnet18", (1, 28, 28), num_classes=10, width=4)
     shapes = stage_output_shapes(stage_modules(net, 2), (1, 28, 28))
     assert shapes == [(8, 14, 14), (32, 4, 4)]  # cut after layer2; layer4 output before pooling
+    # the official cuts (models/fl_exnn.py): blocks 0 stem | 1-2 layer1 | 3-4 layer2 | 5-6 layer3 | 7-8 layer4
+    assert net.group_blocks(2) == [(0, 5), (5, 9)]
+    assert net.group_blocks(3) == [(0, 1), (1, 5), (5, 9)]  # stem | layer1+2 | layer3+4
+    assert net.group_blocks(4) == [(0, 1), (1, 5), (5, 7), (7, 9)]
+    assert stage_output_shapes(stage_modules(net, 3), (1, 28, 28)) == [(4, 28, 28), (8, 14, 14), (32, 4, 4)]
 
 
 def _two_clients(rule: str, seed: int = 0):
@@ -69,6 +74,18 @@ def _two_clients(rule: str, seed: int = 0):
             nn.init.normal_(col.merge.adaptor.bias)
     fused = FusedNet([FusedStage(cols1), FusedStage(cols2)], nets[0].head).eval()
     return fused, stages, cols2, nets[0].head
+
+
+def test_averaged_head_reads_the_sum_of_the_final_features():
+    # FuseFL's official averaged classifier: classifier(sum_m h_m) (models/fl_exnn.py, forward with "avg")
+    fused, _, _, head = _two_clients("avg")
+    net = FusedNet(fused.stages, head, head_rule="sum").eval()
+    x = torch.rand(3, 1, 12, 12)
+    with torch.no_grad():
+        hs = net.features(x)
+        torch.testing.assert_close(net(x), head(hs[0] + hs[1]), rtol=0, atol=0)
+        pooled = fused_embedding(FusedNet(fused.stages), head, x, "sum")
+        torch.testing.assert_close(net(x), head.fc(pooled), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("rule", ["avg", "sum"])
@@ -190,7 +207,9 @@ def test_ensemble_averages_probabilities_or_logits():
     x = torch.rand(5, 4)
     with torch.no_grad():
         p = (torch.softmax(models[0](x), 1) + torch.softmax(models[1](x), 1)) / 2
-        torch.testing.assert_close(Ensemble(models)(x).exp(), p)
+        torch.testing.assert_close(Ensemble(models, "softmax")(x).exp(), p)
+        # the default is FuseFL's baseline: the mean of the logits
+        torch.testing.assert_close(Ensemble(models)(x), (models[0](x) + models[1](x)) / 2)
         torch.testing.assert_close(Ensemble(models, "logits")(x), (models[0](x) + models[1](x)) / 2)
     with pytest.raises(ValueError, match="combine"):
         Ensemble(models, "vote")

@@ -17,11 +17,16 @@ Fusion", NeurIPS 2024, arXiv 2410.20380). A network is cut into K stages B^1..B^
                                conv1x1: A(h_1..h_M) = Conv_{1x1, M c -> c}([h_1; ...; h_M])  (channel concatenation;
                                         a Linear for flat features); client m's own adaptor, trained with B^k_m
                                         at stage k and initialized to the average, so it starts where `avg` does.
-    classifier (strategy.head): avg:    logits = head_avg((1/M) sum_m h^K_m),  head_avg = parameter mean of head_m
+    classifier (strategy.head): avg:    logits = head_avg(sum_m h^K_m),  head_avg = parameter mean of head_m
+                                        (the sum of the final features, as the official code; head rule "sum")
+                                recalibrated (the published method): the avg head, then retrained on virtual
+                                        features: clients send per-class (n_c, mu_c, S_c) of f(x) = sum_m
+                                        e_m(x) (e_m: column m's pooled final output), the server pools them
+                                        (`pooled_class_gaussians`), draws N(mu_c, Sigma_c) samples per class
+                                        (`virtual_features`) and trains the head's linear layer on them with
+                                        SGD (`recalibrate_head`; CCVR, Luo et al. 2021)
                                 logits: logits = (1/M) sum_m head_m(h^K_m)
-                                ridge:  one more round, after stage K (the official code also recalibrates
-                                        the head on pooled class statistics, there with Gaussian virtual
-                                        features and SGD): with z(x) = [e(x), 1], e(x) the mean (or the
+                                ridge:  one more round, after stage K: with z(x) = [e(x), 1], e(x) the mean (or the
                                         concatenation) over columns of the pooled final outputs, clients send
                                         Z_m^T Z_m and Z_m^T Y_m; the server solves the ridge regression
                                         W = (sum_m Z_m^T Z_m + gamma I)^-1 sum_m Z_m^T Y_m  (`fedsim.analytic`),
@@ -31,7 +36,7 @@ Frozen stages always run in eval mode (their BatchNorm statistics are those the 
 code leaves them in train mode so they drift). The fused network grows with M: M columns per stage.
 The result, `FusedNet`, is a plain `torch.nn.Module` (inference needs torch and this module, not the simulator).
 
-The one-shot baselines' `Ensemble` (the M local models, averaged softmax or logits) lives beside it; model averages
+The one-shot baselines' `Ensemble` (the M local models, averaged logits or softmax) lives beside it; model averages
 (FuseFL's "avg" head, one-shot FedAvg) use `fedsim.averaging.weighted_average`. The option names (MERGES, HEADS,
 HEAD_FEATURES) belong to the torch-free protocol `fedsim.protocol.fusefl`.
 """
@@ -64,9 +69,15 @@ __all__ = [
     "fused_embedding",
     "ridge_head",
     "column_state",
+    "ClassMoments",
+    "pooled_class_gaussians",
+    "virtual_features",
+    "recalibrate_head",
+    "class_moments_of",
+    "recalibrated_head",
 ]
 
-HEAD_RULES = ("avg", "logits", "concat")  # how a FusedNet applies its head
+HEAD_RULES = ("avg", "sum", "logits", "concat")  # how a FusedNet applies its head
 from fedsim.protocol.oneshot import COMBINES  # noqa: E402  (torch-free, shared with the ensemble baseline)
 
 
@@ -141,7 +152,8 @@ class FusedStage(nn.Module):
 class FusedNet(nn.Module):
     """The fused network: stages of columns, then the classifier over the last stage's M outputs.
 
-    `head` is one module (rule "avg": applied to the mean of the final outputs; rule "concat": its layers but the
+    `head` is one module (rule "avg": applied to the mean of the final outputs; "sum": to their sum, as FuseFL's
+    averaged head reads them; rule "concat": its layers but the
     last embed each column's output, the last reads their concatenation) or a list of M modules (rule "logits":
     each applied to its own column's output, logits averaged). Without a head the net is a frozen lower part
     (`features` only), as clients receive it.
@@ -183,14 +195,20 @@ class FusedNet(nn.Module):
             layers = list(self.head.children())
             pre = nn.Sequential(*layers[:-1])
             return layers[-1](torch.cat([pre(h) for h in hs], dim=1))
+        if self.head_rule == "sum":
+            return self.head(_sum(hs))
         return self.head(_mean(hs))
 
 
-def _mean(xs: Sequence[torch.Tensor]) -> torch.Tensor:
+def _sum(xs: Sequence[torch.Tensor]) -> torch.Tensor:
     total = xs[0]
     for h in xs[1:]:
         total = total + h
-    return total / len(xs)
+    return total
+
+
+def _mean(xs: Sequence[torch.Tensor]) -> torch.Tensor:
+    return _sum(xs) / len(xs)
 
 
 class StageModel(nn.Module):
@@ -277,11 +295,13 @@ def build_fused(stage_templates: Sequence[nn.Module], columns: Sequence[int], me
 
 def fused_embedding(lower: FusedNet, head: nn.Module, x: torch.Tensor, features: str = "mean") -> torch.Tensor:
     """e(x): the final columns' outputs through `head`'s layers but the last (pooling, flatten), averaged over
-    columns ("mean", width d) or concatenated ("concat", width M d)."""
+    columns ("mean", width d), summed ("sum": what the averaged head reads) or concatenated ("concat", M d)."""
     pre = nn.Sequential(*list(head.children())[:-1])
     embs = [pre(h) for h in lower.features(x)]
     if features == "concat":
         return torch.cat(embs, dim=1)
+    if features == "sum":
+        return _sum(embs)
     return _mean(embs)
 
 
@@ -307,15 +327,213 @@ def column_state(column: Column) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy() for k, v in column.state_dict().items()}
 
 
-# ---------------------------------------------------------------------------------------------- ensemble baseline
-class Ensemble(nn.Module):
-    """The M local models side by side; output = log of the mean softmax ("softmax") or the mean logits.
+# ----------------------------------------------------------------------------------------- head recalibration
+class ClassMoments:
+    """Per-class count n_c, mean mu_c and centred scatter S_c = sum_i (f_i - mu_c)(f_i - mu_c)^T of feature
+    vectors (float64), for `num_classes` classes: what a client sends for the recalibrated head.
 
-    Returning log-probabilities keeps cross-entropy evaluation meaningful (it is the ensemble's NLL) and the
-    argmax equal to that of the averaged probabilities.
+    Merging (`+=`, batches or clients) uses the exact pairwise update S = S_a + S_b + (n_a n_b / n) dd^T with
+    d = mu_b - mu_a (Chan et al.), so the pooled moments equal those of the pooled data, without the cancellation
+    of raw sums of squares. The wire form (`to_arrays`) carries the classes present only: a client under label
+    skew sends a few classes' d (d + 1) / 2 packed scatter entries, not all of them.
     """
 
-    def __init__(self, models: Sequence[nn.Module], combine: str = "softmax") -> None:
+    def __init__(self, count: np.ndarray, mean: np.ndarray, scatter: np.ndarray) -> None:
+        self.count = np.asarray(count, dtype=np.int64).reshape(-1)
+        self.mean = np.asarray(mean, dtype=np.float64)
+        self.scatter = np.asarray(scatter, dtype=np.float64)
+        c = self.count.shape[0]
+        if self.mean.ndim != 2 or self.mean.shape[0] != c or self.scatter.shape != (c, self.dim, self.dim):
+            raise ValueError(f"count (c,), mean (c, d) and scatter (c, d, d) expected; got {self.count.shape}, "
+                             f"{self.mean.shape}, {self.scatter.shape}")
+
+    @classmethod
+    def zeros(cls, num_classes: int, dim: int) -> "ClassMoments":
+        return cls(np.zeros(num_classes, np.int64), np.zeros((num_classes, dim)),
+                   np.zeros((num_classes, dim, dim)))
+
+    @classmethod
+    def from_features(cls, features: np.ndarray, labels: np.ndarray, num_classes: int) -> "ClassMoments":
+        f = np.asarray(features, dtype=np.float64)
+        return cls.zeros(num_classes, f.shape[1]).update(f, labels)
+
+    @property
+    def num_classes(self) -> int:
+        return self.count.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.mean.shape[1]
+
+    def _merge(self, c: int, n_b: int, mean_b: np.ndarray, scatter_b: np.ndarray) -> None:
+        if n_b == 0:
+            return
+        n_a = int(self.count[c])
+        n = n_a + n_b
+        delta = mean_b - self.mean[c]
+        self.scatter[c] += scatter_b + np.outer(delta, delta) * (n_a * n_b / n)
+        self.mean[c] += delta * (n_b / n)
+        self.count[c] = n
+
+    def update(self, features: np.ndarray, labels: np.ndarray) -> "ClassMoments":
+        """Add a batch: features (n, d), labels (n,) in [0, num_classes). Returns self."""
+        f = np.asarray(features, dtype=np.float64)
+        y = np.asarray(labels, dtype=np.int64).reshape(-1)
+        if f.ndim != 2 or f.shape[1] != self.dim or f.shape[0] != y.shape[0]:
+            raise ValueError(f"features must be (n, {self.dim}) with one label per row; got {f.shape}, {y.shape}")
+        if y.size and (y.min() < 0 or y.max() >= self.num_classes):
+            raise ValueError(f"labels must lie in [0, {self.num_classes})")
+        for c in np.unique(y):
+            fc = f[y == c]
+            mean_b = fc.mean(axis=0)
+            centred = fc - mean_b
+            self._merge(int(c), fc.shape[0], mean_b, centred.T @ centred)
+        return self
+
+    def __iadd__(self, other: "ClassMoments") -> "ClassMoments":
+        if other.num_classes != self.num_classes or other.dim != self.dim:
+            raise ValueError("cannot merge ClassMoments of different shapes")
+        for c in np.flatnonzero(other.count):
+            self._merge(int(c), int(other.count[c]), other.mean[c], other.scatter[c])
+        return self
+
+    def copy(self) -> "ClassMoments":
+        return ClassMoments(self.count.copy(), self.mean.copy(), self.scatter.copy())
+
+    def covariance(self) -> np.ndarray:
+        """Unbiased per-class covariance S_c / (n_c - 1), (c, d, d); zeros where n_c < 2."""
+        denom = np.maximum(self.count - 1, 1).astype(np.float64)[:, None, None]
+        return np.where((self.count >= 2)[:, None, None], self.scatter / denom, 0.0)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The wire form: the classes present, their counts, means and packed upper scatter triangles."""
+        from fedsim.analytic import pack_upper
+
+        present = np.flatnonzero(self.count).astype(np.int64)
+        return {"classes": present, "count": self.count[present], "mean": self.mean[present],
+                "scatter": pack_upper(self.scatter[present]) if present.size else np.zeros((0, 0))}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], num_classes: int, dim: int) -> "ClassMoments":
+        from fedsim.analytic import unpack_upper
+
+        out = cls.zeros(num_classes, dim)
+        present = np.asarray(arrays["classes"], dtype=np.int64)
+        if present.size:
+            out.count[present] = np.asarray(arrays["count"], dtype=np.int64)
+            out.mean[present] = arrays["mean"]
+            out.scatter[present] = unpack_upper(arrays["scatter"], dim)
+        return out
+
+
+def pooled_class_gaussians(parts: Sequence[ClassMoments], rule: str = "unbiased"
+                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(count (c,), mean (c, d), covariance (c, d, d)) of the union of the clients' data, per class.
+
+    "unbiased": the pooled sample covariance S / (N_c - 1) of all N_c features of class c, exactly what
+    ``np.cov`` gives on the pooled data. "official": FuseFL's ``locals/ccvr.py``: each client's biased covariance
+    C_k = S_k / n_k and mean mu_k pooled as sum_k [(n_k - 1) C_k + n_k mu_k mu_k^T] / (N_c - 1) - (N_c / N_c - 1)
+    mu mu^T, whose last coefficient is 0 (operator precedence), so the class mean is never subtracted: a scaled
+    second moment around the origin instead of a covariance. Classes with fewer than 2 features get covariance 0.
+    """
+    if rule not in ("unbiased", "official"):
+        raise ValueError(f"rule must be 'unbiased' or 'official', got {rule!r}")
+    if not parts:
+        raise ValueError("no class statistics to pool")
+    total = parts[0].copy()
+    for p in parts[1:]:
+        total += p
+    if rule == "unbiased":
+        return total.count, total.mean, total.covariance()
+    n = total.count.astype(np.float64)
+    denom = np.maximum(n - 1, 1)[:, None, None]
+    cov = np.zeros_like(total.scatter)
+    for p in parts:
+        nk = p.count.astype(np.float64)[:, None, None]
+        biased = np.where(nk > 0, p.scatter / np.maximum(nk, 1), 0.0)
+        outer = np.einsum("ci,cj->cij", p.mean, p.mean)
+        cov += (np.maximum(nk - 1, 0) * biased + nk * outer) / denom
+    # the official "- (n / n - 1) * mu mu^T" subtracts 0 * mu mu^T: nothing
+    cov = np.where((total.count >= 2)[:, None, None], cov, 0.0)
+    return total.count, total.mean, cov
+
+
+def virtual_features(count: np.ndarray, mean: np.ndarray, cov: np.ndarray, per_class: int, seed: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """`per_class` draws from N(mean_c, cov_c) for every class with count_c > 0 (classes in order), float32
+    features and int64 labels; seeded, so every process draws the same set."""
+    rng = np.random.default_rng(seed)
+    xs, ys = [], []
+    for c in np.flatnonzero(np.asarray(count) > 0):
+        sym = (cov[c] + cov[c].T) / 2
+        xs.append(rng.multivariate_normal(mean[c], sym, size=int(per_class), method="eigh", check_valid="ignore"))
+        ys.append(np.full(int(per_class), int(c), dtype=np.int64))
+    if not xs:
+        raise ValueError("no class with features to draw virtual features from")
+    return np.concatenate(xs).astype(np.float32), np.concatenate(ys)
+
+
+def recalibrate_head(head: nn.Module, features: np.ndarray, labels: np.ndarray, *, epochs: int, lr: float,
+                     batch_size: int, momentum: float = 0.0, seed: int = 0) -> tuple[nn.Module, float]:
+    """A copy of `head` whose last (linear) layer is trained on (features, labels) with cross-entropy and SGD
+    (shuffled batches; `fedsim.training.train_epochs`); its other layers (pooling, flatten) carry no parameters.
+    Returns (the new head, the mean loss of the last epoch)."""
+    from fedsim.training import train_epochs
+
+    new = copy.deepcopy(head)
+    stats = train_epochs(_linear_of(new), torch.as_tensor(features), torch.as_tensor(labels), epochs=epochs,
+                         batch_size=batch_size, lr=lr, momentum=momentum, seed=seed)
+    return new.cpu().eval(), float(stats["loss"])
+
+
+def recalibrated_head(head: nn.Module, parts: Sequence[ClassMoments], params, seed: int  # noqa: ANN001
+                      ) -> tuple[nn.Module, dict]:
+    """The whole server-side recalibration: pool the clients' class moments (`params.recalibration_covariance`),
+    draw `params.virtual_per_class` virtual features per class present, train a copy of `head` on them
+    (`params`: a `fedsim.protocol.fusefl.RecalibrationParams`). Returns (head, facts for the summary)."""
+    count, mean, cov = pooled_class_gaussians(parts, params.recalibration_covariance)
+    x, y = virtual_features(count, mean, cov, params.virtual_per_class, seed)
+    new, loss = recalibrate_head(head, x, y, epochs=params.recalibration_epochs, lr=params.recalibration_lr,
+                                 batch_size=params.recalibration_batch_size,
+                                 momentum=params.recalibration_momentum, seed=seed)
+    return new, {"recalibration_classes": int((count > 0).sum()), "virtual_features": int(len(y)),
+                 "recalibration_loss": loss}
+
+
+@torch.no_grad()
+def class_moments_of(lower: FusedNet, head: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
+                     batch_size: int = 1024, device: str | torch.device = "cpu") -> ClassMoments:
+    """The class moments of f(x) = sum of the final columns' pooled outputs (what the averaged head reads) over a
+    client's data; `lower` runs in eval mode (BatchNorm statistics as uploaded)."""
+    lower = lower.eval().to(device)
+    moments = ClassMoments.zeros(num_classes, _linear_of(head).in_features)
+    for start in range(0, len(y), batch_size):
+        f = fused_embedding(lower, head.to(device), x[start:start + batch_size].to(device), "sum")
+        moments.update(f.double().cpu().numpy(), np.asarray(y[start:start + batch_size]))
+    lower.cpu()
+    head.cpu()
+    return moments
+
+
+def _linear_of(head: nn.Module) -> nn.Linear:
+    """The head's last layer, which must be linear (the one the recalibration trains)."""
+    children = list(head.children())
+    last = children[-1] if children else head
+    if not isinstance(last, nn.Linear):
+        raise ValueError(f"the head's last layer must be nn.Linear, got {type(last).__name__}")
+    return last
+
+
+# ---------------------------------------------------------------------------------------------- ensemble baseline
+class Ensemble(nn.Module):
+    """The M local models side by side; output = the mean logits ("logits", FuseFL's baseline) or the log of the
+    mean softmax ("softmax").
+
+    With "softmax", returning log-probabilities keeps cross-entropy evaluation meaningful (it is the ensemble's
+    NLL) and the argmax equal to that of the averaged probabilities.
+    """
+
+    def __init__(self, models: Sequence[nn.Module], combine: str = "logits") -> None:
         super().__init__()
         if combine not in COMBINES:
             raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")

@@ -1,8 +1,15 @@
-"""The one-shot baselines' protocol (one-shot FedAvg, ensemble, best local model): one empty request, one upload.
+"""The one-shot baselines' protocol (one-shot FedAvg, ensemble, best local model): one empty request, one upload;
+the recalibrated ensemble has a second round for the class statistics of the ensemble's summed features.
 
+    round 1
     down  (nothing: every client builds the common initial model from the scenario seed)
     up    MODEL_PREFIX + pid   ArrayRecord: client pid's locally trained model (parameters and BatchNorm buffers)
           META_PREFIX + pid    MetricRecord {num-examples, train_loss}
+    round 2 (ensemble-recalibrated only)
+    down  MEMBERS_KEY          ArrayRecord: the M local models as one fused stage of M columns (``FusedNet`` state
+                               keys) and MEMBERS_CONFIG_KEY {members: M}
+    up    classes.<pid>        ArrayRecord: per-class count, mean and centred scatter of sum_m e_m(x) over the
+                               client's data (``fedsim.protocol.fusefl.class_statistics_reply``: FuseFL's form)
 
 Records carry the partition id, so a node serving several clients sends their records side by side
 (``concatenate_replies``). The server part is ``fedsim.strategies.oneshot``, the client part ``fedsim.clients.oneshot``.
@@ -14,34 +21,43 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import MetricRecord, RecordDict
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from fedsim.codec import from_record, to_record
 from fedsim.errors import ConfigError
 from fedsim.params import Options
+from fedsim.protocol.fusefl import RecalibrationParams
 from fedsim.registry import StrategySpec, register_strategy
 
 MODEL_PREFIX = "model."  # ArrayRecord per client: "model.<pid>"
 META_PREFIX = "meta."  # MetricRecord per client: num-examples, train_loss
 WEIGHT_KEY = "num-examples"
 LOSS_KEY = "train_loss"
+MEMBERS_KEY = "members"  # round 2 of ensemble-recalibrated: the local models as one fused stage
+MEMBERS_CONFIG_KEY = "members.config"
 
-WEIGHTINGS = ("examples", "uniform")  # examples: FedAvg's n_m / n; uniform: 1 / M
-COMBINES = ("softmax", "logits")  # how the ensemble (and FuseFL's ensemble) combines its members' outputs
+WEIGHTINGS = ("uniform", "examples")  # uniform: 1 / M (FuseFL's baseline); examples: FedAvg's n_m / n
+COMBINES = ("logits", "softmax")  # how the ensemble combines its members' outputs: mean logits (FuseFL) | softmax
 
 
 @dataclass
 class OneShotAvgParams:
-    weighting: str = "examples"  # examples: FedAvg's n_m / n; uniform: 1 / M
+    weighting: str = "uniform"  # uniform: the plain parameter mean (FuseFL's baseline); examples: n_m / n
 
     _parameter_constraints = {"weighting": [Options(WEIGHTINGS)]}
 
 
 @dataclass
 class EnsembleParams:
-    combine: str = "softmax"  # softmax: mean of probabilities; logits: mean of logits
+    combine: str = "logits"  # logits: mean of logits (FuseFL's baseline); softmax: mean of probabilities
 
     _parameter_constraints = {"combine": [Options(COMBINES)]}
+
+
+@dataclass
+class EnsembleRecalibratedParams(RecalibrationParams):
+    """The M local models as FuseFL's final model with K = 1: the mean of their heads reading the sum of their
+    embeddings, recalibrated on virtual features exactly as FuseFL's head (FuseFL's RecalibrationParams)."""
 
 
 @dataclass
@@ -74,6 +90,19 @@ def reply(pid: int, arrays: dict[str, np.ndarray], num_examples: int, train_loss
     })
 
 
+def members_request(fused_arrays: dict[str, np.ndarray], members: int) -> RecordDict:
+    """Round 2 of ensemble-recalibrated: the M local models, as the state of one fused stage of M columns."""
+    return RecordDict({MEMBERS_KEY: to_record(fused_arrays),
+                       MEMBERS_CONFIG_KEY: ConfigRecord({"members": int(members)})})
+
+
+def members_of(content: RecordDict) -> tuple[dict[str, np.ndarray], int] | None:
+    """(fused-stage arrays, number of members) of a round-2 request; None for the training request."""
+    if MEMBERS_KEY not in content:
+        return None
+    return from_record(content[MEMBERS_KEY]), int(content.config_records[MEMBERS_CONFIG_KEY]["members"])
+
+
 def parse_reply(content: RecordDict) -> list[LocalModel]:
     """Every complete per-client entry of a (possibly concatenated) reply, by partition id."""
     arrays = {int(k[len(MODEL_PREFIX):]): from_record(r) for k, r in content.array_records.items()
@@ -84,9 +113,11 @@ def parse_reply(content: RecordDict) -> list[LocalModel]:
 
 
 def _check(config) -> None:  # noqa: ANN001
-    if config.rounds != 1:
-        raise ConfigError(f"rounds: {config.rounds} but {config.strategy.name} is one-shot (exactly one round); "
-                          "set rounds = 1 or leave rounds out")
+    want = _rounds_of(config.strategy.params)
+    if config.rounds != want:
+        what = "exactly one round" if want == 1 else "one training round plus one statistics round"
+        raise ConfigError(f"rounds: {config.rounds} but {config.strategy.name} is one-shot ({what}); "
+                          f"set rounds = {want} or leave rounds out")
     if config.client.epochs < 1:
         raise ConfigError(f"client.epochs: {config.client.epochs} trains nothing; it must be >= 1 for "
                           f"{config.strategy.name}")
@@ -96,17 +127,28 @@ def _one_round(params) -> int:  # noqa: ANN001
     return 1
 
 
+def _rounds_of(params) -> int:  # noqa: ANN001
+    return 2 if isinstance(params, EnsembleRecalibratedParams) else 1
+
+
 _CLIENT = "fedsim.clients.oneshot:LocalModelClient"
 
 register_strategy(StrategySpec(
     name="fedavg-oneshot", params=OneShotAvgParams, server="fedsim.strategies.oneshot:OneShotFedAvgServer",
     client=_CLIENT, check=_check, fixed_rounds=_one_round, reducible=True,
-    description="One-shot FedAvg: local training once, parameters averaged once (FuseFL's baseline)",
+    description="One-shot FedAvg: local training once, parameters averaged once (uniform; FuseFL's baseline)",
 ))
 register_strategy(StrategySpec(
     name="ensemble", params=EnsembleParams, server="fedsim.strategies.oneshot:EnsembleServer", client=_CLIENT,
     check=_check, fixed_rounds=_one_round, reducible=True,
-    description="Ensemble of the M local models (averaged softmax); also reports each local model's accuracy",
+    description="Ensemble of the M local models (mean logits); also reports each local model's accuracy",
+))
+register_strategy(StrategySpec(
+    name="ensemble-recalibrated", params=EnsembleRecalibratedParams,
+    server="fedsim.strategies.oneshot:EnsembleRecalibratedServer", client=_CLIENT, check=_check,
+    fixed_rounds=lambda p: 2, reducible=True,
+    description="The local models with FuseFL's head: mean head on their summed embeddings, recalibrated on "
+                "virtual features (one statistics round); separates the head's gain from fusion's",
 ))
 register_strategy(StrategySpec(
     name="best-local", params=BestLocalParams, server="fedsim.strategies.oneshot:BestLocalServer", client=_CLIENT,
