@@ -341,6 +341,7 @@ def config_from_dict(tree: dict) -> ScenarioConfig:
     """
     tree = copy.deepcopy(tree)
     tree.pop("variants", None)
+    check_seeds(tree.pop("seeds", None))  # the runs' seeds (fedsim run), not a setting of one run
     known = set(_SECTIONS) | set(_TOP_LEVEL) | {"strategy"}
     for key in tree:
         if key not in known:
@@ -383,11 +384,40 @@ def _cross_checks(config: ScenarioConfig, spec: StrategySpec) -> None:
         raise ConfigError(f"stream.kind: {config.stream.kind!r} does not suit {name!r}, which learns from "
                           f"{_STREAM_WORDS[spec.stream]}; set stream.kind = {spec.stream!r}")
     sim = config.simulation
+    if sim.byzantine_fraction > 0 and not spec.model_replies:
+        raise ConfigError(f"simulation.byzantine_fraction: {sim.byzantine_fraction} needs a strategy whose clients "
+                          f"send model updates (the gradient strategies: fedavg, fedprox, krum, ...); {name!r} does "
+                          "not, so byzantine clients would change nothing: use 0")
     if sim.clients_per_node > 1 and not spec.reducible:
         raise ConfigError(
             f"simulation.clients_per_node: {sim.clients_per_node} needs a strategy whose client part can "
             f"combine replies (has `reduce`); {name!r} has none, so use 1"
         )
+
+
+def check_seeds(seeds: Any) -> list[int] | None:
+    """A scenario's top-level ``seeds = [0, 1, 2]``: ``fedsim run`` runs every variant once per seed (as
+    ``--seeds``, which replaces it); None when unset."""
+    if seeds is None:
+        return None
+    if not isinstance(seeds, list) or not seeds or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+        raise ConfigError(f"seeds: {seeds!r} has the wrong type; it must be a non-empty list of integers >= 0, "
+                          "e.g. seeds = [0, 1, 2]")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds: {seeds!r} lists a seed twice")
+    return list(seeds)
+
+
+def scenario_seeds(path: str | Path | None) -> list[int] | None:
+    """The ``seeds`` list of a scenario file (validated), None when it has none."""
+    if path is None:
+        return None
+    try:
+        tree = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None  # load_scenarios reports the file's problem, naming it
+    return check_seeds(tree.get("seeds"))
 
 
 def check_label(path: str, label: Any) -> str:

@@ -42,7 +42,9 @@ class StrategySpec:
     static partition). ``fixed_rounds(params)``: the number of rounds the algorithm defines (one-shot: 1; FuseFL:
     its stages); a scenario that sets another number is refused, one that sets none gets it. ``single_client``: the
     strategy runs on one client holding all the data (centralized upper bound). ``reducible``: the client part has
-    an associative ``reduce``, so one node may serve several clients. ``check(config)``: cross-field rules.
+    an associative ``reduce``, so one node may serve several clients. ``model_replies``: the client part replies
+    with its trained model under the SGD protocol's keys, so ``simulation.byzantine_fraction`` applies to it.
+    ``check(config)``: cross-field rules.
     """
 
     name: str
@@ -55,6 +57,7 @@ class StrategySpec:
     fixed_rounds: Callable[[Any], int] | None = None
     single_client: bool = False
     reducible: bool = False
+    model_replies: bool = False
     check: Callable[[Any], None] | None = None
 
     def __post_init__(self) -> None:

@@ -229,3 +229,13 @@ def test_codec_round_trips_float64_without_copy():
     assert back["a"].dtype == np.float64 and np.array_equal(back["a"], a) and not back["a"].flags.writeable
     assert np.array_equal(back["i"], np.arange(4))
     assert from_record(to_record({"a": a}), writable=True)["a"].flags.writeable
+
+
+def test_byzantine_clients_are_refused_where_they_would_change_nothing(tmp_path):
+    from fedsim.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^simulation\.byzantine_fraction: 0\.25 needs a strategy"):
+        scenario_config(COUNTER, tmp_path, "simulation.byzantine_fraction=0.25")
+    from conftest import DIGITS
+
+    assert scenario_config(DIGITS, tmp_path, "simulation.byzantine_fraction=0.25").simulation.byzantine_fraction == 0.25

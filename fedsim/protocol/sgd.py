@@ -263,7 +263,8 @@ def _register(name: str, params: type, server: str, description: str, *, reducib
               check=_check_trainable, **extra) -> None:  # noqa: ANN001
     client = "fedsim.clients.sgd:" + ("SGDClient" if reducible else "PerClientSGDClient")
     register_strategy(StrategySpec(name=name, params=params, server=f"{_SERVERS}:{server}", client=client,
-                                   check=check, reducible=reducible, description=description, **extra))
+                                   check=check, reducible=reducible, model_replies=True, description=description,
+                                   **extra))
 
 
 _register("fedavg", FedAvgParams, "FedAvgServer", reducible=True,
