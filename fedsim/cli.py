@@ -34,7 +34,10 @@ def _writable_dir(path: Path) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedsim.config import load_scenarios, select_variants
+    from fedsim.config import load_scenarios, scenario_seeds, select_variants
+
+    if getattr(args, "seeds", None) or getattr(args, "sweep", None) or scenario_seeds(args.scenario):
+        return _run_many(args)
 
     every = load_scenarios(args.scenario, args.set)  # torch-free: a bad scenario fails here, fast
     variants = select_variants(every, args.only)
@@ -77,6 +80,63 @@ def cmd_run(args: argparse.Namespace) -> int:
             report([out], out_dir=out, show=not args.quiet)
         except (FedsimError, OSError) as exc:  # the runs are complete; only the comparison is missing
             print(f"warning: report: {exc}", file=sys.stderr)
+    return 0
+
+
+def _run_many(args: argparse.Namespace) -> int:
+    """``fedsim run`` with ``--seeds`` / ``--sweep`` / a scenario's ``seeds``: one run per (variant, sweep point,
+    seed), each a normal run directory (see fedsim.sweep). A run that fails does not stop the others; the command
+    exits 1 after the rest ran and the report named what is missing."""
+    from fedsim import results
+    from fedsim.sweep import parse_seeds, plan_jobs
+
+    seeds = parse_seeds(args.seeds) if getattr(args, "seeds", None) else None
+    out = Path(args.out) if args.out else _default_out(args.scenario)
+    jobs, _ = plan_jobs(args.scenario, args.set, args.only, out, seeds=seeds, sweeps=getattr(args, "sweep", []))
+    _writable_dir(out)
+    todo = [results.check_run_dir(j.run_dir, j.config.to_dict(), resume=args.resume, overwrite=args.overwrite,
+                                  label=j.name) for j in jobs]
+    if not args.overwrite:
+        taken = [n for n in results.foreign_files(out) if n in results.REPORT_FILES]
+        if taken:
+            raise ConfigError(f"--out: {out} holds {', '.join(taken)} that fedsim did not write; choose another "
+                              "--out, or pass --overwrite to replace them")
+    from fedsim.engine.runner import run_scenario, signals_interrupt_runs
+    from fedsim.preflight import preflight
+    from fedsim.report import report, write_plan
+
+    write_plan(out, [{"group": job.name.rsplit("/seed-", 1)[0] if job.seed is not None else job.name,
+                      "seed": job.seed} for job in jobs])
+    failed: list[str] = []
+    with signals_interrupt_runs():
+        checked = set()
+        for job, run_it in zip(jobs, todo, strict=True):
+            if run_it and (job.label, job.point) not in checked:
+                checked.add((job.label, job.point))
+                preflight(job.config, label=job.name)
+        for i, (job, run_it) in enumerate(zip(jobs, todo, strict=True), 1):
+            if not run_it:
+                if not args.quiet:
+                    print(f"[{i}/{len(jobs)}] {job.name}: completed earlier in {job.run_dir}, skipped",
+                          file=sys.stderr)
+                continue
+            if not args.quiet:
+                print(f"[{i}/{len(jobs)}] {job.name}: {job.config.strategy.name} on {job.config.data.name}, "
+                      f"{job.config.num_clients} clients ({job.config.partition.kind}), seed {job.config.seed} "
+                      f"-> {job.run_dir}", file=sys.stderr)
+            try:
+                run_scenario(job.config, job.run_dir, label=job.label, show_progress=not args.quiet)
+            except Exception as exc:  # noqa: BLE001 -- one seed failing must not lose the others
+                failed.append(job.name)
+                print(f"error: {job.name}: {exc}", file=sys.stderr)
+        try:
+            report([out], out_dir=out, show=not args.quiet)
+        except (FedsimError, OSError) as exc:
+            print(f"warning: report: {exc}", file=sys.stderr)
+    if failed:
+        print(f"error: {len(failed)} of {len(jobs)} runs failed: {', '.join(failed)} (the others are in {out}; "
+              "rerun with --resume to retry only those)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -129,7 +189,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from fedsim.report import report
 
-    report(args.dirs, out_dir=args.out)
+    report(args.dirs, out_dir=args.out, csv=args.csv)
     return 0
 
 
@@ -151,6 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true",
                      help="allow --out to hold a completed run of another configuration or files fedsim did not "
                           "write (fedsim replaces its own file names there and deletes nothing it did not write)")
+    run.add_argument("--seeds", metavar="N|S1,S2,...",
+                     help="run every variant once per seed: a count (5 = seeds 0..4) or a list (0,1,2); writes "
+                          "OUT/<label>/seed-<s>/ (replaces the scenario's `seeds = [...]`)")
+    run.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
+                     help="run every variant at each value of a setting (repeatable: the grid over several keys); "
+                          "writes OUT/<label>/<key>=<v>/[seed-<s>/]")
     run.set_defaults(func=cmd_run)
 
     val = sub.add_parser("validate", help="check a scenario file without running it")
@@ -164,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="compare run directories: table + accuracy plots")
     rep.add_argument("dirs", nargs="+", help="run directories, or folders holding them")
     rep.add_argument("--out", help="where to write the plots and report.csv")
+    rep.add_argument("--csv", metavar="FILE",
+                     help="write the statistics per label (and sweep point): label, n, <metric>_mean, _std, _ci95")
     rep.set_defaults(func=cmd_report)
     return parser
 

@@ -39,7 +39,8 @@ METRICS_FILE = "metrics.csv"
 SUMMARY_FILE = "summary.json"
 MODEL_FILE = "model.pt"
 MANIFEST_FILE = ".fedsim-files"
-REPORT_FILES = ("report.csv", "accuracy_vs_round.png", "accuracy_vs_bytes.png", "accuracy_per_task.png")
+REPORT_FILES = ("report.csv", "accuracy_vs_round.png", "accuracy_vs_bytes.png", "accuracy_per_task.png",
+                "statistics.csv", "plan.json")
 RUN_FILES = (CONFIG_FILE, PARTITION_FILE, METRICS_FILE, SUMMARY_FILE, MODEL_FILE)
 
 REQUIRED_SUMMARY_KEYS = (
