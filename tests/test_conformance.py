@@ -31,7 +31,9 @@ from fedsim.scenario import test_split
 NAMES = [name for name in strategies() if not name.startswith("test-")]
 
 # small sizes for parameters that some strategies have (applied only where the strategy has the field)
-SMALL_PARAMS = {"buffer_width": 256, "eval_every": 5, "feature_dim": 64}
+SMALL_PARAMS = {"buffer_width": 256, "eval_every": 5, "feature_dim": 64,
+                # the distillation strategies' server budgets (FedDF steps; DENSE / Co-Boosting synthesis)
+                "steps": 50, "epochs": 2, "g_steps": 2, "synthesis_batch_size": 32, "nz": 32, "ngf": 8}
 
 
 def scenario(name: str, **overrides) -> dict:
