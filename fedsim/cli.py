@@ -36,6 +36,9 @@ def _writable_dir(path: Path) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from fedsim.config import load_scenarios, scenario_seeds, select_variants
 
+    if getattr(args, "tensorboard", False):
+        args.set = [*args.set, "logging.tensorboard=true"]
+
     if getattr(args, "seeds", None) or getattr(args, "sweep", None) or scenario_seeds(args.scenario):
         return _run_many(args)
 
@@ -211,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true",
                      help="allow --out to hold a completed run of another configuration or files fedsim did not "
                           "write (fedsim replaces its own file names there and deletes nothing it did not write)")
+    run.add_argument("--tensorboard", action="store_true",
+                     help="also log every metrics row as TensorBoard scalars in <run dir>/tensorboard/ (as "
+                          "[logging] tensorboard = true; needs the tensorboard extra)")
     run.add_argument("--seeds", metavar="N|S1,S2,...",
                      help="run every variant once per seed: a count (5 = seeds 0..4) or a list (0,1,2); writes "
                           "OUT/<label>/seed-<s>/ (replaces the scenario's `seeds = [...]`)")

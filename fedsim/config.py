@@ -174,6 +174,20 @@ class EvaluationConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """Experiment tracking beside the run files; changes no result (so config.json lists it only when set)."""
+
+    tensorboard: bool = False  # every metrics.csv row also as TensorBoard scalars in run_dir/tensorboard/
+
+    def check(self, path: str) -> None:
+        import importlib.util
+
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError(f"{path}.tensorboard: true needs the tensorboard package, which is not installed; "
+                              "pip install 'fedsim[tensorboard]' (or tensorboard), or leave it false")
+
+
+@dataclass
 class StrategyConfig:
     """The algorithm: a registry name and its own validated parameters."""
 
@@ -202,6 +216,7 @@ class ScenarioConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property
     def num_clients(self) -> int:
@@ -218,6 +233,9 @@ class ScenarioConfig:
             value = getattr(self, f.name)
             if isinstance(value, StrategyConfig):
                 out[f.name] = value.to_dict()
+            elif isinstance(value, LoggingConfig):  # tracking only: listed when set, so resume checks of earlier
+                if value != LoggingConfig():          # runs see the same configuration
+                    out[f.name] = dataclasses.asdict(value)
             elif dataclasses.is_dataclass(value):
                 out[f.name] = dataclasses.asdict(value)
             else:
@@ -233,6 +251,7 @@ _SECTIONS = {
     "client": ClientConfig,
     "simulation": SimulationConfig,
     "evaluation": EvaluationConfig,
+    "logging": LoggingConfig,
 }
 _TOP_LEVEL = {"seed": int, "rounds": int, "name": str | None}
 

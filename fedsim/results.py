@@ -17,6 +17,7 @@ never leaves a stale "completed" beside a new config.json), then the other files
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -39,6 +40,7 @@ METRICS_FILE = "metrics.csv"
 SUMMARY_FILE = "summary.json"
 MODEL_FILE = "model.pt"
 MANIFEST_FILE = ".fedsim-files"
+TENSORBOARD_DIR = "tensorboard"  # event files of logging.tensorboard
 REPORT_FILES = ("report.csv", "accuracy_vs_round.png", "accuracy_vs_bytes.png", "accuracy_per_task.png",
                 "statistics.csv", "plan.json")
 RUN_FILES = (CONFIG_FILE, PARTITION_FILE, METRICS_FILE, SUMMARY_FILE, MODEL_FILE)
@@ -170,6 +172,8 @@ class RunRecorder:
         self.closed = False
         self._lock = threading.RLock()
         self._written: set[str] = set()
+        self._tensorboard = False  # config logging.tensorboard: metrics rows as scalars in TENSORBOARD_DIR
+        self._tb_writer: Any = None
 
     def _write(self, name: str, data: bytes | str, *, after_close: bool = False) -> Path:
         with self._lock:
@@ -194,6 +198,13 @@ class RunRecorder:
             if (self.run_dir / MANIFEST_FILE).exists():
                 (self.run_dir / MANIFEST_FILE).unlink()
             self._written.clear()
+            self._tensorboard = bool((config.get("logging") or {}).get("tensorboard"))
+            tb_dir = self.run_dir / TENSORBOARD_DIR
+            if TENSORBOARD_DIR in previous and tb_dir.is_dir():  # the previous run's event files, none other
+                for event in tb_dir.glob("events.out.tfevents.*"):
+                    event.unlink()
+                with contextlib.suppress(OSError):  # left where it holds files fedsim did not write
+                    tb_dir.rmdir()
             self.write_config(config, **extra)
 
     def write_config(self, config: dict, **extra: Any) -> None:
@@ -208,6 +219,24 @@ class RunRecorder:
                 raise RunClosed(f"{self.run_dir / METRICS_FILE}: the run has ended; nothing more is written")
             self.rows.append(_jsonable(row))
             self._write(METRICS_FILE, pd.DataFrame(self.rows).to_csv(index=False))
+            if self._tensorboard:
+                self._log_scalars(self.rows[-1])
+
+    def _log_scalars(self, row: dict) -> None:
+        """One metrics row as TensorBoard scalars (numeric columns; step = the row's round)."""
+        if self._tb_writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            if TENSORBOARD_DIR not in self._written:
+                self._written.add(TENSORBOARD_DIR)
+                record_written(self.run_dir, [TENSORBOARD_DIR])
+            self._tb_writer = SummaryWriter(log_dir=str(self.run_dir / TENSORBOARD_DIR))
+        step = row.get("round")
+        step = int(step) if isinstance(step, (int, float)) and step == step else len(self.rows)
+        for key, value in row.items():
+            if key != "round" and isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
+                self._tb_writer.add_scalar(key, value, step)
+        self._tb_writer.flush()
 
     def save_table(self, name: str, table: pd.DataFrame, index: bool = True) -> None:
         self.tables[name] = table
@@ -229,6 +258,9 @@ class RunRecorder:
         """The run has ended: later writes (a server thread still running after an interrupt) raise."""
         with self._lock:
             self.closed = True
+            if self._tb_writer is not None:
+                self._tb_writer.close()
+                self._tb_writer = None
 
 
 class UnreadableRun(FedsimError):
@@ -297,7 +329,11 @@ def completed_run_of(run_dir: str | Path, config: dict) -> bool | None:
     saved = _read_config(run_dir)
     if not isinstance(summary, dict) or summary.get("status") != "completed" or saved is None:
         return None
-    return saved == json.loads(json.dumps(_jsonable(config)))
+    wanted = json.loads(json.dumps(_jsonable(config)))
+    saved, wanted = dict(saved), dict(wanted)
+    saved.pop("logging", None)  # tracking (TensorBoard) changes no result: a run with it is the same run
+    wanted.pop("logging", None)
+    return saved == wanted
 
 
 def check_run_dir(run_dir: str | Path, config: dict, *, resume: bool = False, overwrite: bool = False,
