@@ -27,10 +27,13 @@ data:
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; \
 	else echo "Fashion-MNIST: no apt-get here; set FEDSIM_DATA or let torchvision download it (see README)"; fi
 
-# The main job: FedAvg, FedProx, centralized and the analytic/one-shot strategies on real Fashion-MNIST,
-# Dirichlet(0.1) over 20 clients; prints the comparison table and writes plots to runs/demo.
+# The main job: every algorithm beside its baselines on real Fashion-MNIST (scenarios/demo-fmnist.toml): a
+# federation part (AFL, FuseFL, one-shot FedAvg, FedAvg, centralized; Dirichlet(0.1) over 5 clients) and a continual
+# part (AEF-OCL with online SGD / joint ridge, DPCR with finetune / joint); one table per part, plots in runs/demo.
+# Over seeds with mean, std and 95% intervals: make demo DEMO_ARGS="--seeds 3" (about three times as long).
+DEMO_ARGS ?=
 demo: setup data
-	$(VENV)/bin/fedsim run scenarios/demo-fmnist.toml --out runs/demo
+	$(VENV)/bin/fedsim run scenarios/demo-fmnist.toml --out runs/demo $(DEMO_ARGS)
 
 # The test command CI runs (.ci/run): the representative suite (slow-marked tests excluded unless FEDSIM_ALL=1).
 test: setup data

@@ -271,16 +271,16 @@ def _human_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def print_table(table: pd.DataFrame) -> None:
+def print_table(table: pd.DataFrame, title: str | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
     if "kind" in table.columns and table["kind"].nunique() > 1:  # one table per part (federated, continual)
-        for _, part in table.groupby("kind", sort=False):
-            print_table(part.drop(columns="kind").dropna(axis=1, how="all"))
+        for kind, part in table.groupby("kind", sort=False):
+            print_table(part.drop(columns="kind").dropna(axis=1, how="all"), title=f"{kind} runs")
         return
     table = table.drop(columns="kind", errors="ignore")
-    out = Table(show_lines=False)
+    out = Table(show_lines=False, title=title)
     for col in table.columns:
         out.add_column(col, justify="left" if col in ("run", "strategy", "dataset", "partition", "status") else "right")
     for _, row in table.iterrows():
