@@ -62,11 +62,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         if taken:
             raise ConfigError(f"--out: {out} holds {', '.join(taken)} that fedsim did not write; choose another "
                               "--out, or pass --overwrite to replace them")
+    from fedsim.engine.ray_session import ray_session
     from fedsim.engine.runner import run_scenario, signals_interrupt_runs
     from fedsim.preflight import preflight
     from fedsim.report import report
 
-    with signals_interrupt_runs():  # SIGINT and SIGTERM: exit 130 / 143, the run directory says "interrupted"
+    # SIGINT and SIGTERM: exit 130 / 143, the run directory says "interrupted"; one Ray for every variant
+    with signals_interrupt_runs(), ray_session():
         for label, config, _, todo in plan:
             if todo:
                 preflight(config, label=None if single else label)
@@ -104,6 +106,7 @@ def _run_many(args: argparse.Namespace) -> int:
         if taken:
             raise ConfigError(f"--out: {out} holds {', '.join(taken)} that fedsim did not write; choose another "
                               "--out, or pass --overwrite to replace them")
+    from fedsim.engine.ray_session import ray_session
     from fedsim.engine.runner import run_scenario, signals_interrupt_runs
     from fedsim.preflight import preflight
     from fedsim.report import report, write_plan
@@ -111,7 +114,7 @@ def _run_many(args: argparse.Namespace) -> int:
     write_plan(out, [{"group": job.name.rsplit("/seed-", 1)[0] if job.seed is not None else job.name,
                       "seed": job.seed} for job in jobs])
     failed: list[str] = []
-    with signals_interrupt_runs():
+    with signals_interrupt_runs(), ray_session():  # one Ray for every run
         checked = set()
         for job, run_it in zip(jobs, todo, strict=True):
             if run_it and (job.label, job.point) not in checked:

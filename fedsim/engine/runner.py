@@ -473,8 +473,11 @@ def _summary(config: ScenarioConfig, ctx: ServerContext | None, recorder: RunRec
 
 
 def _run_on_ray(config: ScenarioConfig, client_app, server_main) -> None:  # noqa: ANN001
-    """Flower's simulation engine with the Ray backend; configuration travels inside the apps."""
+    """Flower's simulation engine with the Ray backend; configuration travels inside the apps. Ray comes from the
+    command's ``ray_session`` (one Ray for all variants) or, called alone, from a session of this run's own."""
     from flwr.simulation import run_simulation
+
+    from fedsim.engine.ray_session import ray_session
 
     silence_flower_telemetry()
     server_app = ServerApp()
@@ -483,51 +486,22 @@ def _run_on_ray(config: ScenarioConfig, client_app, server_main) -> None:  # noq
     def _main(grid: Grid, context: Context) -> None:
         server_main(grid)
 
-    init_args: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING,
-                                 "log_to_driver": bool(config.simulation.verbose)}
-    if config.simulation.ray_address:
-        init_args["address"] = config.simulation.ray_address
-    backend_config = {"client_resources": client_resources(config), "init_args": init_args}
-    try:
-        _init_ray(init_args)
+    with ray_session():
+        init_args = _init_ray(config) or {}
+        backend_config = {"client_resources": client_resources(config), "init_args": init_args}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             run_simulation(server_app=server_app, client_app=client_app, num_supernodes=config.num_nodes,
                            backend_name="ray", backend_config=backend_config,
                            verbose_logging=bool(config.simulation.verbose))
-    finally:
-        _shutdown_ray()
 
 
-def _init_ray(init_args: dict[str, Any]) -> None:
-    """Start (or join) Ray the way Flower's Ray backend would, then take SIGINT/SIGTERM back.
+def _init_ray(config: ScenarioConfig) -> dict[str, Any]:
+    """Start (or join) Ray once per session (``fedsim.engine.ray_session.ensure_ray``), then take SIGINT/SIGTERM
+    back: ``ray.init`` replaces the driver's SIGTERM handler (with ``sys.exit``, and a C++ failure handler that
+    aborts: exit 134 without a summary), so fedsim starts Ray itself (Flower's backend then finds it running)."""
+    from fedsim.engine.ray_session import ensure_ray
 
-    ``ray.init`` replaces the driver's SIGTERM handler (with ``sys.exit``, and a C++ failure handler that aborts:
-    exit 134 without a summary), so fedsim starts Ray itself (Flower's backend then finds it running) and
-    re-installs its handlers. Same arguments as ``flwr``'s ``RayBackend.init_ray``: the driver's ``sys.path`` as
-    the workers' PYTHONPATH.
-    """
-    import ray
-
-    if not ray.is_initialized():
-        pythonpath = os.pathsep.join(sys.path)
-        if os.environ.get("PYTHONPATH"):
-            pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
-        os.environ["PYTHONPATH"] = pythonpath
-        try:
-            ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
-        except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
-            if not init_args.get("address"):
-                raise
-            raise ConfigError(f"simulation.ray_address: cannot connect to Ray at {init_args['address']!r}: "
-                              f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
-                              ) from None
+    init_args = ensure_ray(config)
     _install_signal_handlers()
-
-
-def _shutdown_ray() -> None:
-    """Ray down, if this process started it and Flower did not already (after an interrupt or failure)."""
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        with contextlib.suppress(Exception):
-            ray.shutdown()
+    return init_args

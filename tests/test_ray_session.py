@@ -1,0 +1,196 @@
+"""One private Ray per ``fedsim run`` (fedsim.engine.ray_session): started once for all variants, token
+authentication on, node IP 127.0.0.1, never a cluster someone else started, nothing left running afterwards."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY = Path(sys.executable).with_name("ray")
+
+THREE_VARIANTS = """
+seed = 0
+rounds = 1
+[data]
+name = "digits"
+[partition]
+kind = "iid"
+num_clients = 3
+[model]
+feature_map = "random"
+feature_dim = 32
+[simulation]
+backend = "ray"
+[strategy]
+name = "afl"
+[[variants]]
+label = "a"
+[[variants]]
+label = "b"
+set = { "strategy.gamma" = 0.5 }
+[[variants]]
+label = "c"
+set = { "strategy.gamma" = 2.0 }
+"""
+
+# the command run in a fresh process; afterwards it reports what the engine saw
+DRIVER = textwrap.dedent("""
+    import json, os, sys
+    pythonpath = os.environ.get("PYTHONPATH")
+    from fedsim.cli import main
+    from fedsim.engine import ray_session
+    rc = main(sys.argv[1:])
+    ray = sys.modules.get("ray")
+    print("RESULT " + json.dumps({"rc": rc, "starts": ray_session.STATS["starts"], "auth": ray_session.auth_mode(),
+                                   "initialized": bool(ray and ray.is_initialized()),
+                                   "pythonpath_unchanged": os.environ.get("PYTHONPATH") == pythonpath}))
+""")
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    """A fresh process's environment: HOME in tmp_path, Ray's files in a short folder (socket paths <= 107 bytes)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "FLWR_"))}
+    short = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))
+    env.update(HOME=str(tmp_path), RAY_TMPDIR=str(short))
+    return env
+
+
+def _descendants(root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = set(), [root]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            if c not in out:
+                out.add(c)
+                todo.append(c)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _run_driver(tmp_path: Path, scenario: Path, out: Path) -> tuple[dict, set[int]]:
+    """Run ``fedsim run`` in a fresh process; its result and every process that ever ran below it (polled)."""
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER, "run", str(scenario), "--out", str(out), "--quiet"],
+                            cwd=ROOT, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen: set[int] = set()
+    while proc.poll() is None:
+        seen |= _descendants(proc.pid)
+        time.sleep(0.2)
+    stdout, stderr = proc.communicate()
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
+    assert lines, stderr[-3000:]
+    result = json.loads(lines[-1][len("RESULT "):])
+    assert result["rc"] == 0, stderr[-3000:]
+    return result, seen
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.ray
+def test_three_variants_start_ray_once_and_leave_nothing_running(tmp_path):
+    scenario = tmp_path / "three.toml"
+    scenario.write_text(THREE_VARIANTS)
+    result, seen = _run_driver(tmp_path, scenario, tmp_path / "run")
+    assert result["rc"] == 0
+    assert result["starts"] == 1  # one Ray for the three variants
+    assert result["auth"] == "token"  # Ray's token authentication on the private instance
+    assert not result["initialized"]  # shut down at the end of the command
+    assert result["pythonpath_unchanged"]  # the workers' PYTHONPATH went through runtime_env only
+    assert seen, "Ray's processes were not seen"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(p) for p in seen):
+        time.sleep(0.2)
+    assert not [p for p in seen if _alive(p)]
+    for label in "abc":
+        summary = json.loads((tmp_path / "run" / label / "summary.json").read_text())
+        assert summary["status"] == "completed"
+
+
+@pytest.mark.ray
+def test_a_plain_run_does_not_join_a_cluster_started_with_ray_start(tmp_path):
+    port = _free_port()
+    env = _env(tmp_path)
+    stranger = subprocess.Popen(
+        [str(RAY), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=1",
+         "--include-dashboard=false", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert stranger.poll() is None, "ray start failed"
+            time.sleep(0.5)
+        else:
+            pytest.fail("the ray start cluster did not come up")
+        code = textwrap.dedent(f"""
+            import json, sys
+            from fedsim.config import load_scenarios
+            from fedsim.engine.ray_session import ensure_ray, ray_session
+            config = load_scenarios({str(tmp_path / 's.toml')!r})[0][1]
+            with ray_session():
+                ensure_ray(config)
+                import ray
+                ctx = ray.get_runtime_context()
+                import subprocess
+                gcs = ray._private.worker._global_node.all_processes["gcs_server"][0].process.pid
+                import shutil
+                ports = None  # without ss, not checked
+                if shutil.which("ss"):
+                    ss = subprocess.run(["ss", "-Htlnp"], capture_output=True, text=True).stdout
+                    ports = [ln.split()[3] for ln in ss.splitlines() if f"pid={{gcs}}," in ln]
+                print("RESULT " + json.dumps({{"gcs": ctx.gcs_address, "nodes": len(ray.nodes()), "listen": ports}}))
+        """)
+        (tmp_path / "s.toml").write_text(THREE_VARIANTS.split("[[variants]]")[0])
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=300)
+        lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+        assert lines, out.stderr[-3000:]
+        seen = json.loads(lines[-1][len("RESULT "):])
+        assert not seen["gcs"].endswith(f":{port}")  # its own Ray, not the stranger's
+        assert seen["nodes"] == 1
+        assert seen["gcs"].startswith("127.0.0.1:")  # node IP 127.0.0.1 ...
+        assert seen["listen"] is None or seen["listen"] and all("127.0.0.1" in a for a in seen["listen"])  # ... GCS on loopback only
+    finally:
+        members = _descendants(stranger.pid) | {stranger.pid}
+        os.killpg(stranger.pid, signal.SIGTERM)
+        try:
+            stranger.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(stranger.pid, signal.SIGKILL)
+            stranger.wait(10)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and any(_alive(p) for p in members):
+            time.sleep(0.2)
+        for pid in members:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert not [p for p in members if _alive(p)]
