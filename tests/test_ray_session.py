@@ -194,3 +194,82 @@ def test_a_plain_run_does_not_join_a_cluster_started_with_ray_start(tmp_path):
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
     assert not [p for p in members if _alive(p)]
+
+
+MULTINODE = textwrap.dedent("""
+    import json, sys
+    import pandas as pd
+    import torch
+    from ray.cluster_utils import Cluster
+    from fedsim.config import load_scenarios
+    from fedsim.engine.runner import run_scenario
+    out = sys.argv[1]
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    result = {}
+    try:
+        for name in ("afl", "fedavg"):
+            runs = {}
+            for where, sets in (("cluster", [f"simulation.ray_address={cluster.address!r}",
+                                             "simulation.backend='ray'"]),
+                                ("single", ["simulation.backend='inline'"])):
+                rounds = ["rounds=1"] if name == "afl" else []
+                config = load_scenarios(sys.argv[2], [f"strategy.name={name!r}"] + rounds + sets)[0][1]
+                summary = run_scenario(config, f"{out}/{name}-{where}", show_progress=False)
+                model = torch.load(f"{out}/{name}-{where}/model.pt", weights_only=False)
+                metrics = pd.read_csv(f"{out}/{name}-{where}/metrics.csv")
+                runs[where] = (summary, model.state_dict(), metrics)
+            (s1, w1, m1), (s2, w2, m2) = runs["cluster"], runs["single"]
+            result[name] = {
+                "ray_nodes": s1.get("ray_nodes"),
+                "max_weight_diff": max(float((w1[k].double() - w2[k].double()).abs().max()) for k in w1),
+                "accuracy": [list(m1["accuracy"]), list(m2["accuracy"])],
+                "bytes": [s1["bytes_up"], s2["bytes_up"]],
+            }
+    finally:
+        cluster.shutdown()
+    print("RESULT " + json.dumps(result))
+""")
+
+MULTINODE_SCENARIO = """
+seed = 0
+rounds = 2
+[data]
+name = "digits"
+[partition]
+kind = "iid"
+num_clients = 4
+[model]
+name = "cnn"
+width = 8
+feature_map = "random"
+feature_dim = 32
+[client]
+epochs = 1
+lr = 0.05
+[simulation]
+num_cpus = 1
+[strategy]
+name = "afl"
+"""
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_two_node_cluster_serves_clients_on_both_nodes_with_single_node_results(tmp_path):
+    """ray.cluster_utils.Cluster, two nodes of one CPU each on this machine; AFL and FedAvg joined to it
+    (simulation.ray_address) equal the single-process run (inline engine, same partition and seed)."""
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(MULTINODE_SCENARIO)
+    env = _env(tmp_path)
+    out = subprocess.run([sys.executable, "-c", MULTINODE, str(tmp_path / "runs"), str(scenario)], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=900)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert lines, out.stderr[-3000:]
+    result = json.loads(lines[-1][len("RESULT "):])
+    for name in ("afl", "fedavg"):
+        assert result[name]["ray_nodes"] == 2, result  # clients ran on both nodes
+        assert result[name]["bytes"][0] == result[name]["bytes"][1]
+    assert result["afl"]["max_weight_diff"] <= 1e-9, result
+    assert result["fedavg"]["accuracy"][0] == result["fedavg"]["accuracy"][1], result

@@ -375,7 +375,9 @@ def run_scenario(config: ScenarioConfig, out_dir: str | Path, *, label: str | No
 
                 server_main(InlineGrid(client_app, config.num_nodes))
             else:
-                _run_on_ray(config, client_app, server_main)
+                ray_nodes = _run_on_ray(config, client_app, server_main)
+                if ray_nodes and "ctx" in outcome:  # how many Ray nodes ran this run's client actors
+                    outcome["ctx"].extra_summary["ray_nodes"] = ray_nodes
         if "error" in outcome:
             err = outcome["error"]
             if isinstance(err, KeyboardInterrupt):
@@ -472,12 +474,12 @@ def _summary(config: ScenarioConfig, ctx: ServerContext | None, recorder: RunRec
     return summary
 
 
-def _run_on_ray(config: ScenarioConfig, client_app, server_main) -> None:  # noqa: ANN001
+def _run_on_ray(config: ScenarioConfig, client_app, server_main) -> int:  # noqa: ANN001
     """Flower's simulation engine with the Ray backend; configuration travels inside the apps. Ray comes from the
     command's ``ray_session`` (one Ray for all variants) or, called alone, from a session of this run's own."""
     from flwr.simulation import run_simulation
 
-    from fedsim.engine.ray_session import ray_session
+    from fedsim.engine.ray_session import client_actor_nodes, ray_session
 
     silence_flower_telemetry()
     server_app = ServerApp()
@@ -489,11 +491,14 @@ def _run_on_ray(config: ScenarioConfig, client_app, server_main) -> None:  # noq
     with ray_session():
         init_args = _init_ray(config) or {}
         backend_config = {"client_resources": client_resources(config), "init_args": init_args}
+        before = client_actor_nodes()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             run_simulation(server_app=server_app, client_app=client_app, num_supernodes=config.num_nodes,
                            backend_name="ray", backend_config=backend_config,
                            verbose_logging=bool(config.simulation.verbose))
+        served = {node for actor, node in client_actor_nodes().items() if actor not in before and node}
+    return len(served)
 
 
 def _init_ray(config: ScenarioConfig) -> dict[str, Any]:
