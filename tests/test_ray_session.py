@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -58,11 +59,21 @@ DRIVER = textwrap.dedent("""
 """)
 
 
+_SHORT_DIRS: list[str] = []
+
+
+@pytest.fixture(autouse=True)
+def _remove_short_dirs():
+    yield
+    while _SHORT_DIRS:
+        shutil.rmtree(_SHORT_DIRS.pop(), ignore_errors=True)
+
+
 def _env(tmp_path: Path) -> dict[str, str]:
     """A fresh process's environment: HOME in tmp_path, Ray's files in a short folder (socket paths <= 107 bytes)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "FLWR_"))}
-    short = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))
-    env.update(HOME=str(tmp_path), RAY_TMPDIR=str(short))
+    _SHORT_DIRS.append(tempfile.mkdtemp(prefix="rs", dir="/tmp"))
+    env.update(HOME=str(tmp_path), RAY_TMPDIR=_SHORT_DIRS[-1])
     return env
 
 
