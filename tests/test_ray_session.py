@@ -284,3 +284,21 @@ def test_a_two_node_cluster_serves_clients_on_both_nodes_with_single_node_result
         assert result[name]["bytes"][0] == result[name]["bytes"][1]
     assert result["afl"]["max_weight_diff"] <= 1e-9, result
     assert result["fedavg"]["accuracy"][0] == result["fedavg"]["accuracy"][1], result
+
+
+def test_gpus_per_client_are_left_to_a_cluster_named_by_ray_address(tmp_path, monkeypatch):
+    """Without a local GPU, num_gpus > 0 is refused for the private Ray, but not for a cluster named by RAY_ADDRESS
+    (its nodes have GPUs of their own); no Ray is started either way."""
+    from fedsim.config import load_scenarios
+    from fedsim.engine.runner import client_resources
+    from fedsim.errors import ConfigError
+
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(THREE_VARIANTS.split("[[variants]]")[0])
+    config = load_scenarios(scenario, ["simulation.num_gpus=0.5"])[0][1]
+    monkeypatch.setattr("fedsim.engine.runner._gpu_count", lambda: 0)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(ConfigError, match="simulation.num_gpus"):
+        client_resources(config)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert client_resources(config) == {"num_cpus": 1.0, "num_gpus": 0.5}

@@ -308,7 +308,9 @@ def client_resources(config: ScenarioConfig) -> dict[str, float]:
     if num_gpus is None:  # share the visible GPUs among the clients that can run at once on the CPUs
         concurrent = max(1, min(config.num_nodes, int((os.cpu_count() or 1) // sim.num_cpus)))
         num_gpus = 0.0 if gpus == 0 or sim.device == "cpu" else max(0.1, min(1.0, gpus / concurrent))
-    if num_gpus > 0 and gpus == 0 and sim.ray_address is None:
+    from fedsim.engine.ray_session import ray_address
+
+    if num_gpus > 0 and gpus == 0 and ray_address(config) is None:  # a cluster has GPUs of its own
         raise ConfigError(
             f"simulation.num_gpus: {num_gpus} GPUs per client requested but no GPU is visible on this machine "
             "(Flower's Ray backend would fail with 'ActorPool is empty'); set it to 0 or leave it unset"
