@@ -263,6 +263,10 @@ def _leave_without_waiting_for_threads(code: int, grace: float = 1.0) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``fedsim`` command. Called as the program (``argv`` None), an interrupt exits the process at once once
+    the run files are written: tearing down an interpreter holding torch, Flower and Ray took 1-7 s on a busy
+    machine; called with ``argv`` (tests, scripts), it returns the exit status instead."""
+    as_program = argv is None
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
@@ -282,6 +286,10 @@ def main(argv: list[str] | None = None) -> int:
 
         code = getattr(exc, "exit_code", 130)
         print(interrupt_message(code), file=sys.stderr)
+        if as_program:
+            from fedsim.engine.runner import _hard_exit
+
+            _hard_exit(code)
         _leave_without_waiting_for_threads(code)
         return code
 

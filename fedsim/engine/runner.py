@@ -2,9 +2,10 @@
 
 Signals: inside ``signals_interrupt_runs()`` (what ``fedsim run`` uses), SIGINT and SIGTERM end a run the same way.
 The handler writes the run's summary.json with ``status = "interrupted"`` at once (the finished rows of
-metrics.csv stay), stops the server loop at its next message, and raises ``Interrupted`` in the main thread; Flower
-then shuts Ray down, and the command exits with 128 + the signal number (130, 143). A second signal exits at once
-(the files are already written).
+metrics.csv stay) and stops the server loop at its next message. With a local Ray node it then stops that node and
+every process below it and exits with 128 + the signal number (130, 143); otherwise (inline, a joined cluster) it
+raises ``Interrupted`` in the main thread, which unwinds the run to the same exit status. A second signal exits at
+once (the files are already written).
 """
 
 from __future__ import annotations
@@ -106,26 +107,64 @@ def _on_signal(signum: int, frame: Any) -> None:
     _SIGNALLED.append(signum)
     for run in list(_ACTIVE_RUNS):
         run.interrupt(signum)
-    if signum == signal.SIGTERM and _ACTIVE_RUNS and _teardown_local_ray():
-        # SIGTERM usually reaches Ray's processes too (the whole process group: timeout, Slurm), and Ray's own
-        # shutdown then waits ~8 s on the dead raylet; the summary is written, Ray's processes are gone: leave.
+    if _ACTIVE_RUNS and _teardown_local_ray():
+        # The summary is written and Ray's processes are gone: leave now. Going through Flower's and Ray's own
+        # shutdown took 2-8 s after SIGINT on a busy machine, and after a SIGTERM to the process group (timeout,
+        # Slurm), which kills the raylet first, Ray's shutdown waits ~8 s on it.
         print(interrupt_message(128 + signum), file=sys.stderr)
         _hard_exit(128 + signum)
     raise Interrupted(signum)
 
 
+def _descendants(root: int) -> list[int]:
+    """Every live descendant process of ``root`` (Linux ``/proc``; [] elsewhere)."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:  # pragma: no cover - no procfs
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                stat = fh.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if stat[0] != b"Z":
+            children.setdefault(int(stat[1]), []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
 def _teardown_local_ray(timeout: float = 2.0) -> bool:
-    """Stop the Ray node this process started (raylet, GCS, dashboard, log monitor: SIGTERM, then SIGKILL after
-    ``timeout`` s; the raylet takes its workers and agents along); True when it did. A joined cluster
-    (``simulation.ray_address``) is left alone (False), as is anything this Ray version does not expose."""
+    """Stop the Ray node this process started and every process below it (raylet, dashboard, log monitor, workers,
+    agents: SIGTERM, then SIGKILL after ``timeout`` s; the GCS server last, killed), and wait until they are gone;
+    True when it did.
+    A joined cluster (``simulation.ray_address``) is left alone (False), as is anything this Ray version does not
+    expose."""
     try:
         worker = sys.modules.get("ray._private.worker")
         node = getattr(worker, "_global_node", None) if worker is not None else None
         if node is None or not node.is_head():
             return False
-        procs = [info.process for infos in node.all_processes.values() for info in infos]
+        procs = [info.process for kind, infos in node.all_processes.items() for info in infos if kind != "gcs_server"]
+        gcs = [info.process for info in node.all_processes.get("gcs_server", [])]
     except Exception:  # noqa: BLE001 - private Ray API: fall back to Ray's own shutdown
         return False
+    below = set(_descendants(os.getpid()))  # before the raylet dies and its workers are re-parented
     for proc in procs:
         if proc.poll() is None:
             with contextlib.suppress(OSError):
@@ -134,10 +173,26 @@ def _teardown_local_ray(timeout: float = 2.0) -> bool:
     for proc in procs:
         with contextlib.suppress(Exception):
             proc.wait(max(0.0, deadline - time.monotonic()))
+    # the GCS server holds only this run's in-memory cluster state, and its graceful exit waits seconds on the
+    # raylet it outlived: once everything else is gone, it is killed
+    gcs_pids = {proc.pid for proc in gcs}
+    while time.monotonic() < deadline and any(_alive(pid) for pid in below - gcs_pids):
+        time.sleep(0.05)
+    procs += gcs
     for proc in procs:
         if proc.poll() is None:
             with contextlib.suppress(OSError):
                 proc.kill()
+    for pid in below:
+        if _alive(pid):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+    for proc in procs:
+        with contextlib.suppress(Exception):
+            proc.wait(1.0)
+    end = time.monotonic() + 1.0  # a killed process takes a moment to go
+    while time.monotonic() < end and any(_alive(pid) for pid in below):
+        time.sleep(0.02)
     return True
 
 
