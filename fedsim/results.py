@@ -144,12 +144,26 @@ def record_written(directory: str | Path, names: Iterable[str]) -> None:
         atomic_write(directory / MANIFEST_FILE, "".join(f"{n}\n" for n in sorted(new)))
 
 
+def _legacy_names(directory: Path) -> set[str]:
+    """Names fedsim itself would have written in a directory from before .fedsim-files existed: the strategies'
+    tables (*.csv) in a run directory, the report files beside fedsim run directories. Only for deciding what
+    counts as foreign (a refusal); nothing is ever deleted on this guess."""
+    if (directory / MANIFEST_FILE).exists():
+        return set()
+    names: set[str] = set()
+    if _read_config(directory) is not None:
+        names |= {p.name for p in directory.glob("*.csv")} | set(REPORT_FILES)
+    if any(_read_config(d) is not None for d in directory.iterdir() if d.is_dir()):
+        names |= set(REPORT_FILES)
+    return names
+
+
 def foreign_files(directory: str | Path, also_ours: Iterable[str] = ()) -> list[str]:
     """Entries of ``directory`` that fedsim did not write (sorted); [] for a missing or empty directory."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    ours = written_files(directory) | {MANIFEST_FILE} | set(also_ours)
+    ours = written_files(directory) | _legacy_names(directory) | {MANIFEST_FILE} | set(also_ours)
     return sorted(p.name for p in directory.iterdir() if p.name not in ours and not _is_temporary(p.name))
 
 

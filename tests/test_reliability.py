@@ -591,3 +591,20 @@ def test_report_out_at_a_file_is_one_error_line(two_runs, tmp_path, capsys):
     assert main(["report", str(two_runs), "--out", str(tmp_path / "afile")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: report: cannot write into ") and (tmp_path / "afile").read_text() == "x"
+
+
+def test_directories_from_before_the_manifest_are_still_recognised(tmp_path):
+    """Runs written before .fedsim-files existed: re-running the same scenario into them is not refused (their
+    tables and report files count as fedsim's), but only the fixed run files are deleted on that guess."""
+    out = tmp_path / "runs"
+    scenario = _scenario(tmp_path, AFL_DIGITS + '[[variants]]\nlabel = "a"\n[[variants]]\nlabel = "b"\n'
+                         'set = { "strategy.gamma" = 2.0 }\n')
+    assert main(["run", str(scenario), "--out", str(out), "--quiet"]) == 0
+    for manifest in out.rglob(".fedsim-files"):
+        manifest.unlink()
+    (out / "a" / "notes.txt").write_text("mine")
+    assert main(["run", str(scenario), "--out", str(out), "--quiet"]) == 2  # notes.txt is foreign
+    (out / "a" / "notes.txt").unlink()
+    (out / "a" / "mine.csv").write_text("user table")
+    assert main(["run", str(scenario), "--out", str(out), "--quiet"]) == 0
+    assert (out / "a" / "mine.csv").read_text() == "user table"
