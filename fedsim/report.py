@@ -276,7 +276,8 @@ def print_table(table: pd.DataFrame, title: str | None = None) -> None:
     from rich.table import Table
 
     if "kind" in table.columns and table["kind"].nunique() > 1:  # one table per part (federated, continual)
-        for kind, part in table.groupby("kind", sort=False):
+        for kind in sorted(table["kind"].dropna().unique(), key=lambda k: (k != "federated", str(k))):
+            part = table[table["kind"] == kind]
             print_table(part.drop(columns="kind").dropna(axis=1, how="all"), title=f"{kind} runs")
         return
     table = table.drop(columns="kind", errors="ignore")
