@@ -18,7 +18,9 @@ import contextlib
 import logging
 import os
 import secrets
+import signal
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -145,6 +147,10 @@ def ensure_ray(config: Any) -> dict[str, Any]:
             for key, value in (("RAY_AUTH_MODE", "token"), ("RAY_AUTH_TOKEN", _TOKEN)):
                 if key not in os.environ:
                     os.environ[key] = added[key] = value
+    if not address:  # what runs below this process before the private Ray starts (not Ray's: left alone at the end)
+        from fedsim.engine.runner import _descendants
+
+        _BEFORE_RAY[:] = [set(_descendants(os.getpid()))]
     try:
         with _loopback_stays_loopback(not address):
             ray.init(**args)
@@ -163,12 +169,34 @@ def ensure_ray(config: Any) -> dict[str, Any]:
     return init_args
 
 
-def shutdown_ray() -> None:
-    """Ray down, if it is up in this process (a joined cluster keeps running; this process only disconnects)."""
+_BEFORE_RAY: list[set[int]] = []  # processes below this one before it started its private Ray
+
+
+def shutdown_ray(timeout: float = 5.0) -> None:
+    """Ray down, if it is up in this process (a joined cluster keeps running; this process only disconnects).
+
+    ``ray.shutdown`` can return while processes of the private node (agents, log monitor) are still exiting; they
+    get ``timeout`` seconds, then SIGKILL, so none outlives the command.
+    """
     ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        with contextlib.suppress(Exception):
-            ray.shutdown()
+    if ray is None or not ray.is_initialized():
+        return
+    from fedsim.engine.runner import _alive, _descendants
+
+    private = bool(_BEFORE_RAY)
+    started = set(_descendants(os.getpid())) - (_BEFORE_RAY[0] if private else set())
+    with contextlib.suppress(Exception):
+        ray.shutdown()
+    _BEFORE_RAY.clear()
+    if not private:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_alive(pid) for pid in started):
+        time.sleep(0.05)
+    for pid in started:
+        if _alive(pid):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def node_id() -> str | None:
