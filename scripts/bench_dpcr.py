@@ -204,6 +204,42 @@ def run_d512(args) -> int:  # noqa: ANN001
     return 0
 
 
+def diagnose(run_dir: Path) -> int:
+    """Why CIP hurts when d > n_c: how much of each class's *test* energy (final backbone) lies outside the row space
+    of its stored Gram (the subspace P_c keeps), for the old (calibrated) classes and for the last task's classes
+    (stored from this very backbone: no drift, only the n_c < d sampling gap)."""
+    import numpy as np
+    import torch
+
+    from fedsim.class_incremental import embed
+    from fedsim.config import config_from_dict
+    from fedsim.learners.dpcr import row_space_projector
+    from fedsim.scenario import test_split
+
+    saved = json.loads((run_dir / "config.json").read_text())
+    config = config_from_dict(saved["config"])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    model = torch.load(run_dir / "model.pt", weights_only=False).eval()
+    state = model["dpcr"]
+    test = test_split(config)
+    z = embed(model.backbone, test.x).double().numpy()
+    last_task = set(summary["task_classes"][-1])
+    print(f"{run_dir}: d = {z.shape[1]}, cip_tol = {config.strategy.params.cip_tol}")
+    print("| class | stored from | n_c | rank of stored Gram | test energy outside its row space | same, train-sized "
+          "random subspace |")
+    print("|---|---|---|---|---|---|")
+    rng = np.random.default_rng(0)
+    for c in np.flatnonzero(state["counts"]):
+        proj, rank = row_space_projector(state["grams"][c], config.strategy.params.cip_tol)
+        zc = z[test.labels == c]
+        outside = float(np.sum((zc - zc @ proj) ** 2) / np.sum(zc**2))
+        q, _ = np.linalg.qr(rng.standard_normal((z.shape[1], rank)))
+        random = float(np.sum((zc - zc @ q @ q.T) ** 2) / np.sum(zc**2))
+        where = "this backbone (last task)" if int(c) in last_task else "an earlier backbone, calibrated"
+        print(f"| {c} | {where} | {state['counts'][c]} | {rank} | {outside:.3f} | {random:.3f} |")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setting", choices=["centralized", "federated", "both"], default="both")
@@ -218,7 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", choices=["ray", "inline"], help="override simulation.backend")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="scenario override")
     parser.add_argument("--out", default=None, help="default runs/bench-dpcr (d512: runs/bench-dpcr-d512)")
+    parser.add_argument("--diagnose", metavar="RUN_DIR", help="CIP diagnosis of one DPCR run directory, then exit")
     args = parser.parse_args(argv)
+    if args.diagnose:
+        return diagnose(Path(args.diagnose))
     if args.regime == "d512":
         args.out = args.out or "runs/bench-dpcr-d512"
         return run_d512(args)
