@@ -108,17 +108,26 @@ def official_order(x: np.ndarray, y: np.ndarray, width: int, batch: int, batches
     return batch * batches / (time.perf_counter() - t0)
 
 
-def balancing_cost(x: np.ndarray, y: np.ndarray, width: int, init: str = "normal") -> list[dict]:
+def balancing_cost(x: np.ndarray, y: np.ndarray, width: int, init: str = "normal", solver: str = "recursive",
+                   draws_list: tuple = (None, 256)) -> list[dict]:
+    """Seconds of one PFG balancing after the stream (x, y); "statistics" is the federated server's solver (its
+    state C, Q builds with large products, cheaper to set up at large widths than the recursive one)."""
     out = []
-    for draws in (None, 256):
-        learner = AEFOCL(buffer_width=width, pfg=True, draws=draws, num_classes=10, seed=0, buffer_init=init)
+    for draws in draws_list:
+        learner = AEFOCL(buffer_width=width, pfg=True, draws=draws, num_classes=10, seed=0, buffer_init=init,
+                         solver=solver)
+        t0 = time.perf_counter()
         for s in range(0, len(y), 100):
             learner.partial_fit(x[s:s + 100], y[s:s + 100])
+        learner.coef_  # noqa: B018  (the real-data weights, as a run has them before balancing)
+        build = time.perf_counter() - t0
         plan = learner.pfg_.draws_for()
         t0 = time.perf_counter()
         learner.balanced_coef()
-        out.append({"width": width, "init": init, "draws": "deficit (paper)" if draws is None else draws,
-                    "pseudo_rows": sum(m for _, m, _ in plan), "seconds": time.perf_counter() - t0})
+        out.append({"width": width, "init": init, "solver": solver,
+                    "draws": "deficit (paper)" if draws is None else draws,
+                    "pseudo_rows": sum(m for _, m, _ in plan), "learn_stream_s": build,
+                    "balancing_s": time.perf_counter() - t0})
     return out
 
 
@@ -162,17 +171,20 @@ def throughput_section(args) -> None:  # noqa: ANN001
     print(f"load average before: {os.getloadavg()[0]:.1f} (on {os.cpu_count()} cores)\n")
     print(f"## Update throughput ({args.threads} thread(s); prequential step = buffer layer + predict + RLS "
           f"update + PFG statistics, float64)\n")
-    rows = [throughput(x, y, w, b, args.seconds, defer, init) for init in args.inits for defer in (0, 256)
-            for w in args.widths for b in args.batches]
-    print_table(rows)
+    rows = [] if args.skip_updates else [throughput(x, y, w, b, args.seconds, defer, init) for init in args.inits
+                                         for defer in (0, 256) for w in args.widths for b in args.batches]
+    if rows:
+        print_table(rows)
     for r in rows:
         if r["width"] == 2048 and r["batch"] == 10:
             ok = r["samples_per_s"] >= TARGET
             print(f"target width 2048, batch 10, RLS update {r['update']}: {r['samples_per_s']:,.0f} samples/s "
                   f"({'meets' if ok else 'MISSES'} {TARGET:,.0f})")
-    print(f"official operation order, width 2048, batch 10: {official_order(x, y, 2048, 10, 20):,.0f} samples/s\n")
+    if rows:
+        print(f"official operation order, width 2048, batch 10: {official_order(x, y, 2048, 10, 20):,.0f} "
+              "samples/s\n")
     print(f"## One PFG balancing at the end of a 12,000-sample stream (widths {args.balance_widths})\n")
-    print_table([r for w in args.balance_widths for r in balancing_cost(x, y, w, args.inits[-1])])
+    print_table([r for w in args.balance_widths for r in balancing_cost(x, y, w, args.inits[-1], args.balance_solver)])
     print(f"peak RSS of this process so far: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MB\n")
 
 
@@ -189,6 +201,8 @@ def main() -> None:
     ap.add_argument("--inits", nargs="+", default=["normal"], choices=["normal", "uniform"],
                     help="buffer initialisations of the throughput rows (the balancing uses the last one)")
     ap.add_argument("--balance-widths", type=int, nargs="+", default=[2048], help="widths of the balancing cost")
+    ap.add_argument("--balance-solver", choices=["recursive", "statistics"], default="recursive")
+    ap.add_argument("--skip-updates", action="store_true", help="only the balancing cost of section 2")
     ap.add_argument("--only", action="append", default=[], metavar="LABEL", help="accuracy table: these variants")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="accuracy table: overrides")
     ap.add_argument("--out", default="runs/bench-aef-ocl")
