@@ -482,14 +482,7 @@ class OneShotDistillServer:
         self.params = params
 
     def collect(self, ctx) -> list[LocalModel]:  # noqa: ANN001
-        found: dict[int, LocalModel] = {}
-        for reply in ctx.send(oneshot_protocol.request(), round=1):
-            if reply.content is not None:
-                found.update((m.pid, m) for m in oneshot_protocol.parse_reply(reply.content))
-        local = [m for _, m in sorted(found.items()) if m.n > 0]
-        if not local:
-            raise RuntimeError("no client with data answered; nothing to distill")
-        return local
+        return oneshot_protocol.collect_local_models(ctx, "distill")
 
     def local_model(self, ctx, arrays: dict) -> nn.Module:  # noqa: ANN001
         return arrays_to_state(ctx.initial_model(), arrays).to(ctx.device).eval()

@@ -50,14 +50,7 @@ class OneShotServer:
 
     def collect(self, ctx: ServerContext) -> list[LocalModel]:
         """One round: every client trains from the common initialization and uploads its model."""
-        found: dict[int, LocalModel] = {}
-        for reply in ctx.send(protocol.request(), round=1):
-            if reply.content is not None:
-                found.update((m.pid, m) for m in protocol.parse_reply(reply.content))
-        local = [m for _, m in sorted(found.items()) if m.n > 0]
-        if not local:
-            raise RuntimeError("no client with data answered; nothing to combine")
-        return local
+        return protocol.collect_local_models(ctx, "combine")
 
     def local_model(self, ctx: ServerContext, arrays: dict):  # noqa: ANN201
         return arrays_to_state(ctx.initial_model(), arrays).eval()

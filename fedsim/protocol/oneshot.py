@@ -112,6 +112,19 @@ def parse_reply(content: RecordDict) -> list[LocalModel]:
             for pid in sorted(arrays.keys() & meta.keys())]
 
 
+def collect_local_models(ctx, purpose: str = "combine") -> list[LocalModel]:  # noqa: ANN001
+    """The one round of every one-shot server: send the request, keep each client's uploaded model that saw data
+    (sorted by partition id); a RuntimeError naming ``purpose`` when no client with data answered."""
+    found: dict[int, LocalModel] = {}
+    for reply in ctx.send(request(), round=1):
+        if reply.content is not None:
+            found.update((m.pid, m) for m in parse_reply(reply.content))
+    local = [m for _, m in sorted(found.items()) if m.n > 0]
+    if not local:
+        raise RuntimeError(f"no client with data answered; nothing to {purpose}")
+    return local
+
+
 def _check(config) -> None:  # noqa: ANN001
     want = _rounds_of(config.strategy.params)
     if config.rounds != want:
