@@ -219,6 +219,7 @@ class RidgeStatistics:
     @property
     def gram(self) -> np.ndarray:
         """X^T X, symmetric. `update` accumulates one triangle in place; the other is filled in on first read."""
+        self._fold_pending()
         if self._upper_stale:
             _mirror_lower(self._gram)
             self._upper_stale = False
@@ -229,6 +230,8 @@ class RidgeStatistics:
         value = _to_numpy(value)
         self._gram = value if value.flags.c_contiguous else np.ascontiguousarray(value)
         self._upper_stale = False
+        self._pending: list[np.ndarray] = []  # factors not yet folded in (add_factor)
+        self._pending_rows = 0
 
     @classmethod
     def zeros(cls, dim: int, num_classes: int) -> "RidgeStatistics":
@@ -275,18 +278,34 @@ class RidgeStatistics:
         return self
 
     def add_factor(self, factor: Any, cross: Any, count: int) -> "RidgeStatistics":
-        """Add statistics given by a factor R (r x d, R^T R = X^T X), X^T Y and n: one rank-r syrk. Returns self."""
-        factor = np.ascontiguousarray(_to_numpy(factor), dtype=np.float64)
+        """Add statistics given by a factor R (r x d, R^T R = X^T X), X^T Y and n. Returns self.
+
+        Small factors are stacked and folded in by one syrk once they reach `_ROW_CHUNK_BYTES` (or when `gram` is
+        read): a rank-r update reads and writes all d^2 / 2 entries of the Gram, so folding 10,000 clients of 6
+        rows each one by one moved 160 GB of memory at d = 2048, while the stacked rows cost their flops only.
+        """
+        factor = np.asarray(_to_numpy(factor), dtype=np.float64)
         if factor.ndim != 2 or factor.shape[1] != self.dim:
             raise ValueError(f"factor must be (r, {self.dim}), got {factor.shape}")
         cross = _to_numpy(cross)
         self.grow_classes(cross.shape[1])
         if factor.shape[0]:
-            _syrk_lower(self._gram, factor)
-            self._upper_stale = True
+            self._pending.append(factor)
+            self._pending_rows += factor.shape[0]
+            if self._pending_rows * 8 * self.dim >= _ROW_CHUNK_BYTES:
+                self._fold_pending()
         self.cross[:, : cross.shape[1]] += cross
         self.count += int(count)
         return self
+
+    def _fold_pending(self) -> None:
+        """One syrk of the stacked pending factors into the Gram's lower triangle."""
+        if not self._pending:
+            return
+        stacked = np.ascontiguousarray(self._pending[0] if len(self._pending) == 1 else np.vstack(self._pending))
+        self._pending, self._pending_rows = [], 0
+        _syrk_lower(self._gram, stacked)
+        self._upper_stale = True
 
     def grow_classes(self, num_classes: int) -> "RidgeStatistics":
         """Widen `cross` with zero columns up to `num_classes` (new classes seen nowhere yet). Returns self."""

@@ -1,4 +1,4 @@
-"""Command line: ``fedsim run``, ``fedsim list``, ``fedsim report``, ``fedsim validate``."""
+"""Command line: ``fedsim run``, ``fedsim deploy``, ``fedsim list``, ``fedsim report``, ``fedsim validate``."""
 
 from __future__ import annotations
 
@@ -146,6 +146,39 @@ def _run_many(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deploy(args: argparse.Namespace) -> int:
+    """The scenario on Flower's deployment engine: a SuperLink and --nodes SuperNodes on loopback (fedsim.deploy)."""
+    import signal
+
+    from fedsim.config import load_scenarios, select_variants
+    from fedsim.deploy import deploy
+    from fedsim.engine.runner import Interrupted
+
+    every = load_scenarios(args.scenario, args.set)  # a bad scenario or override fails here, before any process
+    select_variants(every, args.only)
+    out = Path(args.out) if args.out else _default_out(args.scenario)
+    _writable_dir(out)
+
+    def _terminate(signum: int, frame: object) -> None:  # SIGTERM as Ctrl-C: the federation is stopped on the way out
+        raise Interrupted(signum)
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        results = deploy(args.scenario, args.nodes, out, overrides=args.set, only=args.only,
+                         verbose=args.verbose, timeout=args.timeout)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    for label, run_dir, summary in results:
+        print(f"{label or summary.get('label')}: {summary.get('status')}, final accuracy "
+              f"{summary.get('final_accuracy')}, {summary.get('bytes_up', 0) / 1e6:.1f} MB up -> {run_dir}",
+              file=sys.stderr)
+    if len(results) > 1:
+        from fedsim.report import report
+
+        report([out], out_dir=out, show=not args.quiet)
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from fedsim.config import load_scenarios
 
@@ -227,6 +260,20 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run every variant at each value of a setting (repeatable: the grid over several keys); "
                           "writes OUT/<label>/<key>=<v>/[seed-<s>/]")
     run.set_defaults(func=cmd_run)
+
+    dep = sub.add_parser("deploy", help="run a scenario on Flower's deployment engine: a SuperLink and N "
+                                        "SuperNodes on this machine (loopback), through flwr run")
+    dep.add_argument("scenario", help="scenario TOML file")
+    dep.add_argument("--nodes", type=int, default=2, help="SuperNodes to start (each serves an equal block of "
+                                                         "clients; default 2)")
+    dep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a setting, e.g. --set rounds=3 (repeatable)")
+    dep.add_argument("--out", help="run directory (default: runs/<scenario>-<time>)")
+    dep.add_argument("--only", action="append", default=[], metavar="LABEL", help="run only this variant")
+    dep.add_argument("--timeout", type=float, default=None, help="seconds one variant's run may take")
+    dep.add_argument("--verbose", action="store_true", help="show flwr run's output (the run's log)")
+    dep.add_argument("--quiet", action="store_true", help="no report table")
+    dep.set_defaults(func=cmd_deploy)
 
     val = sub.add_parser("validate", help="check a scenario file without running it")
     val.add_argument("scenario")

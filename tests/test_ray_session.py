@@ -232,8 +232,11 @@ MULTINODE = textwrap.dedent("""
                 metrics = pd.read_csv(f"{out}/{name}-{where}/metrics.csv")
                 runs[where] = (summary, model.state_dict(), metrics)
             (s1, w1, m1), (s2, w2, m2) = runs["cluster"], runs["single"]
+            placement = pd.read_csv(f"{out}/{name}-cluster/nodes.csv", dtype=str).fillna("")
             result[name] = {
                 "ray_nodes": s1.get("ray_nodes"),
+                "placed_on": len({n for cell in placement["ray_nodes"] for n in cell.split(";") if n}),
+                "placed_clients": sorted(int(c) for c in placement["client"]),
                 "max_weight_diff": max(float((w1[k].double() - w2[k].double()).abs().max()) for k in w1),
                 "accuracy": [list(m1["accuracy"]), list(m2["accuracy"])],
                 "bytes": [s1["bytes_up"], s2["bytes_up"]],
@@ -281,6 +284,7 @@ def test_a_two_node_cluster_serves_clients_on_both_nodes_with_single_node_result
     result = json.loads(lines[-1][len("RESULT "):])
     for name in ("afl", "fedavg"):
         assert result[name]["ray_nodes"] == 2, result  # clients ran on both nodes
+        assert result[name]["placed_on"] == 2 and result[name]["placed_clients"] == [0, 1, 2, 3], result  # nodes.csv
         assert result[name]["bytes"][0] == result[name]["bytes"][1]
     assert result["afl"]["max_weight_diff"] <= 1e-9, result
     assert result["fedavg"]["accuracy"][0] == result["fedavg"]["accuracy"][1], result

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+import socket
 import traceback
 from collections.abc import Callable
 
@@ -23,8 +24,8 @@ from flwr.clientapp import ClientApp
 
 from fedsim.codec import from_record, to_record
 from fedsim.config import ScenarioConfig
-from fedsim.engine.accounting import ACCOUNTING_KEY, CLIENT_FAILED, ENGINE_KEY, failing_clients, node_group, \
-    record_nbytes
+from fedsim.engine.accounting import ACCOUNTING_KEY, CLIENT_FAILED, ENGINE_KEY, NODE_KEY, failing_clients, \
+    node_group, record_nbytes
 from fedsim.protocol import sgd as sgd_protocol
 from fedsim.registry import get_strategy
 from fedsim.scenario import ScenarioView, client_stream, derive_seed, partition_for, resolve_device, train_split
@@ -244,7 +245,15 @@ class NodeHandler:
         out[ACCOUNTING_KEY] = MetricRecord(
             {"partition_ids": served, "failed_ids": failed, "client_bytes": sizes}
         )
+        out[NODE_KEY] = where_running()
         return Message(out, reply_to=msg)
+
+
+def where_running() -> ConfigRecord:
+    """Where this reply was computed: the host and, under Ray, the Ray node (the run's nodes.csv reports it)."""
+    from fedsim.engine.ray_session import node_id
+
+    return ConfigRecord({"host": socket.gethostname(), "ray_node": node_id() or ""})
 
 
 def _flower_round(content: RecordDict) -> int:
@@ -283,19 +292,23 @@ def _limit_blas_threads(n: int) -> None:
 
 def build_client_app(config: ScenarioConfig, partitions: list[np.ndarray] | None = None) -> ClientApp:
     """The Flower ClientApp for ``config``; partitions travel with it (computed once by the driver)."""
-    handler = NodeHandler(config, partitions)
+    return client_app_for(NodeHandler(config, partitions))
+
+
+def client_app_for(dispatch: Callable[[str, Message, Context], Message]) -> ClientApp:
+    """A ClientApp whose train, evaluate and query messages all go to ``dispatch(kind, msg, context)``."""
     app = ClientApp()
 
     @app.train()
     def _train(msg: Message, context: Context) -> Message:
-        return handler("train", msg, context)
+        return dispatch("train", msg, context)
 
     @app.evaluate()
     def _evaluate(msg: Message, context: Context) -> Message:
-        return handler("evaluate", msg, context)
+        return dispatch("evaluate", msg, context)
 
     @app.query()
     def _query(msg: Message, context: Context) -> Message:
-        return handler("query", msg, context)
+        return dispatch("query", msg, context)
 
     return app

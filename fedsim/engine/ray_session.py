@@ -208,18 +208,3 @@ def node_id() -> str | None:
     except Exception:  # noqa: BLE001
         return None
     return None
-
-
-def client_actor_nodes() -> dict[str, str]:
-    """Flower's client actors (``ClientAppActor``) this Ray has had, alive or not: actor id -> Ray node id. Diffed
-    around one simulation, it says which nodes served that run's clients (empty where Ray does not expose it)."""
-    ray = sys.modules.get("ray")
-    try:
-        if ray is None or not ray.is_initialized():
-            return {}
-        from ray._private import state
-
-        return {aid: info.get("Address", {}).get("NodeID", "") for aid, info in state.actors().items()
-                if info.get("ActorClassName") == "ClientAppActor"}
-    except Exception:  # noqa: BLE001 - private Ray API: the count is a report, never a reason to fail
-        return {}

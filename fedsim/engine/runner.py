@@ -374,8 +374,12 @@ def client_resources(config: ScenarioConfig) -> dict[str, float]:
 
 
 def run_scenario(config: ScenarioConfig, out_dir: str | Path, *, label: str | None = None,
-                 show_progress: bool = True) -> dict[str, Any]:
+                 show_progress: bool = True, grid: Grid | None = None) -> dict[str, Any]:
     """Run ``config`` and write its run directory ``out_dir``; return the summary.
+
+    ``grid``: the Flower grid of a runtime that someone else started (``flwr run`` in simulation or on the
+    deployment engine, see ``fedsim.flower_app``); the server part runs on it and ``simulation.backend`` is not
+    used. Without it fedsim starts the clients itself (Ray, or inline).
 
     The previous run in ``out_dir`` is invalidated first (``RunRecorder.start``). Interrupting (Ctrl-C, SIGTERM)
     keeps config.json, partition.csv, the finished rows of metrics.csv and writes a summary.json with
@@ -422,19 +426,21 @@ def run_scenario(config: ScenarioConfig, out_dir: str | Path, *, label: str | No
             except BaseException as exc:  # surfaced after the simulation returns
                 outcome["error"] = exc
             finally:
+                if "ctx" in outcome:
+                    _record_placement(outcome["ctx"])
                 run.server_done.set()
 
         client_app = build_client_app(config, partitions)
         run.start = time.time()
         with progress:
-            if config.simulation.backend == "inline":
+            if grid is not None:
+                server_main(grid)
+            elif config.simulation.backend == "inline":
                 from fedsim.engine.inline import InlineGrid
 
                 server_main(InlineGrid(client_app, config.num_nodes))
             else:
-                ray_nodes = _run_on_ray(config, client_app, server_main)
-                if ray_nodes and "ctx" in outcome:  # how many Ray nodes ran this run's client actors
-                    outcome["ctx"].extra_summary["ray_nodes"] = ray_nodes
+                _run_on_ray(config, client_app, server_main)
         if "error" in outcome:
             err = outcome["error"]
             if isinstance(err, KeyboardInterrupt):
@@ -531,12 +537,26 @@ def _summary(config: ScenarioConfig, ctx: ServerContext | None, recorder: RunRec
     return summary
 
 
-def _run_on_ray(config: ScenarioConfig, client_app, server_main) -> int:  # noqa: ANN001
+def _record_placement(ctx: ServerContext) -> None:
+    """nodes.csv (which Flower node, host and Ray node served each client) and, under Ray, ``ray_nodes`` in the
+    summary: how many Ray nodes ran this run's clients."""
+    from fedsim.engine.server import placement_table
+
+    with contextlib.suppress(Exception):  # a report: never the reason a finished run fails
+        table = placement_table(ctx.grid)
+        if len(table):
+            ctx.save_table("nodes.csv", table, index=False)
+        ray_nodes = {n for cell in table["ray_nodes"] for n in str(cell).split(";") if n}
+        if ray_nodes:
+            ctx.extra_summary["ray_nodes"] = len(ray_nodes)
+
+
+def _run_on_ray(config: ScenarioConfig, client_app, server_main) -> None:  # noqa: ANN001
     """Flower's simulation engine with the Ray backend; configuration travels inside the apps. Ray comes from the
     command's ``ray_session`` (one Ray for all variants) or, called alone, from a session of this run's own."""
     from flwr.simulation import run_simulation
 
-    from fedsim.engine.ray_session import client_actor_nodes, ray_session
+    from fedsim.engine.ray_session import ray_session
 
     silence_flower_telemetry()
     server_app = ServerApp()
@@ -548,14 +568,11 @@ def _run_on_ray(config: ScenarioConfig, client_app, server_main) -> int:  # noqa
     with ray_session():
         init_args = _init_ray(config) or {}
         backend_config = {"client_resources": client_resources(config), "init_args": init_args}
-        before = client_actor_nodes()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             run_simulation(server_app=server_app, client_app=client_app, num_supernodes=config.num_nodes,
                            backend_name="ray", backend_config=backend_config,
                            verbose_logging=bool(config.simulation.verbose))
-        served = {node for actor, node in client_actor_nodes().items() if actor not in before and node}
-    return len(served)
 
 
 def _init_ray(config: ScenarioConfig) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedsim.config import ScenarioConfig
-from fedsim.engine.accounting import ACCOUNTING_KEY, ENGINE_KEY, record_nbytes
+from fedsim.engine.accounting import ACCOUNTING_KEY, ENGINE_KEY, NODE_KEY, record_nbytes
 from fedsim.results import RunRecorder
 from fedsim.scenario import ScenarioView, resolve_device, scenario_streams, test_split, train_split
 
@@ -93,6 +93,7 @@ class AccountingGrid(Grid):
         self.traffic = Traffic()
         self.node_clients: dict[int, list[int]] = {}  # node id -> virtual clients it serves
         self._sent: dict[str, tuple[int, int]] = {}  # message id -> (node id, content bytes)
+        self.placement: dict[int, dict] = {}  # client -> Flower node, host, Ray nodes that ran it, replies
 
     # -- plumbing Flower's Grid requires ------------------------------------------------------------------
     def set_run(self, run) -> None:  # noqa: ANN001
@@ -166,6 +167,15 @@ class AccountingGrid(Grid):
             self.traffic.failed += len(self.node_clients.get(node, [])) or 1
             return
         acc = msg.content.metric_records[ACCOUNTING_KEY]
+        where = msg.content.config_records.get(NODE_KEY, {})
+        for pid in acc["partition_ids"]:
+            seen = self.placement.setdefault(int(pid), {"flower_node": msg.metadata.src_node_id, "hosts": set(),
+                                                        "ray_nodes": set(), "replies": 0})
+            seen["replies"] += 1
+            if where.get("host"):
+                seen["hosts"].add(str(where["host"]))
+            if where.get("ray_node"):
+                seen["ray_nodes"].add(str(where["ray_node"]))
         for pid, size in zip(acc["partition_ids"], acc["client_bytes"]):
             self.traffic.up += int(size)
             self.traffic.per_client_up[int(pid)] = self.traffic.per_client_up.get(int(pid), 0) + int(size)
@@ -185,6 +195,8 @@ class AccountingGrid(Grid):
             for msg in got:
                 pending.discard(msg.metadata.reply_to_message_id)
                 key = self._sort_key(msg)
+                if msg.has_content() and NODE_KEY in msg.content:
+                    del msg.content[NODE_KEY]
                 if msg.has_content() and ACCOUNTING_KEY in msg.content:
                     self._last_accounting = msg.content.metric_records[ACCOUNTING_KEY]
                     del msg.content[ACCOUNTING_KEY]
@@ -203,6 +215,17 @@ class AccountingGrid(Grid):
     def _sort_key(self, msg: Message) -> tuple:
         clients = self.node_clients.get(msg.metadata.src_node_id) or [1 << 30]
         return (clients[0], msg.metadata.src_node_id)
+
+
+def placement_table(grid: "AccountingGrid"):  # noqa: ANN201
+    """One row per client that replied: the Flower node that served it, the host(s) and Ray node(s) that ran its
+    replies (several under Ray, whose actors serve any node's messages), how many replies it sent."""
+    import pandas as pd
+
+    rows = [{"client": pid, "flower_node": p["flower_node"], "host": ";".join(sorted(p["hosts"])),
+             "ray_nodes": ";".join(sorted(p["ray_nodes"])), "replies": p["replies"]}
+            for pid, p in sorted(grid.placement.items())]
+    return pd.DataFrame(rows, columns=["client", "flower_node", "host", "ray_nodes", "replies"])
 
 
 def accounting_of(msg: Message) -> dict:

@@ -1,0 +1,268 @@
+"""fedsim as a Flower App (``fedsim.flower_app``): run config, node config, ``flwr run`` in Flower's simulation
+runtime, and the deployment engine on loopback (``fedsim.deploy``) against fedsim's own simulation."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from fedsim.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SMALL_AFL = """
+seed = 0
+rounds = 1
+[data]
+name = "fashion-mnist"
+max_train = 2000
+max_test = 500
+[partition]
+kind = "dirichlet"
+num_clients = 6
+alpha = 0.5
+[model]
+feature_map = "random"
+feature_dim = 128
+[simulation]
+num_cpus = 1
+[strategy]
+name = "afl"
+"""
+
+# AFL and FedAvg on the same data and partition: one Flower run each on the deployment
+AFL_AND_FEDAVG = SMALL_AFL + """
+[[variants]]
+label = "afl"
+[[variants]]
+label = "fedavg"
+set = { "strategy.name" = "fedavg", "rounds" = 2, "model.name" = "mlp", "client.epochs" = 1 }
+"""
+
+
+def _write(tmp_path: Path, text: str, name: str = "s.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------- run config
+def test_overrides_are_one_semicolon_separated_string():
+    from fedsim.flower_app import split_overrides
+
+    assert split_overrides("rounds=3;partition.alpha=0.5") == ["rounds=3", "partition.alpha=0.5"]
+    assert split_overrides(" rounds=3 ; ;") == ["rounds=3"]
+    assert split_overrides("") == []
+
+
+def test_run_config_is_a_scenario_with_overrides(tmp_path, monkeypatch):
+    from fedsim.flower_app import config_from_run_config
+
+    monkeypatch.chdir(tmp_path)
+    _write(tmp_path, SMALL_AFL)
+    label, config = config_from_run_config({"scenario": "s.toml", "out": "", "set": "rounds=1;partition.alpha=0.3",
+                                            "only": "", "nodes": 0})
+    assert label is None and config.strategy.name == "afl" and config.partition.alpha == 0.3
+
+
+def test_bad_run_configs_name_the_key(tmp_path, monkeypatch):
+    from fedsim.flower_app import config_from_run_config
+
+    monkeypatch.chdir(tmp_path)
+    _write(tmp_path, SMALL_AFL)
+    _write(tmp_path, AFL_AND_FEDAVG, "two.toml")
+    cases = [
+        ({"scenario": "s.toml", "rounds": 3}, "unknown key(s) rounds"),
+        ({"scenario": ""}, "'scenario' is empty"),
+        ({"scenario": "missing.toml"}, "scenario 'missing.toml' not found"),
+        ({"scenario": str(tmp_path / "missing.toml")}, "does not exist"),
+        ({"scenario": "two.toml"}, "has 2 variants (afl, fedavg)"),
+        ({"scenario": "s.toml", "only": "other"}, "has no variants"),
+        ({"scenario": "s.toml", "set": "partition.alpha=-1"}, "partition.alpha"),
+    ]
+    for run_config, message in cases:
+        with pytest.raises(ConfigError) as err:
+            config_from_run_config(run_config)
+        assert message in str(err.value), (run_config, str(err.value))
+    label, config = config_from_run_config({"scenario": "two.toml", "only": "fedavg"})
+    assert label == "fedavg" and config.strategy.name == "fedavg" and config.rounds == 2
+
+
+def test_a_relative_scenario_is_found_in_the_app_directory(tmp_path, monkeypatch):
+    """Flower puts the installed app (the FAB) first on sys.path; the scenario it carries is found from any cwd."""
+    from fedsim.flower_app import resolve_scenario
+
+    app = tmp_path / "app"
+    (app / "scenarios").mkdir(parents=True)
+    (app / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    (app / "scenarios" / "x.toml").write_text(SMALL_AFL)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.syspath_prepend(str(app))
+    assert resolve_scenario("scenarios/x.toml") == app / "scenarios" / "x.toml"
+
+
+def test_node_config_assigns_equal_blocks_and_names_its_keys(tmp_path):
+    from fedsim.config import load_scenario
+    from fedsim.flower_app import for_nodes, node_group
+
+    config = for_nodes(load_scenario(_write(tmp_path, SMALL_AFL), ["partition.num_clients=7"]), 3)
+    blocks = [node_group({"partition-id": p, "num-partitions": 3}, config) for p in range(3)]
+    assert blocks == [[0, 1, 2], [3, 4, 5], [6]]
+    assert config.num_nodes == 3
+    with pytest.raises(ConfigError, match="needs integer 'partition-id' and 'num-partitions'"):
+        node_group({"partition-id": 0}, config)
+    with pytest.raises(ConfigError, match="partition-id = 3 is outside 0..2"):
+        node_group({"partition-id": 3, "num-partitions": 3}, config)
+
+
+def test_the_project_declares_fedsims_flower_app():
+    """pyproject.toml's [tool.flwr.app]: the components load as Flower apps, the config has every key the app
+    reads, and the FAB carries the shipped scenarios (and no copy of fedsim, which comes from the install)."""
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import ServerApp
+    from flwr.supercore.object_ref import load_app
+
+    from fedsim.flower_app import RUN_CONFIG_KEYS
+
+    app = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    assert isinstance(load_app(app["components"]["serverapp"], RuntimeError, ROOT), ServerApp)
+    assert isinstance(load_app(app["components"]["clientapp"], RuntimeError, ROOT), ClientApp)
+    assert sorted(app["config"]) == sorted(RUN_CONFIG_KEYS)
+    assert app["fab-include"] == ["scenarios/*.toml"]
+
+
+def test_deploy_refuses_bad_input_before_starting_anything(tmp_path):
+    bad = _write(tmp_path, SMALL_AFL.replace("alpha = 0.5", "alpha = -1"))
+    run = subprocess.run([sys.executable, "-m", "fedsim.cli", "deploy", str(bad), "--nodes", "2", "--out",
+                          str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert run.returncode == 2 and "partition.alpha" in run.stderr, run.stderr
+    from fedsim.deploy import DeployError, LocalFederation
+
+    with pytest.raises(DeployError, match="--nodes: 0"):
+        LocalFederation(0)
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------------- end to end
+def _inline_run(scenario: Path, tmp_path: Path, label: str | None, nodes: int) -> tuple[dict, dict, pd.DataFrame]:
+    """The same variant through fedsim's own engine (inline: one process), grouped as on ``nodes`` nodes."""
+    from fedsim.config import load_scenarios, select_variants
+    from fedsim.engine.runner import run_scenario
+    from fedsim.flower_app import for_nodes
+
+    every = load_scenarios(scenario, ["simulation.backend='inline'"])
+    config = select_variants(every, [label])[0][1] if label else every[0][1]
+    out = tmp_path / f"inline-{label}"
+    summary = run_scenario(for_nodes(config, nodes), out, show_progress=False)
+    model = torch.load(out / "model.pt", weights_only=False)
+    return summary, model.state_dict(), pd.read_csv(out / "metrics.csv")
+
+
+@pytest.mark.ray  # Flower's simulation runtime runs the clients on Ray
+def test_flwr_run_in_flowers_simulation_runtime_writes_a_run_directory_report_reads(tmp_path):
+    """``flwr run <project> --run-config ...`` with the project's own pyproject (the FAB carries scenarios/)."""
+    from fedsim.deploy import LocalFederation
+    from fedsim.report import report
+
+    out = tmp_path / "run"
+    federation = LocalFederation(simulation=True, num_supernodes=2, workdir=tmp_path)
+    with federation:
+        code = federation.run(ROOT, {
+            "scenario": "scenarios/afl-fmnist.toml", "out": str(out),
+            "set": "data.max_train=2000;data.max_test=500;partition.num_clients=4;model.feature_dim=64",
+        }, timeout=600)
+        log = federation.log_tail("superlink", 40)
+    assert code == 0, log
+    assert not federation.alive()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["answered_clients"] == 4, summary
+    assert summary["final_accuracy"] > 0.5
+    nodes = pd.read_csv(out / "nodes.csv")
+    assert sorted(nodes["client"]) == [0, 1, 2, 3] and nodes["flower_node"].nunique() == 2
+    table = report([out], out_dir=tmp_path / "report", show=False)
+    assert len(table) == 1
+
+
+def test_deployment_engine_on_loopback_equals_fedsims_simulation_and_leaves_nothing(tmp_path):
+    """3 SuperNodes, each loading its own clients' data: AFL's weights equal the simulation's to 1e-9, FedAvg's
+    rounds, accuracies and bytes equal; every process started (SuperLink, SuperNodes, app processes) is gone."""
+    from fedsim.deploy import LocalFederation, deploy
+
+    scenario = _write(tmp_path, AFL_AND_FEDAVG)
+    federation = LocalFederation(3, workdir=tmp_path)
+    with federation:
+        results = deploy(scenario, 3, tmp_path / "deployed", federation=federation, timeout=600)
+        started = set(federation.started_pids)
+    assert started and not federation.alive()
+    by_label = {label: (run_dir, summary) for label, run_dir, summary in results}
+    assert sorted(by_label) == ["afl", "fedavg"]
+
+    run_dir, summary = by_label["afl"]
+    ref, ref_weights, _ = _inline_run(scenario, tmp_path, "afl", 3)
+    weights = torch.load(run_dir / "model.pt", weights_only=False).state_dict()
+    assert max(float((weights[k].double() - ref_weights[k].double()).abs().max()) for k in weights) <= 1e-9
+    assert summary["answered_clients"] == 6 and summary["bytes_up"] == ref["bytes_up"]
+    nodes = pd.read_csv(run_dir / "nodes.csv")
+    assert sorted(nodes["client"]) == list(range(6)) and nodes["flower_node"].nunique() == 3
+
+    run_dir, summary = by_label["fedavg"]
+    ref, _, ref_metrics = _inline_run(scenario, tmp_path, "fedavg", 3)
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    assert summary["rounds"] == 2 and list(metrics["round"]) == [0, 1, 2]
+    assert list(metrics["accuracy"]) == list(ref_metrics["accuracy"])
+    assert summary["bytes_up"] == ref["bytes_up"] > 0 and summary["bytes_down"] == ref["bytes_down"]
+
+
+def test_ctrl_c_during_fedsim_deploy_stops_every_process_it_started(tmp_path):
+    """SIGINT to ``fedsim deploy`` while its SuperLink and SuperNodes run: exit 130 and every process seen below it
+    (SuperLink, SuperNodes, superexec, app processes) is gone afterwards."""
+    import os
+    import signal
+    import time
+
+    from fedsim.engine.runner import _alive, _descendants
+
+    scenario = _write(tmp_path, SMALL_AFL.replace('name = "afl"', 'name = "fedavg"').replace("rounds = 1", "rounds = 5"))
+    proc = subprocess.Popen([sys.executable, "-m", "fedsim.cli", "deploy", str(scenario), "--nodes", "2", "--out",
+                             str(tmp_path / "out")], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    seen: set[int] = set()
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            below = set(_descendants(proc.pid))
+            seen |= below
+            names = []
+            for pid in below:
+                try:
+                    names.append(Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"))
+                except OSError:
+                    continue
+            if sum("flower-supernode" in n for n in names) == 2 and any("flower-superlink" in n for n in names) \
+                    and any("\x00run\x00" in n for n in names):  # and `flwr run` submitted the app
+                break
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.2)
+        else:
+            pytest.fail("the SuperLink, SuperNodes and flwr run did not start within 120 s")
+        time.sleep(5)  # the run is under way: the ServerApp and ClientApp processes are starting
+        seen |= set(_descendants(proc.pid))
+        os.kill(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(_alive(p) for p in seen):
+        time.sleep(0.2)
+    assert seen and not [p for p in seen if _alive(p)]
