@@ -40,6 +40,16 @@ def fmnist(split: str, n: int | None = None) -> tuple[torch.Tensor, np.ndarray]:
     return data.x[:n], data.labels[:n].copy()
 
 
+def assert_config_error_names(field: str, fragment: str, build) -> None:
+    """``build()`` raises a ConfigError whose message starts with ``field:`` and holds ``fragment``."""
+    from fedsim.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        build()
+    message = str(err.value)
+    assert message.startswith(field + ":") and fragment in message, message
+
+
 def scenario_config(text: str, tmp_path, *overrides: str, filename: str = "scenario.toml"):
     """A scenario from TOML text, as `fedsim run FILE --set ...` would load it (written to ``tmp_path``)."""
     from fedsim.config import load_scenario
@@ -70,4 +80,106 @@ lr = 0.05
 backend = "inline"
 [strategy]
 name = "fedavg"
+"""
+
+
+def subprocess_env(tmp_path, **extra: str) -> dict[str, str]:
+    """The environment of a fresh process: none of the quiet settings fedsim sets on import (FLWR_*, RAY_*,
+    TOKENIZERS_PARALLELISM), HOME in ``tmp_path``, then ``extra``."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("FLWR_", "RAY_")) and k != "TOKENIZERS_PARALLELISM"}
+    env.update(HOME=str(tmp_path), **extra)
+    return env
+
+
+# -- TOML pieces of the scenarios on real Fashion-MNIST slices -------------------------------------------------
+ALL_ON_ONE_CLIENT = 'kind = "iid"\nnum_clients = 1'
+
+
+def dirichlet(num_clients: int, alpha: float) -> str:
+    """The lines of a [partition] table: a Dirichlet(``alpha``) label split over ``num_clients`` clients."""
+    return f'kind = "dirichlet"\nnum_clients = {num_clients}\nalpha = {alpha}'
+
+
+def fmnist_slice(max_train: int, max_test: int, partition: str = ALL_ON_ONE_CLIENT) -> str:
+    """The [data] table of the first ``max_train`` training and ``max_test`` test images of Fashion-MNIST and a
+    [partition] table of the lines ``partition``."""
+    return f'[data]\nname = "fashion-mnist"\nmax_train = {max_train}\nmax_test = {max_test}\n[partition]\n{partition}'
+
+
+def long_tail_stream(imbalance_ratio: int) -> str:
+    """The [stream] and [model] tables of AEF-OCL's setting: an online stream in batches of 10, the classes in a
+    long-tailed order (``imbalance_ratio``), the raw pixels as features."""
+    return ('[stream]\nkind = "online"\nbatch_size = 10\nimbalance = "long-tail"\n'
+            f'imbalance_ratio = {imbalance_ratio}\n[model]\nfeature_map = "identity"')
+
+
+def aef_ocl_one_client(*, max_train: int, max_test: int, imbalance_ratio: int, buffer_width: int,
+                       eval_every: int) -> str:
+    """AEF-OCL on one client's long-tailed stream of a Fashion-MNIST slice, with the online SGD baseline's client
+    settings (1 epoch, lr 0.05, no momentum), inline backend."""
+    return f"""
+seed = 0
+{fmnist_slice(max_train, max_test)}
+{long_tail_stream(imbalance_ratio)}
+[client]
+epochs = 1
+lr = 0.05
+momentum = 0.0
+[simulation]
+backend = "inline"
+[strategy]
+name = "aef-ocl"
+buffer_width = {buffer_width}
+eval_every = {eval_every}
+"""
+
+
+def fusefl_scenario(*, max_train: int, max_test: int, num_clients: int, alpha: float, width: int) -> str:
+    """FuseFL over a Dirichlet(``alpha``) split of a Fashion-MNIST slice: a cnn of ``width``, 2 local epochs,
+    inline backend."""
+    return f"""
+seed = 0
+{fmnist_slice(max_train, max_test, dirichlet(num_clients, alpha))}
+[model]
+name = "cnn"
+width = {width}
+[client]
+epochs = 2
+batch_size = 32
+lr = 0.05
+[simulation]
+backend = "inline"
+[strategy]
+name = "fusefl"
+"""
+
+
+# The scenario tree (no strategy yet) of the one-shot distillation tests: a width-8 cnn trained 3 epochs on each of
+# 3 Dirichlet(1.0) clients of a Fashion-MNIST slice, inline backend
+FMNIST_THREE_CNN_CLIENTS = {
+    "seed": 0,
+    "data": {"name": "fashion-mnist", "max_train": 1500, "max_test": 1000},
+    "partition": {"kind": "dirichlet", "num_clients": 3, "alpha": 1.0},
+    "model": {"name": "cnn", "width": 8},
+    "client": {"epochs": 3, "batch_size": 32, "lr": 0.05},
+    "simulation": {"backend": "inline"},
+}
+
+# AFL on 32 random features of the digits set over 3 IID clients, one round: the quickest complete run
+AFL_DIGITS = """
+seed = 0
+rounds = 1
+[data]
+name = "digits"
+[partition]
+kind = "iid"
+num_clients = 3
+[model]
+feature_map = "random"
+feature_dim = 32
+[simulation]
+backend = "inline"
+[strategy]
+name = "afl"
 """

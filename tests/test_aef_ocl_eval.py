@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import aef_ocl_one_client
 from fedsim.analytic import RidgeStatistics
 from fedsim.config import load_scenario, load_scenarios
 from fedsim.engine.runner import run_scenario
@@ -20,33 +21,7 @@ from fedsim.online import OnlineRun, PrequentialMeter, row_points
 from fedsim.protocol.online import OnlineParams
 from fedsim.scenario import partition_for, scenario_feature_map, scenario_streams, test_split, train_split
 
-STREAM = """
-seed = 0
-[data]
-name = "fashion-mnist"
-max_train = 4000
-max_test = 1000
-[partition]
-kind = "iid"
-num_clients = 1
-[stream]
-kind = "online"
-batch_size = 10
-imbalance = "long-tail"
-imbalance_ratio = 20
-[model]
-feature_map = "identity"
-[client]
-epochs = 1
-lr = 0.05
-momentum = 0.0
-[simulation]
-backend = "inline"
-[strategy]
-name = "aef-ocl"
-buffer_width = 128
-eval_every = 15
-"""
+STREAM = aef_ocl_one_client(max_train=4000, max_test=1000, imbalance_ratio=20, buffer_width=128, eval_every=15)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import aef_ocl_one_client, dirichlet, fmnist_slice, long_tail_stream
 from fedsim.learners.aef_ocl import learner_for
 from fedsim.config import load_scenario, load_scenarios
 from fedsim.scenario import partition_for, scenario_feature_map, scenario_streams, train_split
@@ -19,32 +20,8 @@ from fedsim.engine.runner import run_scenario
 from fedsim.errors import ConfigError
 from fedsim.report import report
 
-CENTRAL = """
-seed = 0
-[data]
-name = "fashion-mnist"
-max_train = 10000
-max_test = 2000
-[partition]
-kind = "iid"
-num_clients = 1
-[stream]
-kind = "online"
-batch_size = 10
-imbalance = "long-tail"
-imbalance_ratio = 100
-[model]
-feature_map = "identity"
-[client]
-epochs = 1
-lr = 0.05
-momentum = 0.0
-[simulation]
-backend = "inline"
-[strategy]
-name = "aef-ocl"
-buffer_width = 512
-eval_every = 50
+CENTRAL = aef_ocl_one_client(max_train=10000, max_test=2000, imbalance_ratio=100, buffer_width=512,
+                             eval_every=50) + """\
 [[variants]]
 label = "aef-ocl"
 [[variants]]
@@ -58,23 +35,10 @@ label = "joint-ridge"
 set = { "strategy.name" = "joint-ridge" }
 """
 
-FEDERATED = """
+FEDERATED = f"""
 seed = 1
-[data]
-name = "fashion-mnist"
-max_train = 6000
-max_test = 1000
-[partition]
-kind = "dirichlet"
-num_clients = 6
-alpha = 0.1
-[stream]
-kind = "online"
-batch_size = 10
-imbalance = "long-tail"
-imbalance_ratio = 100
-[model]
-feature_map = "identity"
+{fmnist_slice(6000, 1000, dirichlet(6, 0.1))}
+{long_tail_stream(100)}
 [simulation]
 backend = "inline"
 clients_per_node = 2
@@ -84,7 +48,7 @@ buffer_width = 256
 sync_every = 15
 [[variants]]
 label = "fed-no-pfg"
-set = { "strategy.pfg" = false }
+set = {{ "strategy.pfg" = false }}
 [[variants]]
 label = "fed-aef-ocl"
 """

@@ -14,23 +14,17 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import scenario_config
+from conftest import fmnist_slice, scenario_config
 from fedsim.engine.accounting import failing_clients
 from fedsim.scenario import partition_for, train_split
 import fedsim.scenario as engine_client
 from fedsim.engine.runner import run_scenario
 from fedsim.errors import ConfigError
 
-BASE = """
+BASE = f"""
 seed = 1
 rounds = 1
-[data]
-name = "fashion-mnist"
-max_train = 3000
-max_test = 1000
-[partition]
-kind = "iid"
-num_clients = 1
+{fmnist_slice(3000, 1000)}
 [model]
 feature_map = "random"
 feature_dim = 256

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import FMNIST_THREE_CNN_CLIENTS
 from fedsim.config import config_from_dict
 from fedsim.distill import (BatchNormStatistics, CoBoostSynthesizer, Generator, LogitEnsemble, Synthesizer, augment,
                             coboost_generator_loss, dense_generator_loss, reweight_ensemble, seeded, synthesis_labels)
@@ -197,14 +198,6 @@ def test_one_seed_gives_one_model(name, tmp_path):
     assert (tmp_path / "a" / "distill.csv").exists()
 
 
-FMNIST = {
-    "seed": 0,
-    "data": {"name": "fashion-mnist", "max_train": 1500, "max_test": 1000},
-    "partition": {"kind": "dirichlet", "num_clients": 3, "alpha": 1.0},
-    "model": {"name": "cnn", "width": 8},
-    "client": {"epochs": 3, "batch_size": 32, "lr": 0.05},
-    "simulation": {"backend": "inline"},
-}
 # a small server budget (the official one runs for hours on a CPU): 10 synthesized batches of 64, 30 generator
 # steps each (the official g_steps), a width-16 generator. Measured here: DENSE 0.278, Co-Boosting 0.161 (the
 # ensemble: 0.592), 2-5 minutes a run on the loaded 2-core machine, hence `slow`
@@ -214,7 +207,7 @@ SMALL = {"epochs": 10, "g_steps": 30, "synthesis_batch_size": 64, "ngf": 16, "nz
 @pytest.mark.slow
 @pytest.mark.parametrize("name, floor", [("dense", 0.2), ("co-boosting", 0.14)])
 def test_beats_random_guessing_on_fmnist_and_is_deterministic(name, floor, tmp_path):
-    config = config_from_dict({**FMNIST, "strategy": {"name": name, **SMALL}})
+    config = config_from_dict({**FMNIST_THREE_CNN_CLIENTS, "strategy": {"name": name, **SMALL}})
     try:
         train_split(config)
     except DataUnavailableError as exc:

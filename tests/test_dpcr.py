@@ -9,21 +9,15 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import scenario_config
+from conftest import fmnist_slice, scenario_config
 from fedsim.engine.runner import run_scenario
 from fedsim.errors import ConfigError
 from fedsim.report import report
 
-FMNIST_5x2 = """
+FMNIST_5x2 = f"""
 seed = 0
 rounds = 5
-[data]
-name = "fashion-mnist"
-max_train = 3000
-max_test = 1000
-[partition]
-kind = "iid"
-num_clients = 1
+{fmnist_slice(3000, 1000)}
 [stream]
 kind = "class-incremental"
 tasks = 5

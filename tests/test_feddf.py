@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import FMNIST_THREE_CNN_CLIENTS
 from fedsim.config import config_from_dict
 from fedsim.engine.node import concatenate_replies
 from fedsim.engine.runner import run_scenario
@@ -33,15 +34,7 @@ DIGITS = {
     "strategy": {"name": "feddf", "steps": 20},
 }
 
-FMNIST = {
-    "seed": 0,
-    "data": {"name": "fashion-mnist", "max_train": 1500, "max_test": 1000},
-    "partition": {"kind": "dirichlet", "num_clients": 3, "alpha": 1.0},
-    "model": {"name": "cnn", "width": 8},
-    "client": {"epochs": 3, "batch_size": 32, "lr": 0.05},
-    "simulation": {"backend": "inline"},
-    "strategy": {"name": "feddf", "steps": 100, "batch_size": 64},
-}
+FMNIST = {**FMNIST_THREE_CNN_CLIENTS, "strategy": {"name": "feddf", "steps": 100, "batch_size": 64}}
 
 
 def tree(base: dict, **sections) -> dict:

@@ -15,7 +15,7 @@ from torch import nn
 
 import fedsim.clients.fusefl as fusefl_client
 import fedsim.clients.oneshot as oneshot_client
-from conftest import scenario_config
+from conftest import assert_config_error_names, fusefl_scenario, scenario_config
 from fedsim.clients.fusefl import OWN_KEY, TRAINED_KEY, FuseFLClient, client_stage_model
 from fedsim.clients.oneshot import LocalModelClient
 from fedsim.codec import from_record
@@ -32,28 +32,7 @@ from fedsim.protocol.oneshot import MODEL_PREFIX
 from fedsim.scenario import partition_for, scenario_model, test_split
 from fedsim.training import arrays_to_state, train_epochs
 
-SCENARIO = """
-seed = 0
-[data]
-name = "fashion-mnist"
-max_train = 2000
-max_test = 500
-[partition]
-kind = "dirichlet"
-num_clients = 4
-alpha = 0.3
-[model]
-name = "cnn"
-width = 4
-[client]
-epochs = 2
-batch_size = 32
-lr = 0.05
-[simulation]
-backend = "inline"
-[strategy]
-name = "fusefl"
-"""
+SCENARIO = fusefl_scenario(max_train=2000, max_test=500, num_clients=4, alpha=0.3, width=4)
 
 
 def _config(tmp_path, *overrides):
@@ -296,12 +275,7 @@ BAD = [
 
 @pytest.mark.parametrize("overrides, field, fragment", BAD)
 def test_bad_recalibration_settings_name_the_field(tmp_path, overrides, field, fragment):
-    from fedsim.errors import ConfigError
-
-    with pytest.raises(ConfigError) as err:
-        _config(tmp_path, *overrides)
-    message = str(err.value)
-    assert message.startswith(field + ":") and fragment in message, message
+    assert_config_error_names(field, fragment, lambda: _config(tmp_path, *overrides))
 
 
 def test_model_width_can_differ_between_variants_of_one_scenario(tmp_path):

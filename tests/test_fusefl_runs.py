@@ -11,7 +11,7 @@ import pytest
 import torch
 from flwr.app import MetricRecord, RecordDict
 
-from conftest import scenario_config
+from conftest import assert_config_error_names, fusefl_scenario, scenario_config
 from fedsim.clients.fusefl import FuseFLClient
 from fedsim.codec import to_record
 from fedsim.analytic import RidgeStatistics, ridge_solve
@@ -21,33 +21,11 @@ from fedsim.protocol.fusefl import COLUMN_PREFIX, META_PREFIX, WEIGHT_KEY, stage
 from fedsim.scenario import partition_for, scenario_model
 from fedsim.engine.node import ClientEnv
 from fedsim.engine.runner import run_scenario
-from fedsim.errors import ConfigError
 from fedsim.learners.fusefl import FusedNet, build_fused, fused_embedding, stage_modules
 from fedsim.training import evaluate
 
 # Dirichlet(0.1) over 5 clients (FuseFL's default client count), a small cnn, short local training.
-SCENARIO = """
-seed = 0
-[data]
-name = "fashion-mnist"
-max_train = 3000
-max_test = 1000
-[partition]
-kind = "dirichlet"
-num_clients = 5
-alpha = 0.1
-[model]
-name = "cnn"
-width = 8
-[client]
-epochs = 2
-batch_size = 32
-lr = 0.05
-[simulation]
-backend = "inline"
-[strategy]
-name = "fusefl"
-"""
+SCENARIO = fusefl_scenario(max_train=3000, max_test=1000, num_clients=5, alpha=0.1, width=8)
 
 
 def _config(tmp_path, *overrides):
@@ -204,10 +182,7 @@ BAD = [
 
 @pytest.mark.parametrize("overrides, field, fragment", BAD)
 def test_bad_settings_name_the_field(tmp_path, overrides, field, fragment):
-    with pytest.raises(ConfigError) as err:
-        _config(tmp_path, *overrides)
-    message = str(err.value)
-    assert message.startswith(field + ":") and fragment in message, message
+    assert_config_error_names(field, fragment, lambda: _config(tmp_path, *overrides))
 
 
 def test_rounds_default_to_the_stages(tmp_path):

@@ -17,24 +17,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import AFL_DIGITS, subprocess_env
+
 ROOT = Path(__file__).resolve().parents[1]
 RAY = Path(sys.executable).with_name("ray")
 
-THREE_VARIANTS = """
-seed = 0
-rounds = 1
-[data]
-name = "digits"
-[partition]
-kind = "iid"
-num_clients = 3
-[model]
-feature_map = "random"
-feature_dim = 32
-[simulation]
-backend = "ray"
-[strategy]
-name = "afl"
+THREE_VARIANTS = AFL_DIGITS.replace('backend = "inline"', 'backend = "ray"') + """\
 [[variants]]
 label = "a"
 [[variants]]
@@ -71,10 +59,8 @@ def _remove_short_dirs():
 
 def _env(tmp_path: Path) -> dict[str, str]:
     """A fresh process's environment: HOME in tmp_path, Ray's files in a short folder (socket paths <= 107 bytes)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "FLWR_"))}
     _SHORT_DIRS.append(tempfile.mkdtemp(prefix="rs", dir="/tmp"))
-    env.update(HOME=str(tmp_path), RAY_TMPDIR=_SHORT_DIRS[-1])
-    return env
+    return subprocess_env(tmp_path, RAY_TMPDIR=_SHORT_DIRS[-1])
 
 
 def _descendants(root: int) -> set[int]:

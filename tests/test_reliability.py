@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import AFL_DIGITS
 from fedsim.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,24 +87,6 @@ backend = "{backend}"
 name = "sleepy"
 sleep = {sleep}
 """
-
-AFL_DIGITS = """
-seed = 0
-rounds = 1
-[data]
-name = "digits"
-[partition]
-kind = "iid"
-num_clients = 3
-[model]
-feature_map = "random"
-feature_dim = 32
-[simulation]
-backend = "inline"
-[strategy]
-name = "afl"
-"""
-
 
 @pytest.fixture(scope="module")
 def plugin_dir(tmp_path_factory):

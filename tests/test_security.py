@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import AFL_DIGITS, subprocess_env
 from fedsim.cli import main
 from fedsim.errors import DataUnavailableError
 
@@ -20,10 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     """The environment of a fresh process: none of fedsim's quiet settings, HOME in tmp_path."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("FLWR_", "RAY_")) and k != "TOKENIZERS_PARALLELISM"}
-    env.update(HOME=str(tmp_path), XDG_CACHE_HOME=str(tmp_path / "cache"), **extra)
-    return env
+    return subprocess_env(tmp_path, XDG_CACHE_HOME=str(tmp_path / "cache"), **extra)
 
 
 # ------------------------------------------------------------------------------------------------ telemetry
@@ -98,24 +96,6 @@ def test_a_ray_run_builds_no_telemetry_event(tmp_path):
 
 
 # -------------------------------------------------------------------------------------- labels and --out
-AFL_DIGITS = """
-seed = 0
-rounds = 1
-[data]
-name = "digits"
-[partition]
-kind = "iid"
-num_clients = 3
-[model]
-feature_map = "random"
-feature_dim = 32
-[simulation]
-backend = "inline"
-[strategy]
-name = "afl"
-"""
-
-
 def _tree(path: Path) -> set[str]:
     return {str(p.relative_to(path)) for p in path.rglob("*")}
 
