@@ -269,8 +269,11 @@ def deploy(scenario: str | Path, nodes: int, out: str | Path, overrides: list[st
             nodes, verbose=verbose) as federation:
         nodes = federation.nodes
         app = make_app(scenario, tempfile.mkdtemp(prefix="app-", dir=federation.home))
-        for label, _ in variants:
+        for i, (label, config) in enumerate(variants, 1):
             run_dir = out if single else out / label
+            print(f"[{i}/{len(variants)}] {label}: {config.strategy.name}, {config.num_clients} clients on {nodes} "
+                  f"SuperNodes (flwr run, SuperLink 127.0.0.1:{federation.port}) -> {run_dir}", file=sys.stderr,
+                  flush=True)
             code = federation.run(app, {"scenario": f"scenarios/{Path(scenario).name}", "out": str(run_dir),
                                         "set": ";".join(overrides), "only": "" if single else label,
                                         "nodes": nodes}, timeout=timeout)
