@@ -150,12 +150,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     """The scenario on Flower's deployment engine: a SuperLink and --nodes SuperNodes on loopback (fedsim.deploy)."""
     import signal
 
-    from fedsim.config import load_scenarios, select_variants
     from fedsim.deploy import deploy
     from fedsim.engine.runner import Interrupted
 
-    every = load_scenarios(args.scenario, args.set)  # a bad scenario or override fails here, before any process
-    select_variants(every, args.only)
     out = Path(args.out) if args.out else _default_out(args.scenario)
     _writable_dir(out)
 

@@ -58,6 +58,10 @@ def _flower_command(name: str) -> list[str]:
 
 def app_pyproject(scenario_name: str) -> str:
     """pyproject.toml of the small Flower App ``fedsim deploy`` submits: fedsim's apps, the scenario file."""
+    from fedsim.flower_app import RUN_CONFIG_DEFAULTS
+
+    config = dict(RUN_CONFIG_DEFAULTS, scenario=f"scenarios/{scenario_name}")
+    config_lines = "\n".join(f"{key} = {_toml_value(value)}" for key, value in config.items())
     return f"""[build-system]
 requires = ["setuptools>=68"]
 build-backend = "setuptools.build_meta"
@@ -78,15 +82,14 @@ serverapp = "fedsim.flower_app:server_app"
 clientapp = "fedsim.flower_app:client_app"
 
 [tool.flwr.app.config]
-scenario = "scenarios/{scenario_name}"
-out = ""
-set = ""
-only = ""
-nodes = 0
+{config_lines}
 """
 
 
-def _toml_string(value: str) -> str:
+def _toml_value(value: object) -> str:
+    """A TOML literal: numbers as they are, anything else as a basic string."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
@@ -170,11 +173,7 @@ class LocalFederation:
         """``flwr run APP`` on this federation with ``run_config`` (written to a TOML file, so any string
         survives quoting); returns flwr's exit code after the run ended."""
         overrides = self.home / f"run-config-{len(list(self.home.glob('run-config-*')))}.toml"
-        lines = []
-        for key, value in run_config.items():
-            lines.append(f"{key} = {value}" if isinstance(value, (int, float)) and not isinstance(value, bool)
-                         else f"{key} = {_toml_string(str(value))}")
-        overrides.write_text("\n".join(lines) + "\n")
+        overrides.write_text("".join(f"{key} = {_toml_value(value)}\n" for key, value in run_config.items()))
         cmd = [*_flower_command("flwr"), "run", str(Path(app_dir).resolve()), CONNECTION, "--stream",
                "--run-config", str(overrides)]
         if self.simulation:

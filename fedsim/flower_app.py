@@ -33,7 +33,10 @@ from flwr.serverapp import Grid, ServerApp
 from fedsim.config import ScenarioConfig, load_scenarios, select_variants
 from fedsim.errors import ConfigError
 
-RUN_CONFIG_KEYS = ("scenario", "out", "set", "only", "nodes")
+# what the run config holds, with its defaults: pyproject.toml's [tool.flwr.app.config] and fedsim deploy's app
+RUN_CONFIG_DEFAULTS: dict[str, str | int] = {"scenario": "scenarios/afl-fmnist.toml", "out": "", "set": "", "only": "",
+                                             "nodes": 0}
+RUN_CONFIG_KEYS = tuple(RUN_CONFIG_DEFAULTS)
 
 
 def split_overrides(text: str) -> list[str]:
@@ -154,20 +157,18 @@ def _wait_for_nodes(grid: Grid, expected: int = 0, settle: float = 3.0, timeout:
 
 
 @functools.lru_cache(maxsize=4)
-def _handler(scenario: str, overrides: str, only: str, num_partitions: int):  # noqa: ANN202
+def _handler(run_config: tuple[tuple[str, str], ...], num_partitions: int):  # noqa: ANN202
+    """The node's handler for one run config (built at its first message; unknown keys refused as on the server)."""
     from fedsim.engine.node import NodeHandler
 
-    _, config = _load(scenario, overrides, only)
+    _, config = config_from_run_config(dict(run_config))
     config = for_nodes(config, num_partitions)
     return NodeHandler(config, partitions=None, group_of=lambda context: node_group(context.node_config, config))
 
 
 def _node(kind: str, msg: Message, context: Context) -> Message:
-    rc = context.run_config
-    config_from_run_config(dict(rc))  # refuses unknown keys with the same message as the server
-    handler = _handler(str(rc.get("scenario", "")), str(rc.get("set", "")), str(rc.get("only", "")),
-                       int(context.node_config.get("num-partitions", 1)))
-    return handler(kind, msg, context)
+    run_config = tuple(sorted((key, str(value)) for key, value in context.run_config.items()))
+    return _handler(run_config, int(context.node_config.get("num-partitions", 1)))(kind, msg, context)
 
 
 def _client_app() -> ClientApp:

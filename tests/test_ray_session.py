@@ -19,6 +19,8 @@ import pytest
 
 from conftest import AFL_DIGITS, subprocess_env
 
+from fedsim.deploy import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 RAY = Path(sys.executable).with_name("ray")
 
@@ -104,12 +106,6 @@ def _run_driver(tmp_path: Path, scenario: Path, out: Path) -> tuple[dict, set[in
     return result, seen
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.ray
 def test_three_variants_start_ray_once_and_leave_nothing_running(tmp_path):
     scenario = tmp_path / "three.toml"
@@ -132,7 +128,7 @@ def test_three_variants_start_ray_once_and_leave_nothing_running(tmp_path):
 
 @pytest.mark.ray
 def test_a_plain_run_does_not_join_a_cluster_started_with_ray_start(tmp_path):
-    port = _free_port()
+    port = free_port()
     env = _env(tmp_path)
     stranger = subprocess.Popen(
         [str(RAY), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=1",

@@ -546,7 +546,7 @@ def _record_placement(ctx: ServerContext) -> None:
         table = placement_table(ctx.grid)
         if len(table):
             ctx.save_table("nodes.csv", table, index=False)
-        ray_nodes = {n for cell in table["ray_nodes"] for n in str(cell).split(";") if n}
+        ray_nodes = set().union(*(seen["ray_nodes"] for seen in ctx.grid.placement.values()))
         if ray_nodes:
             ctx.extra_summary["ray_nodes"] = len(ray_nodes)
 
