@@ -12,7 +12,7 @@ each batch of its own stream (`env.stream()`, one pass, each sample once):
 It answers with the segment's increments (C packed as its upper triangle, Q, n, the class statistics) and the
 prequential counts; never its data, never pseudo-features. A node serving several clients sums the increments
 (`reduce`, exact). The server adds them to its running statistics, so its weights equal the centralized learner's
-on the union of the clients' streams; see `fedsim/strategies/aef_ocl.py`. Messages: `fedsim.protocol.aef_ocl`.
+on the union of the clients' streams; see `fedsim/strategies/aef_ocl.py`. Messages: `fedsim.algorithms.aef_ocl.protocol`.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import torch
 from flwr.app import RecordDict
 
 from fedsim.engine import ClientEnv
-from fedsim.learners.aef_ocl import learner_for, reduce_statistics
-from fedsim.protocol import aef_ocl as protocol
+from fedsim.algorithms.aef_ocl.learner import learner_for, reduce_statistics
+from fedsim.algorithms.aef_ocl import protocol
 from fedsim.scenario import train_split
 
 

@@ -7,7 +7,7 @@ statistics, the packed Gram or a factor R_k (R_k^T R_k = C_k, 8 n_k d bytes for 
 or always the Gram (`"statistics"`), always the factor (`"factor"`), or the paper's local solution
 W_k = (C_k + gamma I)^-1 Q_k with C_k^r = C_k + gamma I (`"solution"`). Symmetric matrices travel as their upper
 triangle. No gradients, no learning rate, no epochs. An empty client answers with zero statistics
-(or (0, gamma I)), which changes nothing in the result, as the AA law promises. Messages: `fedsim.protocol.afl`.
+(or (0, gamma I)), which changes nothing in the result, as the AA law promises. Messages: `fedsim.algorithms.afl.protocol`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from __future__ import annotations
 from flwr.app import RecordDict
 
 from fedsim.engine import ClientEnv
-from fedsim.learners.afl import client_upload, reduce_replies
-from fedsim.protocol import afl as protocol
+from fedsim.algorithms.afl.learner import client_upload, reduce_replies
+from fedsim.algorithms.afl import protocol
 
 
 class AFLClient:

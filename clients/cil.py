@@ -1,7 +1,7 @@
 """Client part of the class-incremental strategies (finetune, LwF, LwF + NCM, joint, and DPCR's backbone).
 
 Stateless between messages: every message carries the global backbone, for LwF the previous task's model, and the
-phase with the classes whose data to use (``fedsim.protocol.cil``). A client's share of a task is the samples of
+phase with the classes whose data to use (``fedsim.algorithms.cil.protocol``). A client's share of a task is the samples of
 its partition whose class belongs to the task (class-incremental: a task holds every sample of its classes).
 
 Phases:
@@ -21,10 +21,10 @@ import torch
 from flwr.app import RecordDict
 from torch import nn
 
-from fedsim.class_incremental import embed, load_model
+from fedsim.frameworks.class_incremental import embed, load_model
 from fedsim.engine import ClientEnv
-from fedsim.protocol import cil as protocol
-from fedsim.training import state_to_arrays, train_epochs
+from fedsim.algorithms.cil import protocol
+from fedsim.nn.training import state_to_arrays, train_epochs
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -54,7 +54,7 @@ def kd_loss(logits: torch.Tensor, teacher: torch.Tensor, temperature: float) -> 
 
 
 def lwf_distillation(old_model: nn.Module, old_classes: list[int], lam: float, temperature: float):  # noqa: ANN201
-    """``extra_loss`` for ``fedsim.training.train_epochs``: lambda * KD on the old classes' logits."""
+    """``extra_loss`` for ``fedsim.nn.training.train_epochs``: lambda * KD on the old classes' logits."""
     cols = torch.as_tensor(old_classes, dtype=torch.long)
     old_model.eval()
     for p in old_model.parameters():

@@ -1,6 +1,6 @@
 """Client part of DPCR: the backbone training of ``fedsim.clients.cil`` plus one statistics pass per task.
 
-Phase ``dpcr-stats`` (``fedsim.protocol.dpcr``, after the task's FedAvg rounds): the client runs its share of the
+Phase ``dpcr-stats`` (``fedsim.algorithms.dpcr.protocol``, after the task's FedAvg rounds): the client runs its share of the
 task through the new global backbone and, when the request carries the previous backbone (TSSP), through the old
 one, and uploads
 
@@ -8,7 +8,7 @@ one, and uploads
     TSSP pair:        X_old^T X_old, X_old^T X_new over its whole share  (fedsim.analytic.RidgeStatistics)
 
 Every array is a sum over samples, so a node serving several clients adds them (``reduce``) and the server's
-sum equals the centralized statistics exactly (up to float round-off); see ``fedsim.learners.dpcr``.
+sum equals the centralized statistics exactly (up to float round-off); see ``fedsim.algorithms.dpcr.learner``.
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import RecordDict
 
-from fedsim.class_incremental import embed, load_model
+from fedsim.frameworks.class_incremental import embed, load_model
 from fedsim.clients.cil import CILClient, task_share
 from fedsim.engine import ClientEnv
-from fedsim.learners.dpcr import class_statistics, drift_statistics, encode_statistics
-from fedsim.protocol import cil
-from fedsim.protocol import dpcr as protocol
+from fedsim.algorithms.dpcr.learner import class_statistics, drift_statistics, encode_statistics
+from fedsim.algorithms.cil import protocol as cil
+from fedsim.algorithms.dpcr import protocol
 
 
 class DPCRClient(CILClient):

@@ -1,13 +1,13 @@
 """FedDyn's client part (Acar et al., ICLR 2021, arXiv 2111.04263, Algorithm 1).
 
 Client k minimizes L_k(theta) - <g_k, theta> + (alpha / 2) ||theta - theta^{t-1}||^2 from theta^{t-1} with
-``client.epochs`` epochs of ``fedsim.training.train_epochs`` (the quadratic is its proximal term with mu = alpha,
+``client.epochs`` epochs of ``fedsim.nn.training.train_epochs`` (the quadratic is its proximal term with mu = alpha,
 the linear term an extra loss), then updates its state by the first-order condition of that problem,
 
     g_k <- g_k - alpha (theta_k^t - theta^{t-1})
 
 (g_k estimates grad L_k(theta_k^t); float64, from zero; trainable parameters only). alpha is read from the
-message. Messages: ``fedsim.protocol.feddyn``.
+message. Messages: ``fedsim.algorithms.feddyn.protocol``.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from torch import nn
 
 from fedsim.codec import from_record, to_record
 from fedsim.engine import ClientEnv
-from fedsim.protocol import feddyn as protocol
-from fedsim.training import arrays_to_state, state_to_arrays, train_epochs
+from fedsim.algorithms.feddyn import protocol
+from fedsim.nn.training import arrays_to_state, state_to_arrays, train_epochs
 
 
 class FedDynClient:

@@ -12,7 +12,7 @@ Round K + 1 (heads "recalibrated" and "ridge"): the client receives the whole fu
 its data through it once (no training) and uploads statistics of the fused features: per-class count, mean and
 centred scatter of the summed final features (recalibrated head) or the ridge statistics Z^T Z, Z^T Y (ridge).
 Replies are keyed by partition id, so a node serving several clients concatenates them (`reduce`).
-Messages: `fedsim.protocol.fusefl`.
+Messages: `fedsim.algorithms.fusefl.protocol`.
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ from fedsim.analytic import RidgeStatistics
 from fedsim.codec import from_record, to_record
 from fedsim.engine import ClientEnv
 from fedsim.engine.node import concatenate_replies
-from fedsim.learners.fusefl import Column, Merge, StageModel, build_fused, class_moments_of, column_state, \
+from fedsim.algorithms.fusefl.learner import Column, Merge, StageModel, build_fused, class_moments_of, column_state, \
     fused_embedding, stage_modules, stage_output_shapes
-from fedsim.protocol import fusefl as protocol
-from fedsim.protocol.fusefl import FuseFLParams, stage_epochs
+from fedsim.algorithms.fusefl import protocol
+from fedsim.algorithms.fusefl.protocol import FuseFLParams, stage_epochs
 from fedsim.scenario import ScenarioView
-from fedsim.training import arrays_to_state, train_epochs
+from fedsim.nn.training import arrays_to_state, train_epochs
 
 OWN_KEY = "fusefl.own"  # client state: this client's blocks of the stages not yet fused, and its head
 TRAINED_KEY = "fusefl.trained"  # client state: {stage: the last stage it trained, steps: optimizer steps so far}

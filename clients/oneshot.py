@@ -5,7 +5,7 @@ for `client.epochs` epochs on its partition and uploads the whole model (paramet
 In round 2 of `ensemble-recalibrated` it receives the M local models (one fused stage of M columns), runs its data
 through them once and uploads the class statistics of their summed embeddings (FuseFL's recalibration form).
 Replies are keyed by partition id, so a node serving several clients concatenates them (`reduce`).
-Messages: `fedsim.protocol.oneshot`.
+Messages: `fedsim.algorithms.oneshot.protocol`.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from flwr.app import RecordDict
 
 from fedsim.engine import ClientEnv
 from fedsim.engine.node import concatenate_replies
-from fedsim.learners.fusefl import build_fused, class_moments_of, stage_modules
-from fedsim.protocol import fusefl as fusefl_protocol
-from fedsim.protocol import oneshot as protocol
-from fedsim.training import arrays_to_state, state_to_arrays, train_epochs
+from fedsim.algorithms.fusefl.learner import build_fused, class_moments_of, stage_modules
+from fedsim.algorithms.fusefl import protocol as fusefl_protocol
+from fedsim.algorithms.oneshot import protocol
+from fedsim.nn.training import arrays_to_state, state_to_arrays, train_epochs
 
 
 class LocalModelClient:

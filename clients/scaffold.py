@@ -1,6 +1,6 @@
 """SCAFFOLD's client part (Karimireddy et al., ICML 2020, arXiv 1910.06378, Algorithm 1, lines 7-13).
 
-From y = x, each local step is y <- y - eta_l (g_i(y) + c - c_i): ``fedsim.training.train_epochs`` with the
+From y = x, each local step is y <- y - eta_l (g_i(y) + c - c_i): ``fedsim.nn.training.train_epochs`` with the
 linear term <w, c - c_i> added to the loss (its gradient is the correction). Then
 
     option II:  c_i^+ = c_i - c + (x - y) / (K eta_l)     (K local steps; the paper's experiments)
@@ -10,7 +10,7 @@ and the client sends y and dc_i = c_i^+ - c_i, keeping c_i^+ in its state (float
 (``client.momentum``; the paper's steps are plain SGD) K eta_l is replaced by the distance a constant gradient
 travels in K momentum steps, eta_l sum_{k=1..K} (1 - beta^k) / (1 - beta), so (x - y) / that is again the average
 corrected gradient; for beta = 0 it is K eta_l exactly. Weight decay is part of g_i in both options.
-Messages: ``fedsim.protocol.scaffold``.
+Messages: ``fedsim.algorithms.scaffold.protocol``.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from torch import nn
 
 from fedsim.codec import from_record, to_record
 from fedsim.engine import ClientEnv
-from fedsim.protocol import scaffold as protocol
-from fedsim.training import arrays_to_state, state_to_arrays, train_epochs
+from fedsim.algorithms.scaffold import protocol
+from fedsim.nn.training import arrays_to_state, state_to_arrays, train_epochs
 
 
 def momentum_distance(lr: float, momentum: float, steps: int) -> float:

@@ -10,7 +10,7 @@ client does what the server asked:
   (BatchNorm's step counters) are sent back as received, so they neither leak the step count nor spend the budget;
 - q-FedAvg's F_k(w_t): with ``report-initial-loss`` the client also reports the mean loss of the received model
   on its partition (evaluated before training).
-Messages: ``fedsim.protocol.sgd``.
+Messages: ``fedsim.algorithms.fedavg.protocol``.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from flwr.app import RecordDict
 
 from fedsim.averaging import average_factors, weighted_average
 from fedsim.engine import ClientEnv
-from fedsim.protocol import sgd as protocol
-from fedsim.training import arrays_to_state, evaluate, state_to_arrays, train_epochs
+from fedsim.algorithms.fedavg import protocol
+from fedsim.nn.training import arrays_to_state, evaluate, state_to_arrays, train_epochs
 
 
 def update_norm(local: Mapping[str, np.ndarray], global_: Mapping[str, np.ndarray]) -> float:

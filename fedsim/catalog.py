@@ -1,7 +1,7 @@
 """The names a scenario may use for its building blocks, with one line each: importable without torch or Flower.
 
 Validating a scenario (``fedsim validate``) reads only this module and the strategies' protocols, so it stays fast;
-the modules that build the objects (``fedsim.data``, ``fedsim.models``, ``fedsim.features``) take their names from
+the modules that build the objects (``fedsim.data``, ``fedsim.nn.models``, ``fedsim.nn.features``) take their names from
 here, so a name exists in exactly one place.
 """
 
@@ -36,7 +36,7 @@ MODELS: dict[str, str] = {
     "mlp": "flatten + 4 Linear-ReLU blocks of width w (default 128); for flat or tiny inputs",
 }
 
-# blocks of each model's BlockNet (what FuseFL may cut into stages); tests check them against fedsim.models
+# blocks of each model's BlockNet (what FuseFL may cut into stages); tests check them against fedsim.nn.models
 MODEL_BLOCKS: dict[str, int] = {"cnn": 4, "resnet18": 9, "mlp": 4}
 
 ACTIVATIONS: tuple[str, ...] = ("relu", "tanh", "sigmoid", "gelu", "identity")

@@ -48,7 +48,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # a scenario without [[variants]] writes into --out itself; one with variants, one folder per label (also
     # under --only, so a later --resume or report finds every variant where the full run puts it)
     single = len(every) == 1
-    from fedsim import results
+    from fedsim.results import rundir as results
 
     _writable_dir(out)
     plan = []
@@ -65,7 +65,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedsim.engine.ray_session import ray_session
     from fedsim.engine.runner import run_scenario, signals_interrupt_runs
     from fedsim.preflight import preflight
-    from fedsim.report import report
+    from fedsim.results.report import report
 
     # SIGINT and SIGTERM: exit 130 / 143, the run directory says "interrupted"; one Ray for every variant
     with signals_interrupt_runs(), ray_session():
@@ -92,7 +92,7 @@ def _run_many(args: argparse.Namespace) -> int:
     """``fedsim run`` with ``--seeds`` / ``--sweep`` / a scenario's ``seeds``: one run per (variant, sweep point,
     seed), each a normal run directory (see fedsim.sweep). A run that fails does not stop the others; the command
     exits 1 after the rest ran and the report named what is missing."""
-    from fedsim import results
+    from fedsim.results import rundir as results
     from fedsim.sweep import parse_seeds, plan_jobs
 
     seeds = parse_seeds(args.seeds) if getattr(args, "seeds", None) else None
@@ -109,7 +109,7 @@ def _run_many(args: argparse.Namespace) -> int:
     from fedsim.engine.ray_session import ray_session
     from fedsim.engine.runner import run_scenario, signals_interrupt_runs
     from fedsim.preflight import preflight
-    from fedsim.report import report, write_plan
+    from fedsim.results.report import report, write_plan
 
     write_plan(out, [{"group": job.name.rsplit("/seed-", 1)[0] if job.seed is not None else job.name,
                       "seed": job.seed} for job in jobs])
@@ -170,7 +170,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
               f"{summary.get('final_accuracy')}, {summary.get('bytes_up', 0) / 1e6:.1f} MB up -> {run_dir}",
               file=sys.stderr)
     if len(results) > 1:
-        from fedsim.report import report
+        from fedsim.results.report import report
 
         report([out], out_dir=out, show=not args.quiet)
     return 0
@@ -223,7 +223,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from fedsim.report import report
+    from fedsim.results.report import report
 
     report(args.dirs, out_dir=args.out, csv=args.csv)
     return 0
@@ -301,9 +301,9 @@ def _leave_without_waiting_for_threads(code: int, grace: float = 1.0) -> None:
             continue
         thread.join(max(0.0, deadline - time.monotonic()))
     if any(t.is_alive() and not t.daemon and t is not threading.current_thread() for t in threading.enumerate()):
-        from fedsim.engine.runner import _hard_exit
+        from fedsim.engine.processes import hard_exit
 
-        _hard_exit(code)
+        hard_exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -331,9 +331,9 @@ def main(argv: list[str] | None = None) -> int:
         code = getattr(exc, "exit_code", 130)
         print(interrupt_message(code), file=sys.stderr)
         if as_program:
-            from fedsim.engine.runner import _hard_exit
+            from fedsim.engine.processes import hard_exit
 
-            _hard_exit(code)
+            hard_exit(code)
         _leave_without_waiting_for_threads(code)
         return code
 

@@ -190,15 +190,15 @@ class LocalFederation:
 
     # -- teardown -------------------------------------------------------------------------------------------
     def _collect(self) -> None:
-        from fedsim.engine.runner import _descendants
+        from fedsim.engine.processes import descendants
 
         for proc in self.processes:
-            self.started_pids.update(_descendants(proc.pid))
+            self.started_pids.update(descendants(proc.pid))
 
     def stop(self) -> None:
         """SIGTERM to every process group started here, SIGKILL after ``STOP_TIMEOUT``; then every PID seen
         below them (the ServerApp and ClientApp subprocesses, Ray) that is still alive is killed too."""
-        from fedsim.engine.runner import _alive
+        from fedsim.engine.processes import alive
 
         self._collect()
         for proc in reversed(self.processes):  # SuperNodes first, the SuperLink last
@@ -208,7 +208,7 @@ class LocalFederation:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         for pid in self.started_pids:
-            if _alive(pid):
+            if alive(pid):
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
         for proc in self.processes:
@@ -219,9 +219,9 @@ class LocalFederation:
 
     def alive(self) -> list[int]:
         """PIDs started here (or seen below them) that still run."""
-        from fedsim.engine.runner import _alive
+        from fedsim.engine.processes import alive
 
-        return sorted(pid for pid in self.started_pids if _alive(pid))
+        return sorted(pid for pid in self.started_pids if alive(pid))
 
     def __enter__(self) -> LocalFederation:
         try:

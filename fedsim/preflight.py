@@ -80,7 +80,7 @@ def check_machine(config: ScenarioConfig) -> None:
         check_ray_address(sim.ray_address)
     name = config.model.feature_map
     if name not in ("identity", "random"):
-        from fedsim.features import _torchvision_names
+        from fedsim.nn.features import _torchvision_names
 
         names = _torchvision_names()
         if name not in names:
@@ -141,7 +141,7 @@ def check_partition(config: ScenarioConfig, n: int, classes_present: int) -> Non
 def check_stream(config: ScenarioConfig, classes_present: int) -> None:
     s = config.stream
     if s.kind == "class-incremental":
-        from fedsim.streams import split_classes
+        from fedsim.data.streams import split_classes
 
         split_classes(list(range(classes_present)), s.tasks, s.first_task_classes)  # ConfigError naming stream.*
 

@@ -1,6 +1,6 @@
 """The strategy registry: a name -> its parameters, its server part and its client part.
 
-Registration is declarative and cheap: a strategy's protocol module (``fedsim/protocol/<algo>.py``) registers a
+Registration is declarative and cheap: a strategy's protocol module (``fedsim/algorithms/<algo>/protocol.py``) registers a
 ``StrategySpec`` whose server and client parts are named by import path (``"fedsim.strategies.afl:AFLServer"``), so
 listing and validating strategies imports neither torch nor any training code; the parts are imported when a run
 needs them. The server part (``fedsim/strategies/``) and the client part (``fedsim/clients/``) never import each
@@ -95,16 +95,19 @@ def _import(module: str, label: str) -> None:
 
 
 def _discover() -> None:
-    """Import every protocol module of ``fedsim.protocol`` and every ``fedsim.plugins`` entry point."""
+    """Import the protocol module of every package in ``fedsim.algorithms`` and every ``fedsim.plugins`` entry point.
+
+    The algorithm packages are found on disk and imported by name, so the registry (which every protocol module
+    imports) has no static import of any algorithm.
+    """
     global _DISCOVERED
     if _DISCOVERED:
         return
     _DISCOVERED = True
-    import fedsim.protocol as protocols
-
-    for module in sorted(pkgutil.iter_modules(protocols.__path__), key=lambda m: m.name):
-        if not module.name.startswith("_"):
-            _import(f"fedsim.protocol.{module.name}", f"fedsim/protocol/{module.name}.py")
+    algorithms = importlib.import_module("fedsim.algorithms")
+    for package in sorted(pkgutil.iter_modules(algorithms.__path__), key=lambda m: m.name):
+        if package.ispkg and not package.name.startswith("_"):
+            _import(f"fedsim.algorithms.{package.name}.protocol", f"fedsim/algorithms/{package.name}/protocol.py")
     for entry in metadata.entry_points(group=ENTRY_POINT_GROUP):
         _import(entry.value.partition(":")[0], f"entry point {entry.name} ({entry.value})")
 

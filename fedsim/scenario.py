@@ -94,7 +94,7 @@ def server_holdout(config: ScenarioConfig) -> np.ndarray:
 
 def partition_for(config: ScenarioConfig) -> list[np.ndarray]:
     """The scenario's partition of the training set (deterministic from the seed), without the server's holdout."""
-    from fedsim.partition import partition_indices
+    from fedsim.data.partition import partition_indices
 
     p = config.partition
     labels = train_split(config).labels
@@ -127,7 +127,7 @@ def scenario_streams(config: ScenarioConfig, partitions: list[np.ndarray]) -> li
     The class order is drawn once from the full labels, shuffling is seeded per client, so
     ``scenario_streams(config, parts)[k] == client_stream(config, k, parts[k])``.
     """
-    from fedsim.streams import client_streams
+    from fedsim.data.streams import client_streams
 
     key = (id(partitions), config.seed, repr(config.stream), repr(config.data))
     if key not in _STREAM_CACHE:
@@ -139,7 +139,7 @@ def scenario_streams(config: ScenarioConfig, partitions: list[np.ndarray]) -> li
 
 def client_stream(config: ScenarioConfig, partition_id: int, indices: np.ndarray):  # noqa: ANN201
     """One client's stream, built from its own partition only (equal to ``scenario_streams(...)[partition_id]``)."""
-    from fedsim.streams import client_streams
+    from fedsim.data.streams import client_streams
 
     return client_streams(train_split(config).labels, [indices], seed=config.seed, client_ids=[partition_id],
                           **_stream_kwargs(config))[0]
@@ -148,7 +148,7 @@ def client_stream(config: ScenarioConfig, partition_id: int, indices: np.ndarray
 # ------------------------------------------------------------------------------------------- models, features
 @functools.lru_cache(maxsize=4)
 def _feature_map_cached(name: str, input_shape: tuple, dim: int, seed: int, weights: str | None, device: str):
-    from fedsim.features import build_feature_map
+    from fedsim.nn.features import build_feature_map
 
     return build_feature_map(name, input_shape=input_shape, dim=dim, seed=seed, weights=weights, device=device)
 
@@ -163,7 +163,7 @@ def scenario_feature_map(config: ScenarioConfig, device: str = "cpu"):  # noqa: 
 
 def scenario_model(config: ScenarioConfig, num_classes: int, input_shape: tuple, width: int | None = None):  # noqa: ANN201
     """The scenario's trainable network, initialized identically on the server and every client."""
-    from fedsim.models import build_model
+    from fedsim.nn.models import build_model
 
     m = config.model
     return build_model(m.name, input_shape=tuple(input_shape), num_classes=num_classes,

@@ -43,8 +43,8 @@ sys.path.insert(0, str(ROOT))
 from fedsim.config import load_scenarios  # noqa: E402
 from fedsim.data import load_dataset  # noqa: E402
 from fedsim.engine.runner import run_scenario  # noqa: E402
-from fedsim.learners.aef_ocl import AEFOCL  # noqa: E402
-from fedsim.streams import online_stream  # noqa: E402
+from fedsim.algorithms.aef_ocl.learner import AEFOCL  # noqa: E402
+from fedsim.data.streams import online_stream  # noqa: E402
 
 TARGET = 1000.0  # samples/s at width 2048, batch 10
 

@@ -11,7 +11,7 @@ depend on the partition anyway):
   against what the packed Gram of every client would be (`packed_up_mb`), test accuracy. One Flower node serves
   ceil(N / --nodes) clients (`simulation.clients_per_node`); bytes and failures are still counted per client.
 - The same math in a bare Python loop (`bare_s`): for every client, its partition through the same feature map
-  into the same upload (`fedsim.learners.afl.client_upload`), folded into the same `AFLLearner`; one
+  into the same upload (`fedsim.algorithms.afl.learner.client_upload`), folded into the same `AFLLearner`; one
   solve; the same test evaluation. Timed with 1 BLAS/torch thread and with one per core; `bare_s` is the faster
   (on a busy machine multi-threaded OpenBLAS can be much slower). `ratio = wall_s / bare_s` (and
   `round_ratio = round_s / bare_s`). Data loading and partitioning are outside both timings.
@@ -52,7 +52,7 @@ def child(args: argparse.Namespace) -> None:
     """Run one scenario in this (fresh) process and print its summary with this process's peak RSS."""
     sys.path.insert(0, str(ROOT))
     from fedsim.engine.runner import run_scenario
-    from fedsim.results import load_run
+    from fedsim.results.rundir import load_run
 
     import tomllib
 
@@ -101,7 +101,7 @@ def bare_loop(overrides: list[str], threads: int) -> dict:
 
     from fedsim.config import load_scenario
     from fedsim.scenario import partition_for, scenario_feature_map, test_split, train_split
-    from fedsim.learners.afl import AFLLearner, client_upload
+    from fedsim.algorithms.afl.learner import AFLLearner, client_upload
     from fedsim.strategies.afl import evaluate_weights
 
     config = load_scenario(SCENARIO, overrides)
@@ -162,7 +162,7 @@ def packed_reply_bytes(dim: int, num_classes: int) -> int:
     import numpy as np
 
     from fedsim.engine.accounting import record_nbytes
-    from fedsim.protocol import afl as protocol
+    from fedsim.algorithms.afl import protocol
 
     arrays = {"gram": np.zeros(dim * (dim + 1) // 2), "cross": np.zeros((dim, num_classes)),
               "count": np.zeros(1, np.int64)}

@@ -211,9 +211,9 @@ def diagnose(run_dir: Path) -> int:
     import numpy as np
     import torch
 
-    from fedsim.class_incremental import embed
+    from fedsim.frameworks.class_incremental import embed
     from fedsim.config import config_from_dict
-    from fedsim.learners.dpcr import row_space_projector
+    from fedsim.algorithms.dpcr.learner import row_space_projector
     from fedsim.scenario import test_split
 
     saved = json.loads((run_dir / "config.json").read_text())

@@ -3,7 +3,7 @@
 Both sides run the same thing: full Fashion-MNIST, Dirichlet(alpha) over N clients (the scenario's partition),
 the scenario's CNN from the same initial weights, `client.epochs` local epochs of SGD per round with the same
 batch size, learning rate, momentum and per-client seeds (`fedsim.engine.node.ClientEnv.seed`), example-weighted
-averaging, test evaluation of the initial model and after every round. The bare loop is plain PyTorch in one process (`fedsim.training`
+averaging, test evaluation of the initial model and after every round. The bare loop is plain PyTorch in one process (`fedsim.nn.training`
 loops, no Flower, no Ray, no serialization); fedsim runs in a fresh process through Flower's Ray backend (Ray
 start-up included in `fedsim_s`; `fedsim_rounds_s` is the rounds alone).
 
@@ -62,7 +62,7 @@ def bare_loop(config) -> dict:  # noqa: ANN001
     from fedsim.averaging import weighted_average
     from fedsim.engine.node import ClientEnv
     from fedsim.scenario import ScenarioView, partition_for, test_split, train_split
-    from fedsim.training import arrays_to_state, evaluate, state_to_arrays, train_epochs
+    from fedsim.nn.training import arrays_to_state, evaluate, state_to_arrays, train_epochs
 
     torch.set_num_threads(1)
     train, test = train_split(config), test_split(config)
@@ -94,7 +94,7 @@ def bare_loop(config) -> dict:  # noqa: ANN001
 def child(path: str, out: str) -> None:
     from fedsim.config import load_scenario
     from fedsim.engine.runner import run_scenario
-    from fedsim.results import load_run
+    from fedsim.results.rundir import load_run
 
     summary = run_scenario(load_scenario(path), out, show_progress=False)
     metrics = load_run(out)["metrics"]

@@ -30,7 +30,7 @@ import pandas as pd
 
 from fedsim.config import config_from_dict
 from fedsim.engine.runner import run_scenario
-from fedsim.results import completed_run_of, load_run
+from fedsim.results.rundir import completed_run_of, load_run
 
 PARTITIONS = {
     "dirichlet": {"kind": "dirichlet"},

@@ -30,7 +30,7 @@ import pandas as pd
 
 from fedsim.config import load_scenarios
 from fedsim.engine.runner import run_scenario
-from fedsim.results import completed_run_of
+from fedsim.results.rundir import completed_run_of
 
 # --quick: a 4000-image slice (10% of it the server's), 2000 test images, and per-strategy server budgets that a
 # shared 2-core machine runs in about a minute per method; the official budgets (the scenario's defaults) are

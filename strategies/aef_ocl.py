@@ -13,7 +13,7 @@ class the count n_c, mean mu_c and unbiased variance s_c^2 of the backbone featu
 balancing point, tops every seen class up to max_c n_c (`balance = "max"`; `"mean"`: the mean count) with
 pseudo-features ~ N(mu_c, (noise s_c)^2) pushed through the buffer layer and the same least-squares update, on a
 copy (the real-data state is kept, nothing is stored). `draws` caps the number drawn per class (weighted so
-effective counts stay balanced); None draws the whole deficit, as the paper. See `fedsim/learners/aef_ocl.py`.
+effective counts stay balanced); None draws the whole deficit, as the paper. See `fedsim/algorithms/aef_ocl/learner.py`.
 
 Modes (`mode = "auto"`: federated when the partition has more than one client):
 
@@ -42,8 +42,8 @@ while forgetting everything else), so the test set is the comparison that matter
 samples per second of learning: features, prediction, update, balancing; test evaluations excluded),
 `prequential_accuracy`. model.pt: a torch module backbone -> buffer -> float64 head.
 
-Messages: `fedsim.protocol.aef_ocl` (the client part is `fedsim.clients.aef_ocl`); the stream walking, metrics rows
-and saved model are the online framework's (`fedsim.online`), shared with the baselines.
+Messages: `fedsim.algorithms.aef_ocl.protocol` (the client part is `fedsim.clients.aef_ocl`); the stream walking, metrics rows
+and saved model are the online framework's (`fedsim.frameworks.online`), shared with the baselines.
 """
 
 from __future__ import annotations
@@ -54,11 +54,11 @@ import numpy as np
 import torch
 
 from fedsim.engine import ServerContext
-from fedsim.learners.aef_ocl import learner_for, masked_predict
-from fedsim.online import (OnlineRun, PrequentialMeter, StreamFailed, TestEvaluator, linear_model, row_points,
+from fedsim.algorithms.aef_ocl.learner import learner_for, masked_predict
+from fedsim.frameworks.online import (OnlineRun, PrequentialMeter, StreamFailed, TestEvaluator, linear_model, row_points,
                            segment_length, server_threads, union_batches)
-from fedsim.protocol import aef_ocl as protocol
-from fedsim.protocol.aef_ocl import AEFOCLParams
+from fedsim.algorithms.aef_ocl import protocol
+from fedsim.algorithms.aef_ocl.protocol import AEFOCLParams
 
 
 class AEFOCLServer:

@@ -37,10 +37,10 @@ from torch import nn
 from fedsim.analytic import one_hot
 from fedsim.engine import ServerContext
 from fedsim.errors import FedsimError
-from fedsim.learners.afl import AFLLearner
-from fedsim.protocol import afl as protocol
-from fedsim.protocol.afl import AFLParams
-from fedsim.training import per_class_accuracy
+from fedsim.algorithms.afl.learner import AFLLearner
+from fedsim.algorithms.afl import protocol
+from fedsim.algorithms.afl.protocol import AFLParams
+from fedsim.nn.training import per_class_accuracy
 
 
 class AllClientsFailed(FedsimError):

@@ -4,23 +4,23 @@ the ensemble boost each other.
 Every client trains the common initial model once and uploads it (the one-shot baselines' client part). The server
 holds no data; for ``strategy.epochs`` epochs it
 
-1. synthesizes one batch of hard samples with DENSE's generator machinery (``fedsim.distill.CoBoostSynthesizer``):
+1. synthesizes one batch of hard samples with DENSE's generator machinery (``fedsim.frameworks.distill.CoBoostSynthesizer``):
    the ensemble's cross-entropy on sampled labels weighted by (1 - p)^hs, and the student's disagreement with the
    ensemble at temperature 3, the generator re-initialized per batch and its gradient clipped;
 2. re-weights the ensemble: signed-gradient steps on one weight per client that lower the weighted ensemble's
-   cross-entropy on the earlier synthetic batches (``fedsim.distill.reweight_ensemble``), step mu * wdc^epoch;
+   cross-entropy on the earlier synthetic batches (``fedsim.frameworks.distill.reweight_ensemble``), step mu * wdc^epoch;
 3. distills the weighted ensemble into the student over the whole pool, every batch pushed by an
-   output-diversified step (ODS) first (``fedsim.distill.distill_epoch``), SGD with cosine annealing.
+   output-diversified step (ODS) first (``fedsim.frameworks.distill.distill_epoch``), SGD with cosine annealing.
 
 Defaults are the official code's (github rong-dai/Co-Boosting); where fedsim differs: docs/results-oneshot.md.
-Parameters and registration: ``fedsim.protocol.distill``.
+Parameters and registration: ``fedsim.algorithms.distill.protocol``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from fedsim.distill import CoBoostSynthesizer, DataFreeServer
+from fedsim.frameworks.distill import CoBoostSynthesizer, DataFreeServer
 
 
 class CoBoostingServer(DataFreeServer):

@@ -8,20 +8,20 @@ holds no data. For ``strategy.epochs`` epochs it
    ``bn * L_bn + oh * L_ce + adv * L_adv`` (BatchNorm statistics of every local model, cross-entropy of the
    ensemble's mean logits on sampled labels, disagreement of the student with the ensemble on inputs where their
    predictions differ), through a random crop and flip; the lowest-loss iterate joins the pool
-   (``fedsim.distill.Synthesizer``);
+   (``fedsim.frameworks.distill.Synthesizer``);
 2. distills: one pass over the whole pool (randomly flipped), the ensemble's mean logits into the student at
-   temperature T by SGD (``fedsim.distill.distill_epoch``; the loop is ``fedsim.distill.DataFreeServer``).
+   temperature T by SGD (``fedsim.frameworks.distill.distill_epoch``; the loop is ``fedsim.frameworks.distill.DataFreeServer``).
 
 Defaults are the official code's (github zj-jayzhang/DENSE, ``loop_df_fl.py`` and its README's KD command); where
 fedsim differs (balanced labels by default, images kept in memory instead of a PNG round trip, student initialized
-from the scenario's w_0): docs/results-oneshot.md. Parameters and registration: ``fedsim.protocol.distill``.
+from the scenario's w_0): docs/results-oneshot.md. Parameters and registration: ``fedsim.algorithms.distill.protocol``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from fedsim.distill import DataFreeServer, Synthesizer
+from fedsim.frameworks.distill import DataFreeServer, Synthesizer
 
 
 class DenseServer(DataFreeServer):

@@ -4,7 +4,7 @@ He et al., "Dual-Projection Shift Estimation and Classifier Reconstruction for E
 Learning", ICML 2025 (arXiv 2503.05423); official code github RHe502/ICML25-DPCR. Exemplar-free: no image of an
 old class is kept, only per-class statistics of backbone features x (rows, d = the backbone's embedding width).
 
-Per task t (classes arriving as in ``fedsim.class_incremental``, messages of ``fedsim.protocol.dpcr``):
+Per task t (classes arriving as in ``fedsim.frameworks.class_incremental``, messages of ``fedsim.algorithms.dpcr.protocol``):
 
 1. Backbone: task 0 cross-entropy; t >= 1 LwF, CE(new classes) + lambda * KD(old logits, T), trained by
    ``local_rounds`` rounds of FedAvg over the clients' shares of the task (one client = centralized training).
@@ -19,7 +19,7 @@ Per task t (classes arriving as in ``fedsim.class_incremental``, messages of ``f
 4. Reconstruction: W = (sum_c Phi_c + gamma I)^-1 sum_c n_c mu_c^T e_c with the true class counts n_c (the
    official code uses a constant 500), then class normalization w_c <- w_c / ||w_c|| (CN).
 
-The math lives in ``fedsim.learners.dpcr`` (one code path for every deployment). ``tssp``, ``cip`` and
+The math lives in ``fedsim.algorithms.dpcr.learner`` (one code path for every deployment). ``tssp``, ``cip`` and
 ``class_norm`` switch components off for the ablation; ``ridge-uncalibrated`` is the same strategy with all three
 off by default (the ridge classifier on stale statistics). ``ablation = true`` additionally evaluates, on the same
 backbone and the same statistics, the four ablation classifiers (ridge only, +TSSP, +CIP, +CN), TSSP + CN without
@@ -28,7 +28,7 @@ logged as ``acc_*`` columns of metrics.csv and under ``companions`` in summary.j
 adds the full method at each CIP tolerance t the same way (companions ``cip_tol_<t>``; metrics column
 ``rank_cip_tol_<t>`` = mean rank of the old classes' projectors; their ranks at the last task in summary.json).
 
-The backbone trains with the cosine head by default (``strategy.head``, see ``fedsim.class_incremental``), as in the
+The backbone trains with the cosine head by default (``strategy.head``, see ``fedsim.frameworks.class_incremental``), as in the
 official code; the statistics are those of the un-normalized pooled features either way.
 """
 
@@ -39,11 +39,11 @@ import time
 import numpy as np
 import torch
 
-from fedsim.class_incremental import MAIN, CILServer, IncrementalModel, embed
+from fedsim.frameworks.class_incremental import MAIN, CILServer, IncrementalModel, embed
 from fedsim.engine import ServerContext
-from fedsim.learners.dpcr import DPCR, decode_statistics
-from fedsim.protocol import dpcr as protocol
-from fedsim.training import state_to_arrays
+from fedsim.algorithms.dpcr.learner import DPCR, decode_statistics
+from fedsim.algorithms.dpcr import protocol
+from fedsim.nn.training import state_to_arrays
 
 #: The ablation rows of the paper (Table 4): name -> (tssp, cip, class_norm); "tssp_cn" (CN without CIP) is not a
 #: row of the paper's table: it separates what CN adds from what CIP adds.

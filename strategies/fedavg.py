@@ -3,7 +3,7 @@
 One server class family: each member is a ``flwr.serverapp.strategy`` class plus the keyword arguments its
 parameters name (Flower's own names), optionally wrapped (the DP wrappers around FedAvg). Every member trains with
 the same client part (``fedsim.clients.sgd``: local SGD epochs), evaluates the global model on the test set after
-every ``evaluation.every`` rounds and saves it. Messages: ``fedsim.protocol.sgd``.
+every ``evaluation.every`` rounds and saves it. Messages: ``fedsim.algorithms.fedavg.protocol``.
 
 - FedAvg (McMahan et al., AISTATS 2017, arXiv 1602.05629): w_{t+1} = sum_k (n_k / n) w_k^{t+1}, where each selected
   client starts from w_t and runs ``client.epochs`` epochs of SGD on its partition.
@@ -67,9 +67,9 @@ from flwr.serverapp.strategy import (
 from fedsim.codec import from_record, to_record
 from fedsim.engine import ServerContext
 from fedsim.engine.node import byzantine_summary
-from fedsim.protocol import sgd as protocol
+from fedsim.algorithms.fedavg import protocol
 from fedsim.scenario import derive_seed
-from fedsim.training import arrays_to_state, evaluate, state_to_arrays
+from fedsim.nn.training import arrays_to_state, evaluate, state_to_arrays
 
 
 def _train_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:

@@ -9,11 +9,11 @@ then:
 2. computes the ensemble's averaged logits on them once (``avg_logits``, uniform over the M local models);
 3. starts the student from the uniform average of the local models (FedAvg's model) and takes ``strategy.steps``
    Adam steps on KL(softmax(t / T) || softmax(s / T)) T^2, cosine-annealed, gradient norm clipped
-   (``fedsim.distill.distill_on_data``).
+   (``fedsim.frameworks.distill.distill_on_data``).
 
 The official code also stops early on a labeled validation split (10% of the training data, patience 1000 batches)
 and returns the best model on it; fedsim's server has no labels, so it runs the full budget (docs/results-oneshot.md).
-Parameters and registration: ``fedsim.protocol.distill``.
+Parameters and registration: ``fedsim.algorithms.distill.protocol``.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fedsim.distill import LogitEnsemble, OneShotDistillServer, distill_on_data
+from fedsim.frameworks.distill import LogitEnsemble, OneShotDistillServer, distill_on_data
 from fedsim.errors import ConfigError
 from fedsim.scenario import derive_seed, server_holdout, train_split
-from fedsim.training import predict_logits
+from fedsim.nn.training import predict_logits
 
 
 def distillation_inputs(config) -> torch.Tensor:  # noqa: ANN001

@@ -7,7 +7,7 @@ Each round, over the sampled clients P that answered (m: all clients):
 
 The official code evaluates the same server model (its ``cld_mdl_param`` = mean of the sampled models plus the mean
 over all clients of their accumulated drifts, which is -h / alpha); it also divides alpha by each client's relative
-dataset size, which the paper does not, and fedsim does not. Messages: ``fedsim.protocol.feddyn``; the round loop is
+dataset size, which the paper does not, and fedsim does not. Messages: ``fedsim.algorithms.feddyn.protocol``; the round loop is
 ``fedsim.strategies.scaffold.ModelRoundsServer``.
 """
 
@@ -17,7 +17,7 @@ import numpy as np
 from flwr.app import RecordDict
 
 from fedsim.engine import ServerContext
-from fedsim.protocol import feddyn as protocol
+from fedsim.algorithms.feddyn import protocol
 from fedsim.strategies.scaffold import ModelRoundsServer
 
 

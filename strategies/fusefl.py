@@ -4,7 +4,7 @@ Tang et al., "FuseFL: One-Shot Federated Learning through the Lens of Causality 
 NeurIPS 2024, arXiv 2410.20380; official code github wizard1203/FuseFL (`models/fl_exnn.py`, `alg_train.py`,
 `locals/ccvr.py`).
 
-The scenario's model (a `fedsim.models.BlockNet`) is cut into K = `strategy.stages` stages B^1..B^K
+The scenario's model (a `fedsim.nn.models.BlockNet`) is cut into K = `strategy.stages` stages B^1..B^K
 (`group_blocks(K)`) plus a classifier; every node builds the same initial model from the scenario seed. Round
 k = 1..K is stage k:
 
@@ -33,7 +33,7 @@ statistics (ridge head); what each round sends is logged (metrics.csv) and put i
 The fused network has M columns per stage, so it grows with M (`num_parameters` against
 `single_model_parameters` in the summary). Clients without data (possible under Dirichlet skew) are left out of
 the fusion. The fused model is saved as a standalone `torch.nn.Module` (model.pt). Messages:
-`fedsim.protocol.fusefl`; the bytes of each round are the engine's record of that exchange (`ctx.last_exchange`).
+`fedsim.algorithms.fusefl.protocol`; the bytes of each round are the engine's record of that exchange (`ctx.last_exchange`).
 """
 
 from __future__ import annotations
@@ -46,12 +46,12 @@ import pandas as pd
 from fedsim.analytic import RidgeStatistics, ridge_solve
 from fedsim.averaging import weighted_average
 from fedsim.engine import ServerContext
-from fedsim.learners.fusefl import ClassMoments, Column, FusedNet, FusedStage, Merge, recalibrated_head, \
+from fedsim.algorithms.fusefl.learner import ClassMoments, Column, FusedNet, FusedStage, Merge, recalibrated_head, \
     ridge_head, stage_modules, stage_output_shapes
-from fedsim.models import num_parameters
-from fedsim.protocol import fusefl as protocol
-from fedsim.protocol.fusefl import FuseFLParams, stage_epochs
-from fedsim.training import arrays_to_state, evaluate
+from fedsim.nn.models import num_parameters
+from fedsim.algorithms.fusefl import protocol
+from fedsim.algorithms.fusefl.protocol import FuseFLParams, stage_epochs
+from fedsim.nn.training import arrays_to_state, evaluate
 
 
 def _state_arrays(module) -> dict[str, np.ndarray]:  # noqa: ANN001

@@ -21,7 +21,7 @@ With M clients training the common initial model w_0 for `client.epochs` epochs 
                     test set, so it is an optimistic reference, not a deployable rule).
 
 Clients with no data are left out. The saved model.pt is a standalone `torch.nn.Module` in every case.
-Messages: `fedsim.protocol.oneshot`.
+Messages: `fedsim.algorithms.oneshot.protocol`.
 """
 
 from __future__ import annotations
@@ -33,13 +33,13 @@ import copy
 
 from fedsim.averaging import weighted_average
 from fedsim.engine import ServerContext
-from fedsim.learners.fusefl import ClassMoments, Column, Ensemble, FusedNet, FusedStage, recalibrated_head, \
+from fedsim.algorithms.fusefl.learner import ClassMoments, Column, Ensemble, FusedNet, FusedStage, recalibrated_head, \
     stage_modules
-from fedsim.models import num_parameters
-from fedsim.protocol import fusefl as fusefl_protocol
-from fedsim.protocol import oneshot as protocol
-from fedsim.protocol.oneshot import LocalModel
-from fedsim.training import arrays_to_state, evaluate
+from fedsim.nn.models import num_parameters
+from fedsim.algorithms.fusefl import protocol as fusefl_protocol
+from fedsim.algorithms.oneshot import protocol
+from fedsim.algorithms.oneshot.protocol import LocalModel
+from fedsim.nn.training import arrays_to_state, evaluate
 
 
 class OneShotServer:

@@ -1,7 +1,7 @@
 """Baselines for AEF-OCL on the same online stream, the same frozen backbone and the same buffer layer (seed).
 
 - `online-sgd`: fine-tuning, the usual lower bound of online continual learning. A linear softmax head on the
-  buffer features H = act(f(x) B), trained with cross-entropy by `fedsim.training.train_epochs` on each mini-batch
+  buffer features H = act(f(x) B), trained with cross-entropy by `fedsim.nn.training.train_epochs` on each mini-batch
   as it arrives (`client.epochs` passes over the batch, `client.lr` / `momentum` / `weight_decay` / `optimizer`;
   one optimizer per batch, so momentum does not carry across batches). Each batch is predicted before it is
   learned (prequential accuracy). No exemplars, no replay: it forgets and follows the imbalance.
@@ -12,7 +12,7 @@
 
 Both run centralized on the server: with several clients they learn the union of the clients' streams, in the
 order the federated AEF-OCL server folds them. Metrics, stream order and saved model are the online framework's
-(`fedsim.online`), as AEF-OCL's; parameters and registrations: `fedsim.protocol.online`.
+(`fedsim.frameworks.online`), as AEF-OCL's; parameters and registrations: `fedsim.algorithms.online.protocol`.
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ from torch import nn
 
 from fedsim.analytic import RidgeStatistics
 from fedsim.engine import ServerContext
-from fedsim.learners.aef_ocl import buffer_layer, buffer_seed, masked_predict
-from fedsim.online import (OnlineRun, PrequentialMeter, StreamFailed, TestEvaluator, linear_model, row_points,
+from fedsim.algorithms.aef_ocl.learner import buffer_layer, buffer_seed, masked_predict
+from fedsim.frameworks.online import (OnlineRun, PrequentialMeter, StreamFailed, TestEvaluator, linear_model, row_points,
                            segment_length, server_threads, union_batches)
-from fedsim.protocol.online import JointRidgeParams, OnlineParams, OnlineSGDParams
+from fedsim.algorithms.online.protocol import JointRidgeParams, OnlineParams, OnlineSGDParams
 from fedsim.scenario import derive_seed
-from fedsim.training import train_epochs
+from fedsim.nn.training import train_epochs
 
 
 def _transform(buffer: nn.Module):  # noqa: ANN202

@@ -7,7 +7,7 @@ updates dc_i = c_i^+ - c_i, then
     c <- c + (1/N) sum_{i in S} dc_i                    (N: all clients)
 
 over the clients that answered. ``ModelRoundsServer`` is the loop (sampling, evaluation, logging, saving) that
-FedDyn's server part shares. Messages: ``fedsim.protocol.scaffold``.
+FedDyn's server part shares. Messages: ``fedsim.algorithms.scaffold.protocol``.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from flwr.app import RecordDict
 
 from fedsim.engine import ServerContext
 from fedsim.engine.node import byzantine_summary
-from fedsim.protocol import scaffold as protocol
-from fedsim.training import arrays_to_state, evaluate, state_to_arrays
+from fedsim.algorithms.scaffold import protocol
+from fedsim.nn.training import arrays_to_state, evaluate, state_to_arrays
 
 
 class ModelRoundsServer:

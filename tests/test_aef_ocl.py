@@ -1,4 +1,4 @@
-"""AEF-OCL's learner (fedsim.learners.aef_ocl): exactness of the recursive and statistics solvers against an
+"""AEF-OCL's learner (fedsim.algorithms.aef_ocl.learner): exactness of the recursive and statistics solvers against an
 independent numpy ridge regression, PFG's running statistics against numpy, the balancing plan, and the
 federated fold (clients' increments merged = the centralized learner on the union of their streams)."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedsim.learners.aef_ocl import AEFOCL, PseudoFeatureGenerator, masked_predict, reduce_statistics
+from fedsim.algorithms.aef_ocl.learner import AEFOCL, PseudoFeatureGenerator, masked_predict, reduce_statistics
 
 
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:

@@ -16,9 +16,9 @@ from fedsim.analytic import RidgeStatistics
 from fedsim.config import load_scenario, load_scenarios
 from fedsim.engine.runner import run_scenario
 from fedsim.errors import ConfigError
-from fedsim.learners.aef_ocl import learner_for, masked_predict
-from fedsim.online import OnlineRun, PrequentialMeter, row_points
-from fedsim.protocol.online import OnlineParams
+from fedsim.algorithms.aef_ocl.learner import learner_for, masked_predict
+from fedsim.frameworks.online import OnlineRun, PrequentialMeter, row_points
+from fedsim.algorithms.online.protocol import OnlineParams
 from fedsim.scenario import partition_for, scenario_feature_map, scenario_streams, test_split, train_split
 
 STREAM = aef_ocl_one_client(max_train=4000, max_test=1000, imbalance_ratio=20, buffer_width=128, eval_every=15)
@@ -113,7 +113,7 @@ class _Ctx:
 
 class _Evaluator:
     def __init__(self, labels: np.ndarray) -> None:
-        from fedsim.online import TestEvaluator
+        from fedsim.frameworks.online import TestEvaluator
 
         self.labels, self.seconds = labels, 0.0
         self.features = np.zeros((len(labels), 1))

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from conftest import aef_ocl_one_client, dirichlet, fmnist_slice, long_tail_stream
-from fedsim.learners.aef_ocl import learner_for
+from fedsim.algorithms.aef_ocl.learner import learner_for
 from fedsim.config import load_scenario, load_scenarios
 from fedsim.scenario import partition_for, scenario_feature_map, scenario_streams, train_split
 from fedsim.engine.runner import run_scenario
 from fedsim.errors import ConfigError
-from fedsim.report import report
+from fedsim.results.report import report
 
 CENTRAL = aef_ocl_one_client(max_train=10000, max_test=2000, imbalance_ratio=100, buffer_width=512,
                              eval_every=50) + """\

@@ -210,7 +210,7 @@ def test_packed_symmetric_matrices_round_trip_exactly():
 
 def test_learner_fit_and_every_upload_form_agree():
     from fedsim.analytic import RidgeStatistics
-    from fedsim.learners.afl import AFLLearner, encode_reply, reduce_replies
+    from fedsim.algorithms.afl.learner import AFLLearner, encode_reply, reduce_replies
 
     rng = np.random.default_rng(1)
     x, y = rng.normal(size=(400, 30)), rng.integers(0, 4, 400)

@@ -12,7 +12,7 @@ import torch
 from conftest import scenario_config
 from fedsim.analytic import RidgeStatistics, gram_factor
 from fedsim.engine.runner import run_scenario
-from fedsim.learners.afl import AFLLearner, factor_is_smaller, reduce_replies
+from fedsim.algorithms.afl.learner import AFLLearner, factor_is_smaller, reduce_replies
 from fedsim.scenario import partition_for, train_split
 
 D, C = 64, 10

@@ -18,7 +18,7 @@ from fedsim.clients.sgd import SGDClient
 from fedsim.engine.node import byzantine_clients, byzantine_factor, byzantine_update
 from fedsim.engine.runner import run_scenario
 from fedsim.errors import ConfigError
-from fedsim.protocol import sgd as protocol
+from fedsim.algorithms.fedavg import protocol
 
 ATTACK = ["simulation.byzantine_fraction=0.17", "simulation.byzantine_mode=sign-flip", "simulation.byzantine_scale=4"]
 

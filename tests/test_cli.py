@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from fedsim.cli import main
-from fedsim.results import REQUIRED_SUMMARY_KEYS
+from fedsim.results.rundir import REQUIRED_SUMMARY_KEYS
 
 SCENARIO = """
 seed = 0

@@ -1,4 +1,4 @@
-"""Accuracy on each client's label mix (fedsim.client_metrics): the formula against a direct re-weighted count, and
+"""Accuracy on each client's label mix (fedsim.results.client_metrics): the formula against a direct re-weighted count, and
 what a FedAvg run records (metrics columns, summary, against the saved model re-evaluated by hand)."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from conftest import DIGITS, scenario_config
-from fedsim.client_metrics import client_accuracies, client_accuracy_summary, label_counts
+from fedsim.results.client_metrics import client_accuracies, client_accuracy_summary, label_counts
 import fedsim.scenario as engine_client
 from fedsim.engine.runner import run_scenario
-from fedsim.training import evaluate, per_class_accuracy
+from fedsim.nn.training import evaluate, per_class_accuracy
 
 
 def test_label_counts_and_hand_computed_client_accuracies():

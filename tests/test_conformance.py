@@ -25,7 +25,7 @@ import torch
 from fedsim.config import config_from_dict
 from fedsim.engine.runner import run_scenario
 from fedsim.registry import strategies
-from fedsim.results import REQUIRED_SUMMARY_KEYS
+from fedsim.results.rundir import REQUIRED_SUMMARY_KEYS
 from fedsim.scenario import test_split
 
 NAMES = [name for name in strategies() if not name.startswith("test-")]

@@ -1,4 +1,4 @@
-"""fedsim.continual: accuracy matrix, average incremental accuracy, forgetting, backward transfer."""
+"""fedsim.results.continual: accuracy matrix, average incremental accuracy, forgetting, backward transfer."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from fedsim.continual import (
+from fedsim.results.continual import (
     AccuracyMatrix,
     accuracy_on,
     average_incremental_accuracy,

@@ -12,7 +12,7 @@ from torch import nn
 
 from conftest import FMNIST_THREE_CNN_CLIENTS
 from fedsim.config import config_from_dict
-from fedsim.distill import (BatchNormStatistics, CoBoostSynthesizer, Generator, LogitEnsemble, Synthesizer, augment,
+from fedsim.frameworks.distill import (BatchNormStatistics, CoBoostSynthesizer, Generator, LogitEnsemble, Synthesizer, augment,
                             coboost_generator_loss, dense_generator_loss, reweight_ensemble, seeded, synthesis_labels)
 from fedsim.engine.runner import run_scenario
 from fedsim.errors import ConfigError, DataUnavailableError

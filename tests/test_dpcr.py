@@ -12,7 +12,7 @@ import torch
 from conftest import fmnist_slice, scenario_config
 from fedsim.engine.runner import run_scenario
 from fedsim.errors import ConfigError
-from fedsim.report import report
+from fedsim.results.report import report
 
 FMNIST_5x2 = f"""
 seed = 0
@@ -161,8 +161,8 @@ def test_federated_dpcr_on_ray_matches_the_inline_backend(tmp_path):
 
 def test_training_head_defaults_follow_the_official_protocol(tmp_path):
     """Cosine head (PyCIL "cosine": true) for DPCR and the methods on LwF's backbone; linear for finetune/joint."""
-    from fedsim.class_incremental import initial_model
-    from fedsim.models import CosineLinear
+    from fedsim.frameworks.class_incremental import initial_model
+    from fedsim.nn.models import CosineLinear
     from fedsim.scenario import ScenarioView
 
     heads = {name: config(tmp_path, f"strategy.name=\"{name}\"").strategy.params.head
@@ -182,7 +182,7 @@ def test_training_head_defaults_follow_the_official_protocol(tmp_path):
 
 def test_cosine_head_trains_and_the_saved_model_predicts_with_it(tmp_path):
     """The LwF run's model.pt holds the cosine head it trained (sigma learned), and reproduces final_accuracy."""
-    from fedsim.models import CosineLinear
+    from fedsim.nn.models import CosineLinear
     from fedsim.scenario import test_split
 
     small = ["data.max_train=1000", "data.max_test=400", "client.epochs=1"]

@@ -1,4 +1,4 @@
-"""fedsim.learners.dpcr against direct numpy computations: reconstruction, TSSP, CIP, federated sums."""
+"""fedsim.algorithms.dpcr.learner against direct numpy computations: reconstruction, TSSP, CIP, federated sums."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fedsim.analytic import pack_upper, unpack_upper
-from fedsim.learners.dpcr import (
+from fedsim.algorithms.dpcr.learner import (
     DPCR,
     class_statistics,
     decode_statistics,

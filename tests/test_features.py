@@ -1,4 +1,4 @@
-"""fedsim.features: determinism across processes, accuracy of ridge on random features, offline weights error."""
+"""fedsim.nn.features: determinism across processes, accuracy of ridge on random features, offline weights error."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 
 from fedsim.analytic import RidgeStatistics
 from fedsim.errors import ConfigError, DataUnavailableError
-from fedsim.features import BufferLayer, build_feature_map
+from fedsim.nn.features import BufferLayer, build_feature_map
 
 from conftest import fmnist
 
@@ -50,7 +50,7 @@ def test_random_map_seeded_and_batched():
 
 
 def test_random_map_identical_in_another_process():
-    code = ("import torch; from fedsim.features import build_feature_map; "
+    code = ("import torch; from fedsim.nn.features import build_feature_map; "
             "f = build_feature_map('random', (1, 4, 4), dim=6, seed=11); "
             "print(repr(f.module.weight.double().sum().item()), repr(f.module.weight[3, 2].item()))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,

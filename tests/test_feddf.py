@@ -20,7 +20,7 @@ from fedsim.config import config_from_dict
 from fedsim.engine.node import concatenate_replies
 from fedsim.engine.runner import run_scenario
 from fedsim.errors import ConfigError, DataUnavailableError
-from fedsim.protocol.distill import FedDFParams
+from fedsim.algorithms.distill.protocol import FedDFParams
 from fedsim.registry import StrategySpec, register_strategy
 from fedsim.scenario import partition_for, server_holdout, test_split, train_split
 
@@ -89,7 +89,7 @@ def test_scenario_holdout_gives_every_strategy_the_same_partition():
 
 
 def test_no_holdout_leaves_the_partition_unchanged():
-    from fedsim.partition import partition_indices
+    from fedsim.data.partition import partition_indices
 
     plain = tree(DIGITS)
     plain["strategy"] = {"name": "fedavg-oneshot"}
@@ -129,8 +129,8 @@ def test_run_writes_the_clients_partition_without_the_holdout(tmp_path):
 
 # ------------------------------------------------------------------------------------------ distillation
 def _small_model(seed: int = 0) -> torch.nn.Module:
-    from fedsim.models import build_model
-    from fedsim.training import train_epochs
+    from fedsim.nn.models import build_model
+    from fedsim.nn.training import train_epochs
 
     config = config_from_dict(tree(DIGITS))
     data = train_split(config)
@@ -141,8 +141,8 @@ def _small_model(seed: int = 0) -> torch.nn.Module:
 
 def test_identical_local_models_are_reproduced_on_the_distillation_set():
     from fedsim.averaging import weighted_average
-    from fedsim.distill import LogitEnsemble, distill_on_data, seeded
-    from fedsim.training import arrays_to_state, predict_logits, state_to_arrays
+    from fedsim.frameworks.distill import LogitEnsemble, distill_on_data, seeded
+    from fedsim.nn.training import arrays_to_state, predict_logits, state_to_arrays
 
     config = config_from_dict(tree(DIGITS))
     x = train_split(config).x[torch.as_tensor(server_holdout(config))]
@@ -169,8 +169,8 @@ class _IdenticalClient:
         self.params = params
 
     def train(self, content, env):  # noqa: ANN001, ANN201
-        from fedsim.protocol import oneshot
-        from fedsim.training import state_to_arrays
+        from fedsim.algorithms.oneshot import protocol as oneshot
+        from fedsim.nn.training import state_to_arrays
 
         return oneshot.reply(env.partition_id, state_to_arrays(_small_model()), 400, 0.0)
 
@@ -185,7 +185,7 @@ register_strategy(StrategySpec(
 
 
 def test_feddf_run_over_identical_clients_keeps_their_predictions(tmp_path):
-    from fedsim.training import predict_logits
+    from fedsim.nn.training import predict_logits
 
     config = config_from_dict(tree(DIGITS, strategy={"name": "test-feddf-identical", "steps": 400, "batch_size": 64}))
     summary = run_scenario(config, tmp_path, show_progress=False)

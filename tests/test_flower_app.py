@@ -171,7 +171,7 @@ def _inline_run(scenario: Path, tmp_path: Path, label: str | None, nodes: int) -
 def test_flwr_run_in_flowers_simulation_runtime_writes_a_run_directory_report_reads(tmp_path):
     """``flwr run <project> --run-config ...`` with the project's own pyproject (the FAB carries scenarios/)."""
     from fedsim.deploy import LocalFederation
-    from fedsim.report import report
+    from fedsim.results.report import report
 
     out = tmp_path / "run"
     federation = LocalFederation(simulation=True, num_supernodes=2, workdir=tmp_path)
@@ -229,7 +229,7 @@ def test_ctrl_c_during_fedsim_deploy_stops_every_process_it_started(tmp_path):
     import signal
     import time
 
-    from fedsim.engine.runner import _alive, _descendants
+    from fedsim.engine.processes import alive, descendants
 
     scenario = _write(tmp_path, SMALL_AFL.replace('name = "afl"', 'name = "fedavg"').replace("rounds = 1", "rounds = 5"))
     proc = subprocess.Popen([sys.executable, "-m", "fedsim.cli", "deploy", str(scenario), "--nodes", "2", "--out",
@@ -239,7 +239,7 @@ def test_ctrl_c_during_fedsim_deploy_stops_every_process_it_started(tmp_path):
     deadline = time.monotonic() + 120
     try:
         while time.monotonic() < deadline:
-            below = set(_descendants(proc.pid))
+            below = set(descendants(proc.pid))
             seen |= below
             names = []
             for pid in below:
@@ -255,7 +255,7 @@ def test_ctrl_c_during_fedsim_deploy_stops_every_process_it_started(tmp_path):
         else:
             pytest.fail("the SuperLink, SuperNodes and flwr run did not start within 120 s")
         time.sleep(5)  # the run is under way: the ServerApp and ClientApp processes are starting
-        seen |= set(_descendants(proc.pid))
+        seen |= set(descendants(proc.pid))
         os.kill(proc.pid, signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     finally:
@@ -263,6 +263,6 @@ def test_ctrl_c_during_fedsim_deploy_stops_every_process_it_started(tmp_path):
             proc.kill()
     assert proc.returncode == 130, err[-2000:]
     deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and any(_alive(p) for p in seen):
+    while time.monotonic() < deadline and any(alive(p) for p in seen):
         time.sleep(0.2)
-    assert seen and not [p for p in seen if _alive(p)]
+    assert seen and not [p for p in seen if alive(p)]

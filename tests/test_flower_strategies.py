@@ -19,9 +19,9 @@ from conftest import DIGITS, scenario_config
 from fedsim.clients.sgd import SGDClient, clip_update, update_norm
 from fedsim.engine.runner import run_scenario
 from fedsim.errors import ConfigError
-from fedsim.protocol import sgd as protocol
+from fedsim.algorithms.fedavg import protocol
 from fedsim.registry import strategies
-from fedsim.training import evaluate
+from fedsim.nn.training import evaluate
 
 FLOWER = ["fedavgm", "fedadagrad", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum", "multikrum",
           "bulyan", "qfedavg", "fedavg-dp-server", "fedavg-dp-client"]
@@ -150,7 +150,7 @@ def test_qfedavg_with_q_0_is_the_uniform_mean_and_reads_the_received_models_loss
     seen = replies.seen
     _assert_model(model, {k: _stack(seen, k).mean(0) for k in model}, atol=1e-5)
     # the paper's F_k(w_t): each client reported the loss of the model it received, on its own data
-    from fedsim.training import arrays_to_state
+    from fedsim.nn.training import arrays_to_state
 
     for r in seen[:2]:
         env = r["env"]

@@ -11,10 +11,10 @@ from torch import nn
 
 from fedsim.averaging import weighted_average
 from fedsim.catalog import MODEL_BLOCKS, MODELS
-from fedsim.learners.fusefl import Column, Ensemble, FusedNet, FusedStage, Merge, StageModel, build_fused, \
+from fedsim.algorithms.fusefl.learner import Column, Ensemble, FusedNet, FusedStage, Merge, StageModel, build_fused, \
     fused_embedding, ridge_head, stage_modules, stage_output_shapes
-from fedsim.models import build_model, num_parameters
-from fedsim.training import train_epochs
+from fedsim.nn.models import build_model, num_parameters
+from fedsim.nn.training import train_epochs
 
 SHAPES = {"cnn": (1, 28, 28), "resnet18": (1, 28, 28), "mlp": (1, 8, 8)}
 

@@ -8,7 +8,7 @@ import pytest
 
 from fedsim.config import config_from_dict
 from fedsim.errors import ConfigError
-from fedsim.partition import partition_indices
+from fedsim.data.partition import partition_indices
 
 
 def _labels(n_per_class=600, classes=10, seed=0):

@@ -23,14 +23,14 @@ from fedsim.config import load_scenarios
 from fedsim.engine.accounting import record_nbytes
 from fedsim.engine.node import ClientEnv
 from fedsim.engine.runner import run_scenario
-from fedsim.learners.fusefl import Column, Merge, StageModel, build_fused, class_moments_of, stage_modules, \
+from fedsim.algorithms.fusefl.learner import Column, Merge, StageModel, build_fused, class_moments_of, stage_modules, \
     stage_output_shapes
-from fedsim.models import num_parameters
-from fedsim.protocol.fusefl import COLUMN_PREFIX, FuseFLParams, class_statistics_reply, stage_epochs, \
+from fedsim.nn.models import num_parameters
+from fedsim.algorithms.fusefl.protocol import COLUMN_PREFIX, FuseFLParams, class_statistics_reply, stage_epochs, \
     stage_message
-from fedsim.protocol.oneshot import MODEL_PREFIX
+from fedsim.algorithms.oneshot.protocol import MODEL_PREFIX
 from fedsim.scenario import partition_for, scenario_model, test_split
-from fedsim.training import arrays_to_state, train_epochs
+from fedsim.nn.training import arrays_to_state, train_epochs
 
 SCENARIO = fusefl_scenario(max_train=2000, max_test=500, num_clients=4, alpha=0.3, width=4)
 
@@ -159,7 +159,7 @@ def _local_models_by_hand(config):
 
 
 def RecordDictEmpty():  # noqa: N802 - the one-shot request (empty)
-    from fedsim.protocol.oneshot import request
+    from fedsim.algorithms.oneshot.protocol import request
 
     return request()
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from fedsim.learners.fusefl import ClassMoments, pooled_class_gaussians, recalibrate_head, recalibrated_head, \
+from fedsim.algorithms.fusefl.learner import ClassMoments, pooled_class_gaussians, recalibrate_head, recalibrated_head, \
     virtual_features
-from fedsim.protocol.fusefl import RecalibrationParams
+from fedsim.algorithms.fusefl.protocol import RecalibrationParams
 
 
 def _clients(rng, num_classes=4, dim=5, sizes=((0, 30, 2, 0), (7, 0, 50, 1), (40, 9, 0, 0))):

@@ -17,12 +17,12 @@ from fedsim.codec import to_record
 from fedsim.analytic import RidgeStatistics, ridge_solve
 import fedsim.scenario as engine_client
 from fedsim.engine.accounting import failing_clients, record_nbytes
-from fedsim.protocol.fusefl import COLUMN_PREFIX, META_PREFIX, WEIGHT_KEY, stage_message
+from fedsim.algorithms.fusefl.protocol import COLUMN_PREFIX, META_PREFIX, WEIGHT_KEY, stage_message
 from fedsim.scenario import partition_for, scenario_model
 from fedsim.engine.node import ClientEnv
 from fedsim.engine.runner import run_scenario
-from fedsim.learners.fusefl import FusedNet, build_fused, fused_embedding, stage_modules
-from fedsim.training import evaluate
+from fedsim.algorithms.fusefl.learner import FusedNet, build_fused, fused_embedding, stage_modules
+from fedsim.nn.training import evaluate
 
 # Dirichlet(0.1) over 5 clients (FuseFL's default client count), a small cnn, short local training.
 SCENARIO = fusefl_scenario(max_train=3000, max_test=1000, num_clients=5, alpha=0.1, width=8)

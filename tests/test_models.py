@@ -1,4 +1,4 @@
-"""fedsim.models: block structure, cuts, shapes, seeding."""
+"""fedsim.nn.models: block structure, cuts, shapes, seeding."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fedsim.errors import ConfigError
-from fedsim.models import MODELS, BlockNet, build_model, num_parameters
+from fedsim.nn.models import MODELS, BlockNet, build_model, num_parameters
 
 SHAPES = [(1, 28, 28), (3, 32, 32), (1, 8, 8)]
 
@@ -101,7 +101,7 @@ def test_unknown_model_names_field_and_choices():
 
 
 def test_cosine_classifier_scores_scaled_cosines_and_is_seeded():
-    from fedsim.models import CosineLinear, use_cosine_classifier
+    from fedsim.nn.models import CosineLinear, use_cosine_classifier
 
     torch.manual_seed(7)
     expected_next = torch.rand(1)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fedsim.errors import ConfigError
-from fedsim.partition import PARTITIONS, describe_partition, partition_indices, partition_table
+from fedsim.data.partition import PARTITIONS, describe_partition, partition_indices, partition_table
 
 NUM_CLASSES = 10
 
@@ -77,7 +77,7 @@ def test_fast_index_read_matches_public_api(labels):
     from datasets import Dataset
     from flwr_datasets.partitioner import DirichletPartitioner
 
-    from fedsim.partition import _from_partitioner
+    from fedsim.data.partition import _from_partitioner
 
     order = np.random.default_rng(1).permutation(labels.shape[0])
     ds = Dataset.from_dict({"label": labels[order], "idx": order})

@@ -212,8 +212,8 @@ def test_declared_constraints_give_field_named_errors():
 def test_catalog_names_match_the_builders():
     from fedsim import catalog
     from fedsim.data import DATASETS
-    from fedsim.features import ACTIVATIONS
-    from fedsim.models import build_model
+    from fedsim.nn.features import ACTIVATIONS
+    from fedsim.nn.models import build_model
 
     assert list(DATASETS) == list(catalog.DATASETS)
     assert set(ACTIVATIONS) == set(catalog.ACTIVATIONS)

@@ -278,7 +278,7 @@ def test_a_stale_directory_never_passes_as_completed(tmp_path, capsys):
 
 
 def test_writing_a_new_config_invalidates_the_old_summary_first(tmp_path):
-    from fedsim.results import CONFIG_FILE, SUMMARY_FILE, RunRecorder, completed_run_of
+    from fedsim.results.rundir import CONFIG_FILE, SUMMARY_FILE, RunRecorder, completed_run_of
 
     d = tmp_path / "d"
     rec = RunRecorder(d)

@@ -11,7 +11,7 @@ import pytest
 from scipy.stats import t
 
 from fedsim.cli import main
-from fedsim.report import mean_std_ci, statistics_table, load_grouped
+from fedsim.results.report import mean_std_ci, statistics_table, load_grouped
 
 
 def _run(d, label, kind, seed, acc, **extra):

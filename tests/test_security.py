@@ -206,7 +206,7 @@ def test_fedsim_run_refuses_a_crafted_cifar_root(tmp_path, capsys, fresh_data_ca
 # --------------------------------------------------------------------------------------------- file modes
 @pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
 def test_run_files_get_the_mode_a_plain_open_gives(tmp_path, umask):
-    from fedsim.results import atomic_write
+    from fedsim.results.rundir import atomic_write
 
     previous = os.umask(umask)
     try:
@@ -224,7 +224,7 @@ def test_run_files_get_the_mode_a_plain_open_gives(tmp_path, umask):
 
 
 def test_replacing_a_file_keeps_its_mode(tmp_path):
-    from fedsim.results import atomic_write
+    from fedsim.results.rundir import atomic_write
 
     path = tmp_path / "summary.json"
     path.write_text("old")

@@ -11,7 +11,7 @@ import fedsim.clients.sgd as sgd_client
 from conftest import DIGITS, scenario_config
 from fedsim.clients.sgd import SGDClient
 from fedsim.engine.runner import run_scenario
-from fedsim.protocol import sgd as protocol
+from fedsim.algorithms.fedavg import protocol
 from fedsim.strategies.fedavg import FedProxServer
 
 

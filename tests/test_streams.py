@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from fedsim.errors import ConfigError
-from fedsim.partition import partition_indices
-from fedsim.streams import OnlineStream, class_incremental, client_streams, online_stream, split_classes
+from fedsim.data.partition import partition_indices
+from fedsim.data.streams import OnlineStream, class_incremental, client_streams, online_stream, split_classes
 
 C = 10
 PER_CLASS = 500

@@ -1,4 +1,4 @@
-"""fedsim.training: learning on real data, determinism, FedProx, evaluation and state round trips."""
+"""fedsim.nn.training: learning on real data, determinism, FedProx, evaluation and state round trips."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 
 from conftest import fmnist as real_fmnist
 from fedsim.errors import ConfigError
-from fedsim.models import build_model
-from fedsim.training import (
+from fedsim.nn.models import build_model
+from fedsim.nn.training import (
     arrays_to_state,
     evaluate,
     per_class_accuracy,

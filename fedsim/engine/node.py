@@ -26,7 +26,7 @@ from fedsim.codec import from_record, to_record
 from fedsim.config import ScenarioConfig
 from fedsim.engine.accounting import ACCOUNTING_KEY, CLIENT_FAILED, ENGINE_KEY, NODE_KEY, failing_clients, \
     node_group, record_nbytes
-from fedsim.protocol import sgd as sgd_protocol
+from fedsim.algorithms.fedavg import protocol as sgd_protocol
 from fedsim.registry import get_strategy
 from fedsim.scenario import ScenarioView, client_stream, derive_seed, partition_for, resolve_device, train_split
 

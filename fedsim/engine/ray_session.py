@@ -148,9 +148,9 @@ def ensure_ray(config: Any) -> dict[str, Any]:
                 if key not in os.environ:
                     os.environ[key] = added[key] = value
     if not address:  # what runs below this process before the private Ray starts (not Ray's: left alone at the end)
-        from fedsim.engine.runner import _descendants
+        from fedsim.engine.processes import descendants
 
-        _BEFORE_RAY[:] = [set(_descendants(os.getpid()))]
+        _BEFORE_RAY[:] = [set(descendants(os.getpid()))]
     try:
         with _loopback_stays_loopback(not address):
             ray.init(**args)
@@ -181,20 +181,20 @@ def shutdown_ray(timeout: float = 5.0) -> None:
     ray = sys.modules.get("ray")
     if ray is None or not ray.is_initialized():
         return
-    from fedsim.engine.runner import _alive, _descendants
+    from fedsim.engine.processes import alive, descendants
 
     private = bool(_BEFORE_RAY)
-    started = set(_descendants(os.getpid())) - (_BEFORE_RAY[0] if private else set())
+    started = set(descendants(os.getpid())) - (_BEFORE_RAY[0] if private else set())
     with contextlib.suppress(Exception):
         ray.shutdown()
     _BEFORE_RAY.clear()
     if not private:
         return
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(_alive(pid) for pid in started):
+    while time.monotonic() < deadline and any(alive(pid) for pid in started):
         time.sleep(0.05)
     for pid in started:
-        if _alive(pid):
+        if alive(pid):
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
 

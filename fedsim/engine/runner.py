@@ -29,11 +29,12 @@ from flwr.serverapp import Grid, ServerApp
 from fedsim import QUIET_ENV  # noqa: F401  (set in os.environ when fedsim is imported, before any flwr import)
 from fedsim.config import ScenarioConfig
 from fedsim.engine.node import build_client_app
+from fedsim.engine.processes import alive, descendants, hard_exit  # noqa: F401
 from fedsim.engine.progress import RunProgress
 from fedsim.engine.server import AccountingGrid, ServerContext
 from fedsim.errors import ConfigError, FedsimError
 from fedsim.registry import get_strategy
-from fedsim.results import REQUIRED_SUMMARY_KEYS, RunRecorder
+from fedsim.results.rundir import REQUIRED_SUMMARY_KEYS, RunRecorder
 from fedsim.scenario import partition_for, test_split, train_split
 
 SERVER_STOP_WAIT = 10.0  # seconds the driver waits for the server part to stop after an interrupt
@@ -88,13 +89,6 @@ _ACTIVE_RUNS: list["_Run"] = []  # the run_scenario calls in progress in this pr
 _SIGNALLED: list[int] = []  # the signal being handled (at most one)
 
 
-def _hard_exit(code: int) -> None:
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    os._exit(code)
-
-
 def interrupt_message(code: int) -> str:
     """What ``fedsim run`` prints when a signal ended it (exit status ``code``)."""
     name = {130: "interrupted (SIGINT)", 143: "terminated (SIGTERM)"}.get(code, "interrupted")
@@ -103,7 +97,7 @@ def interrupt_message(code: int) -> str:
 
 def _on_signal(signum: int, frame: Any) -> None:
     if _SIGNALLED:  # a second signal while the first is handled: the run files are written already
-        _hard_exit(128 + _SIGNALLED[0])
+        hard_exit(128 + _SIGNALLED[0])
     _SIGNALLED.append(signum)
     for run in list(_ACTIVE_RUNS):
         run.interrupt(signum)
@@ -112,41 +106,8 @@ def _on_signal(signum: int, frame: Any) -> None:
         # shutdown took 2-8 s after SIGINT on a busy machine, and after a SIGTERM to the process group (timeout,
         # Slurm), which kills the raylet first, Ray's shutdown waits ~8 s on it.
         print(interrupt_message(128 + signum), file=sys.stderr)
-        _hard_exit(128 + signum)
+        hard_exit(128 + signum)
     raise Interrupted(signum)
-
-
-def _descendants(root: int) -> list[int]:
-    """Every live descendant process of ``root`` (Linux ``/proc``; [] elsewhere)."""
-    children: dict[int, list[int]] = {}
-    try:
-        entries = os.listdir("/proc")
-    except OSError:  # pragma: no cover - no procfs
-        return []
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as fh:
-                stat = fh.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        if stat[0] != b"Z":
-            children.setdefault(int(stat[1]), []).append(int(entry))
-    out, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except OSError:
-        return False
 
 
 def _teardown_local_ray(timeout: float = 2.0) -> bool:
@@ -164,7 +125,7 @@ def _teardown_local_ray(timeout: float = 2.0) -> bool:
         gcs = [info.process for info in node.all_processes.get("gcs_server", [])]
     except Exception:  # noqa: BLE001 - private Ray API: fall back to Ray's own shutdown
         return False
-    below = set(_descendants(os.getpid()))  # before the raylet dies and its workers are re-parented
+    below = set(descendants(os.getpid()))  # before the raylet dies and its workers are re-parented
     for proc in procs:
         if proc.poll() is None:
             with contextlib.suppress(OSError):
@@ -176,7 +137,7 @@ def _teardown_local_ray(timeout: float = 2.0) -> bool:
     # the GCS server holds only this run's in-memory cluster state, and its graceful exit waits seconds on the
     # raylet it outlived: once everything else is gone, it is killed
     gcs_pids = {proc.pid for proc in gcs}
-    while time.monotonic() < deadline and any(_alive(pid) for pid in below - gcs_pids):
+    while time.monotonic() < deadline and any(alive(pid) for pid in below - gcs_pids):
         time.sleep(0.05)
     procs += gcs
     for proc in procs:
@@ -184,14 +145,14 @@ def _teardown_local_ray(timeout: float = 2.0) -> bool:
             with contextlib.suppress(OSError):
                 proc.kill()
     for pid in below:
-        if _alive(pid):
+        if alive(pid):
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
     for proc in procs:
         with contextlib.suppress(Exception):
             proc.wait(1.0)
     end = time.monotonic() + 1.0  # a killed process takes a moment to go
-    while time.monotonic() < end and any(_alive(pid) for pid in below):
+    while time.monotonic() < end and any(alive(pid) for pid in below):
         time.sleep(0.02)
     return True
 
@@ -402,12 +363,12 @@ def run_scenario(config: ScenarioConfig, out_dir: str | Path, *, label: str | No
         recorder.write_config(config.to_dict(), **config_entry,
                               data_files={"train": train.source or None, "test": test.source or None})
         partitions = partition_for(config)
-        from fedsim.partition import partition_table
+        from fedsim.data.partition import partition_table
 
         table = partition_table(partitions, train.labels, train.num_classes)
         recorder.write_partition(table)
         if show_progress:
-            from fedsim.partition import describe_partition
+            from fedsim.data.partition import describe_partition
 
             print(f"partition: {describe_partition(table)}", file=sys.stderr)
 
@@ -525,7 +486,7 @@ def _summary(config: ScenarioConfig, ctx: ServerContext | None, recorder: RunRec
         "seed": config.seed,
     }
     spread = [r for r in rows if r.get("client_acc_min") == r.get("client_acc_min") and "client_acc_min" in r]
-    if spread:  # the final model on each client's label mix (fedsim.client_metrics)
+    if spread:  # the final model on each client's label mix (fedsim.results.client_metrics)
         summary["worst_client_accuracy"] = spread[-1]["client_acc_min"]
         summary["client_accuracy_std"] = spread[-1]["client_acc_std"]
     if traffic is not None and config.num_clients:

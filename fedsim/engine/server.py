@@ -14,7 +14,7 @@ from flwr.serverapp import Grid
 
 from fedsim.config import ScenarioConfig
 from fedsim.engine.accounting import ACCOUNTING_KEY, ENGINE_KEY, NODE_KEY, record_nbytes
-from fedsim.results import RunRecorder
+from fedsim.results.rundir import RunRecorder
 from fedsim.scenario import ScenarioView, resolve_device, scenario_streams, test_split, train_split
 
 DISCOVERY_TIMEOUT = 600.0
@@ -271,8 +271,8 @@ class ServerContext(ScenarioView):
 
     def client_accuracy(self, class_accuracy: Any) -> dict[str, float]:
         """Mean, worst and spread over clients of the test accuracy re-weighted to each client's label mix
-        (`fedsim.client_metrics`), as metrics for `log`; {} without a partition (streams, one client)."""
-        from fedsim.client_metrics import client_accuracy_summary, label_counts
+        (`fedsim.results.client_metrics`), as metrics for `log`; {} without a partition (streams, one client)."""
+        from fedsim.results.client_metrics import client_accuracy_summary, label_counts
 
         if not self.partitions or len(self.partitions) < 2 or class_accuracy is None:
             return {}
