@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime as _dt
 import sys
 from pathlib import Path
 
 from fedsim.errors import ConfigError, DataUnavailableError, FedsimError
 
 
-def _default_out(scenario: str | None) -> Path:
-    stem = Path(scenario).stem if scenario else "run"
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{stem}-{stamp}"
+def _out_dir(args: argparse.Namespace) -> Path:
+    """``--out``, else the default run directory (``fedsim.results.rundir.default_out``, imported here: it pulls
+    in pandas, which ``fedsim list`` and ``validate`` do not need)."""
+    if args.out:
+        return Path(args.out)
+    from fedsim.results.rundir import default_out
+
+    return default_out(args.scenario)
 
 
 def _writable_dir(path: Path) -> None:
@@ -44,7 +47,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     every = load_scenarios(args.scenario, args.set)  # torch-free: a bad scenario fails here, fast
     variants = select_variants(every, args.only)
-    out = Path(args.out) if args.out else _default_out(args.scenario)
+    out = _out_dir(args)
     # a scenario without [[variants]] writes into --out itself; one with variants, one folder per label (also
     # under --only, so a later --resume or report finds every variant where the full run puts it)
     single = len(every) == 1
@@ -63,7 +66,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--out: {out} holds {', '.join(taken)} that fedsim did not write; choose another "
                               "--out, or pass --overwrite to replace them")
     from fedsim.engine.ray_session import ray_session
-    from fedsim.engine.runner import run_scenario, signals_interrupt_runs
+    from fedsim.engine.runner import run_scenario
+    from fedsim.engine.signals import signals_interrupt_runs
     from fedsim.preflight import preflight
     from fedsim.results.report import report
 
@@ -96,7 +100,7 @@ def _run_many(args: argparse.Namespace) -> int:
     from fedsim.sweep import parse_seeds, plan_jobs
 
     seeds = parse_seeds(args.seeds) if getattr(args, "seeds", None) else None
-    out = Path(args.out) if args.out else _default_out(args.scenario)
+    out = _out_dir(args)
     jobs, _ = plan_jobs(args.scenario, args.set, args.only, out, seeds=seeds, sweeps=getattr(args, "sweep", []))
     _writable_dir(out)
     todo = [results.check_run_dir(j.run_dir, j.config.to_dict(), resume=args.resume, overwrite=args.overwrite,
@@ -107,7 +111,8 @@ def _run_many(args: argparse.Namespace) -> int:
             raise ConfigError(f"--out: {out} holds {', '.join(taken)} that fedsim did not write; choose another "
                               "--out, or pass --overwrite to replace them")
     from fedsim.engine.ray_session import ray_session
-    from fedsim.engine.runner import run_scenario, signals_interrupt_runs
+    from fedsim.engine.runner import run_scenario
+    from fedsim.engine.signals import signals_interrupt_runs
     from fedsim.preflight import preflight
     from fedsim.results.report import report, write_plan
 
@@ -151,9 +156,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     import signal
 
     from fedsim.deploy import deploy
-    from fedsim.engine.runner import Interrupted
+    from fedsim.engine.signals import Interrupted
 
-    out = Path(args.out) if args.out else _default_out(args.scenario)
+    out = _out_dir(args)
     _writable_dir(out)
 
     def _terminate(signum: int, frame: object) -> None:  # SIGTERM as Ctrl-C: the federation is stopped on the way out
@@ -326,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        from fedsim.engine.runner import interrupt_message
+        from fedsim.engine.signals import interrupt_message
 
         code = getattr(exc, "exit_code", 130)
         print(interrupt_message(code), file=sys.stderr)

@@ -127,13 +127,13 @@ server_app = ServerApp()
 
 @server_app.main()
 def _server_main(grid: Grid, context: Context) -> None:
-    from fedsim.cli import _default_out
     from fedsim.engine.runner import run_scenario
+    from fedsim.results.rundir import default_out
 
     label, config = config_from_run_config(dict(context.run_config))
     nodes = _wait_for_nodes(grid, int(context.run_config.get("nodes", 0) or 0))
     config = for_nodes(config, nodes)
-    out = str(context.run_config.get("out", "") or "") or str(_default_out(str(context.run_config["scenario"])))
+    out = str(context.run_config.get("out", "") or "") or str(default_out(str(context.run_config["scenario"])))
     run_scenario(config, out, label=label, show_progress=False, grid=grid)
 
 

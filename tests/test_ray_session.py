@@ -276,13 +276,13 @@ def test_gpus_per_client_are_left_to_a_cluster_named_by_ray_address(tmp_path, mo
     """Without a local GPU, num_gpus > 0 is refused for the private Ray, but not for a cluster named by RAY_ADDRESS
     (its nodes have GPUs of their own); no Ray is started either way."""
     from fedsim.config import load_scenarios
-    from fedsim.engine.runner import client_resources
+    from fedsim.engine.ray_backend import client_resources
     from fedsim.errors import ConfigError
 
     scenario = tmp_path / "s.toml"
     scenario.write_text(THREE_VARIANTS.split("[[variants]]")[0])
     config = load_scenarios(scenario, ["simulation.num_gpus=0.5"])[0][1]
-    monkeypatch.setattr("fedsim.engine.runner._gpu_count", lambda: 0)
+    monkeypatch.setattr("fedsim.engine.ray_backend._gpu_count", lambda: 0)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     with pytest.raises(ConfigError, match="simulation.num_gpus"):
         client_resources(config)

@@ -39,11 +39,11 @@ def test_importing_fedsim_turns_telemetry_off_before_flower_reads_it(tmp_path):
 
 TELEMETRY_PROBE = """
 import sys, time
-import fedsim.engine.runner as runner
+import fedsim.engine.telemetry as telemetry
 import flwr.simulation
 rs = sys.modules["flwr.simulation.run_simulation"]  # the module (the package attribute is the function)
 if sys.argv[1] == "silenced":
-    assert runner.silence_flower_telemetry()
+    assert telemetry.silence_flower_telemetry()
 rs.event(rs.EventType.PYTHON_API_RUN_SIMULATION_ENTER, event_details={"backend": "ray"})
 time.sleep(1.0)  # Flower builds the event on a daemon thread
 """
@@ -66,7 +66,7 @@ def test_the_runner_silences_telemetry_before_the_simulation_starts(tmp_path, mo
     import flwr.simulation
 
     from fedsim.config import load_scenario
-    from fedsim.engine import runner
+    from fedsim.engine import ray_backend, runner, telemetry
 
     seen = {}
 
@@ -75,12 +75,12 @@ def test_the_runner_silences_telemetry_before_the_simulation_starts(tmp_path, mo
         raise RuntimeError("stop before Ray starts")
 
     monkeypatch.setattr(flwr.simulation, "run_simulation", fake_run_simulation)
-    monkeypatch.setattr(runner, "_init_ray", lambda init_args: None)
+    monkeypatch.setattr(ray_backend, "_init_ray", lambda init_args: None)
     scenario = tmp_path / "s.toml"
     scenario.write_text(AFL_DIGITS.replace('backend = "inline"', 'backend = "ray"'))
     with pytest.raises(BaseException, match="stop before Ray starts"):
         runner.run_scenario(load_scenario(scenario), tmp_path / "run", show_progress=False)
-    assert seen["event"] is runner._no_telemetry_event
+    assert seen["event"] is telemetry._no_telemetry_event
 
 
 @pytest.mark.slow

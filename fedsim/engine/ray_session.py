@@ -10,6 +10,9 @@ loopback, not on every interface), no dashboard, and Ray's token authentication 
 random token per process), since anyone who reaches Ray's ports can run code on the machine. ``simulation.ray_address`` (or ``RAY_ADDRESS`` set by the
 user) joins an existing cluster instead, without CPU/GPU counts (the cluster has its own) and with the user's own
 authentication settings.
+
+``teardown_local_ray`` is the fast way out after a signal: it kills the private node's processes directly instead
+of waiting on Ray's own shutdown.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from fedsim.engine.processes import alive, descendants
 from fedsim.errors import ConfigError
 
 STATS = {"starts": 0}  # how many times this process started or joined Ray (tests assert one per session)
@@ -148,8 +152,6 @@ def ensure_ray(config: Any) -> dict[str, Any]:
                 if key not in os.environ:
                     os.environ[key] = added[key] = value
     if not address:  # what runs below this process before the private Ray starts (not Ray's: left alone at the end)
-        from fedsim.engine.processes import descendants
-
         _BEFORE_RAY[:] = [set(descendants(os.getpid()))]
     try:
         with _loopback_stays_loopback(not address):
@@ -181,8 +183,6 @@ def shutdown_ray(timeout: float = 5.0) -> None:
     ray = sys.modules.get("ray")
     if ray is None or not ray.is_initialized():
         return
-    from fedsim.engine.processes import alive, descendants
-
     private = bool(_BEFORE_RAY)
     started = set(descendants(os.getpid())) - (_BEFORE_RAY[0] if private else set())
     with contextlib.suppress(Exception):
@@ -197,6 +197,53 @@ def shutdown_ray(timeout: float = 5.0) -> None:
         if alive(pid):
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def teardown_local_ray(timeout: float = 2.0) -> bool:
+    """Stop the Ray node this process started and every process below it (raylet, dashboard, log monitor, workers,
+    agents: SIGTERM, then SIGKILL after ``timeout`` s; the GCS server last, killed), and wait until they are gone;
+    True when it did.
+    A joined cluster (``simulation.ray_address``) is left alone (False), as is anything this Ray version does not
+    expose."""
+    try:
+        worker = sys.modules.get("ray._private.worker")
+        node = getattr(worker, "_global_node", None) if worker is not None else None
+        if node is None or not node.is_head():
+            return False
+        procs = [info.process for kind, infos in node.all_processes.items() for info in infos if kind != "gcs_server"]
+        gcs = [info.process for info in node.all_processes.get("gcs_server", [])]
+    except Exception:  # noqa: BLE001 - private Ray API: fall back to Ray's own shutdown
+        return False
+    below = set(descendants(os.getpid()))  # before the raylet dies and its workers are re-parented
+    for proc in procs:
+        if proc.poll() is None:
+            with contextlib.suppress(OSError):
+                proc.terminate()
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        with contextlib.suppress(Exception):
+            proc.wait(max(0.0, deadline - time.monotonic()))
+    # the GCS server holds only this run's in-memory cluster state, and its graceful exit waits seconds on the
+    # raylet it outlived: once everything else is gone, it is killed
+    gcs_pids = {proc.pid for proc in gcs}
+    while time.monotonic() < deadline and any(alive(pid) for pid in below - gcs_pids):
+        time.sleep(0.05)
+    procs += gcs
+    for proc in procs:
+        if proc.poll() is None:
+            with contextlib.suppress(OSError):
+                proc.kill()
+    for pid in below:
+        if alive(pid):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+    for proc in procs:
+        with contextlib.suppress(Exception):
+            proc.wait(1.0)
+    end = time.monotonic() + 1.0  # a killed process takes a moment to go
+    while time.monotonic() < end and any(alive(pid) for pid in below):
+        time.sleep(0.02)
+    return True
 
 
 def node_id() -> str | None:

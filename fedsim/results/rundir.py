@@ -18,6 +18,7 @@ never leaves a stale "completed" beside a new config.json), then the other files
 from __future__ import annotations
 
 import contextlib
+import datetime as _dt
 import json
 import os
 import platform
@@ -48,6 +49,14 @@ RUN_FILES = (CONFIG_FILE, PARTITION_FILE, METRICS_FILE, SUMMARY_FILE, MODEL_FILE
 REQUIRED_SUMMARY_KEYS = (
     "strategy", "dataset", "num_clients", "final_accuracy", "wall_seconds", "bytes_up", "bytes_down", "seed",
 )
+
+
+def default_out(scenario: str | None) -> Path:
+    """The run directory when none is given (``runs/<scenario stem>-<time>``): one definition for ``fedsim run``,
+    ``fedsim deploy`` and the Flower app, so every way of running a scenario puts it in the same place."""
+    stem = Path(scenario).stem if scenario else "run"
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{stem}-{stamp}"
 
 
 def package_versions() -> dict[str, str]:
