@@ -7,7 +7,8 @@ statistics, the packed Gram or a factor R_k (R_k^T R_k = C_k, 8 n_k d bytes for 
 or always the Gram (`"statistics"`), always the factor (`"factor"`), or the paper's local solution
 W_k = (C_k + gamma I)^-1 Q_k with C_k^r = C_k + gamma I (`"solution"`). Symmetric matrices travel as their upper
 triangle. No gradients, no learning rate, no epochs. An empty client answers with zero statistics
-(or (0, gamma I)), which changes nothing in the result, as the AA law promises. Messages: `fedsim.algorithms.afl.protocol`.
+(or (0, gamma I)), which changes nothing in the result, as the AA law promises. gamma, the upload form and the rows
+per forward pass come in the request. Messages: `fedsim.algorithms.afl.protocol`.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ class AFLClient:
         self.params = params
 
     def train(self, content: RecordDict, env: ClientEnv) -> RecordDict:
-        gamma, upload = protocol.parse_request(content, self.params)
+        gamma, upload, batch_size = protocol.parse_request(content)
         data = env.train_data()
         arrays = client_upload(data.x, data.y, env.feature_map(), env.num_classes, upload, gamma,
-                               batch_size=self.params.batch_size)
+                               batch_size=batch_size)
         return protocol.reply(arrays, int(arrays["count"][0]))
 
     @staticmethod

@@ -27,6 +27,7 @@ import scipy.linalg
 from scipy.linalg import blas as _blas
 
 from fedsim.errors import ConfigError
+from fedsim.estimator import BaseLearner
 
 __all__ = [
     "one_hot",
@@ -367,7 +368,7 @@ def regularized_upload(stats: RidgeStatistics, gamma: float) -> tuple[np.ndarray
     return _solve_spd(c_reg, stats.cross), c_reg
 
 
-class AnalyticAggregator:
+class AnalyticAggregator(BaseLearner):
     """AFL's Absolute Aggregation (AA) law with the Regularization Intermediary (RI), as an associative accumulator.
 
     Each of K clients contributes C_k^r = C_k + gamma I and C_k^r W_k (= Q_k), either from raw statistics
@@ -383,18 +384,21 @@ class AnalyticAggregator:
     Both are weight-invariant: any split of the data (IID, Dirichlet, empty clients, any K) gives the same W.
     Summing then solving once costs O(K d^2 + d^3) against the official pairwise O(K d^3). Accumulators merge with
     `+`, so a server can fold replies in as they arrive and re-solve after dropouts. All clients must use one gamma.
+    Learned state, from the first upload on: `c_reg_` (sum_k C_k^r), `cw_` (sum_k C_k^r W_k); `num_uploads_` is K
+    (empty clients included).
     """
+
+    _fitted_attribute = "c_reg_"
+    _fit_hint = "call add_statistics or add_upload"
 
     def __init__(self, gamma: float) -> None:
         if gamma <= 0:
             raise ValueError(f"AFL needs gamma > 0 (the regularization intermediary), got {gamma}")
         self.gamma = float(gamma)
-        self.c_reg_: np.ndarray | None = None   # sum_k C_k^r
-        self.cw_: np.ndarray | None = None      # sum_k C_k^r W_k
-        self.num_uploads_ = 0                   # K, empty clients included
+        self.num_uploads_ = 0
 
     def _fold(self, c_reg: np.ndarray, cw: np.ndarray) -> None:
-        if self.c_reg_ is None:
+        if not self.is_fitted:
             self.c_reg_, self.cw_ = c_reg.copy(), cw.copy()
         else:
             if c_reg.shape != self.c_reg_.shape:
@@ -421,7 +425,7 @@ class AnalyticAggregator:
             return NotImplemented
         if other.gamma != self.gamma:
             raise ValueError(f"cannot merge aggregators with gamma {self.gamma} and {other.gamma}")
-        if other.c_reg_ is not None:
+        if other.is_fitted:
             k = self.num_uploads_
             self._fold(other.c_reg_, other.cw_)
             self.num_uploads_ = k + other.num_uploads_
@@ -438,8 +442,7 @@ class AnalyticAggregator:
         """Global weights (d x c) for `target` in TARGETS (see the class docstring)."""
         if target not in TARGETS:
             raise ConfigError(f"strategy.target: unknown target {target!r}; allowed: {', '.join(TARGETS)}")
-        if self.c_reg_ is None:
-            raise ValueError("nothing aggregated yet")
+        self._check_fitted()
         eye = np.eye(self.c_reg_.shape[0])
         if target == "ridge":
             return _solve_spd(self.c_reg_ - (self.num_uploads_ - 1) * self.gamma * eye, self.cw_)
@@ -470,7 +473,7 @@ def _symmetrize_from_lower(a: np.ndarray, block: int = 512) -> np.ndarray:
     return a
 
 
-class RecursiveLeastSquares:
+class RecursiveLeastSquares(BaseLearner):
     """Exact streaming ridge regression (recursive least squares): AEF-OCL / ACIL's analytic classifier.
 
     State: R_ = (X^T X + gamma I)^-1 over all data seen (starts at I / gamma) and W_ = R_ X^T Y. A batch (X, Y) of
@@ -486,15 +489,14 @@ class RecursiveLeastSquares:
     sequence of batches, W_ equals the ridge solution with this gamma on everything seen (to round-off).
     """
 
+    _fitted_attribute = "_r"
+    _repr_params = ("gamma",)
+
     def __init__(self, gamma: float = 1e-3, dtype: Any = np.float64) -> None:
         self.gamma = gamma
         self.dtype = dtype
 
     # ---- state -----------------------------------------------------------------------------------------------
-    @property
-    def is_fitted(self) -> bool:
-        return hasattr(self, "_r")
-
     @property
     def R_(self) -> np.ndarray:
         """(X^T X + gamma I)^-1 over everything seen, as a new full symmetric (d x d) array."""
@@ -510,10 +512,6 @@ class RecursiveLeastSquares:
     def dim_(self) -> int:
         self._check_fitted()
         return self.W_.shape[0]
-
-    def _check_fitted(self) -> None:
-        if not self.is_fitted:
-            raise RuntimeError("RecursiveLeastSquares has seen no data yet (call partial_fit)")
 
     def _init_state(self, dim: int, num_classes: int) -> None:
         if self.gamma <= 0:
@@ -595,9 +593,8 @@ class RecursiveLeastSquares:
         """Independent deep copy (cheap: no symmetrization); e.g. to apply a pseudo-feature top-up and discard it."""
         return _copy.deepcopy(self)
 
-    def __repr__(self) -> str:
-        shape = f", dim={self.dim_}, num_classes={self.num_classes_}" if self.is_fitted else ""
-        return f"RecursiveLeastSquares(gamma={self.gamma}{shape})"
+    def _repr_state(self) -> str:
+        return f"dim={self.dim_}, num_classes={self.num_classes_}" if self.is_fitted else ""
 
 
 class ClassStatistics:

@@ -41,6 +41,10 @@ MODEL_BLOCKS: dict[str, int] = {"cnn": 4, "resnet18": 9, "mlp": 4}
 
 ACTIVATIONS: tuple[str, ...] = ("relu", "tanh", "sigmoid", "gelu", "identity")
 
+#: The buffer layer's weights (``fedsim.nn.features.BufferLayer``): "normal" N(0, 1/D) or "uniform" U(+-1/sqrt(D)),
+#: D = the backbone's dimension (the official analytic-learning buffer: torch's nn.Linear initialization).
+BUFFER_INITS: tuple[str, ...] = ("normal", "uniform")
+
 STREAM_KINDS: tuple[str, ...] = ("none", "class-incremental", "online")
 
 STRATEGY_KINDS: tuple[str, ...] = ("federated", "continual")

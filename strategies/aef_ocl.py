@@ -3,7 +3,7 @@ Learning with Large Models for Imbalanced Autonomous Driving Task", arXiv 2405.1
 github.com/ZHUANGHP/Analytic-continual-learning), centralized and federated.
 
 Frozen backbone f (the scenario's `model.feature_map`), frozen buffer layer h = act(f(x) B) (seeded Gaussian B,
-width `buffer_width`), linear classifier W learned in one pass over an online stream of mini-batches, exactly:
+width `buffer_width`: `fedsim.nn.features.buffer_layer`), linear classifier W learned in one pass over an online stream of mini-batches, exactly:
 
     R_0 = I / gamma,  R_t = R_{t-1} - R_{t-1} H_t^T (I + H_t R_{t-1} H_t^T)^-1 H_t R_{t-1},
     W_t = W_{t-1} + R_t H_t^T (Y_t - H_t W_{t-1})          =>  W_t = (H^T H + gamma I)^-1 H^T Y on all seen data,
@@ -53,12 +53,12 @@ import time
 import numpy as np
 import torch
 
-from fedsim.engine import ServerContext
-from fedsim.algorithms.aef_ocl.learner import learner_for, masked_predict
-from fedsim.frameworks.online import (OnlineRun, PrequentialMeter, StreamFailed, TestEvaluator, linear_model, row_points,
-                           segment_length, server_threads, union_batches)
 from fedsim.algorithms.aef_ocl import protocol
+from fedsim.algorithms.aef_ocl.learner import learner_for
 from fedsim.algorithms.aef_ocl.protocol import AEFOCLParams
+from fedsim.engine import ServerContext
+from fedsim.frameworks.online import (OnlineRun, PrequentialMeter, StreamFailed, TestEvaluator, linear_model,
+                                      masked_predict, row_points, segment_length, server_threads, union_batches)
 
 
 class AEFOCLServer:

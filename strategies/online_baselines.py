@@ -12,7 +12,8 @@
 
 Both run centralized on the server: with several clients they learn the union of the clients' streams, in the
 order the federated AEF-OCL server folds them. Metrics, stream order and saved model are the online framework's
-(`fedsim.frameworks.online`), as AEF-OCL's; parameters and registrations: `fedsim.algorithms.online.protocol`.
+(`fedsim.frameworks.online`), as AEF-OCL's, and so is the buffer layer (`fedsim.nn.features.buffer_layer` seeded by
+`fedsim.frameworks.online.buffer_seed`); parameters and registrations: `fedsim.algorithms.online.protocol`.
 """
 
 from __future__ import annotations
@@ -23,14 +24,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedsim.algorithms.online.protocol import JointRidgeParams, OnlineSGDParams
 from fedsim.analytic import RidgeStatistics
 from fedsim.engine import ServerContext
-from fedsim.algorithms.aef_ocl.learner import buffer_layer, buffer_seed, masked_predict
-from fedsim.frameworks.online import (OnlineRun, PrequentialMeter, StreamFailed, TestEvaluator, linear_model, row_points,
-                           segment_length, server_threads, union_batches)
-from fedsim.algorithms.online.protocol import JointRidgeParams, OnlineParams, OnlineSGDParams
-from fedsim.scenario import derive_seed
+from fedsim.frameworks.online import (OnlineRun, PrequentialMeter, StreamFailed, TestEvaluator, buffer_seed,
+                                      linear_model, masked_predict, row_points, segment_length, server_threads,
+                                      union_batches)
+from fedsim.frameworks.online_protocol import OnlineParams
+from fedsim.nn.features import buffer_layer
 from fedsim.nn.training import train_epochs
+from fedsim.scenario import derive_seed
 
 
 def _transform(buffer: nn.Module):  # noqa: ANN202

@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedsim.algorithms.aef_ocl.learner import AEFOCL, PseudoFeatureGenerator, masked_predict, reduce_statistics
+from fedsim.algorithms.aef_ocl.learner import AEFOCL, PseudoFeatureGenerator, reduce_statistics
+from fedsim.frameworks.online import masked_predict
 
 
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:

@@ -16,9 +16,9 @@ from fedsim.analytic import RidgeStatistics
 from fedsim.config import load_scenario, load_scenarios
 from fedsim.engine.runner import run_scenario
 from fedsim.errors import ConfigError
-from fedsim.algorithms.aef_ocl.learner import learner_for, masked_predict
-from fedsim.frameworks.online import OnlineRun, PrequentialMeter, row_points
-from fedsim.algorithms.online.protocol import OnlineParams
+from fedsim.algorithms.aef_ocl.learner import learner_for
+from fedsim.frameworks.online import OnlineRun, PrequentialMeter, masked_predict, row_points
+from fedsim.frameworks.online_protocol import OnlineParams
 from fedsim.scenario import partition_for, scenario_feature_map, scenario_streams, test_split, train_split
 
 STREAM = aef_ocl_one_client(max_train=4000, max_test=1000, imbalance_ratio=20, buffer_width=128, eval_every=15)

@@ -21,6 +21,9 @@ Strategies that learn from an online stream (``stream.kind = "online"``: AEF-OCL
   writes summary.json (final and best test accuracy, mean class and per-class accuracy, ``stream_average_accuracy``
   = the mean of ``seen_accuracy`` over the test evaluations as the official code averages, prequential accuracy,
   stream samples, learning throughput, plus the strategy's ``extra``);
+- ``buffer_seed(config)``: the seed of the scenario's buffer layer (``fedsim.nn.features.buffer_layer``), the same
+  for every strategy on the stream, so they all see the same features;
+- ``masked_predict(H, W)``: the prediction rule of the linear heads on it (argmax over the classes seen so far);
 - ``linear_model(feature_map, buffer, W)``: the saved model.pt, backbone -> buffer -> float64 linear head;
 - ``StreamFailed``: an empty stream, or a federated round in which no client answered.
 
@@ -42,13 +45,15 @@ from torch import nn
 
 from fedsim.errors import FedsimError
 from fedsim.nn.training import per_class_accuracy
+from fedsim.scenario import derive_seed
 
 if TYPE_CHECKING:
+    from fedsim.config import ScenarioConfig
     from fedsim.engine.server import ServerContext
-    from fedsim.algorithms.online.protocol import OnlineParams
+    from fedsim.frameworks.online_protocol import OnlineParams
 
 __all__ = ["StreamFailed", "union_batches", "segment_length", "server_threads", "PrequentialMeter",
-           "TestEvaluator", "OnlineRun", "row_points", "linear_model"]
+           "TestEvaluator", "OnlineRun", "row_points", "buffer_seed", "masked_predict", "linear_model"]
 
 
 class StreamFailed(FedsimError):
@@ -241,6 +246,23 @@ def row_points(params: OnlineParams, batches: Sequence[np.ndarray], labels: np.n
     if n:
         points.add(n)
     return points
+
+
+def buffer_seed(config: ScenarioConfig) -> int:
+    """Seed of the scenario's buffer layer: the same on every node, on the server and for every online strategy.
+
+    The label "aef-ocl" is kept from when the layer was AEF-OCL's alone: changing it would change every run."""
+    return derive_seed(config.seed, "aef-ocl")
+
+
+def masked_predict(h: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """argmax of H W over the classes the model knows: a class whose weight column is all zero has never been seen
+    (ridge gives it exactly zero), so it is excluded rather than winning on ties with negative scores."""
+    scores = h @ weights
+    unseen = ~np.any(weights != 0, axis=0)
+    if unseen.any() and not unseen.all():
+        scores[:, unseen] = -np.inf
+    return np.argmax(scores, axis=1)
 
 
 class _Float64(nn.Module):

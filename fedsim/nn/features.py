@@ -1,5 +1,9 @@
 """Frozen feature maps phi(x) for the analytic learners (AFL, AEF-OCL, DPCR) and their buffer layer.
 
+The buffer layer has its home here: `BufferLayer` (the module) and `buffer_layer(...)` (the seeded float64 layer,
+cached per process, that the online strategies put on top of the backbone: AEF-OCL's learner and its baselines
+build it from the same arguments, so they see the same features).
+
 Every map is a pure function of its arguments: the server and every client rebuild it independently from
 (name, input_shape, dim, seed, weights) and get the same map, so no weights travel in messages.
 
@@ -14,6 +18,7 @@ Every map is a pure function of its arguments: the server and every client rebui
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -22,10 +27,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedsim.catalog import BUFFER_INITS
 from fedsim.errors import ConfigError, DataUnavailableError
-from fedsim.algorithms.online.protocol import BUFFER_INITS
 
-__all__ = ["BufferLayer", "FeatureMap", "build_feature_map", "FEATURE_MAPS", "ACTIVATIONS", "BUFFER_INITS"]
+__all__ = ["BufferLayer", "FeatureMap", "buffer_layer", "build_feature_map", "FEATURE_MAPS", "ACTIVATIONS"]
 
 FEATURE_MAPS: dict[str, str] = {
     "identity": "flattened pixels in [0, 1]",
@@ -88,6 +93,13 @@ class BufferLayer(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_dim={self.in_dim}, width={self.width}, seed={self.seed}, activation={self.activation}, "
                 f"init={self.init}")
+
+
+@functools.lru_cache(maxsize=8)
+def buffer_layer(in_dim: int, width: int, seed: int, activation: str = "relu", init: str = "normal") -> BufferLayer:
+    """The seeded buffer layer in float64, eval mode: a pure function of its arguments, so the server, every node
+    and every strategy on the same scenario build the same one (cached per process: the weights are built once)."""
+    return BufferLayer(in_dim, width, seed=seed, activation=activation, init=init).double().eval()
 
 
 class _ImagePreprocess(nn.Module):

@@ -39,14 +39,15 @@ Two solvers give the same weights (to round-off):
   folding in its clients' increments holds exactly the statistics of the union of their streams, and its W equals
   the recursive learner's on that union; PFG class statistics merge too, so imbalance is corrected globally.
 
-`learner_for(params, config, ...)` and `buffer_seed(config)` are the scenario's factories: the server, every client
-and the online baselines build the same buffer layer and PFG settings from them. The names the settings may take
-(BALANCE_RULES, PFG_SPACES; activations in `fedsim.catalog`) are declared, torch-free, in `fedsim.algorithms.aef_ocl.protocol`.
+`learner_for(params, config, ...)` is the scenario's factory: the server and every client build the same learner
+(PFG settings, and the buffer layer of `fedsim.nn.features.buffer_layer` seeded by
+`fedsim.frameworks.online.buffer_seed`, which the online baselines build too). The names the settings may take
+(BALANCE_RULES, PFG_SPACES; activations and buffer inits in `fedsim.catalog`) are declared, torch-free, in
+`fedsim.algorithms.aef_ocl.protocol`.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -60,11 +61,11 @@ from fedsim.analytic import (
     pack_upper,
     unpack_upper,
 )
-from fedsim.catalog import ACTIVATIONS
-from fedsim.nn.features import BufferLayer
 from fedsim.algorithms.aef_ocl.protocol import BALANCE_RULES, PFG_SPACES
-from fedsim.algorithms.online.protocol import BUFFER_INITS
-from fedsim.scenario import derive_seed
+from fedsim.catalog import ACTIVATIONS, BUFFER_INITS
+from fedsim.estimator import BaseLearner
+from fedsim.frameworks.online import buffer_seed, masked_predict
+from fedsim.nn.features import buffer_layer
 
 if TYPE_CHECKING:
     from fedsim.config import ScenarioConfig
@@ -76,10 +77,7 @@ __all__ = [
     "SOLVERS",
     "AEFOCL",
     "PseudoFeatureGenerator",
-    "buffer_layer",
-    "buffer_seed",
     "learner_for",
-    "masked_predict",
     "reduce_statistics",
 ]
 
@@ -89,36 +87,23 @@ SOLVERS = ("recursive", "statistics")
 _CHUNK = 1024
 
 
-@functools.lru_cache(maxsize=8)
-def buffer_layer(in_dim: int, width: int, seed: int, activation: str = "relu", init: str = "normal") -> BufferLayer:
-    """The seeded buffer layer in float64 (cached per process; identical on every node and on the server)."""
-    return BufferLayer(in_dim, width, seed=seed, activation=activation, init=init).double().eval()
-
-
 def _numpy(a: Any, dtype: Any = np.float64) -> np.ndarray:
     if isinstance(a, torch.Tensor):
         a = a.detach().cpu().numpy()
     return np.asarray(a, dtype=dtype)
 
 
-def masked_predict(h: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """argmax of H W over the classes the model knows: a class whose weight column is all zero has never been seen
-    (ridge gives it exactly zero), so it is excluded rather than winning on ties with negative scores."""
-    scores = h @ weights
-    unseen = ~np.any(weights != 0, axis=0)
-    if unseen.any() and not unseen.all():
-        scores[:, unseen] = -np.inf
-    return np.argmax(scores, axis=1)
-
-
-class PseudoFeatureGenerator:
+class PseudoFeatureGenerator(BaseLearner):
     """PFG: per-class running count, mean and unbiased variance, and the balancing draws (see the module docstring).
 
     `update(x, y)` folds a batch in (Chan et al.'s recursive merge, `ClassStatistics`); `merge(stats)` adds another
     generator's statistics (a federated client's); `deficits()` gives k_c; `draws_for()` the (class, count, weight)
     plan; `sample(transform)` yields weighted pseudo rows. Each call to `sample` uses a fresh stream of the seeded
-    generator (seed, call number), so a run is reproducible.
+    generator (seed, call number), so a run is reproducible. Fitted once it holds class statistics (`stats_`).
     """
+
+    _fitted_attribute = "stats_"
+    _fit_hint = "call update or merge"
 
     def __init__(self, noise: float = 1.0, balance: str = "max", draws: int | None = None, seed: int = 0) -> None:
         self.noise = noise
@@ -135,7 +120,7 @@ class PseudoFeatureGenerator:
             raise ValueError(f"draws must be >= 1 or None, got {self.draws}")
 
     def _ensure(self, dim: int) -> None:
-        if not hasattr(self, "stats_"):
+        if not self.is_fitted:
             self._check()
             self.stats_ = ClassStatistics.zeros(dim)
             self.n_samples_ = 0  # number of `sample` calls so far (seeds the next one)
@@ -155,7 +140,7 @@ class PseudoFeatureGenerator:
 
     @property
     def counts_(self) -> np.ndarray:
-        return self.stats_.count if hasattr(self, "stats_") else np.zeros(0, np.int64)
+        return self.stats_.count if self.is_fitted else np.zeros(0, np.int64)
 
     def deficits(self) -> np.ndarray:
         """k_c = target - n_c for every seen class (0 for unseen classes and those at or above the target)."""
@@ -196,7 +181,7 @@ class PseudoFeatureGenerator:
                 yield h, y
 
 
-class AEFOCL:
+class AEFOCL(BaseLearner):
     """AEF-OCL as an sklearn-style online estimator over backbone features (see the module docstring).
 
     Constructor arguments are stored as given. `partial_fit(x, y)` learns one mini-batch of backbone features
@@ -215,6 +200,10 @@ class AEFOCL:
     its class counts mark the seen classes), `rls_` (solver "recursive") or `stats_` (solver "statistics"),
     `n_features_in_`, `n_seen_`.
     """
+
+    _fitted_attribute = "buffer_"
+    _fit_hint = "call partial_fit or merge"
+    _repr_params = ("gamma", "buffer_width", "buffer_init", "pfg", "balance", "draws", "solver")
 
     def __init__(self, gamma: float = 1e-3, buffer_width: int = 2048, activation: str = "relu", pfg: bool = True,
                  noise: float = 1.0, balance: str = "max", draws: int | None = None, pfg_space: str = "backbone",
@@ -249,10 +238,6 @@ class AEFOCL:
         if self.solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
 
-    @property
-    def is_fitted(self) -> bool:
-        return hasattr(self, "buffer_")
-
     def _ensure(self, in_dim: int) -> None:
         if self.is_fitted:
             if in_dim != self.n_features_in_:
@@ -274,10 +259,6 @@ class AEFOCL:
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []
         self.n_seen_ = 0
         self._cache: dict[str, np.ndarray] = {}
-
-    def _check_fitted(self) -> None:
-        if not self.is_fitted:
-            raise RuntimeError("AEFOCL has seen no data yet (call partial_fit or merge)")
 
     # ---- features --------------------------------------------------------------------------------------------
     def transform(self, x: Any) -> np.ndarray:
@@ -452,10 +433,6 @@ class AEFOCL:
     def predict(self, x: Any, balanced: bool | None = None) -> np.ndarray:
         return masked_predict(self.transform(x), self.weights(balanced))
 
-    def __repr__(self) -> str:
-        return (f"AEFOCL(gamma={self.gamma}, buffer_width={self.buffer_width}, buffer_init={self.buffer_init!r}, "
-                f"pfg={self.pfg}, balance={self.balance!r}, draws={self.draws}, solver={self.solver!r})")
-
 
 # ------------------------------------------------------------------------------------------------ wire format
 def _decode(arrays: dict[str, Any], width: int) -> dict[str, Any]:
@@ -481,11 +458,6 @@ def reduce_statistics(replies: list[dict[str, Any]]) -> dict[str, np.ndarray]:
 
 
 # ------------------------------------------------------------------------------------------- scenario factories
-def buffer_seed(config: ScenarioConfig) -> int:
-    """Seed of the scenario's buffer layer: the same on every node, the server and the online baselines."""
-    return derive_seed(config.seed, "aef-ocl")
-
-
 def learner_for(params: AEFOCLParams, config: ScenarioConfig, num_classes: int, solver: str) -> AEFOCL:
     """The scenario's AEF-OCL learner: the same buffer layer (seed) and PFG settings on the server and clients."""
     return AEFOCL(gamma=params.gamma, buffer_width=params.buffer_width, activation=params.activation,

@@ -19,8 +19,8 @@ from flwr.app import ConfigRecord, RecordDict
 
 from fedsim.codec import from_record, to_record
 from fedsim.errors import ConfigError
+from fedsim.frameworks.online_protocol import OnlineParams
 from fedsim.params import Interval, Options
-from fedsim.algorithms.online.protocol import OnlineParams
 from fedsim.registry import StrategySpec, register_strategy
 
 MODEL_KEY = "aef.model"  # down: {"weights": W}

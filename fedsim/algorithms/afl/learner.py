@@ -39,6 +39,7 @@ from fedsim.analytic import (
     ridge_solve,
     unpack_upper,
 )
+from fedsim.estimator import BaseLearner, NotFittedError
 
 __all__ = [
     "UPLOADS",
@@ -263,7 +264,7 @@ def _pad_columns(a: np.ndarray, width: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- estimator
-class AFLLearner:
+class AFLLearner(BaseLearner):
     """AFL as an sklearn-style estimator over clients' uploads (see the module docstring for the math).
 
     `partial_fit(x, y)` adds one client's features; `add_statistics`, `add_upload`, `add_reply` add a client's (or
@@ -274,8 +275,11 @@ class AFLLearner:
     memory is O(d^2 / 2 + d c) whatever the number of clients. Raw statistics are kept as plain sums (so
     "least-squares" never subtracts gamma I from them) and solved with `fedsim.analytic.ridge_solve`; paper-form
     uploads are solved through `fedsim.analytic.AnalyticAggregator` (AA law + RI). Learned attributes: `coef_`,
-    `n_clients_` (K, empty clients included), `n_samples_`, `dim_`.
+    `n_clients_` (K, empty clients included), `n_samples_`, `dim_`. Fitted (`is_fitted`) once an upload is folded
+    in; `coef_` is solved on first use.
     """
+
+    _fitted_attribute = "n_clients_"
 
     def __init__(self, gamma: float = 1.0, target: str = "ridge") -> None:
         self.gamma = gamma
@@ -386,7 +390,7 @@ class AFLLearner:
     def solve(self) -> "AFLLearner":
         """Compute `coef_` (d x c) for `target` from everything folded in so far. Returns self."""
         if getattr(self, "n_clients_", 0) == 0:
-            raise RuntimeError("AFLLearner has no client uploads yet")
+            raise NotFittedError("AFLLearner has no client uploads yet")
         d = self.dim_
         raw_gram = self._raw_gram()
         if self.c_reg_packed_ is None:  # raw statistics only: solve on the plain sums
@@ -431,6 +435,3 @@ class AFLLearner:
         """Accuracy on (x, y)."""
         y = np.asarray(y.detach().cpu().numpy() if hasattr(y, "detach") else y).reshape(-1)
         return float(np.mean(self.predict(x) == y)) if y.size else float("nan")
-
-    def __repr__(self) -> str:
-        return f"AFLLearner(gamma={self.gamma}, target={self.target!r})"

@@ -1,10 +1,11 @@
 """AFL's protocol (Zhuang et al., arXiv 2405.16240): one request down, one statistics upload up.
 
-    down  REQUEST_KEY  ConfigRecord {gamma, upload}
+    down  REQUEST_KEY  ConfigRecord {gamma, upload, batch_size}
     up    ARRAYS_KEY   ArrayRecord of ``fedsim.algorithms.afl.learner.encode_reply`` (statistics or the local solution)
           METRICS_KEY  MetricRecord {num-examples}
 
-The server part is ``fedsim.strategies.afl``, the client part ``fedsim.clients.afl``.
+Everything the client needs travels in the request (the client reads no strategy setting from the scenario). The
+server part is ``fedsim.strategies.afl``, the client part ``fedsim.clients.afl``.
 """
 
 from __future__ import annotations
@@ -40,14 +41,15 @@ class AFLParams:
 
 
 def request(params: AFLParams) -> RecordDict:
-    """The server's one message: gamma and the upload form."""
-    return RecordDict({REQUEST_KEY: ConfigRecord({"gamma": float(params.gamma), "upload": str(params.upload)})})
+    """The server's one message: gamma, the upload form and the rows per forward pass of the feature map."""
+    return RecordDict({REQUEST_KEY: ConfigRecord({"gamma": float(params.gamma), "upload": str(params.upload),
+                                                  "batch_size": int(params.batch_size)})})
 
 
-def parse_request(content: RecordDict, params: AFLParams) -> tuple[float, str]:
-    """(gamma, upload) of a request; the scenario's values where the request names none."""
-    cfg = content.config_records.get(REQUEST_KEY) or {}
-    return float(cfg.get("gamma", params.gamma)), str(cfg.get("upload", params.upload))
+def parse_request(content: RecordDict) -> tuple[float, str, int]:
+    """(gamma, upload, batch_size) of a request."""
+    cfg = content.config_records[REQUEST_KEY]
+    return float(cfg["gamma"]), str(cfg["upload"]), int(cfg["batch_size"])
 
 
 def reply(arrays: dict[str, np.ndarray], num_examples: int) -> RecordDict:

@@ -41,6 +41,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from fedsim.analytic import ClassStatistics, RidgeStatistics, pack_upper, ridge_solve, unpack_upper
+from fedsim.estimator import BaseLearner
 
 __all__ = [
     "DPCR",
@@ -112,7 +113,7 @@ def row_space_projector(gram: Any, tol: float | None = None) -> tuple[np.ndarray
     return u @ u.T, int(keep.sum())
 
 
-class DPCR:
+class DPCR(BaseLearner):
     """Exemplar-free class-incremental classifier over a drifting backbone (sklearn style; see the module doc).
 
     ``partial_fit(new_stats, drift)`` is one task: calibrate the stored classes with the TSSP statistics of this
@@ -120,7 +121,7 @@ class DPCR:
     the classifier. Learned state: ``counts_`` (C,), ``means_`` (C, d), ``grams_`` (C, d, d), ``coef_`` (d, C),
     ``classes_`` (labels with data), ``drift_`` (the last Delta or None), ``cip_ranks_`` (rank of each P_c used in
     the last calibration). Switching ``tssp``, ``cip`` and ``class_norm`` off gives the ablation rows; all off is
-    the ridge classifier on un-calibrated statistics.
+    the ridge classifier on un-calibrated statistics. Fitted once a task has been learned (``coef_``).
     """
 
     def __init__(self, gamma: float = 1.0, tssp: bool = True, cip: bool = True, cip_tol: float | None = None,
@@ -133,10 +134,6 @@ class DPCR:
         self.tssp_eps = tssp_eps
 
     # ---- state -----------------------------------------------------------------------------------------------
-    @property
-    def is_fitted(self) -> bool:
-        return hasattr(self, "coef_")
-
     @property
     def dim_(self) -> int:
         return self.means_.shape[1]
@@ -228,8 +225,7 @@ class DPCR:
     # ---- inference -------------------------------------------------------------------------------------------
     def decision_function(self, x: Any) -> np.ndarray:
         """Scores X W (n, C); columns of classes without data are -inf."""
-        if not self.is_fitted:
-            raise RuntimeError("DPCR has no classes yet (call partial_fit)")
+        self._check_fitted()
         scores = _np(x) @ self.coef_
         unseen = np.ones(self.coef_.shape[1], bool)
         unseen[self.classes_] = False
@@ -243,10 +239,6 @@ class DPCR:
     def get_state(self) -> dict[str, np.ndarray]:
         return {"counts": self.counts_.copy(), "means": self.means_.copy(), "grams": self.grams_.copy(),
                 "coef": self.coef_.copy()}
-
-    def __repr__(self) -> str:
-        return (f"DPCR(gamma={self.gamma}, tssp={self.tssp}, cip={self.cip}, cip_tol={self.cip_tol}, "
-                f"class_norm={self.class_norm}, tssp_eps={self.tssp_eps})")
 
 
 # ------------------------------------------------------------------------------------------------ wire format

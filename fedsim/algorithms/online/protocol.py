@@ -1,12 +1,10 @@
-"""Settings shared by the strategies that learn from an online stream, and the two server-only baselines.
+"""The two server-only baselines of the online strategies: parameters and registrations.
 
-``OnlineParams`` is what every online strategy on a stream has (AEF-OCL, ``online-sgd``, ``joint-ridge``): the frozen
-buffer layer (width, activation; seeded by ``fedsim.algorithms.aef_ocl.learner.buffer_seed``, so all three see the same
-features), how often metrics.csv gets a row and a test evaluation, and the batches per federated round. The
-running and evaluation loop they share is ``fedsim.frameworks.online``.
+They run on ``fedsim.frameworks.online`` with the shared settings of ``fedsim.frameworks.online_protocol.OnlineParams``
+(the same buffer layer, seed and metric rows as AEF-OCL, so their numbers compare):
 
 - ``online-sgd`` (``fedsim.strategies.online_baselines:OnlineSGDServer``): fine-tuning of a linear head, the lower
-  bound; optimizer settings come from the scenario's ``[client]`` table.
+  bound; optimizer settings come from the scenario's ``[client]`` table (read by the server: there is no client).
 - ``joint-ridge`` (``fedsim.strategies.online_baselines:JointRidgeServer``): ridge regression on the whole stream at
   once, the upper bound of the analytic learner.
 
@@ -17,38 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedsim.catalog import ACTIVATIONS
-from fedsim.params import Interval, Options
+from fedsim.frameworks.online_protocol import OnlineParams
+from fedsim.params import Interval
 from fedsim.registry import StrategySpec, register_strategy
-
-_POSITIVE_INT = Interval(1, None, integer=True)
-
-#: The buffer layer's weights (``fedsim.nn.features.BufferLayer``): "normal" N(0, 1/D) or "uniform" U(+-1/sqrt(D)),
-#: D = the backbone's dimension (the official analytic-learning buffer: torch's nn.Linear initialization).
-BUFFER_INITS = ("normal", "uniform")
-#: Where metrics.csv gets its rows in a centralized run: every ``eval_every`` batches, or at the end of each phase
-#: of the stream (the last batch before one that brings a class not seen yet, and the last batch): the evaluation
-#: points of the official code, which scores after every phase.
-EVAL_AT = ("batches", "phases")
-
-
-@dataclass
-class OnlineParams:
-    """Settings every online strategy on a stream shares (AEF-OCL, online-sgd, joint-ridge)."""
-
-    buffer_width: int = 2048  # width d of the random buffer layer (the official code uses 8192)
-    activation: str = "relu"  # buffer nonlinearity
-    buffer_init: str = "normal"  # buffer weights: "normal" N(0, 1/D) or "uniform" U(+-1/sqrt(D)) (official)
-    eval_every: int = 100  # centralized: stream batches between rows of metrics.csv
-    eval_at: str = "batches"  # centralized: rows every `eval_every` batches, or at each phase end ("phases")
-    test_every: int = 1  # rows of metrics.csv between test-set evaluations (the last row always has one)
-    sync_every: int | None = None  # batches of each client's stream per federated round (None: split the longest
-    # stream into `rounds`); centralized runs on several clients' streams take the union in that order
-
-    _parameter_constraints = {"buffer_width": [_POSITIVE_INT], "sync_every": [_POSITIVE_INT, None],
-                              "activation": [Options(ACTIVATIONS)], "eval_every": [_POSITIVE_INT],
-                              "test_every": [_POSITIVE_INT], "buffer_init": [Options(BUFFER_INITS)],
-                              "eval_at": [Options(EVAL_AT)]}
 
 
 @dataclass
