@@ -1,13 +1,14 @@
 """FedDyn's client part (Acar et al., ICLR 2021, arXiv 2111.04263, Algorithm 1).
 
-Client k minimizes L_k(theta) - <g_k, theta> + (alpha / 2) ||theta - theta^{t-1}||^2 from theta^{t-1} with
-``client.epochs`` epochs of ``fedsim.nn.training.train_epochs`` (the quadratic is its proximal term with mu = alpha,
-the linear term an extra loss), then updates its state by the first-order condition of that problem,
+Client k minimizes L_k(theta) - <g_k, theta> + (alpha / 2) ||theta - theta^{t-1}||^2 from theta^{t-1} with the
+requested local epochs (``LocalTraining``) of ``fedsim.nn.training.train_epochs`` (the quadratic is its proximal
+term with mu = alpha, the linear term an extra loss), then updates its state by the first-order condition of that
+problem,
 
     g_k <- g_k - alpha (theta_k^t - theta^{t-1})
 
 (g_k estimates grad L_k(theta_k^t); float64, from zero; trainable parameters only). alpha is read from the
-message. Messages: ``fedsim.algorithms.feddyn.protocol``.
+message, as are the epochs, learning rate and batch size. Messages: ``fedsim.algorithms.feddyn.protocol``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class FedDynClient:
         self.params = params
 
     def train(self, content: RecordDict, env: ClientEnv) -> RecordDict:
-        theta, alpha = protocol.parse_request(content)
+        theta, alpha, training = protocol.parse_request(content)
         model = arrays_to_state(env.initial_model(), theta)
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         stored = env.state.get(protocol.STATE_KEY)
@@ -39,12 +40,9 @@ class FedDynClient:
             params = dict(net.named_parameters())
             return -sum((params[n] * linear[n].to(params[n].device, params[n].dtype)).sum() for n in names)
 
-        data, cc = env.train_data(), env.config.client
-        stats = train_epochs(
-            model, data.x, data.y, epochs=cc.epochs, batch_size=cc.batch_size, lr=cc.lr, momentum=cc.momentum,
-            weight_decay=cc.weight_decay, optimizer=cc.optimizer, seed=env.seed, device=env.device,
-            proximal_mu=alpha, extra_loss=dynamic,
-        )
+        data = env.train_data()
+        stats = train_epochs(model, data.x, data.y, **training.train_kwargs(), seed=env.seed, device=env.device,
+                             proximal_mu=alpha, extra_loss=dynamic)
         local = state_to_arrays(model)
         env.state[protocol.STATE_KEY] = to_record({
             n: np.asarray(g[n], dtype=np.float64)

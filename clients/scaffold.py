@@ -7,7 +7,7 @@ linear term <w, c - c_i> added to the loss (its gradient is the correction). The
     option I:   c_i^+ = grad f_i(x)                        (over the whole partition: one more pass)
 
 and the client sends y and dc_i = c_i^+ - c_i, keeping c_i^+ in its state (float64). With heavy-ball momentum beta
-(``client.momentum``; the paper's steps are plain SGD) K eta_l is replaced by the distance a constant gradient
+(the request's ``local-momentum``; the paper's steps are plain SGD) K eta_l is replaced by the distance a constant gradient
 travels in K momentum steps, eta_l sum_{k=1..K} (1 - beta^k) / (1 - beta), so (x - y) / that is again the average
 corrected gradient; for beta = 0 it is K eta_l exactly. Weight decay is part of g_i in both options.
 Messages: ``fedsim.algorithms.scaffold.protocol``.
@@ -60,13 +60,12 @@ class ScaffoldClient:
         self.params = params
 
     def train(self, content: RecordDict, env: ClientEnv) -> RecordDict:
-        x, c = protocol.parse_request(content)
+        x, c, training = protocol.parse_request(content)
         names = list(c)
         stored = env.state.get(protocol.STATE_KEY)
         c_i = from_record(stored) if stored is not None else {n: np.zeros(np.shape(c[n])) for n in names}
         model = arrays_to_state(env.initial_model(), x)
-        data, cc = env.train_data(), env.config.client
-        device = env.device
+        data, device = env.train_data(), env.device
         correction = {n: torch.as_tensor(np.asarray(c[n], dtype=np.float64) - c_i[n]) for n in names}
 
         def corrected(net: nn.Module, xb, yb, logits) -> torch.Tensor:  # noqa: ANN001
@@ -75,12 +74,9 @@ class ScaffoldClient:
 
         start = None
         if self.params.control_update == "I":
-            start = full_gradient(model, data.x, data.y, cc.batch_size, cc.weight_decay, names, device)
-        stats = train_epochs(
-            model, data.x, data.y, epochs=cc.epochs, batch_size=cc.batch_size, lr=cc.lr, momentum=cc.momentum,
-            weight_decay=cc.weight_decay, optimizer=cc.optimizer, seed=env.seed, device=device,
-            extra_loss=corrected,
-        )
+            start = full_gradient(model, data.x, data.y, training.batch_size, training.weight_decay, names, device)
+        stats = train_epochs(model, data.x, data.y, **training.train_kwargs(), seed=env.seed, device=device,
+                             extra_loss=corrected)
         y = state_to_arrays(model)
         steps = int(stats["steps"])
         if steps == 0:  # nothing to learn from (an empty partition): c_i stays
@@ -88,7 +84,7 @@ class ScaffoldClient:
         elif start is not None:
             new = start
         else:
-            dist = momentum_distance(cc.lr, cc.momentum, steps)
+            dist = momentum_distance(training.lr, training.momentum, steps)
             new = {n: c_i[n] - np.asarray(c[n], dtype=np.float64)
                    + (np.asarray(x[n], dtype=np.float64) - np.asarray(y[n], dtype=np.float64)) / dist for n in names}
         delta = {n: (new[n] - c_i[n]).astype(np.asarray(c[n]).dtype) for n in names}

@@ -1,15 +1,16 @@
 """Client part of the gradient baselines (every Flower strategy of ``fedsim.strategies.fedavg``): local SGD epochs.
 
-The client loads the global model it received, trains ``client.epochs`` epochs on its own partition and answers
-with the model and its example count. What the server asks travels in the message, never in the scenario, so the
-client does what the server asked:
+The client loads the global model it received, trains the epochs the request names (``LocalTraining``: epochs,
+batch size, learning rate, momentum, weight decay, optimizer; the server takes them from the scenario's ``[client]``
+table) on its own partition and answers with the model and its example count. What the server asks travels in the
+message, never in the scenario, so the client does what the server asked:
 - FedProx's proximal weight mu (Flower's FedProx puts it into the train config);
 - client-side DP clipping: Flower's ``DifferentialPrivacyClientSideFixedClipping`` puts ``clipping_norm`` into the
   train config and expects the client to clip its model update (what Flower's ``fixedclipping_mod`` does):
   the update w_k - w_t of the floating-point arrays is scaled by min(1, C / ||w_k - w_t||_2); integer arrays
   (BatchNorm's step counters) are sent back as received, so they neither leak the step count nor spend the budget;
 - q-FedAvg's F_k(w_t): with ``report-initial-loss`` the client also reports the mean loss of the received model
-  on its partition (evaluated before training).
+  on its partition (evaluated before training, in batches of the request's ``eval-batch-size``).
 Messages: ``fedsim.algorithms.fedavg.protocol``.
 """
 
@@ -54,7 +55,7 @@ def clip_update(local: Mapping[str, np.ndarray], global_: Mapping[str, np.ndarra
 
 
 class SGDClient:
-    """Receives the global model, trains ``client.epochs`` epochs of SGD on its partition, returns the model."""
+    """Receives the global model, trains the requested epochs of SGD on its partition, returns the model."""
 
     def __init__(self, params: protocol.FedAvgParams) -> None:
         self.params = params
@@ -64,14 +65,12 @@ class SGDClient:
         mu = request.proximal_mu
         data = env.train_data()
         model = arrays_to_state(env.initial_model(), request.arrays)
-        c = env.config.client
         initial_loss = None
         if request.report_initial_loss:
-            initial_loss = evaluate(model, data.x, data.y, batch_size=env.config.evaluation.batch_size,
+            initial_loss = evaluate(model, data.x, data.y, batch_size=request.eval_batch_size,
                                     device=env.device)["loss"]
         stats = train_epochs(
-            model, data.x, data.y, epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, momentum=c.momentum,
-            weight_decay=c.weight_decay, optimizer=c.optimizer, seed=env.seed, device=env.device,
+            model, data.x, data.y, **request.training.train_kwargs(), seed=env.seed, device=env.device,
             proximal_mu=mu, global_params=[p.detach().clone() for p in model.parameters()] if mu > 0 else None,
         )
         arrays = state_to_arrays(model)

@@ -7,12 +7,17 @@ needs them. The server part (``fedsim/strategies/``) and the client part (``feds
 other: both import the protocol. Third-party strategies register the same way from a module named in the
 ``fedsim.plugins`` entry-point group.
 
+The engine builds the parts through ``server_class()`` / ``client_class()``, which check them against their
+contracts (``fedsim.engine.parts.ServerPart`` / ``ClientPart``: the hooks exist, ``__init__`` takes the parameters,
+``reduce`` exists where ``reducible`` is declared) and raise ``PartContractError`` naming a missing hook.
+
 This module imports nothing from ``fedsim.config``; the config imports it to find a strategy's parameters.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +31,66 @@ from fedsim.errors import ConfigError
 ENTRY_POINT_GROUP = "fedsim.plugins"
 
 
-def _resolve(target: str | type | None) -> Any:
+class PartContractError(TypeError):
+    """A strategy's part (or declared model codec) misses a hook of its contract (``fedsim.engine.parts``)."""
+
+
+def _where(spec_name: str, side: str, obj: Any) -> str:
+    name = getattr(obj, "__qualname__", None) or type(obj).__qualname__
+    module = getattr(obj, "__module__", None) or type(obj).__module__
+    return f"strategy {spec_name!r}: {side} {module}.{name}"
+
+
+def _lacks(obj: Any, hook: str) -> bool:
+    return not callable(getattr(obj, hook, None))
+
+
+def _check_class(cls: Any, where: str, contract: str) -> None:
+    if not inspect.isclass(cls):
+        raise PartContractError(f"{where} is not a class ({contract}, fedsim.engine.parts)")
+    try:
+        inspect.signature(cls).bind(None)
+    except TypeError:
+        raise PartContractError(f"{where} cannot be built as {cls.__name__}(params): its __init__ must take the "
+                                f"strategy's parameters ({contract}, fedsim.engine.parts)") from None
+    except ValueError:  # no signature to read (a builtin): the call decides
+        pass
+
+
+def check_server_part(cls: Any, spec_name: str) -> type:
+    """``cls`` if it keeps the ``ServerPart`` contract (``__init__(params)``, ``run(ctx)``); else a
+    ``PartContractError`` naming the missing hook."""
+    where = _where(spec_name, "server part", cls)
+    if inspect.isclass(cls) and _lacks(cls, "run"):
+        raise PartContractError(f"{where} has no run(ctx) hook (ServerPart, fedsim.engine.parts)")
+    _check_class(cls, where, "ServerPart")
+    return cls
+
+
+def check_client_part(cls: Any, spec_name: str, reducible: bool) -> type:
+    """``cls`` if it keeps the ``ClientPart`` contract (``__init__(params)``, ``train(content, env)``, and
+    ``reduce(replies)`` where the spec declares ``reducible``); else a ``PartContractError`` naming the hook."""
+    where = _where(spec_name, "client part", cls)
+    if inspect.isclass(cls) and _lacks(cls, "train"):
+        raise PartContractError(f"{where} has no train(content, env) hook (ClientPart, fedsim.engine.parts)")
+    if inspect.isclass(cls) and reducible and _lacks(cls, "reduce"):
+        raise PartContractError(f"{where} has no reduce(replies) hook, but the spec declares reducible=True "
+                                "(ReducibleClientPart, fedsim.engine.parts)")
+    _check_class(cls, where, "ClientPart")
+    return cls
+
+
+def check_model_codec(codec: Any, spec_name: str) -> Any:
+    """``codec`` if it has ``read(content)`` and ``write(content, arrays)``; else a ``PartContractError``."""
+    missing = [hook for hook in ("read", "write") if _lacks(codec, hook)]
+    if missing:
+        raise PartContractError(f"{_where(spec_name, 'model codec', codec)} has no {' or '.join(missing)} hook "
+                                "(ModelCodec, fedsim.engine.parts)")
+    return codec
+
+
+def _resolve(target: Any) -> Any:
+    """``"module:name"`` imported and looked up; anything else (a class, an object, None) as it is."""
     if target is None or not isinstance(target, str):
         return target
     module, _, name = target.partition(":")
@@ -42,9 +106,16 @@ class StrategySpec:
     static partition). ``fixed_rounds(params)``: the number of rounds the algorithm defines (one-shot: 1; FuseFL:
     its stages); a scenario that sets another number is refused, one that sets none gets it. ``single_client``: the
     strategy runs on one client holding all the data (centralized upper bound). ``reducible``: the client part has
-    an associative ``reduce``, so one node may serve several clients. ``model_replies``: the client part replies
-    with its trained model under the SGD protocol's keys, so ``simulation.byzantine_fraction`` applies to it.
-    ``check(config)``: cross-field rules.
+    an associative ``reduce``, so one node may serve several clients. ``check(config)``: cross-field rules.
+
+    What the engine needs to know of an algorithm is declared here, never probed on its parameters:
+
+    - ``model_codec``: how to read and write the model in a train message and its reply (a ``ModelCodec`` of
+      ``fedsim.engine.parts``: ``read(content) -> dict[str, ndarray] | None``, ``write(content, arrays)``; an
+      object or a ``"module:object"`` path). The byzantine clients of ``simulation.byzantine_fraction`` rewrite a
+      reply's model through it; a strategy without one refuses them (``model_replies`` is False).
+    - ``server_holdout(params) -> float``: the share of the training split the server keeps from every client
+      when the scenario leaves ``data.server_holdout`` unset (FedDF's distillation data); None: 0.
     """
 
     name: str
@@ -57,7 +128,8 @@ class StrategySpec:
     fixed_rounds: Callable[[Any], int] | None = None
     single_client: bool = False
     reducible: bool = False
-    model_replies: bool = False
+    model_codec: Any = None
+    server_holdout: Callable[[Any], float] | None = None
     check: Callable[[Any], None] | None = None
 
     def __post_init__(self) -> None:
@@ -66,11 +138,26 @@ class StrategySpec:
         if self.stream not in STREAM_KINDS:
             raise ValueError(f"StrategySpec.stream must be one of {STREAM_KINDS}, got {self.stream!r}")
 
+    @property
+    def model_replies(self) -> bool:
+        """The client part replies with a model the engine can read (a ``model_codec`` is declared)."""
+        return self.model_codec is not None
+
     def server_class(self) -> type:
-        return _resolve(self.server)
+        """The server part (imported on first use), checked against ``ServerPart`` (``PartContractError``)."""
+        return check_server_part(_resolve(self.server), self.name)
 
     def client_class(self) -> type | None:
-        return _resolve(self.client)
+        """The client part (imported on first use; None for server-only strategies), checked against
+        ``ClientPart`` (and ``ReducibleClientPart`` where ``reducible``)."""
+        cls = _resolve(self.client)
+        return None if cls is None else check_client_part(cls, self.name, self.reducible)
+
+    def model_codec_object(self) -> Any:
+        """The declared ``model_codec`` (imported on first use), checked against ``ModelCodec``; None where there
+        is none."""
+        codec = _resolve(self.model_codec)
+        return None if codec is None else check_model_codec(codec, self.name)
 
 
 _REGISTRY: dict[str, StrategySpec] = {}

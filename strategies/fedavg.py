@@ -3,7 +3,9 @@
 One server class family: each member is a ``flwr.serverapp.strategy`` class plus the keyword arguments its
 parameters name (Flower's own names), optionally wrapped (the DP wrappers around FedAvg). Every member trains with
 the same client part (``fedsim.clients.sgd``: local SGD epochs), evaluates the global model on the test set after
-every ``evaluation.every`` rounds and saves it. Messages: ``fedsim.algorithms.fedavg.protocol``.
+every ``evaluation.every`` rounds and saves it. The round's local training (``client.epochs``, ``batch_size``,
+``lr``, ...) travels to the clients in Flower's train ConfigRecord (``strategy.start(train_config=...)``), so the
+clients read no hyperparameter from the scenario. Messages: ``fedsim.algorithms.fedavg.protocol``.
 
 - FedAvg (McMahan et al., AISTATS 2017, arXiv 1602.05629): w_{t+1} = sum_k (n_k / n) w_k^{t+1}, where each selected
   client starts from w_t and runs ``client.epochs`` epochs of SGD on its partition.
@@ -185,7 +187,7 @@ class FedAvgServer:
         return {}
 
     def train_config(self, ctx: ServerContext) -> dict[str, Any]:
-        """Extra keys of the ConfigRecord every train message carries."""
+        """Extra keys of the ConfigRecord every train message carries (beside the local training settings)."""
         return {}
 
     def wrap(self, strategy: Strategy, ctx: ServerContext) -> Strategy:
@@ -224,7 +226,9 @@ class FedAvgServer:
         initial = to_record(state_to_arrays(model))
         result = self._strategy(ctx).start(
             grid=ctx.grid, initial_arrays=initial, num_rounds=rounds, timeout=ctx.config.simulation.timeout,
-            train_config=ConfigRecord(self.train_config(ctx)), evaluate_fn=evaluate_fn,
+            train_config=ConfigRecord({**protocol.LocalTraining.from_settings(ctx.config.client).to_config(),
+                                       **self.train_config(ctx)}),
+            evaluate_fn=evaluate_fn,
         )
         # Flower's result holds the last aggregate; none when every round skipped aggregation (DP with a failed
         # client, Bulyan with too few replies): the model stays the initial one
@@ -303,7 +307,9 @@ class QFedAvgServer(FedAvgServer):
         return {"client_learning_rate": float(ctx.config.client.lr if lr is None else lr), "train_loss_key": key}
 
     def train_config(self, ctx: ServerContext) -> dict[str, Any]:
-        return {protocol.INITIAL_LOSS_FLAG: True} if self.params.loss == "global-model" else {}
+        if self.params.loss != "global-model":
+            return {}
+        return {protocol.INITIAL_LOSS_FLAG: True, protocol.EVAL_BATCH_KEY: int(ctx.config.evaluation.batch_size)}
 
 
 class _DPServer(FedAvgServer):

@@ -7,8 +7,8 @@ Each round, over the sampled clients P that answered (m: all clients):
 
 The official code evaluates the same server model (its ``cld_mdl_param`` = mean of the sampled models plus the mean
 over all clients of their accumulated drifts, which is -h / alpha); it also divides alpha by each client's relative
-dataset size, which the paper does not, and fedsim does not. Messages: ``fedsim.algorithms.feddyn.protocol``; the round loop is
-``fedsim.strategies.scaffold.ModelRoundsServer``.
+dataset size, which the paper does not, and fedsim does not. Messages: ``fedsim.algorithms.feddyn.protocol``; the
+round loop is ``fedsim.frameworks.model_rounds.ModelRoundsServer``.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import RecordDict
 
-from fedsim.engine import ServerContext
 from fedsim.algorithms.feddyn import protocol
-from fedsim.strategies.scaffold import ModelRoundsServer
+from fedsim.engine import ServerContext
+from fedsim.frameworks.model_rounds import ModelRoundsServer
 
 
 class FedDynServer(ModelRoundsServer):
@@ -27,7 +27,7 @@ class FedDynServer(ModelRoundsServer):
         self.h: dict[str, np.ndarray] | None = None
 
     def request(self, model: dict[str, np.ndarray], round_: int) -> RecordDict:
-        return protocol.request(model, self.params.alpha)
+        return protocol.request(model, self.params.alpha, self.training)
 
     def aggregate(self, model: dict[str, np.ndarray], replies: list[RecordDict]) -> dict[str, np.ndarray]:
         merged = protocol.merge([protocol.parse_reply(r) for r in replies])

@@ -176,7 +176,7 @@ def test_stateful_parameters_are_validated(tmp_path):
 
 
 def test_partial_participation_samples_the_same_clients_in_every_run(tmp_path):
-    from fedsim.strategies.scaffold import ModelRoundsServer
+    from fedsim.frameworks.model_rounds import ModelRoundsServer
 
     config = scenario_config(TINY, tmp_path, "partition.num_clients=6", "strategy.fraction_train=0.5")
     server = ModelRoundsServer(config.strategy.params)

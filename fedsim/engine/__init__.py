@@ -1,17 +1,21 @@
 """The simulation engine: Flower apps, accounting, and the scenario runner.
 
 A strategy's server part sees a ``ServerContext``, its client part a ``ClientEnv``; both extend
-``fedsim.scenario.ScenarioView``. Registration lives in ``fedsim.registry`` (re-exported here).
+``fedsim.scenario.ScenarioView``. The parts' contracts are ``ServerPart`` and ``ClientPart``
+(``fedsim.engine.parts``; ``ModelCodec`` for the model a spec declares). Registration lives in ``fedsim.registry``
+(re-exported here).
 """
 
 from fedsim.engine.node import ClientEnv
+from fedsim.engine.parts import ClientPart, ModelCodec, PartContractError, ReducibleClientPart, ServerPart
 from fedsim.engine.server import Exchange, Reply, ServerContext
 from fedsim.registry import StrategySpec, get_strategy, register_strategy, strategies
 from fedsim.scenario import derive_seed
 
 __all__ = [
-    "ClientEnv", "Exchange", "Reply", "ServerContext", "StrategySpec", "derive_seed", "get_strategy",
-    "register_strategy", "strategies", "run_scenario",
+    "ClientEnv", "ClientPart", "Exchange", "ModelCodec", "PartContractError", "ReducibleClientPart", "Reply",
+    "ServerContext", "ServerPart", "StrategySpec", "derive_seed", "get_strategy", "register_strategy", "strategies",
+    "run_scenario",
 ]
 
 

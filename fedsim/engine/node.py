@@ -6,7 +6,9 @@ the shared scenario view, its persistent state) and calls the strategy's client 
 exceptions are accounted per client; replies of a group are combined with the client part's ``reduce``. Byte
 counts are taken from the serialized records each client would have sent alone. Byzantine clients
 (``simulation.byzantine_fraction``) are simulated here, after the client part, so every strategy's client stays
-honest code.
+honest code; the node reads and writes the model of a reply through the codec the strategy's spec declares
+(``StrategySpec.model_codec``), so it knows no algorithm's keys. The client part is checked against its contract
+(``fedsim.engine.parts.ClientPart``, by ``StrategySpec.client_class``) when the node first builds it.
 """
 
 from __future__ import annotations
@@ -16,17 +18,16 @@ import os
 import socket
 import traceback
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.app.error import Error
 from flwr.clientapp import ClientApp
 
-from fedsim.codec import from_record, to_record
 from fedsim.config import ScenarioConfig
 from fedsim.engine.accounting import ACCOUNTING_KEY, CLIENT_FAILED, ENGINE_KEY, NODE_KEY, failing_clients, \
     node_group, record_nbytes
-from fedsim.algorithms.fedavg import protocol as sgd_protocol
 from fedsim.registry import get_strategy
 from fedsim.scenario import ScenarioView, client_stream, derive_seed, partition_for, resolve_device, train_split
 
@@ -154,12 +155,13 @@ def byzantine_update(local: dict[str, np.ndarray], received: dict[str, np.ndarra
     return out
 
 
-def _attack(content: RecordDict, reply: RecordDict, factor: float) -> None:
-    """Replace a model reply (the SGD protocol's arrays key, relative to the model received under the same key)
-    by the byzantine one, in place; other replies are left alone."""
-    key = sgd_protocol.ARRAYS_KEY
-    if key in content.array_records and key in reply.array_records:
-        reply[key] = to_record(byzantine_update(from_record(reply[key]), from_record(content[key]), factor))
+def _attack(codec: Any, content: RecordDict, reply: RecordDict, factor: float) -> None:
+    """Replace the model of ``reply`` (relative to the model received in ``content``, both read with the
+    strategy's ``codec``, a ``fedsim.engine.parts.ModelCodec``) by the byzantine one, in place; a message without
+    a model is left alone."""
+    received, sent = codec.read(content), codec.read(reply)
+    if received is not None and sent is not None:
+        codec.write(reply, byzantine_update(sent, received, factor))
 
 
 class NodeHandler:
@@ -175,6 +177,16 @@ class NodeHandler:
         self.partitions = partitions
         self.group_of = group_of
         self.spec = get_strategy(config.strategy.name)
+        self._client_cls: type | None = None
+
+    def _client_class(self) -> type:
+        """The client part, imported and checked against ``ClientPart`` once per handler."""
+        if self._client_cls is None:
+            cls = self.spec.client_class()
+            if cls is None:
+                raise ClientError(f"strategy {self.spec.name!r} has no client part")
+            self._client_cls = cls
+        return self._client_cls
 
     def _indices(self, pid: int) -> np.ndarray:
         if self.partitions is None:
@@ -203,13 +215,14 @@ class NodeHandler:
         content = RecordDict({k: v for k, v in msg.content.items() if k != ENGINE_KEY})
 
         _limit_threads(cfg.simulation.num_cpus)
-        client_cls = self.spec.client_class()
+        client_cls = self._client_class()
         client = client_cls(cfg.strategy.params)
         handler = getattr(client, kind, None)
         if handler is None:
             raise ClientError(f"strategy {cfg.strategy.name!r} has no client-side {kind!r} handler")
         failing = failing_clients(cfg.seed, round_, cfg.num_clients, cfg.simulation.failure_rate)
         byzantine = byzantine_clients(cfg) if kind == "train" else frozenset()
+        codec = self.spec.model_codec_object() if byzantine else None
         device = resolve_device(cfg.simulation.device)
 
         replies: list[RecordDict] = []
@@ -230,7 +243,7 @@ class NodeHandler:
                 continue
             store_client_state(context.state, pid, env.state)
             if pid in byzantine:
-                _attack(content, reply, byzantine_factor(cfg))
+                _attack(codec, content, reply, byzantine_factor(cfg))
             served.append(pid)
             sizes.append(record_nbytes(reply))
             replies.append(reply)
@@ -291,8 +304,12 @@ def _limit_blas_threads(n: int) -> None:
 
 
 def build_client_app(config: ScenarioConfig, partitions: list[np.ndarray] | None = None) -> ClientApp:
-    """The Flower ClientApp for ``config``; partitions travel with it (computed once by the driver)."""
-    return client_app_for(NodeHandler(config, partitions))
+    """The Flower ClientApp for ``config``; partitions travel with it (computed once by the driver). The client
+    part is checked against its contract here, so a part without ``train`` fails on the driver, before any node
+    starts, with an error naming the hook."""
+    handler = NodeHandler(config, partitions)
+    handler.spec.client_class()  # raises PartContractError naming a missing hook
+    return client_app_for(handler)
 
 
 def client_app_for(dispatch: Callable[[str, Message, Context], Message]) -> ClientApp:

@@ -1,41 +1,51 @@
 """The gradient baselines' protocol: Flower's own Message-API strategies and the messages they send.
 
     down  ARRAYS_KEY   ArrayRecord: the global model (parameters and BatchNorm buffers)
-          CONFIG_KEY   ConfigRecord {server-round[, proximal-mu][, clipping_norm][, report-initial-loss]}:
-                       FedProx's mu and the client-side DP clipping norm travel here, as Flower sends them;
-                       q-FedAvg asks for the loss of the received model with ``report-initial-loss``
+          CONFIG_KEY   ConfigRecord {server-round, local-epochs, local-batch-size, local-lr, local-momentum,
+                       local-weight-decay, local-optimizer[, proximal-mu][, clipping_norm][, report-initial-loss,
+                       eval-batch-size]}: the round's local training (``LocalTraining``) travels here, as do
+                       FedProx's mu and the client-side DP clipping norm, as Flower sends them; q-FedAvg asks for
+                       the loss of the received model with ``report-initial-loss``
     up    ARRAYS_KEY   ArrayRecord: the locally trained model
           METRICS_KEY  MetricRecord {num-examples, train_loss[, initial_loss]}
 
-The keys are the ones ``flwr.serverapp.strategy.FedAvg`` uses (its defaults), so Flower's own strategies run the
-server side unchanged: FedAvg, FedProx, FedAvgM, FedAdam, FedYogi, FedAdagrad, FedMedian, FedTrimmedAvg, Krum,
-MultiKrum, Bulyan, QFedAvg and the fixed-clipping differential-privacy wrappers around FedAvg. Each strategy's
-parameters carry Flower's own names. The server part is ``fedsim.strategies.fedavg``, the client part
-``fedsim.clients.sgd``.
+The wire form is the shared one of ``fedsim.frameworks.model_rounds_protocol`` (Flower FedAvg's default keys), so
+Flower's own strategies run the server side unchanged: FedAvg, FedProx, FedAvgM, FedAdam, FedYogi, FedAdagrad,
+FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan, QFedAvg and the fixed-clipping differential-privacy wrappers
+around FedAvg. Each strategy's parameters carry Flower's own names. The server part is ``fedsim.strategies.fedavg``,
+the client part ``fedsim.clients.sgd``.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import MetricRecord, RecordDict
+from flwr.app import RecordDict
 
-from fedsim.codec import from_record, to_record
 from fedsim.errors import ConfigError
+from fedsim.frameworks.model_rounds_protocol import (  # noqa: F401  (re-exported: the SGD family's wire form)
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    LOSS_KEY,
+    METRICS_KEY,
+    WEIGHT_KEY,
+    LocalTraining,
+    finite,
+    model_reply,
+    parse_model_reply,
+    parse_model_request,
+    reply_weight,
+)
 from fedsim.params import Interval, Options
 from fedsim.registry import StrategySpec, register_strategy
 
-ARRAYS_KEY = "arrays"  # Flower FedAvg's arrayrecord_key
-CONFIG_KEY = "config"  # Flower FedAvg's configrecord_key
-METRICS_KEY = "metrics"  # the reply's MetricRecord
-WEIGHT_KEY = "num-examples"  # Flower FedAvg's weighted_by_key
 MU_KEY = "proximal-mu"  # what Flower's FedProx.configure_train puts into the train ConfigRecord
-LOSS_KEY = "train_loss"
 CLIP_KEY = "clipping_norm"  # flwr.supercore.differential_privacy.KEY_CLIPPING_NORM, set by the client-side DP wrapper
 INITIAL_LOSS_FLAG = "report-initial-loss"  # train config: the server wants the loss of the model it sent
+EVAL_BATCH_KEY = "eval-batch-size"  # train config, with INITIAL_LOSS_FLAG: the batch size of that evaluation
 INITIAL_LOSS_KEY = "initial_loss"  # reply metric: mean loss of the received model on the client's data
+MODEL_CODEC = "fedsim.frameworks.model_rounds_protocol:MODEL_CODEC"  # the model of a reply, for the engine
 
 
 @dataclass
@@ -171,56 +181,48 @@ class TrainRequest:
     """What a train message asks of the client (``parse_request``)."""
 
     arrays: dict[str, np.ndarray]  # the global model, read-only views
+    training: LocalTraining  # the round's local SGD (epochs, batch size, learning rate, ...)
     proximal_mu: float = 0.0  # FedProx
     clipping_norm: float | None = None  # client-side DP: clip the model update to this L2 norm
     report_initial_loss: bool = False  # q-FedAvg: also report the loss of the received model
+    eval_batch_size: int | None = None  # q-FedAvg: the batch size of that evaluation (sent with the flag)
 
 
 def parse_request(content: RecordDict) -> TrainRequest:
     """Everything a train message of a gradient strategy asks for."""
-    config = content.config_records.get(CONFIG_KEY) or {}
-    clip = config.get(CLIP_KEY)
-    return TrainRequest(from_record(content[ARRAYS_KEY]), float(config.get(MU_KEY, 0.0)),
-                        None if clip is None else float(clip), bool(config.get(INITIAL_LOSS_FLAG, False)))
+    arrays, config = parse_model_request(content)
+    clip, initial = config.get(CLIP_KEY), bool(config.get(INITIAL_LOSS_FLAG, False))
+    if initial and EVAL_BATCH_KEY not in config:
+        raise KeyError(f"{INITIAL_LOSS_FLAG} comes without {EVAL_BATCH_KEY}: the server must send both")
+    return TrainRequest(arrays, LocalTraining.from_config(config), float(config.get(MU_KEY, 0.0)),
+                        None if clip is None else float(clip), initial,
+                        int(config[EVAL_BATCH_KEY]) if initial else None)
 
 
 def parse_train(content: RecordDict) -> tuple[dict[str, np.ndarray], float]:
     """(global model arrays as read-only views, proximal mu) of a train message; mu is 0 where none was sent."""
-    request = parse_request(content)
-    return request.arrays, request.proximal_mu
+    arrays, config = parse_model_request(content)
+    return arrays, float(config.get(MU_KEY, 0.0))
 
 
 def reply(arrays: dict[str, np.ndarray], num_examples: int, train_loss: float,
           initial_loss: float | None = None) -> RecordDict:
     """A client's answer: its model, its example count (FedAvg's weight) and its mean training loss (0 if none);
     ``initial_loss`` (the received model's loss, for q-FedAvg) only where the server asked for it."""
-    metrics = MetricRecord({WEIGHT_KEY: int(num_examples), LOSS_KEY: _finite(train_loss)})
-    if initial_loss is not None:
-        metrics[INITIAL_LOSS_KEY] = _finite(initial_loss)
-    return RecordDict({ARRAYS_KEY: to_record(arrays), METRICS_KEY: metrics})
-
-
-def _finite(value: float) -> float:
-    value = float(value)
-    return value if math.isfinite(value) else 0.0
+    extra = None if initial_loss is None else {INITIAL_LOSS_KEY: finite(initial_loss)}
+    return model_reply(arrays, num_examples, train_loss, metrics=extra)
 
 
 def parse_reply(content: RecordDict) -> tuple[dict[str, np.ndarray], int, float]:
     """(model arrays as read-only views, number of examples, training loss) of a client's reply."""
-    metrics = content[METRICS_KEY]
-    return from_record(content[ARRAYS_KEY]), int(metrics[WEIGHT_KEY]), float(metrics[LOSS_KEY])
+    r = parse_model_reply(content)
+    return r.arrays, r.num_examples, r.loss
 
 
 def initial_loss_of(content: RecordDict) -> float | None:
     """The reply's loss of the received model (q-FedAvg), None where it carries none."""
     value = content[METRICS_KEY].get(INITIAL_LOSS_KEY)
     return None if value is None else float(value)
-
-
-def reply_weight(content: RecordDict) -> tuple[float, float]:
-    """(number of examples, training loss) of a reply, without touching its arrays."""
-    metrics = content[METRICS_KEY]
-    return float(metrics[WEIGHT_KEY]), float(metrics.get(LOSS_KEY, 0.0))
 
 
 def _check_trainable(config) -> None:  # noqa: ANN001
@@ -242,7 +244,7 @@ def _check_krum(config) -> None:  # noqa: ANN001
     if f > 0 and n <= 2 * f + 2:
         raise ConfigError(f"strategy.num_malicious_nodes: {f} needs more than 2f + 2 = {2 * f + 2} clients per "
                           f"round (Blanchard et al. 2017); this scenario samples {n}")
-    m = getattr(params, "num_nodes_to_select", None)
+    m = params.num_nodes_to_select if isinstance(params, MultiKrumParams) else None
     if m is not None and m > n:
         raise ConfigError(f"strategy.num_nodes_to_select: {m} is more than the {n} clients sampled per round")
 
@@ -263,7 +265,7 @@ def _register(name: str, params: type, server: str, description: str, *, reducib
               check=_check_trainable, **extra) -> None:  # noqa: ANN001
     client = "fedsim.clients.sgd:" + ("SGDClient" if reducible else "PerClientSGDClient")
     register_strategy(StrategySpec(name=name, params=params, server=f"{_SERVERS}:{server}", client=client,
-                                   check=check, reducible=reducible, model_replies=True, description=description,
+                                   check=check, reducible=reducible, model_codec=MODEL_CODEC, description=description,
                                    **extra))
 
 

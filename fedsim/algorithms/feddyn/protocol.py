@@ -1,7 +1,8 @@
 """FedDyn's protocol (Acar et al., ICLR 2021, arXiv 2111.04263): the model down, the local models up.
 
     down  ARRAYS_KEY   ArrayRecord: the server model theta^{t-1} (parameters and BatchNorm buffers)
-          CONFIG_KEY   ConfigRecord {alpha}: the weight of the dynamic regularizer (the client uses what it reads)
+          CONFIG_KEY   ConfigRecord {alpha, local-epochs, local-lr, ...}: the weight of the dynamic regularizer
+                       and the round's local training (``LocalTraining``); the client uses what it reads
     up    ARRAYS_KEY   ArrayRecord: the mean of the local models theta_k^t of the clients the reply covers
           METRICS_KEY  MetricRecord {num-examples, clients, train_loss}
 
@@ -9,28 +10,32 @@ Each client keeps, in its state (``STATE_KEY``, float64, from zero), g_k = grad 
 of its loss at its previous local model, and minimizes L_k(theta) - <g_k, theta> + (alpha/2) ||theta -
 theta^{t-1}||^2. The server keeps h and updates h <- h - (alpha/m) sum_k (theta_k^t - theta^{t-1}) (m: all
 clients), theta^t = mean_k theta_k^t - h / alpha (Algorithm 1). A reply's model is a mean over clients, so a node
-serving several combines them exactly. The server part is ``fedsim.strategies.feddyn``, the client part
-``fedsim.clients.feddyn``.
+serving several combines them exactly. The wire form is ``fedsim.frameworks.model_rounds_protocol``'s. The server
+part is ``fedsim.strategies.feddyn``, the client part ``fedsim.clients.feddyn``.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import ConfigRecord, MetricRecord, RecordDict
+from flwr.app import RecordDict
 
+from fedsim.algorithms.fedavg.protocol import FedAvgParams
 from fedsim.averaging import average_factors, weighted_average
-from fedsim.codec import from_record, to_record
 from fedsim.errors import ConfigError
+from fedsim.frameworks.model_rounds_protocol import (
+    LocalTraining,
+    model_reply,
+    model_request,
+    parse_model_reply,
+    parse_model_request,
+)
 from fedsim.params import Interval
-from fedsim.algorithms.fedavg.protocol import ARRAYS_KEY, CONFIG_KEY, LOSS_KEY, METRICS_KEY, WEIGHT_KEY, FedAvgParams
 from fedsim.registry import StrategySpec, register_strategy
 
 ALPHA_KEY = "alpha"
-CLIENTS_KEY = "clients"
 STATE_KEY = "feddyn.gradient"  # the client's own g_k in env.state
 
 
@@ -49,26 +54,25 @@ class Reply:
     loss: float
 
 
-def request(model: dict[str, np.ndarray], alpha: float) -> RecordDict:
-    return RecordDict({ARRAYS_KEY: to_record(model), CONFIG_KEY: ConfigRecord({ALPHA_KEY: float(alpha)})})
+def request(model: dict[str, np.ndarray], alpha: float, training: LocalTraining) -> RecordDict:
+    """The server's message: theta^{t-1}, alpha and the round's local training."""
+    return model_request(model, {ALPHA_KEY: float(alpha), **training.to_config()})
 
 
-def parse_request(content: RecordDict) -> tuple[dict[str, np.ndarray], float]:
-    """(theta^{t-1} as read-only views, alpha)."""
-    return from_record(content[ARRAYS_KEY]), float(content[CONFIG_KEY][ALPHA_KEY])
+def parse_request(content: RecordDict) -> tuple[dict[str, np.ndarray], float, LocalTraining]:
+    """(theta^{t-1} as read-only views, alpha, the local training to run)."""
+    model, config = parse_model_request(content)
+    return model, float(config[ALPHA_KEY]), LocalTraining.from_config(config)
 
 
 def reply(model: dict[str, np.ndarray], num_examples: int, clients: int, loss: float) -> RecordDict:
-    loss = float(loss)
-    return RecordDict({ARRAYS_KEY: to_record(model),
-                       METRICS_KEY: MetricRecord({WEIGHT_KEY: int(num_examples), CLIENTS_KEY: int(clients),
-                                                  LOSS_KEY: loss if math.isfinite(loss) else 0.0})})
+    """The mean model of the reply's clients, their examples, how many they are, their mean training loss."""
+    return model_reply(model, num_examples, loss, clients=clients)
 
 
 def parse_reply(content: RecordDict) -> Reply:
-    metrics = content[METRICS_KEY]
-    return Reply(from_record(content[ARRAYS_KEY]), int(metrics[WEIGHT_KEY]), int(metrics[CLIENTS_KEY]),
-                 float(metrics[LOSS_KEY]))
+    r = parse_model_reply(content)
+    return Reply(r.arrays, r.num_examples, r.clients, r.loss)
 
 
 def merge(parsed: Sequence[Reply]) -> Reply:

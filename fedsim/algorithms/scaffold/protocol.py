@@ -1,6 +1,7 @@
 """SCAFFOLD's protocol (Karimireddy et al., ICML 2020, arXiv 1910.06378): the model and the control variates.
 
     down  ARRAYS_KEY   ArrayRecord: the global model x (parameters and BatchNorm buffers)
+          CONFIG_KEY   ConfigRecord: the round's local training (``LocalTraining``: epochs, lr, ...)
           CONTROL_KEY  ArrayRecord: the server control variate c, one array per trainable parameter
     up    ARRAYS_KEY   ArrayRecord: the mean of the local models y_i of the clients the reply covers
           CONTROL_KEY  ArrayRecord: the sum of their control updates c_i^+ - c_i
@@ -10,28 +11,34 @@ Each client keeps its own control variate c_i in its state (``STATE_KEY``, float
 averages the y_i uniformly over the sampled clients that answered (Algorithm 1: (1/|S|) sum), and adds
 (1/N) sum of the control updates to c. Both are a mean over clients and a sum, so a node serving several clients
 combines their replies exactly (``combine``: the mean weighted by the number of clients each reply covers).
-The model travels under the SGD protocol's key, so byzantine clients (``simulation.byzantine_fraction``) perturb
-it. The server part is ``fedsim.strategies.scaffold``, the client part ``fedsim.clients.scaffold``.
+The model travels in the shared wire form of ``fedsim.frameworks.model_rounds_protocol``; the spec declares no
+model codec, so ``simulation.byzantine_fraction`` is refused (a byzantine client would also have to forge its
+control update). The server part is ``fedsim.strategies.scaffold``, the client part ``fedsim.clients.scaffold``.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import MetricRecord, RecordDict
+from flwr.app import RecordDict
 
+from fedsim.algorithms.fedavg.protocol import FedAvgParams
 from fedsim.averaging import average_factors, weighted_average
 from fedsim.codec import from_record, to_record
 from fedsim.errors import ConfigError
+from fedsim.frameworks.model_rounds_protocol import (
+    LocalTraining,
+    model_reply,
+    model_request,
+    parse_model_reply,
+    parse_model_request,
+)
 from fedsim.params import Interval, Options
-from fedsim.algorithms.fedavg.protocol import ARRAYS_KEY, LOSS_KEY, METRICS_KEY, WEIGHT_KEY, FedAvgParams
 from fedsim.registry import StrategySpec, register_strategy
 
 CONTROL_KEY = "control"
-CLIENTS_KEY = "clients"  # how many clients a reply covers (1, or a node's group)
 STATE_KEY = "scaffold.control"  # the client's own c_i in env.state
 CONTROL_UPDATES = ("II", "I")
 
@@ -58,28 +65,26 @@ class Reply:
     loss: float
 
 
-def request(model: dict[str, np.ndarray], control: dict[str, np.ndarray]) -> RecordDict:
-    """The server's message: the global model x and its control variate c."""
-    return RecordDict({ARRAYS_KEY: to_record(model), CONTROL_KEY: to_record(control)})
+def request(model: dict[str, np.ndarray], control: dict[str, np.ndarray], training: LocalTraining) -> RecordDict:
+    """The server's message: the global model x, the round's local training and the control variate c."""
+    return model_request(model, training.to_config(), {CONTROL_KEY: to_record(control)})
 
 
-def parse_request(content: RecordDict) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """(x, c) as read-only views."""
-    return from_record(content[ARRAYS_KEY]), from_record(content[CONTROL_KEY])
+def parse_request(content: RecordDict) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], LocalTraining]:
+    """(x, c) as read-only views, and the local training to run."""
+    model, config = parse_model_request(content)
+    return model, from_record(content[CONTROL_KEY]), LocalTraining.from_config(config)
 
 
 def reply(model: dict[str, np.ndarray], control: dict[str, np.ndarray], num_examples: int, clients: int,
           loss: float) -> RecordDict:
-    loss = float(loss)
-    return RecordDict({ARRAYS_KEY: to_record(model), CONTROL_KEY: to_record(control),
-                       METRICS_KEY: MetricRecord({WEIGHT_KEY: int(num_examples), CLIENTS_KEY: int(clients),
-                                                  LOSS_KEY: loss if math.isfinite(loss) else 0.0})})
+    """The mean model of the reply's clients, the sum of their control updates, examples, clients, loss."""
+    return model_reply(model, num_examples, loss, clients=clients, extra={CONTROL_KEY: to_record(control)})
 
 
 def parse_reply(content: RecordDict) -> Reply:
-    metrics = content[METRICS_KEY]
-    return Reply(from_record(content[ARRAYS_KEY]), from_record(content[CONTROL_KEY]), int(metrics[WEIGHT_KEY]),
-                 int(metrics[CLIENTS_KEY]), float(metrics[LOSS_KEY]))
+    r = parse_model_reply(content)
+    return Reply(r.arrays, from_record(content[CONTROL_KEY]), r.num_examples, r.clients, r.loss)
 
 
 def merge(parsed: Sequence[Reply]) -> Reply:

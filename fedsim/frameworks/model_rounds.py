@@ -1,0 +1,122 @@
+"""The model-rounds framework: a public base class for strategies that train one global model over rounds.
+
+``ModelRoundsServer`` owns the loop, as Flower's ``flwr.serverapp.strategy.Strategy`` owns ``start``: each round it
+samples clients, sends them the global model (and what the algorithm adds), folds the answering replies into the
+next global model, evaluates and logs; at the end it saves the model and writes the summary. A strategy subclasses
+it and overrides the hooks it needs:
+
+==================================  =================================================================================
+hook                                default
+==================================  =================================================================================
+``setup(ctx, parameters)``          stores ``ctx``, the trainable parameter names and ``training`` (the round's
+                                    ``LocalTraining``); override to create server state (SCAFFOLD's c, FedDyn's h)
+``request(model, round_)``          the model and ``training`` in the ConfigRecord (``model_request``)
+``aggregate(model, replies)``       **required**: the new global model from the answering replies' contents
+``sample(ctx, round_)``             all clients, or max(int(N * fraction_train), 1) drawn from a per-round seed
+``summary_values()``                extra summary.json entries ({})
+==================================  =================================================================================
+
+Evaluation is FedAvg's: round 0 is the initial model, then every ``evaluation.every`` rounds and the last; a round
+in which no client answered keeps the model and is listed in ``rounds_not_aggregated``. Models travel as
+``dict[str, np.ndarray]`` state dicts (parameters and buffers); the wire form is
+``fedsim.frameworks.model_rounds_protocol``. SCAFFOLD, FedDyn and FedNova are built on it (``strategies/``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from flwr.app import RecordDict
+
+from fedsim.engine.node import byzantine_summary
+from fedsim.engine.server import ServerContext
+from fedsim.frameworks.model_rounds_protocol import LocalTraining, model_request
+from fedsim.nn.training import arrays_to_state, evaluate, state_to_arrays
+
+__all__ = ["ModelRoundsServer", "step_towards"]
+
+
+class ModelRoundsServer:
+    """Rounds of "send the global model (and what the algorithm adds) to the sampled clients, fold the replies".
+
+    A ``ServerPart`` (``fedsim.engine.parts``): ``__init__(params)`` stores the parameters (which need a
+    ``fraction_train`` for the default ``sample``), ``run(ctx)`` is the loop; subclasses override the hooks of the
+    module docstring, at least ``aggregate``.
+    """
+
+    def __init__(self, params: Any) -> None:
+        self.params = params
+
+    # -- hooks ----------------------------------------------------------------------------------------------------
+    def setup(self, ctx: ServerContext, parameters: list[str]) -> None:
+        """Called once before round 1: ``parameters`` names the trainable arrays of the model (the rest are
+        buffers); ``self.training`` is the local training every request asks for (the scenario's ``[client]``)."""
+        self.ctx = ctx
+        self.parameters = parameters
+        self.training = LocalTraining.from_settings(ctx.config.client)
+
+    def request(self, model: dict[str, np.ndarray], round_: int) -> RecordDict:
+        """The message of ``round_``: by default the model and the local training settings."""
+        return model_request(model, self.training.to_config())
+
+    def aggregate(self, model: dict[str, np.ndarray], replies: list[RecordDict]) -> dict[str, np.ndarray]:
+        """The next global model from the current one and the contents of the replies that arrived (>= 1)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement aggregate(model, replies)")
+
+    def sample(self, ctx: ServerContext, round_: int) -> list[int] | None:
+        """The clients of ``round_``: all (None), or max(int(N * fraction_train), 1) drawn from a per-round seed."""
+        n = ctx.config.num_clients
+        m = max(int(n * self.params.fraction_train), 1)
+        if m >= n:
+            return None
+        rng = np.random.default_rng(ctx.derive_seed(round_, "sample"))
+        return sorted(int(i) for i in rng.choice(n, size=m, replace=False))
+
+    def summary_values(self) -> dict[str, Any]:
+        """Extra summary.json entries of this strategy."""
+        return {}
+
+    # -- the loop -------------------------------------------------------------------------------------------------
+    def run(self, ctx: ServerContext) -> None:
+        test = ctx.test_data()
+        net = ctx.initial_model()
+        cfg = ctx.config
+        every, rounds, bs = cfg.evaluation.every, cfg.rounds, cfg.evaluation.batch_size
+        model = state_to_arrays(net)
+        self.setup(ctx, [name for name, p in net.named_parameters() if p.requires_grad])
+
+        def log(round_: int) -> None:
+            if round_ % every and round_ != rounds:
+                ctx.log(round_)
+                return
+            arrays_to_state(net, model)
+            res = evaluate(net, test.x, test.y, batch_size=bs, device=ctx.device)
+            ctx.log(round_, accuracy=res["accuracy"], loss=res["loss"], **ctx.client_accuracy(res["class_accuracy"]))
+
+        log(0)
+        skipped = []
+        for round_ in range(1, rounds + 1):
+            replies = [r.content for r in ctx.send(self.request(model, round_), partitions=self.sample(ctx, round_),
+                                                   round=round_) if r.ok]
+            if replies:
+                model = self.aggregate(model, replies)
+            else:
+                skipped.append(round_)
+            log(round_)
+        arrays_to_state(net, model)
+        ctx.save_model(net.cpu())
+        ctx.summary(num_parameters=int(sum(p.numel() for p in net.parameters())),
+                    **({"rounds_not_aggregated": skipped} if skipped else {}), **byzantine_summary(cfg),
+                    **self.summary_values())
+
+
+def step_towards(model: dict[str, np.ndarray], mean: dict[str, np.ndarray], parameters: list[str],
+                 rate: float) -> dict[str, np.ndarray]:
+    """x + rate * (mean - x) on the trainable parameters (float64, back in their dtype), the mean itself for
+    buffers: a server learning rate on the clients' mean model (SCAFFOLD's eta_g)."""
+    out = dict(mean)
+    for key in parameters:
+        x = np.asarray(model[key], dtype=np.float64)
+        out[key] = (x + rate * (np.asarray(mean[key], dtype=np.float64) - x)).astype(np.asarray(model[key]).dtype)
+    return out
