@@ -1,14 +1,17 @@
 """Client part of the class-incremental strategies (finetune, LwF, LwF + NCM, joint, and DPCR's backbone).
 
 Stateless between messages: every message carries the global backbone, for LwF the previous task's model, and the
-phase with the classes whose data to use (``fedsim.algorithms.cil.protocol``). A client's share of a task is the samples of
-its partition whose class belongs to the task (class-incremental: a task holds every sample of its classes).
+phase with the classes whose data to use and, for training, the local optimization
+(``fedsim.frameworks.class_incremental_protocol``; ``class-means``: ``fedsim.algorithms.cil.protocol``). A client's
+share of a task is the samples of its partition whose class belongs to the task (class-incremental: a task holds
+every sample of its classes). It reads no hyperparameter from the scenario: the request says how to train.
 
 Phases:
-- ``train``: ``client.epochs`` epochs of SGD from the global model on the share of ``data_classes``; the loss is
-  ``ce`` (cross-entropy over the logits of ``classes``, the seen classes: task 0, fine-tuning, joint training) or
+- ``train``: the requested epochs of SGD (or Adam) from the global model on the share of ``data_classes``; the loss
+  is ``ce`` (cross-entropy over the logits of ``classes``, the seen classes: task 0, fine-tuning, joint training) or
   ``lwf`` (Li & Hoiem, "Learning without Forgetting", TPAMI 2017: cross-entropy over the new classes' logits plus
-  lambda * KD(old model's logits of the old classes, temperature T), as in the official DPCR/PyCIL code).
+  lambda * KD(old model's logits of the old classes, temperature T), as in the official DPCR/PyCIL code: the
+  soft cross-entropy of ``fedsim.nn.losses.soft_cross_entropy``).
   Reply: the model and ``num-examples`` (FedAvg's example weight).
 - ``class-means``: per-class count and sum of the L2-normalized embeddings (nearest-class-mean prototypes);
   additive, so groups and the server sum them.
@@ -21,9 +24,11 @@ import torch
 from flwr.app import RecordDict
 from torch import nn
 
-from fedsim.frameworks.class_incremental import embed, load_model
+from fedsim.algorithms.cil.protocol import CLASS_MEANS
 from fedsim.engine import ClientEnv
-from fedsim.algorithms.cil import protocol
+from fedsim.frameworks import class_incremental_protocol as protocol
+from fedsim.frameworks.class_incremental import embed, load_model
+from fedsim.nn.losses import soft_cross_entropy
 from fedsim.nn.training import state_to_arrays, train_epochs
 
 
@@ -46,15 +51,9 @@ def restricted_ce(classes: list[int], num_classes: int):  # noqa: ANN201
     return loss
 
 
-def kd_loss(logits: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """LwF's distillation as in PyCIL: -sum softmax(teacher / T) * log_softmax(logits / T), mean over the batch."""
-    log_p = torch.log_softmax(logits / temperature, dim=1)
-    q = torch.softmax(teacher / temperature, dim=1)
-    return -(q * log_p).sum() / logits.shape[0]
-
-
 def lwf_distillation(old_model: nn.Module, old_classes: list[int], lam: float, temperature: float):  # noqa: ANN201
-    """``extra_loss`` for ``fedsim.nn.training.train_epochs``: lambda * KD on the old classes' logits."""
+    """``extra_loss`` for ``fedsim.nn.training.train_epochs``: lambda * KD on the old classes' logits (PyCIL's
+    soft cross-entropy, ``fedsim.nn.losses.soft_cross_entropy``)."""
     cols = torch.as_tensor(old_classes, dtype=torch.long)
     old_model.eval()
     for p in old_model.parameters():
@@ -64,7 +63,7 @@ def lwf_distillation(old_model: nn.Module, old_classes: list[int], lam: float, t
         c = cols.to(logits.device)
         with torch.no_grad():
             teacher = old_model(xb)[:, c]
-        return lam * kd_loss(logits[:, c], teacher, temperature)
+        return lam * soft_cross_entropy(logits[:, c], teacher, temperature)
 
     return extra
 
@@ -87,7 +86,7 @@ class CILClient:
         phase = protocol.parse_phase(content)
         if phase == protocol.TRAIN:
             return self.train_backbone(content, env)
-        if phase == protocol.CLASS_MEANS:
+        if phase == CLASS_MEANS:
             return self.class_means(content, env)
         return self.other_phase(phase, content, env)
 
@@ -106,10 +105,8 @@ class CILClient:
             extra = lwf_distillation(old, s.old_classes, s.lwf_lambda, s.temperature)
         else:
             loss_fn = restricted_ce(s.classes, env.num_classes)
-        c = env.config.client
-        stats = train_epochs(model, data.x, data.y, epochs=c.epochs, batch_size=c.batch_size, lr=c.lr,
-                             momentum=c.momentum, weight_decay=c.weight_decay, optimizer=c.optimizer, seed=env.seed,
-                             device=env.device, loss_fn=loss_fn, extra_loss=extra)
+        stats = train_epochs(model, data.x, data.y, **s.training.train_kwargs(), seed=env.seed, device=env.device,
+                             loss_fn=loss_fn, extra_loss=extra)
         train_loss = float(stats["loss"])
         return protocol.model_reply(state_to_arrays(model.cpu()), len(data),
                                     train_loss if np.isfinite(train_loss) else 0.0)

@@ -16,12 +16,12 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import RecordDict
 
-from fedsim.frameworks.class_incremental import embed, load_model
+from fedsim.algorithms.dpcr import protocol
+from fedsim.algorithms.dpcr.learner import class_statistics, drift_statistics, encode_statistics
 from fedsim.clients.cil import CILClient, task_share
 from fedsim.engine import ClientEnv
-from fedsim.algorithms.dpcr.learner import class_statistics, drift_statistics, encode_statistics
-from fedsim.algorithms.cil import protocol as cil
-from fedsim.algorithms.dpcr import protocol
+from fedsim.frameworks import class_incremental_protocol as cil
+from fedsim.frameworks.class_incremental import embed, load_model
 
 
 class DPCRClient(CILClient):

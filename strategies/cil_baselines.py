@@ -3,7 +3,8 @@
 Exemplar-free: task t holds every training sample of its classes and nothing is kept from earlier tasks, except
 for ``joint``. Each task's backbone is trained federatedly by the loop of ``fedsim.frameworks.class_incremental`` (R rounds of
 FedAvg, McMahan et al. 2017; with ``partition.num_clients = 1`` and ``local_rounds = 1`` this is plain centralized
-training, through the same code); messages follow ``fedsim.algorithms.cil.protocol``.
+training, through the same code); messages follow ``fedsim.frameworks.class_incremental_protocol`` plus the
+``class-means`` phase of ``fedsim.algorithms.cil.protocol``.
 
 - ``finetune`` (lower bound): cross-entropy over the logits of all classes seen so far, on the new task's data
   only; evaluation with the network's head restricted to the seen classes.
@@ -24,9 +25,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fedsim.frameworks.class_incremental import MAIN, CILServer, IncrementalModel, embed
-from fedsim.engine import ServerContext
 from fedsim.algorithms.cil import protocol
+from fedsim.engine import ServerContext
+from fedsim.frameworks.class_incremental import MAIN, CILServer, IncrementalModel, embed
 from fedsim.nn.training import state_to_arrays
 
 

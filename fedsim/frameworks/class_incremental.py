@@ -3,14 +3,16 @@ DPCR), and the model factories its server and client parts share.
 
 Setting (``stream.kind = "class-incremental"``): the classes arrive in ``stream.tasks`` disjoint groups (seeded
 order, ``fedsim.data.streams.class_incremental``); task t holds every training sample of its classes. Messages follow
-``fedsim.algorithms.cil.protocol``.
+``fedsim.frameworks.class_incremental_protocol`` (the train phase, the statistics requests and replies, the shared
+parameters), which a strategy extends with its own statistics phases.
 
 The loop (``CILServer.run``), per task t with the seen classes S_t (tasks 0..t) and R = ``strategy.local_rounds``:
 
 1. ``train_task``: R rounds of FedAvg. Each round sends the global model and the phase settings (loss ``ce`` over
    S_t, or from task 1 on with ``loss = "lwf"`` CE over the new classes + KD from the previous task's model, which
-   travels along); every client trains ``client.epochs`` epochs on its samples of the task's classes (of S_t with
-   ``cumulative = True``, joint training), and the server replaces the model by the example-weighted average.
+   travels along) and the local training (the scenario's ``[client]`` table: epochs, batch size, optimizer); every
+   client trains as the request says on its samples of the task's classes (of S_t with ``cumulative = True``, joint
+   training), and the server replaces the model by the example-weighted average.
 2. ``after_training`` (hook): statistics rounds of the strategy (``collect`` sends one and sums the replies);
    returns extra metrics for the task's row.
 3. Evaluation on the test samples of S_t with ``predict`` (hook): the head restricted to S_t by default; a
@@ -50,12 +52,13 @@ from flwr.app import ArrayRecord, RecordDict
 from torch import nn
 
 from fedsim.codec import from_record
-from fedsim.results.continual import AccuracyMatrix
-from fedsim.algorithms.cil import protocol
-from fedsim.algorithms.cil.protocol import CILParams, TrainSettings
-from fedsim.scenario import ScenarioView
 from fedsim.data.streams import class_incremental
+from fedsim.frameworks import class_incremental_protocol as protocol
+from fedsim.frameworks.class_incremental_protocol import CILParams, TrainSettings
+from fedsim.frameworks.model_rounds_protocol import LocalTraining
 from fedsim.nn.training import arrays_to_state, predict_logits, state_to_arrays
+from fedsim.results.continual import AccuracyMatrix
+from fedsim.scenario import ScenarioView
 
 if TYPE_CHECKING:  # the client parts import the factories below without the server's machinery
     from fedsim.engine.server import ServerContext
@@ -94,7 +97,8 @@ def initial_model(view: ScenarioView) -> nn.Module:
     from fedsim.nn.models import use_cosine_classifier
 
     model = view.initial_model()
-    if getattr(view.params, "head", "linear") == "cosine":
+    params: CILParams = view.params  # every class-incremental strategy's parameters derive from CILParams
+    if params.head == "cosine":
         use_cosine_classifier(model, seed=view.derive_seed("cosine-head"))
     return model
 
@@ -228,12 +232,13 @@ class CILServer:
         """
         lwf = self.loss == "lwf" and t > 0
         data_classes = seen if self.cumulative else task_classes
+        training = LocalTraining.from_settings(ctx.config.client)
         if lwf:
-            settings = TrainSettings("lwf", seen, data_classes, new_classes=task_classes, old_classes=old_classes,
-                                     lwf_lambda=float(self.params.lwf_lambda),
+            settings = TrainSettings("lwf", seen, data_classes, training, new_classes=task_classes,
+                                     old_classes=old_classes, lwf_lambda=float(self.params.lwf_lambda),
                                      temperature=float(self.params.temperature))
         else:
-            settings = TrainSettings("ce", seen, data_classes)
+            settings = TrainSettings("ce", seen, data_classes, training)
         loss = float("nan")
         for i in range(self.params.local_rounds):
             content = protocol.train_request(state_to_arrays(model), settings, state_to_arrays(old) if lwf else None)

@@ -1,232 +1,34 @@
-"""Protocol of the class-incremental strategies (finetune, lwf, lwf-ncm, joint; DPCR builds on it).
+"""Protocol of the class-incremental baselines (finetune, lwf, lwf-ncm, joint): their one own phase and their
+registrations.
 
-Every request carries the global backbone; the phase and its classes travel in one ConfigRecord:
+The train phase, the statistics requests and replies, their combination and the shared parameters (``CILParams``,
+``LwFParams``) are the class-incremental framework's (``fedsim.frameworks.class_incremental_protocol``), which
+DPCR's protocol uses too. The baselines add one statistics phase:
 
-    train        down  ARRAYS_KEY  the global model          CONFIG_KEY {phase, loss, classes, data_classes
-                                                                         [, new_classes, old_classes, lwf_lambda,
-                                                                         temperature]}
-                       OLD_KEY     the previous task's model (LwF only)
-                 up    ARRAYS_KEY  the client's model        METRICS_KEY {num-examples, train_loss}
     class-means  down  ARRAYS_KEY  the global model          CONFIG_KEY {phase, classes}
                  up    STATS_KEY   per class: count, sum of  METRICS_KEY {num-examples}
                                    L2-normalized embeddings
 
-A statistics phase (``class-means`` here, ``dpcr-stats`` in ``fedsim.algorithms.dpcr.protocol``) answers with arrays that are
-sums over samples ("classes" excepted), so the replies of any group of clients combine by adding them; models
-combine by FedAvg's example-weighted average (``fedsim.averaging.weighted_average``). ``combine`` does both for a
-node serving several clients, ``merge_models`` / ``merge_statistics`` for the server, so the two agree by
-construction. The server parts are ``fedsim.strategies.cil_baselines`` and ``fedsim.strategies.dpcr`` (on the
-loop of ``fedsim.frameworks.class_incremental``), the client parts ``fedsim.clients.cil`` and ``fedsim.clients.dpcr``.
+The server parts are ``fedsim.strategies.cil_baselines`` (on the loop of ``fedsim.frameworks.class_incremental``),
+the client part ``fedsim.clients.cil``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import ConfigRecord, MetricRecord, RecordDict
+from flwr.app import RecordDict
 
-from fedsim.averaging import average_factors, weighted_average
-from fedsim.codec import from_record, to_record
-from fedsim.errors import ConfigError
-from fedsim.params import Interval, Options
+from fedsim.frameworks.class_incremental_protocol import CILParams, LwFParams, check_rounds, statistics_request
 from fedsim.registry import StrategySpec, register_strategy
 
-CONFIG_KEY = "cil"  # ConfigRecord: phase, classes, data_classes, new_classes, old_classes, loss, lwf_lambda, T
-OLD_KEY = "old-arrays"  # the previous task's model
-STATS_KEY = "stats"  # ArrayRecord of additive statistics
-ARRAYS_KEY = "arrays"  # the model (the key Flower's FedAvg uses)
-METRICS_KEY = "metrics"
-WEIGHT_KEY = "num-examples"
-
-TRAIN = "train"
 CLASS_MEANS = "class-means"
-PHASES = (TRAIN, CLASS_MEANS)
-LOSSES = ("ce", "lwf")
-#: The backbone's classifier during training: "linear" (nn.Linear with bias) or "cosine"
-#: (``fedsim.nn.models.CosineLinear``: normalized features and class weights, one learnable scale).
-HEADS = ("linear", "cosine")
-
-
-# ----------------------------------------------------------------------------------------------- parameters
-@dataclass
-class CILParams:
-    local_rounds: int = 1  # FedAvg rounds per task (each: client.epochs local epochs)
-    head: str = "linear"  # the network's classifier: "linear" (PyCIL's finetune / joint) or "cosine"
-
-    _parameter_constraints = {"local_rounds": [Interval(1, None, integer=True)], "head": [Options(HEADS)]}
-
-
-@dataclass
-class LwFParams(CILParams):
-    """LwF and the methods on its backbone (lwf-ncm, DPCR): the official DPCR configuration trains with the cosine
-    head (PyCIL ``"cosine": true``), so it is their default; ``head = "linear"`` is the option."""
-
-    lwf_lambda: float = 10.0  # weight of the distillation term
-    temperature: float = 2.0  # distillation temperature T
-    head: str = "cosine"
-
-    _parameter_constraints = {"lwf_lambda": [Interval(0, None)],
-                              "temperature": [Interval(0, None, closed="neither")]}
-
-
-def check_rounds(config) -> None:  # noqa: ANN001
-    """One metrics row per task: ``rounds`` is unset (1) or the number of tasks."""
-    name = config.strategy.name
-    if config.rounds not in (1, config.stream.tasks):
-        raise ConfigError(f"rounds: {config.rounds} does not match the {config.stream.tasks} tasks; {name} logs one "
-                          f"step per task, so leave rounds unset or set it to stream.tasks; FedAvg rounds within a "
-                          f"task are strategy.local_rounds")
-
-
-# --------------------------------------------------------------------------------------------------- requests
-@dataclass(frozen=True)
-class TrainSettings:
-    """What a client trains on in a ``train`` phase: the loss, the logits it covers and the data it uses.
-
-    ``loss = "ce"``: cross-entropy over the logits of ``classes``; ``"lwf"``: cross-entropy over ``new_classes`` plus
-    ``lwf_lambda`` * KD(previous model's logits of ``old_classes``, ``temperature``). ``data_classes``: the classes
-    whose samples the client trains on.
-    """
-
-    loss: str
-    classes: list[int]
-    data_classes: list[int]
-    new_classes: list[int] = field(default_factory=list)
-    old_classes: list[int] = field(default_factory=list)
-    lwf_lambda: float = 0.0
-    temperature: float = 1.0
-
-    def to_config(self) -> ConfigRecord:
-        settings = {"phase": TRAIN, "loss": self.loss, "classes": _ints(self.classes),
-                    "data_classes": _ints(self.data_classes)}
-        if self.loss == "lwf":
-            settings.update(new_classes=_ints(self.new_classes), old_classes=_ints(self.old_classes),
-                            lwf_lambda=float(self.lwf_lambda), temperature=float(self.temperature))
-        return ConfigRecord(settings)
-
-    @classmethod
-    def from_config(cls, cfg: ConfigRecord) -> "TrainSettings":
-        loss = str(cfg["loss"])
-        if loss not in LOSSES:
-            raise ValueError(f"unknown loss {loss!r}; allowed: {', '.join(LOSSES)}")
-        if loss == "lwf":
-            return cls(loss, config_ints(cfg, "classes"), config_ints(cfg, "data_classes"),
-                       config_ints(cfg, "new_classes"), config_ints(cfg, "old_classes"), float(cfg["lwf_lambda"]),
-                       float(cfg["temperature"]))
-        return cls(loss, config_ints(cfg, "classes"), config_ints(cfg, "data_classes"))
-
-
-def train_request(model: dict[str, np.ndarray], settings: TrainSettings,
-                  old_model: dict[str, np.ndarray] | None = None) -> RecordDict:
-    """A ``train`` phase: the global model, the settings and, for LwF, the previous task's model."""
-    content = RecordDict({ARRAYS_KEY: to_record(model), CONFIG_KEY: settings.to_config()})
-    if old_model is not None:
-        content[OLD_KEY] = to_record(old_model)
-    return content
-
-
-def statistics_request(phase: str, model: dict[str, np.ndarray], classes: Sequence[int],
-                       old_model: dict[str, np.ndarray] | None = None) -> RecordDict:
-    """A statistics phase over the clients' samples of ``classes`` under ``model`` (and ``old_model``, if given)."""
-    content = RecordDict({ARRAYS_KEY: to_record(model),
-                          CONFIG_KEY: ConfigRecord({"phase": phase, "classes": _ints(classes)})})
-    if old_model is not None:
-        content[OLD_KEY] = to_record(old_model)
-    return content
 
 
 def class_means_request(model: dict[str, np.ndarray], classes: Sequence[int]) -> RecordDict:
     """Per-class count and sum of the L2-normalized embeddings of ``classes`` (nearest-class-mean prototypes)."""
     return statistics_request(CLASS_MEANS, model, classes)
-
-
-def parse_phase(content: RecordDict) -> str:
-    return str(content.config_records[CONFIG_KEY]["phase"])
-
-
-def parse_train_request(content: RecordDict
-                        ) -> tuple[dict[str, np.ndarray], TrainSettings, dict[str, np.ndarray] | None]:
-    """(model, settings, previous model or None) of a ``train`` request; arrays as read-only views."""
-    settings = TrainSettings.from_config(content.config_records[CONFIG_KEY])
-    old = from_record(content[OLD_KEY]) if settings.loss == "lwf" else None
-    return from_record(content[ARRAYS_KEY]), settings, old
-
-
-def parse_statistics_request(content: RecordDict
-                             ) -> tuple[dict[str, np.ndarray], list[int], dict[str, np.ndarray] | None]:
-    """(model, classes, previous model or None) of a statistics request; arrays as read-only views."""
-    old = from_record(content[OLD_KEY]) if OLD_KEY in content else None
-    return from_record(content[ARRAYS_KEY]), config_ints(content.config_records[CONFIG_KEY], "classes"), old
-
-
-# ---------------------------------------------------------------------------------------------------- replies
-def model_reply(model: dict[str, np.ndarray], num_examples: int, train_loss: float) -> RecordDict:
-    return RecordDict({ARRAYS_KEY: to_record(model),
-                       METRICS_KEY: MetricRecord({WEIGHT_KEY: int(num_examples), "train_loss": float(train_loss)})})
-
-
-def statistics_reply(arrays: dict[str, np.ndarray], num_examples: int) -> RecordDict:
-    return RecordDict({STATS_KEY: to_record(arrays), METRICS_KEY: MetricRecord({WEIGHT_KEY: int(num_examples)})})
-
-
-def parse_model_reply(content: RecordDict) -> tuple[dict[str, np.ndarray], int, float]:
-    """(model as read-only views, number of examples, train loss) of a ``train`` reply."""
-    metrics = content[METRICS_KEY]
-    return from_record(content[ARRAYS_KEY]), int(metrics[WEIGHT_KEY]), float(metrics["train_loss"])
-
-
-def parse_statistics_reply(content: RecordDict) -> tuple[dict[str, np.ndarray], int]:
-    """(statistics as read-only views, number of examples) of a statistics reply."""
-    return from_record(content[STATS_KEY]), int(content[METRICS_KEY][WEIGHT_KEY])
-
-
-# ---------------------------------------------------------------------------------------------------- combine
-def combine_models(parsed: Sequence[tuple[dict[str, np.ndarray], int, float]]
-                   ) -> tuple[dict[str, np.ndarray], int, float]:
-    """FedAvg over ``parse_model_reply`` results: example-weighted model and loss, total examples."""
-    weights = [float(n) for _, n, _ in parsed]
-    model = weighted_average([m for m, _, _ in parsed], weights)
-    factors = average_factors(len(parsed), weights)
-    loss = float(sum(f * loss for f, (_, _, loss) in zip(factors, parsed)))
-    return model, int(sum(weights)), loss
-
-
-def combine_statistics(parsed: Sequence[tuple[dict[str, np.ndarray], int]]) -> tuple[dict[str, np.ndarray], int]:
-    """Sums over ``parse_statistics_reply`` results, array by array ("classes" is the same in all of them)."""
-    first = parsed[0][0]
-    out = {"classes": first["classes"]}
-    for key in first:
-        if key != "classes":
-            out[key] = sum(arrays[key] for arrays, _ in parsed)
-    return out, sum(n for _, n in parsed)
-
-
-def combine(replies: list[RecordDict]) -> RecordDict:
-    """A group's replies as one (a node's ``reduce``): averaged models or summed statistics."""
-    if ARRAYS_KEY in replies[0]:
-        return model_reply(*combine_models([parse_model_reply(r) for r in replies]))
-    return statistics_reply(*combine_statistics([parse_statistics_reply(r) for r in replies]))
-
-
-def merge_models(replies: list[RecordDict]) -> tuple[dict[str, np.ndarray], int, float] | None:
-    """The server's FedAvg step over the answering nodes: (model, examples, loss); None without replies."""
-    return combine_models([parse_model_reply(r) for r in replies]) if replies else None
-
-
-def merge_statistics(replies: list[RecordDict]) -> dict[str, np.ndarray] | None:
-    """The server's sum of a statistics phase's replies; None without replies."""
-    return combine_statistics([parse_statistics_reply(r) for r in replies])[0] if replies else None
-
-
-def _ints(values: Sequence[int]) -> list[int]:
-    return [int(v) for v in values]
-
-
-def config_ints(record: ConfigRecord, key: str) -> list[int]:
-    """A list of class labels from a ConfigRecord ([] where absent)."""
-    return [int(v) for v in record.get(key, [])]
 
 
 # -------------------------------------------------------------------------------------------- registrations

@@ -1,13 +1,16 @@
-"""DPCR's protocol (He et al., ICML 2025): the class-incremental phases of ``fedsim.algorithms.cil.protocol`` plus one more.
+"""DPCR's protocol (He et al., ICML 2025): the class-incremental framework's phases
+(``fedsim.frameworks.class_incremental_protocol``) plus one more.
 
     dpcr-stats  down  ARRAYS_KEY  the new backbone     CONFIG_KEY {phase: "dpcr-stats", classes}
                       OLD_KEY     the previous backbone (when the drift is needed: TSSP or the ablation)
-                up    STATS_KEY   ``fedsim.algorithms.dpcr.learner.encode_statistics``: per new class n_c, sum x, the upper
-                                  triangle of Phi_c; the TSSP pair X_old^T X_old (upper triangle), X_old^T X_new
+                up    STATS_KEY   ``fedsim.algorithms.dpcr.learner.encode_statistics``: per new class n_c, sum x,
+                                  the upper triangle of Phi_c; the TSSP pair X_old^T X_old (upper triangle),
+                                  X_old^T X_new
                       METRICS_KEY {num-examples}
 
-Every array is a sum over samples, so nodes and the server add replies (``fedsim.algorithms.cil.protocol.combine``). The
-server part is ``fedsim.strategies.dpcr``, the client part ``fedsim.clients.dpcr``.
+Every array is a sum over samples, so nodes and the server add replies
+(``fedsim.frameworks.class_incremental_protocol.combine``). The server part is ``fedsim.strategies.dpcr``, the
+client part ``fedsim.clients.dpcr``.
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ import numpy as np
 from flwr.app import RecordDict
 
 from fedsim.errors import ConfigError
+from fedsim.frameworks.class_incremental_protocol import LwFParams, check_rounds, statistics_request
 from fedsim.params import Interval
-from fedsim.algorithms.cil.protocol import LwFParams, check_rounds, statistics_request
 from fedsim.registry import StrategySpec, register_strategy
 
 STATS_PHASE = "dpcr-stats"
