@@ -5,14 +5,16 @@ client rebuilds it, builds its own column for stage k (a fresh merge adaptor + i
 the rest of its own network (blocks of stages k+1..K and the classifier, its local head). With
 ``strategy.warm_start`` (the default, as the official code) the client keeps its own network between stages in
 its client state (``env.state``): block k and everything above it continue from where its previous stage left
-them; without it they restart from the common initial model every stage (fedsim 0.1's form). It trains
-``stage_epochs`` epochs (``client.epochs`` is the total over the K stages; ``epochs_per_stage`` the per-stage
-form), uploads exactly its column's parameters and buffers, and at the last stage also its classifier.
+them; without it they restart from the common initial model every stage (fedsim 0.1's form). It trains with the
+local training the stage message carries (the server's ``stage_training``: ``client.epochs`` spread over the K
+stages, or ``epochs_per_stage``; batch size, lr, ...), reading no scenario setting, uploads exactly its column's
+parameters and buffers, and at the last stage also its classifier.
 Round K + 1 (heads "recalibrated" and "ridge"): the client receives the whole fused network (stages 1..K), runs
 its data through it once (no training) and uploads statistics of the fused features: per-class count, mean and
 centred scatter of the summed final features (recalibrated head) or the ridge statistics Z^T Z, Z^T Y (ridge).
 Replies are keyed by partition id, so a node serving several clients concatenates them (`reduce`).
-Messages: `fedsim.algorithms.fusefl.protocol`.
+Messages: `fedsim.algorithms.fusefl.protocol` (the class statistics: `fedsim.frameworks.oneshot_protocol`); the fused
+network and the class statistics are the one-shot framework's (`fedsim.frameworks.oneshot`).
 """
 
 from __future__ import annotations
@@ -22,16 +24,18 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 from torch import nn
 
+from fedsim.algorithms.fusefl import protocol
+from fedsim.algorithms.fusefl.learner import StageModel
+from fedsim.algorithms.fusefl.protocol import FuseFLParams
 from fedsim.analytic import RidgeStatistics
 from fedsim.codec import from_record, to_record
 from fedsim.engine import ClientEnv
 from fedsim.engine.node import concatenate_replies
-from fedsim.algorithms.fusefl.learner import Column, Merge, StageModel, build_fused, class_moments_of, column_state, \
-    fused_embedding, stage_modules, stage_output_shapes
-from fedsim.algorithms.fusefl import protocol
-from fedsim.algorithms.fusefl.protocol import FuseFLParams, stage_epochs
+from fedsim.frameworks.oneshot import Column, Merge, build_fused, class_statistics_of, fused_embedding, \
+    stage_modules, stage_output_shapes
+from fedsim.frameworks.oneshot_protocol import class_statistics_reply
+from fedsim.nn.training import arrays_to_state, state_to_arrays, train_epochs
 from fedsim.scenario import ScenarioView
-from fedsim.nn.training import arrays_to_state, train_epochs
 
 OWN_KEY = "fusefl.own"  # client state: this client's blocks of the stages not yet fused, and its head
 TRAINED_KEY = "fusefl.trained"  # client state: {stage: the last stage it trained, steps: optimizer steps so far}
@@ -80,10 +84,8 @@ def own_after(model: StageModel, stage: int) -> dict[str, np.ndarray]:
     `stage` is uploaded and becomes part of the frozen fused network)."""
     out: dict[str, np.ndarray] = {}
     for i, block in enumerate(model.upper):
-        for key, value in block.state_dict().items():
-            out[f"stage{stage + i}.{key}"] = value.detach().cpu().numpy()
-    for key, value in model.head.state_dict().items():
-        out[f"head.{key}"] = value.detach().cpu().numpy()
+        out.update((f"stage{stage + i}.{key}", value) for key, value in state_to_arrays(block).items())
+    out.update((f"head.{key}", value) for key, value in state_to_arrays(model.head).items())
     return out
 
 
@@ -128,17 +130,14 @@ class FuseFLClient:
                 stats = head_statistics(env, p, columns, lower_arrays or {}, data.x, data.y)
                 return protocol.statistics_reply(pid, stats, len(data))
             net, fused = _fused_network(env, p, columns, lower_arrays or {})
-            moments = class_moments_of(fused, net.head, data.x, data.y, env.num_classes, device=env.device)
-            return protocol.class_statistics_reply(pid, moments.to_arrays(), len(data))
+            stats = class_statistics_of(fused, net.head, data.x, data.y, env.num_classes, device=env.device)
+            return class_statistics_reply(pid, stats, len(data))
+        training = protocol.stage_training_of(content)
         own = own_network(env.state) if p.warm_start else None
         model = client_stage_model(env, p, stage, columns, lower_arrays, own)
-        c = env.config.client
-        epochs = stage_epochs(p, c.epochs, stage)
         loss, steps = float("nan"), 0
-        if len(data) > 0 and epochs > 0:
-            stats = train_epochs(model, data.x, data.y, epochs=epochs, batch_size=c.batch_size, lr=c.lr,
-                                 momentum=c.momentum, weight_decay=c.weight_decay, optimizer=c.optimizer,
-                                 seed=env.seed, device=env.device)
+        if len(data) > 0 and training.epochs > 0:
+            stats = train_epochs(model, data.x, data.y, **training.train_kwargs(), seed=env.seed, device=env.device)
             loss, steps = float(stats.get("loss", float("nan"))), int(stats["steps"])
         model.cpu()
         if p.warm_start:
@@ -146,10 +145,8 @@ class FuseFLClient:
         done = env.state.get(TRAINED_KEY)
         env.state[TRAINED_KEY] = ConfigRecord({"stage": int(stage),
                                                "steps": int(done["steps"] if done is not None else 0) + steps})
-        head = None
-        if stage == p.stages and p.head != "ridge":
-            head = {k: v.detach().numpy() for k, v in model.head.state_dict().items()}
-        return protocol.column_reply(pid, column_state(model.column), len(data),
+        head = state_to_arrays(model.head) if stage == p.stages and p.head != "ridge" else None
+        return protocol.column_reply(pid, state_to_arrays(model.column), len(data),
                                      loss if np.isfinite(loss) else 0.0, head)
 
     reduce = staticmethod(concatenate_replies)  # one node, several clients: records side by side

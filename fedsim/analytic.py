@@ -598,31 +598,40 @@ class RecursiveLeastSquares(BaseLearner):
 
 
 class ClassStatistics:
-    """Per-class running statistics of feature vectors: count, mean, centred sum of squares, optional Gram.
+    """Per-class running statistics of feature vectors: count, mean, centred sum of squares, optional Gram and
+    optional centred scatter matrix.
 
     Used by AEF-OCL's pseudo-feature generator (mean and per-dimension variance), DPCR (per-class Gram
-    Phi_c = X_c^T X_c, uncentred, and means) and FuseFL's virtual-feature recalibration. Batches and other
-    instances are merged with Chan et al.'s pairwise formula on (count, mean, M2), which is stable where
-    sum-of-squares minus squared-sum cancels; `sum` and `sumsq` are derived. Classes are label indices and grow
-    on demand. State: `count` (c,), `mean` (c, d), `m2` (c, d), `gram` (c, d, d) or None.
+    Phi_c = X_c^T X_c, uncentred, and means) and the one-shot head recalibration of FuseFL and the recalibrated
+    ensemble (full per-class covariance: `track_scatter`, `covariance`). Batches and other instances are merged
+    with Chan et al.'s pairwise formula on (count, mean, M2) and, when tracked, on the scatter
+    S_c = sum_i (x_i - mu_c)(x_i - mu_c)^T (S = S_a + S_b + (n_a n_b / n) d d^T, d = mu_b - mu_a), which is stable
+    where sum-of-squares minus squared-sum cancels; `sum` and `sumsq` are derived. Classes are label indices and
+    grow on demand. State: `count` (c,), `mean` (c, d), `m2` (c, d), `gram` (c, d, d) or None, `scatter`
+    (c, d, d) or None.
     """
 
-    def __init__(self, count: Any, mean: Any, m2: Any, gram: Any | None = None) -> None:
+    def __init__(self, count: Any, mean: Any, m2: Any, gram: Any | None = None, scatter: Any | None = None) -> None:
         self.count = _to_numpy(count, np.int64).reshape(-1)
         self._mean = _to_numpy(mean)
         self.m2 = _to_numpy(m2)
         self.gram = None if gram is None else _to_numpy(gram)
+        self.scatter = None if scatter is None else _to_numpy(scatter)
         c = self.count.shape[0]
         if self._mean.shape[0] != c or self.m2.shape != self._mean.shape or self._mean.ndim != 2:
             raise ValueError(f"count (c,), mean and m2 (c, d) expected; got {self.count.shape}, "
                              f"{self._mean.shape}, {self.m2.shape}")
         if self.gram is not None and self.gram.shape != (c, self.dim, self.dim):
             raise ValueError(f"gram must be ({c}, {self.dim}, {self.dim}), got {self.gram.shape}")
+        if self.scatter is not None and self.scatter.shape != (c, self.dim, self.dim):
+            raise ValueError(f"scatter must be ({c}, {self.dim}, {self.dim}), got {self.scatter.shape}")
 
     @classmethod
-    def zeros(cls, dim: int, num_classes: int = 0, track_gram: bool = False) -> "ClassStatistics":
+    def zeros(cls, dim: int, num_classes: int = 0, track_gram: bool = False,
+              track_scatter: bool = False) -> "ClassStatistics":
         return cls(np.zeros(num_classes, np.int64), np.zeros((num_classes, dim)), np.zeros((num_classes, dim)),
-                   np.zeros((num_classes, dim, dim)) if track_gram else None)
+                   np.zeros((num_classes, dim, dim)) if track_gram else None,
+                   np.zeros((num_classes, dim, dim)) if track_scatter else None)
 
     @classmethod
     def from_sums(cls, count: Any, sum: Any, sumsq: Any, gram: Any | None = None) -> "ClassStatistics":
@@ -646,6 +655,10 @@ class ClassStatistics:
     def track_gram(self) -> bool:
         return self.gram is not None
 
+    @property
+    def track_scatter(self) -> bool:
+        return self.scatter is not None
+
     def grow_classes(self, num_classes: int) -> "ClassStatistics":
         """Add empty classes up to `num_classes`. Returns self."""
         extra = num_classes - self.num_classes
@@ -655,6 +668,8 @@ class ClassStatistics:
             self.m2 = np.pad(self.m2, ((0, extra), (0, 0)))
             if self.gram is not None:
                 self.gram = np.pad(self.gram, ((0, extra), (0, 0), (0, 0)))
+            if self.scatter is not None:
+                self.scatter = np.pad(self.scatter, ((0, extra), (0, 0), (0, 0)))
         return self
 
     # ---- statistics ------------------------------------------------------------------------------------------
@@ -690,13 +705,24 @@ class ClassStatistics:
             return np.zeros((self.dim, self.dim))
         return self.gram[c]
 
+    @property
+    def covariance(self) -> np.ndarray:
+        """Unbiased per-class covariance S_c / (n_c - 1) (c, d, d); 0 where count < 2 (needs track_scatter=True)."""
+        if self.scatter is None:
+            raise ValueError("this ClassStatistics was built with track_scatter=False")
+        denom = np.maximum(self.count - 1, 1).astype(np.float64)[:, None, None]
+        return np.where((self.count >= 2)[:, None, None], self.scatter / denom, 0.0)
+
     # ---- accumulation ----------------------------------------------------------------------------------------
-    def _merge_class(self, c: int, n_b: int, mean_b: np.ndarray, m2_b: np.ndarray) -> None:
+    def _merge_class(self, c: int, n_b: int, mean_b: np.ndarray, m2_b: np.ndarray,
+                     scatter_b: np.ndarray | None = None) -> None:
         n_a = int(self.count[c])
         n = n_a + n_b
         if n_b == 0:
             return
         delta = mean_b - self._mean[c]
+        if self.scatter is not None:
+            self.scatter[c] += scatter_b + np.outer(delta, delta) * (n_a * n_b / n)
         self._mean[c] += delta * (n_b / n)
         self.m2[c] += m2_b + delta**2 * (n_a * n_b / n)
         self.count[c] = n
@@ -715,7 +741,9 @@ class ClassStatistics:
         for c in np.unique(y):
             xc = x[y == c]
             mean_b = xc.mean(axis=0)
-            self._merge_class(int(c), xc.shape[0], mean_b, ((xc - mean_b) ** 2).sum(axis=0))
+            centred = xc - mean_b
+            self._merge_class(int(c), xc.shape[0], mean_b, (centred ** 2).sum(axis=0),
+                              centred.T @ centred if self.scatter is not None else None)
             if self.gram is not None:
                 self.gram[c] += xc.T @ xc
         return self
@@ -723,11 +751,12 @@ class ClassStatistics:
     def __iadd__(self, other: "ClassStatistics") -> "ClassStatistics":
         if not isinstance(other, ClassStatistics):
             return NotImplemented
-        if other.dim != self.dim or other.track_gram != self.track_gram:
-            raise ValueError("cannot merge ClassStatistics of different dim or track_gram")
+        if other.dim != self.dim or other.track_gram != self.track_gram or other.track_scatter != self.track_scatter:
+            raise ValueError("cannot merge ClassStatistics of different dim, track_gram or track_scatter")
         self.grow_classes(other.num_classes)
         for c in np.flatnonzero(other.count):
-            self._merge_class(int(c), int(other.count[c]), other._mean[c], other.m2[c])
+            self._merge_class(int(c), int(other.count[c]), other._mean[c], other.m2[c],
+                              None if other.scatter is None else other.scatter[c])
         if self.gram is not None:
             self.gram[: other.num_classes] += other.gram
         return self
@@ -746,18 +775,23 @@ class ClassStatistics:
 
     def copy(self) -> "ClassStatistics":
         return ClassStatistics(self.count.copy(), self._mean.copy(), self.m2.copy(),
-                               None if self.gram is None else self.gram.copy())
+                               None if self.gram is None else self.gram.copy(),
+                               None if self.scatter is None else self.scatter.copy())
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Plain arrays for a message; inverse of `from_arrays`."""
         out = {"count": self.count, "mean": self._mean, "m2": self.m2}
         if self.gram is not None:
             out["gram"] = self.gram
+        if self.scatter is not None:
+            out["scatter"] = self.scatter
         return out
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, Any]) -> "ClassStatistics":
-        return cls(arrays["count"], arrays["mean"], arrays["m2"], arrays.get("gram"))
+        return cls(arrays["count"], arrays["mean"], arrays["m2"], arrays.get("gram"), arrays.get("scatter"))
 
     def __repr__(self) -> str:
-        return f"ClassStatistics(dim={self.dim}, num_classes={self.num_classes}, track_gram={self.track_gram})"
+        scatter = ", track_scatter=True" if self.track_scatter else ""
+        return (f"ClassStatistics(dim={self.dim}, num_classes={self.num_classes}, track_gram={self.track_gram}"
+                f"{scatter})")

@@ -32,8 +32,11 @@ Each client uploads K blocks, about one model in total, plus its class statistic
 statistics (ridge head); what each round sends is logged (metrics.csv) and put in `stages.csv` / the summary.
 The fused network has M columns per stage, so it grows with M (`num_parameters` against
 `single_model_parameters` in the summary). Clients without data (possible under Dirichlet skew) are left out of
-the fusion. The fused model is saved as a standalone `torch.nn.Module` (model.pt). Messages:
-`fedsim.algorithms.fusefl.protocol`; the bytes of each round are the engine's record of that exchange (`ctx.last_exchange`).
+the fusion. The fused model is saved as a standalone `torch.nn.Module` (model.pt). The fused network and the head
+recalibration are the one-shot framework's (`fedsim.frameworks.oneshot`). Messages: `fedsim.algorithms.fusefl.protocol`
+(each stage's request carries its local training, `stage_training`) and, for the class statistics,
+`fedsim.frameworks.oneshot_protocol`; the bytes of each round are the engine's record of that exchange
+(`ctx.last_exchange`).
 """
 
 from __future__ import annotations
@@ -43,20 +46,17 @@ import copy
 import numpy as np
 import pandas as pd
 
+from fedsim.algorithms.fusefl import protocol
+from fedsim.algorithms.fusefl.learner import ridge_head
+from fedsim.algorithms.fusefl.protocol import FuseFLParams, stage_epochs, stage_training
 from fedsim.analytic import RidgeStatistics, ridge_solve
 from fedsim.averaging import weighted_average
 from fedsim.engine import ServerContext
-from fedsim.algorithms.fusefl.learner import ClassMoments, Column, FusedNet, FusedStage, Merge, recalibrated_head, \
-    ridge_head, stage_modules, stage_output_shapes
+from fedsim.frameworks.oneshot import Column, FusedNet, FusedStage, Merge, recalibrated_head, stage_modules, \
+    stage_output_shapes
+from fedsim.frameworks.oneshot_protocol import parse_class_statistics
 from fedsim.nn.models import num_parameters
-from fedsim.algorithms.fusefl import protocol
-from fedsim.algorithms.fusefl.protocol import FuseFLParams, stage_epochs
-from fedsim.nn.training import arrays_to_state, evaluate
-
-
-def _state_arrays(module) -> dict[str, np.ndarray]:  # noqa: ANN001
-    """A module's state as numpy arrays, for a message."""
-    return {key: v.detach().cpu().numpy() for key, v in module.state_dict().items()}
+from fedsim.nn.training import arrays_to_state, evaluate, state_to_arrays
 
 
 def _mean_upload(exchange) -> float:  # noqa: ANN001
@@ -86,8 +86,9 @@ class FuseFLServer:
         table = []
         heads: dict[int, dict] = {}
         for k in range(1, p.stages + 1):
-            lower_arrays = _state_arrays(FusedNet(stages)) if stages else None
-            replies = ctx.send(protocol.stage_message(k, columns, lower_arrays), round=k)
+            lower_arrays = state_to_arrays(FusedNet(stages)) if stages else None
+            training = stage_training(p, ctx.config.client, k)
+            replies = ctx.send(protocol.stage_message(k, columns, lower_arrays, training), round=k)
             exchange = ctx.last_exchange
             received = protocol.parse_replies(r.content for r in replies)
             kept = {pid: u for pid, u in received.items() if u.num_examples > 0 and u.column is not None}
@@ -178,13 +179,10 @@ class FuseFLServer:
         """Round K + 1: clients' class statistics of the summed fused features; the averaged `head` retrained
         on virtual features drawn from the pooled class Gaussians."""
         p = self.params
-        replies = ctx.send(protocol.stage_message(p.stages + 1, columns, _state_arrays(FusedNet(stages))),
+        replies = ctx.send(protocol.stage_message(p.stages + 1, columns, state_to_arrays(FusedNet(stages))),
                            round=p.stages + 1)
         exchange = ctx.last_exchange
-        received = protocol.parse_replies(r.content for r in replies)
-        dim, classes = net.feature_dim, ctx.num_classes
-        parts = [ClassMoments.from_arrays(u.class_stats, classes, dim) for u in received.values()
-                 if u.class_stats is not None and u.num_examples > 0]
+        parts = parse_class_statistics((r.content for r in replies), ctx.num_classes, net.feature_dim)
         if not parts:
             raise RuntimeError(f"round {p.rounds}: no client sent class statistics")
         new_head, facts = recalibrated_head(head, parts, p, ctx.derive_seed("fusefl", "virtual-features"))
@@ -197,7 +195,7 @@ class FuseFLServer:
     def _ridge_head(self, ctx: ServerContext, net, stages, columns, table):  # noqa: ANN001, ANN202
         """Round K + 1: clients' ridge statistics of the fused embedding, summed and solved once."""
         p = self.params
-        replies = ctx.send(protocol.stage_message(p.stages + 1, columns, _state_arrays(FusedNet(stages))),
+        replies = ctx.send(protocol.stage_message(p.stages + 1, columns, state_to_arrays(FusedNet(stages))),
                            round=p.stages + 1)
         exchange = ctx.last_exchange
         received = protocol.parse_replies(r.content for r in replies)

@@ -21,25 +21,26 @@ With M clients training the common initial model w_0 for `client.epochs` epochs 
                     test set, so it is an optimistic reference, not a deployable rule).
 
 Clients with no data are left out. The saved model.pt is a standalone `torch.nn.Module` in every case.
-Messages: `fedsim.algorithms.oneshot.protocol`.
+The ensemble, the fused stage and the recalibration are the one-shot framework's (`fedsim.frameworks.oneshot`).
+Messages: `fedsim.frameworks.oneshot_protocol` (the upload, the class statistics) and
+`fedsim.algorithms.oneshot.protocol` (round 2's members request).
 """
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pandas as pd
 
-import copy
-
+from fedsim.algorithms.oneshot import protocol
 from fedsim.averaging import weighted_average
 from fedsim.engine import ServerContext
-from fedsim.algorithms.fusefl.learner import ClassMoments, Column, Ensemble, FusedNet, FusedStage, recalibrated_head, \
-    stage_modules
+from fedsim.frameworks import oneshot_protocol
+from fedsim.frameworks.oneshot import Column, Ensemble, FusedNet, FusedStage, recalibrated_head, stage_modules
+from fedsim.frameworks.oneshot_protocol import LocalModel
 from fedsim.nn.models import num_parameters
-from fedsim.algorithms.fusefl import protocol as fusefl_protocol
-from fedsim.algorithms.oneshot import protocol
-from fedsim.algorithms.oneshot.protocol import LocalModel
-from fedsim.nn.training import arrays_to_state, evaluate
+from fedsim.nn.training import arrays_to_state, evaluate, state_to_arrays
 
 
 class OneShotServer:
@@ -50,7 +51,7 @@ class OneShotServer:
 
     def collect(self, ctx: ServerContext) -> list[LocalModel]:
         """One round: every client trains from the common initialization and uploads its model."""
-        return protocol.collect_local_models(ctx, "combine")
+        return oneshot_protocol.collect_local_models(ctx, "combine")
 
     def local_model(self, ctx: ServerContext, arrays: dict):  # noqa: ANN201
         return arrays_to_state(ctx.initial_model(), arrays).eval()
@@ -139,12 +140,10 @@ class EnsembleRecalibratedServer(OneShotServer):
         before = FusedNet([stage], head, head_rule="sum").eval()
         extra["accuracy_before_recalibration"] = float(self.evaluate(ctx, before)["accuracy"])
 
-        arrays = {k: v.detach().cpu().numpy() for k, v in FusedNet([stage]).state_dict().items()}
-        replies = ctx.send(protocol.members_request(arrays, len(models)), round=2)
+        replies = ctx.send(protocol.members_request(state_to_arrays(FusedNet([stage])), len(models)), round=2)
         exchange = ctx.last_exchange
-        received = fusefl_protocol.parse_replies(r.content for r in replies)
-        parts = [ClassMoments.from_arrays(u.class_stats, ctx.num_classes, models[0].feature_dim)
-                 for u in received.values() if u.class_stats is not None and u.num_examples > 0]
+        parts = oneshot_protocol.parse_class_statistics((r.content for r in replies), ctx.num_classes,
+                                                        models[0].feature_dim)
         if not parts:
             raise RuntimeError("round 2: no client sent class statistics")
         new_head, facts = recalibrated_head(head, parts, self.params, ctx.derive_seed("fusefl", "virtual-features"))

@@ -169,7 +169,7 @@ class _IdenticalClient:
         self.params = params
 
     def train(self, content, env):  # noqa: ANN001, ANN201
-        from fedsim.algorithms.oneshot import protocol as oneshot
+        from fedsim.frameworks import oneshot_protocol as oneshot
         from fedsim.nn.training import state_to_arrays
 
         return oneshot.reply(env.partition_id, state_to_arrays(_small_model()), 400, 0.0)
@@ -180,7 +180,8 @@ class _IdenticalClient:
 register_strategy(StrategySpec(
     name="test-feddf-identical", params=FedDFParams,
     server="fedsim.strategies.feddf:FedDFServer", client=_IdenticalClient, fixed_rounds=lambda p: 1,
-    reducible=True, description="FedDF's server over clients that all upload one identical model (tests)",
+    reducible=True, server_holdout=FedDFParams.server_holdout_default,
+    description="FedDF's server over clients that all upload one identical model (tests)",
 ))
 
 

@@ -11,8 +11,9 @@ from torch import nn
 
 from fedsim.averaging import weighted_average
 from fedsim.catalog import MODEL_BLOCKS, MODELS
-from fedsim.algorithms.fusefl.learner import Column, Ensemble, FusedNet, FusedStage, Merge, StageModel, build_fused, \
-    fused_embedding, ridge_head, stage_modules, stage_output_shapes
+from fedsim.algorithms.fusefl.learner import StageModel, ridge_head
+from fedsim.frameworks.oneshot import Column, Ensemble, FusedNet, FusedStage, Merge, build_fused, fused_embedding, \
+    stage_modules, stage_output_shapes
 from fedsim.nn.models import build_model, num_parameters
 from fedsim.nn.training import train_epochs
 

@@ -23,12 +23,13 @@ from fedsim.config import load_scenarios
 from fedsim.engine.accounting import record_nbytes
 from fedsim.engine.node import ClientEnv
 from fedsim.engine.runner import run_scenario
-from fedsim.algorithms.fusefl.learner import Column, Merge, StageModel, build_fused, class_moments_of, stage_modules, \
-    stage_output_shapes
+from fedsim.algorithms.fusefl.learner import StageModel
+from fedsim.frameworks.model_rounds_protocol import LocalTraining
+from fedsim.frameworks.oneshot import Column, Merge, build_fused, stage_modules, stage_output_shapes
+from fedsim.frameworks.oneshot import class_statistics_of as class_moments_of
 from fedsim.nn.models import num_parameters
-from fedsim.algorithms.fusefl.protocol import COLUMN_PREFIX, FuseFLParams, class_statistics_reply, stage_epochs, \
-    stage_message
-from fedsim.algorithms.oneshot.protocol import MODEL_PREFIX
+from fedsim.algorithms.fusefl.protocol import COLUMN_PREFIX, FuseFLParams, stage_epochs, stage_message, stage_training
+from fedsim.frameworks.oneshot_protocol import MODEL_PREFIX, class_statistics_reply
 from fedsim.scenario import partition_for, scenario_model, test_split
 from fedsim.nn.training import arrays_to_state, train_epochs
 
@@ -57,7 +58,7 @@ def test_warm_start_continues_the_clients_own_upper_blocks_and_head(tmp_path):
     pid = int(np.argmax([len(q) for q in parts]))
     env1 = ClientEnv(config, pid, 1, parts[pid])
     client = FuseFLClient(p)
-    first = client.train(stage_message(1, [], None), env1)
+    first = client.train(stage_message(1, [], None, stage_training(p, config.client, 1)), env1)
     # stage 2 on top of a fused stage 1 of 2 columns: this client's block 1 and a perturbed copy
     col = from_record(first[f"{COLUMN_PREFIX}{pid}"])
     net = scenario_model(config, 10, (1, 28, 28))
@@ -70,7 +71,7 @@ def test_warm_start_continues_the_clients_own_upper_blocks_and_head(tmp_path):
     lower.load_state_dict(state)
     lower_arrays = {k: v.numpy() for k, v in lower.state_dict().items()}
     env2 = ClientEnv(config, pid, 2, parts[pid], state=env1.state)
-    second = client.train(stage_message(2, [2], lower_arrays), env2)
+    second = client.train(stage_message(2, [2], lower_arrays, stage_training(p, config.client, 2)), env2)
     own = from_record(env2.state[OWN_KEY])
 
     # by hand: the same client trained continuously (stage 1, then stage 2 with its trained blocks 2..3 and head)
@@ -101,7 +102,7 @@ def test_warm_start_continues_the_clients_own_upper_blocks_and_head(tmp_path):
     # without warm start the client restarts its blocks from the common initialization (fedsim 0.1's form)
     cold = FuseFLClient(FuseFLParams(**{**p.__dict__, "warm_start": False}))
     env_cold = ClientEnv(config, pid, 2, parts[pid], state=env1.state)
-    reply = cold.train(stage_message(2, [2], lower_arrays), env_cold)
+    reply = cold.train(stage_message(2, [2], lower_arrays, stage_training(p, config.client, 2)), env_cold)
     assert not np.array_equal(from_record(reply[f"{COLUMN_PREFIX}{pid}"])["block.0.conv.weight"],
                               uploaded["block.0.conv.weight"])
 
@@ -152,16 +153,17 @@ def _local_models_by_hand(config):
     for pid, idx in enumerate(parts):
         if len(idx) == 0:
             continue
-        reply = client.train(RecordDictEmpty(), ClientEnv(config, pid, 1, idx))
+        reply = client.train(_one_shot_request(config), ClientEnv(config, pid, 1, idx))
         arrays = from_record(reply[f"{MODEL_PREFIX}{pid}"])
         models.append(arrays_to_state(scenario_model(config, 10, (1, 28, 28)), arrays).eval())
     return models
 
 
-def RecordDictEmpty():  # noqa: N802 - the one-shot request (empty)
-    from fedsim.algorithms.oneshot.protocol import request
+def _one_shot_request(config):
+    """The one-shot request: the scenario's local training, as the server sends it."""
+    from fedsim.frameworks.oneshot_protocol import request
 
-    return request()
+    return request(LocalTraining.from_settings(config.client))
 
 
 def test_ensemble_is_the_mean_of_the_local_models_logits_by_hand(tmp_path):
@@ -220,7 +222,7 @@ def test_default_head_is_recalibrated_in_one_more_round_counted_in_bytes_and_sta
         env = ClientEnv(config, pid, 3, idx)
         data = env.train_data()
         moments = class_moments_of(lower, net.head, data.x, data.y, 10)
-        sizes.append(record_nbytes(class_statistics_reply(pid, moments.to_arrays(), len(data))))
+        sizes.append(record_nbytes(class_statistics_reply(pid, moments, len(data))))
     assert metrics["round_bytes_up"].iloc[2] == sum(sizes)
     assert stages["bytes_up_per_client"].iloc[2] == pytest.approx(np.mean([s for s in sizes if s > 0]))
     assert summary["head_bytes_up_per_client"] == stages["bytes_up_per_client"].iloc[2]

@@ -8,9 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from fedsim.algorithms.fusefl.learner import ClassMoments, pooled_class_gaussians, recalibrate_head, recalibrated_head, \
-    virtual_features
-from fedsim.algorithms.fusefl.protocol import RecalibrationParams
+from fedsim.analytic import ClassStatistics
+from fedsim.frameworks.oneshot import pooled_class_gaussians, recalibrate_head, recalibrated_head, virtual_features
+from fedsim.frameworks.oneshot_protocol import RecalibrationParams, pack_class_statistics, unpack_class_statistics
+
+
+def _moments(x, y, num_classes):
+    """Class count, mean and centred scatter of (x, y), as a client computes them for the recalibrated head."""
+    return ClassStatistics.zeros(x.shape[1], num_classes, track_scatter=True).update(x, y)
 
 
 def _clients(rng, num_classes=4, dim=5, sizes=((0, 30, 2, 0), (7, 0, 50, 1), (40, 9, 0, 0))):
@@ -28,9 +33,9 @@ def _clients(rng, num_classes=4, dim=5, sizes=((0, 30, 2, 0), (7, 0, 50, 1), (40
 def test_pooled_covariance_equals_numpys_unbiased_estimate_on_the_pooled_data():
     rng = np.random.default_rng(0)
     data = _clients(rng)
-    parts = [ClassMoments.from_features(x, y, 4) for x, y in data]
+    parts = [_moments(x, y, 4) for x, y in data]
     # batches merged one at a time give the same moments as one pass
-    batched = ClassMoments.zeros(4, 5)
+    batched = ClassStatistics.zeros(5, 4, track_scatter=True)
     x0, y0 = data[0]
     for i in range(0, len(y0), 7):
         batched.update(x0[i:i + 7], y0[i:i + 7])
@@ -49,11 +54,11 @@ def test_pooled_covariance_equals_numpys_unbiased_estimate_on_the_pooled_data():
 def test_wire_form_carries_the_classes_present_and_round_trips():
     rng = np.random.default_rng(1)
     (x, y), *_ = _clients(rng)
-    moments = ClassMoments.from_features(x, y, 4)
-    arrays = moments.to_arrays()
+    moments = _moments(x, y, 4)
+    arrays = pack_class_statistics(moments)
     assert arrays["classes"].tolist() == [1, 2]  # client 0 holds classes 1 and 2 only
     assert arrays["scatter"].shape == (2, 5 * 6 // 2) and arrays["scatter"].dtype == np.float64
-    back = ClassMoments.from_arrays(arrays, 4, 5)
+    back = unpack_class_statistics(arrays, 4, 5)
     np.testing.assert_array_equal(back.count, moments.count)
     np.testing.assert_allclose(back.mean, moments.mean, rtol=0, atol=0)
     np.testing.assert_allclose(back.scatter, moments.scatter, rtol=0, atol=0)
@@ -94,7 +99,7 @@ def _official_pooled_covariance(data, num_classes):
 def test_official_option_reproduces_the_official_pooling_and_its_missing_centring():
     rng = np.random.default_rng(2)
     data = _clients(rng, sizes=((0, 30, 2, 4), (7, 0, 50, 3), (40, 9, 0, 0)))
-    parts = [ClassMoments.from_features(x, y, 4) for x, y in data]
+    parts = [_moments(x, y, 4) for x, y in data]
     _, mean, official = pooled_class_gaussians(parts, "official")
     np.testing.assert_allclose(official, _official_pooled_covariance(data, 4), rtol=1e-10, atol=1e-10)
     _, _, unbiased = pooled_class_gaussians(parts, "unbiased")
@@ -140,7 +145,7 @@ def test_recalibrated_head_recovers_the_bayes_optimal_linear_rule():
     for classes in holdings:
         x = np.concatenate([draw(c, 3000) for c in classes])
         y = np.repeat(classes, 3000)
-        parts.append(ClassMoments.from_features(x, y, num_classes))
+        parts.append(_moments(x, y, num_classes))
     head = nn.Sequential(nn.Linear(dim, num_classes))
     with torch.no_grad():  # a head fitted to something else entirely
         head[0].weight.normal_(0, 3)

@@ -17,11 +17,11 @@ from fedsim.codec import to_record
 from fedsim.analytic import RidgeStatistics, ridge_solve
 import fedsim.scenario as engine_client
 from fedsim.engine.accounting import failing_clients, record_nbytes
-from fedsim.algorithms.fusefl.protocol import COLUMN_PREFIX, META_PREFIX, WEIGHT_KEY, stage_message
+from fedsim.algorithms.fusefl.protocol import COLUMN_PREFIX, META_PREFIX, WEIGHT_KEY, stage_message, stage_training
 from fedsim.scenario import partition_for, scenario_model
 from fedsim.engine.node import ClientEnv
 from fedsim.engine.runner import run_scenario
-from fedsim.algorithms.fusefl.learner import FusedNet, build_fused, fused_embedding, stage_modules
+from fedsim.frameworks.oneshot import FusedNet, build_fused, fused_embedding, stage_modules
 from fedsim.nn.training import evaluate
 
 # Dirichlet(0.1) over 5 clients (FuseFL's default client count), a small cnn, short local training.
@@ -90,7 +90,7 @@ def test_client_uploads_its_column_state_and_nothing_else(tmp_path):
     pid = int(np.argmax([len(p) for p in parts]))
     env = ClientEnv(config, pid, 1, parts[pid])
     client = FuseFLClient(config.strategy.params)
-    first = client.train(stage_message(1, [], None), env)
+    first = client.train(stage_message(1, [], None, stage_training(config.strategy.params, config.client, 1)), env)
     assert set(first.keys()) == {f"{COLUMN_PREFIX}{pid}", f"{META_PREFIX}{pid}"}
     net = scenario_model(config, 10, (1, 28, 28))
     template = stage_modules(net, 2)
@@ -101,7 +101,8 @@ def test_client_uploads_its_column_state_and_nothing_else(tmp_path):
     lower = build_fused(template, [3], "conv1x1", (1, 28, 28))
     arrays = {k: v.numpy() for k, v in lower.state_dict().items()}
     env2 = ClientEnv(config, pid, 2, parts[pid])
-    second = client.train(stage_message(2, [3], arrays), env2)
+    second = client.train(stage_message(2, [3], arrays, stage_training(config.strategy.params, config.client, 2)),
+                          env2)
     col = second[f"{COLUMN_PREFIX}{pid}"]
     c = template[0][-1].conv.out_channels
     assert tuple(col["merge.adaptor.weight"].shape) == (c, 3 * c, 1, 1)

@@ -2,13 +2,14 @@
 
 - ``LogitEnsemble``: the uploaded local models as one teacher, a weighted mean of their logits (uniform by default;
   Co-Boosting re-fits the weights).
-- ``kd_loss`` and ``distill_on_data``: distill a fixed set of inputs' teacher logits into a student (FedDF).
+- ``distill_on_data``: distill a fixed set of inputs' teacher logits into a student (FedDF); every distillation
+  term here is ``fedsim.nn.losses.kl_distillation`` (Hinton's KL x T^2).
 - ``Generator``, ``reset_generator``, ``BatchNormStatistics`` (DeepInversion's feature-statistics hooks),
   ``augment`` (random crop and flip that gradients pass through), ``synthesis_labels``, ``dense_generator_loss``
   and ``Synthesizer`` (one batch per call: the lowest-loss iterate of ``g_steps`` generator steps), and
   ``distill_epoch`` over the synthesized pool (DENSE); ``coboost_generator_loss``, ``reweight_ensemble``,
   ``CoBoostSynthesizer`` and ``perturb_inputs`` (ODS) on the same machinery (Co-Boosting).
-- ``OneShotDistillServer``: the server framework: collect the one-shot uploads (``fedsim.algorithms.oneshot.protocol``), run
+- ``OneShotDistillServer``: the server framework: collect the one-shot uploads (``fedsim.frameworks.oneshot_protocol``), run
   a subclass's ``distill`` under a seeded RNG, time it (``server_seconds``), evaluate, save, summarize;
   ``DataFreeServer``: the synthesize-then-distill epoch loop DENSE and Co-Boosting share.
 
@@ -31,12 +32,13 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from fedsim.averaging import weighted_average
+from fedsim.frameworks import oneshot_protocol
+from fedsim.frameworks.oneshot_protocol import LocalModel
+from fedsim.nn.losses import kl_distillation
 from fedsim.nn.models import num_parameters
-from fedsim.algorithms.oneshot import protocol as oneshot_protocol
-from fedsim.algorithms.oneshot.protocol import LocalModel
 from fedsim.nn.training import arrays_to_state, evaluate
 
-__all__ = ["LogitEnsemble", "kd_loss", "distill_on_data", "Generator", "reset_generator", "BatchNormStatistics",
+__all__ = ["LogitEnsemble", "distill_on_data", "Generator", "reset_generator", "BatchNormStatistics",
            "augment", "synthesis_labels", "dense_generator_loss", "Synthesizer", "coboost_generator_loss",
            "reweight_ensemble", "CoBoostSynthesizer", "perturb_inputs", "distill_epoch", "seeded",
            "OneShotDistillServer", "DataFreeServer"]
@@ -71,14 +73,6 @@ class LogitEnsemble(nn.Module):
         return self.combine(self.member_logits(x))
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
-            reduction: str = "batchmean") -> torch.Tensor:
-    """Hinton's distillation loss: ``KL(softmax(t / T) || softmax(s / T)) * T^2`` (``reduction`` as F.kl_div's)."""
-    t = float(temperature)
-    return F.kl_div(F.log_softmax(student_logits / t, dim=1), F.softmax(teacher_logits / t, dim=1),
-                    reduction=reduction) * (t * t)
-
-
 @contextlib.contextmanager
 def seeded(seed: int, device: str | torch.device = "cpu") -> Iterator[None]:
     """torch's global RNG forked and seeded for the duration (CUDA's too when ``device`` is a GPU)."""
@@ -97,11 +91,24 @@ def _batches(n: int, batch_size: int) -> list[torch.Tensor]:
     return chunks
 
 
+def _distill_step(student: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, teacher_logits: torch.Tensor,
+                  temperature: float, clip_norm: float | None) -> torch.Tensor:
+    """One optimizer step of the student on ``kl_distillation(student(x), teacher_logits)`` (gradient norm clipped at
+    ``clip_norm``); returns the loss. The step FedDF's, DENSE's and Co-Boosting's distillation loops share."""
+    loss = kl_distillation(student(x), teacher_logits, temperature)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_norm is not None:
+        nn.utils.clip_grad_norm_(student.parameters(), clip_norm)
+    optimizer.step()
+    return loss
+
+
 def distill_on_data(student: nn.Module, x: torch.Tensor, teacher_logits: torch.Tensor, *, steps: int,
                     batch_size: int, lr: float, temperature: float = 1.0, schedule: str = "cosine",
                     clip_norm: float | None = 5.0, device: str | torch.device = "cpu",
                     log_every: int = 100) -> list[dict[str, float]]:
-    """FedDF's server loop: ``steps`` Adam steps on ``kd_loss(student(x_b), teacher_logits_b)``, in place.
+    """FedDF's server loop: ``steps`` Adam steps on ``kl_distillation(student(x_b), teacher_logits_b)``, in place.
 
     Batches are drawn pass after pass over a fresh random order of ``x`` (the global RNG; wrap in ``seeded``). The
     teacher's logits are given (computed once: the inputs are not augmented, so they do not change). The student
@@ -121,12 +128,7 @@ def distill_on_data(student: nn.Module, x: torch.Tensor, teacher_logits: torch.T
             order = _batches(n, batch_size)[::-1]
         idx = order.pop()
         xb, tb = x[idx].to(device), teacher_logits[idx].to(device)
-        loss = kd_loss(student(xb), tb, temperature)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if clip_norm is not None:
-            nn.utils.clip_grad_norm_(student.parameters(), clip_norm)
-        opt.step()
+        loss = _distill_step(student, opt, xb, tb, temperature, clip_norm)
         lr_now = opt.param_groups[0]["lr"]
         if sched is not None:
             sched.step()
@@ -269,7 +271,7 @@ def dense_generator_loss(teacher_logits: torch.Tensor, student_logits: torch.Ten
     """
     loss_oh = F.cross_entropy(teacher_logits, targets)
     mask = (student_logits.argmax(1) != teacher_logits.argmax(1)).to(teacher_logits.dtype)
-    per_sample = kd_loss(student_logits, teacher_logits, 1.0, reduction="none").sum(1)
+    per_sample = kl_distillation(student_logits, teacher_logits, 1.0, reduction="none").sum(1)
     loss_adv = -(per_sample * mask).mean()
     total = bn * bn_loss + oh * loss_oh + adv * loss_adv
     return {"loss": total, "bn": bn_loss, "oh": loss_oh, "adv": loss_adv}
@@ -361,7 +363,7 @@ def coboost_generator_loss(teacher_logits: torch.Tensor, student_logits: torch.T
     ce = F.cross_entropy(teacher_logits, targets, reduction="none")
     p = F.softmax(teacher_logits, dim=1).gather(1, targets[:, None]).squeeze(1).detach()
     loss_oh = ((1.0 - p).pow(hs) * ce).mean()
-    loss_adv = -kd_loss(student_logits, teacher_logits, adv_temperature, reduction="none").sum(1).mean()
+    loss_adv = -kl_distillation(student_logits, teacher_logits, adv_temperature, reduction="none").sum(1).mean()
     total = bn * bn_loss + oh * loss_oh + adv * loss_adv
     return {"loss": total, "bn": bn_loss, "oh": loss_oh, "adv": loss_adv}
 
@@ -445,7 +447,7 @@ def distill_epoch(student: nn.Module, teacher: nn.Module, x: torch.Tensor, optim
                   ods_eta: float | None = None, ods_temperature: float = 4.0,
                   device: str | torch.device = "cpu") -> float:
     """One pass over ``x`` in a random order: the ensemble's logits on each batch distilled into the student
-    (``kd_loss`` at ``temperature``), one optimizer step per batch; returns the mean loss. DENSE flips the batch at
+    (``kl_distillation`` at ``temperature``), one optimizer step per batch; returns the mean loss. DENSE flips the batch at
     random (``flip``); Co-Boosting perturbs it (``ods_eta``, ``perturb_inputs``) and clips the gradient norm."""
     device = torch.device(device)
     student.train()
@@ -459,19 +461,14 @@ def distill_epoch(student: nn.Module, teacher: nn.Module, x: torch.Tensor, optim
             xb = perturb_inputs(teacher, xb, ods_eta, ods_temperature)
         with torch.no_grad():
             t_out = teacher(xb)
-        loss = kd_loss(student(xb), t_out, temperature)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if clip_norm is not None:
-            nn.utils.clip_grad_norm_(student.parameters(), clip_norm)
-        optimizer.step()
+        loss = _distill_step(student, optimizer, xb, t_out, temperature, clip_norm)
         total, count = total + float(loss.detach()) * idx.numel(), count + idx.numel()
     return total / max(count, 1)
 
 
 # ------------------------------------------------------------------------------------------ server framework
 class OneShotDistillServer:
-    """Collects the one-shot uploads (``fedsim.algorithms.oneshot.protocol``, the one-shot baselines' client part), builds the
+    """Collects the one-shot uploads (``fedsim.frameworks.oneshot_protocol``, the one-shot baselines' client part), builds the
     local models, and hands them to ``distill(ctx, local, models) -> (student, extra summary)``, run under a seeded
     RNG and timed: ``server_seconds`` is the wall time of that server-side work (building the ensemble, its logits,
     synthesis, distillation), not of the test evaluations. The student is the saved model.pt."""

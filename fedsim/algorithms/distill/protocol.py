@@ -2,7 +2,7 @@
 
 All three are one-shot: every client trains the common initial model once on its own data and uploads it, exactly
 as the one-shot baselines do (the same client part, ``fedsim.clients.oneshot:LocalModelClient``, and the same
-messages, ``fedsim.algorithms.oneshot.protocol``: the same partitions, seeds, local training budget and bytes). They differ only
+messages, ``fedsim.frameworks.oneshot_protocol``: the same partitions, seeds, local training budget and bytes). They differ only
 in what the server does with the M uploaded models:
 
 - ``feddf``        (Lin et al., NeurIPS 2020) distills the ensemble's averaged logits into one model on unlabeled
@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from fedsim import catalog
 from fedsim.errors import ConfigError
+from fedsim.frameworks.oneshot_protocol import WEIGHTINGS, check_one_shot
 from fedsim.params import Interval, Options
 from fedsim.registry import StrategySpec, register_strategy
 
@@ -35,7 +36,7 @@ AT_LEAST_1 = Interval(1, None, integer=True)
 DISTILL_DATA = ("holdout", "dataset")  # FedDF: a held-out part of the training split, or another dataset
 SPLITS = ("train", "test")
 INITS = ("average", "initial")  # the student starts from the uniform average of the local models / from w_0
-WEIGHTINGS = ("uniform", "examples")  # of the initial average
+# WEIGHTINGS (of the initial average): the one-shot family's, fedsim.frameworks.oneshot_protocol
 SCHEDULES = ("cosine", "constant")
 LABELS = ("balanced", "random")  # labels of a synthesized batch: classes in turn, or drawn uniformly (official)
 
@@ -163,16 +164,6 @@ class CoBoostingParams:
                               "generator's BatchNorm needs at least 2 images per batch")
 
 
-def check_one_shot(config) -> None:  # noqa: ANN001
-    """One round, and local training that trains something (the one-shot client part's requirements)."""
-    if config.rounds != 1:
-        raise ConfigError(f"rounds: {config.rounds} but {config.strategy.name} is one-shot (exactly one round); "
-                          "set rounds = 1 or leave rounds out")
-    if config.client.epochs < 1:
-        raise ConfigError(f"client.epochs: {config.client.epochs} trains nothing; it must be >= 1 for "
-                          f"{config.strategy.name}")
-
-
 def _check_feddf(config) -> None:  # noqa: ANN001
     check_one_shot(config)
     p = config.strategy.params
@@ -189,7 +180,7 @@ _CLIENT = "fedsim.clients.oneshot:LocalModelClient"
 
 register_strategy(StrategySpec(
     name="feddf", params=FedDFParams, server="fedsim.strategies.feddf:FedDFServer", client=_CLIENT,
-    check=_check_feddf, fixed_rounds=_one_round, reducible=True,
+    check=_check_feddf, fixed_rounds=_one_round, reducible=True, server_holdout=FedDFParams.server_holdout_default,
     description="FedDF (Lin et al. 2020), one-shot: the local models' ensemble distilled into one model on "
                 "unlabeled server data (held-out training images or another dataset)",
 ))

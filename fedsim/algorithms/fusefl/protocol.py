@@ -1,15 +1,18 @@
 """FuseFL's protocol (Tang et al., NeurIPS 2024, arXiv 2410.20380): one message down and one reply up per stage,
 and (heads "recalibrated" and "ridge") one more round in which clients send statistics of the fused features.
 
-    down  STAGE_KEY       ConfigRecord {stage (1-based), columns (columns per fused stage so far)}
+    down  STAGE_KEY       ConfigRecord {stage (1-based), columns (columns per fused stage so far)} and, stages
+                          1..K, the stage's local training (``LocalTraining`` of
+                          ``fedsim.frameworks.model_rounds_protocol``: local-epochs = this stage's epochs,
+                          local-batch-size, local-lr, ...)
           FUSED_KEY       ArrayRecord: the fused lower part (stages 1..k-1; all K stages in the head round K + 1),
                           ``FusedNet`` state keys; absent at stage 1
     up    column.<pid>    ArrayRecord: the client's column (merge adaptor + block k), stages 1..K
           head.<pid>      ArrayRecord: its classifier, at stage K unless ``head = "ridge"``
           classes.<pid>   ArrayRecord: in round K + 1 of the recalibrated head, the class statistics of the fused
                           final features (``CLASS_STATS_KEYS``: classes present, counts, means, centred scatter
-                          matrices as packed upper triangles, float64); ``fedsim.algorithms.fusefl.learner.ClassMoments``
-                          owns the form
+                          matrices as packed upper triangles, float64): the one-shot family's form,
+                          ``fedsim.frameworks.oneshot_protocol.class_statistics_reply``
           stats.<pid>     ArrayRecord: in round K + 1 of the ridge head, the ridge statistics of [e(x), 1]:
                           gram (upper triangle, ``fedsim.analytic.pack_upper``, float64) and cross
           meta.<pid>      MetricRecord {num-examples, train_loss}
@@ -17,15 +20,16 @@ and (heads "recalibrated" and "ridge") one more round in which clients send stat
 Replies are keyed by partition id, so a node serving several clients sends them side by side (``reduce`` is
 ``concatenate_replies``). The server part is ``fedsim.strategies.fusefl``, the client part ``fedsim.clients.fusefl``.
 Training budget: ``client.epochs`` is the total of local epochs, spread over the K stages by ``stage_epochs``
-(the official scripts: K = 2 -> half per stage); ``strategy.epochs_per_stage`` is the per-stage form.
+(the official scripts: K = 2 -> half per stage); ``strategy.epochs_per_stage`` is the per-stage form. The server
+computes each stage's budget (``stage_training``) and sends it; the client trains what the message says.
 Torch-free: loading a scenario reads only this module.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
@@ -33,16 +37,16 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from fedsim.catalog import MODEL_BLOCKS
 from fedsim.codec import from_record, to_record
 from fedsim.errors import ConfigError
+from fedsim.frameworks.model_rounds_protocol import LocalTraining
+from fedsim.frameworks.oneshot_protocol import MERGES, META_PREFIX, WEIGHT_KEY, RecalibrationParams, training_of
 from fedsim.params import Interval, Options
 from fedsim.registry import StrategySpec, register_strategy
 
 if TYPE_CHECKING:  # fedsim.analytic (scipy) is imported where statistics are built, not when a scenario loads
     from fedsim.analytic import RidgeStatistics
 
-MERGES = ("avg", "sum", "conv1x1")  # how a column reads the previous stage's M outputs
 HEADS = ("recalibrated", "avg", "logits", "ridge")  # the fused network's classifier
 HEAD_FEATURES = ("mean", "concat")  # the ridge head's input: mean over columns or their concatenation
-COVARIANCES = ("unbiased", "official")  # pooled class covariance: correct, or the official code's (uncentred)
 STATS_ROUND_HEADS = ("recalibrated", "ridge")  # heads that need round K + 1 (statistics of the fused features)
 
 STAGE_KEY = "fusefl"
@@ -50,37 +54,8 @@ FUSED_KEY = "fused"
 COLUMN_PREFIX = "column."
 HEAD_PREFIX = "head."
 STATS_PREFIX = "stats."
-CLASSES_PREFIX = "classes."
-META_PREFIX = "meta."
-WEIGHT_KEY = "num-examples"
-CLASS_STATS_KEYS = ("classes", "count", "mean", "scatter")  # the class-statistics record's arrays
-
-
-@dataclass
-class RecalibrationParams:
-    """The head recalibration on virtual features (CCVR-style; FuseFL's official ``locals/ccvr.py``).
-
-    Clients send per-class count, mean and centred scatter of the fused final features; the server pools them,
-    draws ``virtual_per_class`` Gaussian features per class present and trains the averaged head on them
-    (``recalibration_epochs`` of plain SGD, lr ``recalibration_lr``, batch ``recalibration_batch_size``: the
-    official 1 epoch, lr 0.01, batch 128, no momentum). ``recalibration_covariance = "official"`` reproduces the
-    official pooling, whose mean term vanishes (``n / n - 1`` = 0: an uncentred second moment); "unbiased" is the
-    correct pooled sample covariance.
-    """
-
-    virtual_per_class: int = 5000
-    recalibration_epochs: int = 1
-    recalibration_lr: float = 0.01
-    recalibration_batch_size: int = 128
-    recalibration_momentum: float = 0.0
-    recalibration_covariance: str = "unbiased"
-
-    _parameter_constraints = {"virtual_per_class": [Interval(1, None, integer=True)],
-                              "recalibration_epochs": [Interval(1, None, integer=True)],
-                              "recalibration_lr": [Interval(0, None, closed="neither")],
-                              "recalibration_batch_size": [Interval(1, None, integer=True)],
-                              "recalibration_momentum": [Interval(0, 1, closed="left")],
-                              "recalibration_covariance": [Options(COVARIANCES)]}
+# META_PREFIX, WEIGHT_KEY and the class-statistics record (classes.<pid>): the one-shot family's
+# (fedsim.frameworks.oneshot_protocol), shared with the one-shot baselines
 
 
 @dataclass
@@ -121,10 +96,21 @@ def stage_epochs(params: FuseFLParams, total_epochs: int, stage: int) -> int:
     return total_epochs // k + (1 if stage <= total_epochs % k else 0)
 
 
+def stage_training(params: FuseFLParams, client: Any, stage: int) -> LocalTraining:
+    """The local training of `stage` (1-based): the scenario's ``client`` settings (``fedsim.config.ClientConfig``)
+    with ``stage_epochs`` epochs; what the server sends, so the client reads no scenario."""
+    return replace(LocalTraining.from_settings(client), epochs=stage_epochs(params, client.epochs, stage))
+
+
 # ------------------------------------------------------------------------------------------------- requests
-def stage_message(stage: int, columns: list[int], fused_arrays: dict[str, np.ndarray] | None) -> RecordDict:
-    """What the server sends at `stage`: the stage number, the fused layout and (stage > 1) the fused weights."""
-    content = RecordDict({STAGE_KEY: ConfigRecord({"stage": int(stage), "columns": [int(c) for c in columns]})})
+def stage_message(stage: int, columns: list[int], fused_arrays: dict[str, np.ndarray] | None,
+                  training: LocalTraining | None = None) -> RecordDict:
+    """What the server sends at `stage`: the stage number, the fused layout, (stage > 1) the fused weights and
+    (stages 1..K) the stage's local training (``stage_training``); the statistics round K + 1 trains nothing."""
+    settings = {"stage": int(stage), "columns": [int(c) for c in columns]}
+    if training is not None:
+        settings.update(training.to_config())
+    content = RecordDict({STAGE_KEY: ConfigRecord(settings)})
     if fused_arrays:
         content[FUSED_KEY] = to_record(fused_arrays)
     return content
@@ -135,6 +121,11 @@ def stage_of(content: RecordDict) -> tuple[int, list[int]]:
     cfg = content.config_records[STAGE_KEY]
     columns = [int(c) for c in cfg.get("columns", [])]
     return int(cfg["stage"]), columns
+
+
+def stage_training_of(content: RecordDict) -> LocalTraining:
+    """The local training a stage message asks for (stages 1..K); a KeyError when it carries none."""
+    return training_of(content, STAGE_KEY)
 
 
 def fused_of(content: RecordDict) -> dict[str, np.ndarray] | None:
@@ -165,18 +156,6 @@ def statistics_reply(pid: int, stats: RidgeStatistics, num_examples: int) -> Rec
     })
 
 
-def class_statistics_reply(pid: int, arrays: dict[str, np.ndarray], num_examples: int) -> RecordDict:
-    """Client `pid`'s reply in the recalibration round: its class statistics of the fused final features
-    (`arrays` with ``CLASS_STATS_KEYS``, as ``ClassMoments.to_arrays`` writes them) and its example count."""
-    missing = [k for k in CLASS_STATS_KEYS if k not in arrays]
-    if missing:
-        raise ValueError(f"class statistics lack {missing}")
-    return RecordDict({
-        f"{CLASSES_PREFIX}{pid}": to_record({k: arrays[k] for k in CLASS_STATS_KEYS}),
-        f"{META_PREFIX}{pid}": MetricRecord({WEIGHT_KEY: int(num_examples), "train_loss": 0.0}),
-    })
-
-
 @dataclass
 class ClientUpload:
     """What one client sent in one round (arrays are read-only views of the message)."""
@@ -184,13 +163,13 @@ class ClientUpload:
     column: dict[str, np.ndarray] | None = None
     head: dict[str, np.ndarray] | None = None
     stats: RidgeStatistics | None = None
-    class_stats: dict[str, np.ndarray] | None = None  # CLASS_STATS_KEYS arrays (recalibration round)
     num_examples: int = 0
     train_loss: float = 0.0
 
 
 def parse_replies(contents: Iterable[RecordDict | None]) -> dict[int, ClientUpload]:
-    """Every client's upload in a round's reply contents (None for a failed node), by partition id, sorted."""
+    """Every client's upload in a round's reply contents (None for a failed node), by partition id, sorted.
+    The recalibration round's class statistics are read by ``fedsim.frameworks.oneshot_protocol.parse_class_statistics``."""
     out: dict[int, ClientUpload] = {}
     packed: dict[int, dict[str, np.ndarray]] = {}
     for content in contents:
@@ -201,8 +180,6 @@ def parse_replies(contents: Iterable[RecordDict | None]) -> dict[int, ClientUplo
                 out.setdefault(int(key[len(COLUMN_PREFIX):]), ClientUpload()).column = from_record(record)
             elif key.startswith(HEAD_PREFIX):
                 out.setdefault(int(key[len(HEAD_PREFIX):]), ClientUpload()).head = from_record(record)
-            elif key.startswith(CLASSES_PREFIX):
-                out.setdefault(int(key[len(CLASSES_PREFIX):]), ClientUpload()).class_stats = from_record(record)
             elif key.startswith(STATS_PREFIX):
                 pid = int(key[len(STATS_PREFIX):])
                 out.setdefault(pid, ClientUpload())
