@@ -6,17 +6,25 @@ a partition that gives each client one, more classes per client or tasks than th
 feature map, GPUs requested where none is visible, an unreachable Ray cluster, and models or statistics too large
 to fit in memory. Each raises a ``ConfigError`` naming the field, so the user learns it in seconds, not after the
 first round (or as a ZeroDivisionError, an OOM kill or Ray's "ActorPool is empty").
+
+The checks stay light (``fedsim validate`` of a shipped scenario well under a second): they read the splits'
+labels and shapes without torch (``fedsim.data.describe_dataset``) and count the model's parameters from its
+layer sizes; torch is imported only for what needs it (a GPU count, a torchvision feature map, a model the
+counter does not know).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import socket
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from fedsim.config import ScenarioConfig
+from fedsim.data.base import SplitSummary
 from fedsim.errors import ConfigError
 
 RAY_CONNECT_TIMEOUT = 10.0  # seconds to reach simulation.ray_address before giving up
@@ -109,12 +117,25 @@ def check_ray_address(address: str, timeout: float = RAY_CONNECT_TIMEOUT) -> Non
 
 
 # --------------------------------------------------------------------------------------------------- data
-def check_data(config: ScenarioConfig) -> None:
-    """Both splits load; the partition, stream and model sizes fit the data and the machine."""
-    from fedsim.scenario import test_split, train_split
+def split_summary(config: ScenarioConfig, split: str) -> SplitSummary:
+    """The scenario's ``split`` as ``fedsim.scenario.train_split`` / ``test_split`` would load it (after
+    ``data.max_train`` / ``max_test``), without its images and without torch."""
+    from fedsim.data import describe_dataset, slice_indices
+    from fedsim.scenario import derive_seed
 
-    train = train_split(config)  # DataUnavailableError (missing, corrupt, mixed splits) surfaces here
-    test_split(config)
+    d = config.data
+    summary = describe_dataset(d.name, split=split, root=d.root, **dict(sorted(d.options.items())))
+    keep = slice_indices(len(summary), d.max_train if split == "train" else d.max_test,
+                         derive_seed(config.seed, f"{split}-slice"))
+    if keep is None:
+        return summary
+    return SplitSummary(summary.labels[keep], summary.input_shape, summary.classes, summary.source)
+
+
+def check_data(config: ScenarioConfig) -> None:
+    """Both splits are there; the partition, stream and model sizes fit the data and the machine."""
+    train = split_summary(config, "train")  # DataUnavailableError (missing, corrupt, mixed splits) surfaces here
+    split_summary(config, "test")
     labels = train.labels
     present = int(np.unique(labels).size)
     n = len(train)
@@ -147,9 +168,66 @@ def check_stream(config: ScenarioConfig, classes_present: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- memory
+def _batch_norm(channels: int) -> int:
+    return 4 * channels + 1  # weight, bias, running mean and variance, num_batches_tracked
+
+
+def _cnn_size(input_shape: Sequence[int], num_classes: int, width: int) -> int:
+    cin, total = int(input_shape[0]), 0
+    for cout in (width, 2 * width, 4 * width, 8 * width):
+        total += 9 * cin * cout + _batch_norm(cout)
+        cin = cout
+    return total + cin * num_classes + num_classes
+
+
+def _resnet18_size(input_shape: Sequence[int], num_classes: int, width: int) -> int:
+    total = 9 * int(input_shape[0]) * width + _batch_norm(width)
+    inplanes = width
+    for mult, stride in ((1, 1), (2, 2), (4, 2), (8, 2)):
+        planes = width * mult
+        for j in range(2):
+            total += 9 * inplanes * planes + 9 * planes * planes + 2 * _batch_norm(planes)
+            if (stride if j == 0 else 1) != 1 or inplanes != planes:
+                total += inplanes * planes + _batch_norm(planes)
+            inplanes = planes
+    return total + inplanes * num_classes + num_classes
+
+
+def _mlp_size(input_shape: Sequence[int], num_classes: int, width: int) -> int:
+    return math.prod(int(s) for s in input_shape) * width + width + 3 * (width * width + width) \
+        + width * num_classes + num_classes
+
+
+# fedsim.nn.models' networks: parameters + buffers from the layer sizes, and the default width; a test compares
+# each with the built model
+MODEL_SIZES: dict[str, tuple[Callable[[Sequence[int], int, int], int], int]] = {
+    "cnn": (_cnn_size, 32), "resnet18": (_resnet18_size, 64), "mlp": (_mlp_size, 128)}
+
+
+def counted_parameters(name: str, input_shape: Sequence[int], num_classes: int, width: int | None) -> int | None:
+    """Parameters and buffers of ``fedsim.nn.models.build_model(name, ...)`` from its layer sizes (no torch);
+    None where only building it can tell (an unknown model, a size out of range, a tensor near 64-bit sizes)."""
+    if name not in MODEL_SIZES or len(input_shape) != 3 or num_classes < 1:
+        return None
+    size, default_width = MODEL_SIZES[name]
+    width = default_width if width is None else int(width)
+    if width < 1:
+        return None
+    total = size(tuple(int(s) for s in input_shape), int(num_classes), width)
+    return total if 4 * total < 2**63 else None  # no float32 tensor of it can overflow 64-bit sizes
+
+
 def model_parameters(config: ScenarioConfig, input_shape: tuple, num_classes: int) -> int | None:
-    """Parameters of the scenario's trainable model, counted on torch's meta device (nothing is allocated);
-    None when even one tensor's size overflows 64 bits."""
+    """Parameters (and buffers) of the scenario's trainable model: counted from its layer sizes, or where the
+    counter cannot tell, on torch's meta device (nothing is allocated); None when even one tensor's size
+    overflows 64 bits."""
+    counted = counted_parameters(config.model.name, input_shape, num_classes, config.model.width)
+    if counted is not None:
+        return counted
+    return _built_parameters(config, input_shape, num_classes)
+
+
+def _built_parameters(config: ScenarioConfig, input_shape: tuple, num_classes: int) -> int | None:
     import torch
 
     from fedsim.scenario import scenario_model

@@ -6,6 +6,10 @@ Every node of a simulation and the server load the same split independently, so 
     from fedsim.data import load_dataset
     train = load_dataset("fashion-mnist", split="train")      # LabeledData, x (N, C, H, W) float32 in [0, 1]
     toy = load_dataset("synthetic", num_classes=5, dim=16)    # dataset options as keyword arguments
+    describe_dataset("fashion-mnist", split="train")           # SplitSummary: labels, input shape, classes
+
+Importing this package does not import torch: the readers produce numpy arrays, and ``load_dataset`` makes the
+tensors. ``describe_dataset`` never does, so the checks before a run (``fedsim validate``) stay light.
 """
 
 from __future__ import annotations
@@ -14,11 +18,13 @@ import functools
 import os
 from typing import Any
 
+import numpy as np
+
 from fedsim.catalog import DATASETS as DESCRIPTIONS
 from fedsim.errors import ConfigError
 
 from . import sources
-from .base import DatasetInfo, LabeledData, default_cache_dir
+from .base import DatasetInfo, LabeledData, SplitArrays, SplitSummary, default_cache_dir
 from .idx import read_idx, write_idx
 
 __all__ = [
@@ -26,10 +32,14 @@ __all__ = [
     "DatasetInfo",
     "LabeledData",
     "SPLITS",
+    "SplitArrays",
+    "SplitSummary",
     "clear_cache",
     "dataset_names",
     "default_cache_dir",
+    "describe_dataset",
     "load_dataset",
+    "slice_indices",
     "read_idx",
     "write_idx",
 ]
@@ -41,8 +51,10 @@ _DOWNLOAD = {"download": True}
 DATASETS: dict[str, DatasetInfo] = {
     info.name: info
     for info in [
-        DatasetInfo("fashion-mnist", DESCRIPTIONS["fashion-mnist"], sources.load_fashion_mnist, dict(_DOWNLOAD)),
-        DatasetInfo("mnist", DESCRIPTIONS["mnist"], sources.load_mnist, dict(_DOWNLOAD)),
+        DatasetInfo("fashion-mnist", DESCRIPTIONS["fashion-mnist"], sources.load_fashion_mnist, dict(_DOWNLOAD),
+                    describe=sources.describe_fashion_mnist),
+        DatasetInfo("mnist", DESCRIPTIONS["mnist"], sources.load_mnist, dict(_DOWNLOAD),
+                    describe=sources.describe_mnist),
         DatasetInfo("digits", DESCRIPTIONS["digits"], sources.load_digits, {}),
         DatasetInfo("synthetic", DESCRIPTIONS["synthetic"], sources.load_synthetic,
                     dict(num_classes=10, dim=64, num_train=10000, num_test=2000, separation=2.0, seed=0)),
@@ -66,6 +78,31 @@ def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None
     settings (see ``DATASETS[name].options``), e.g. ``download=False`` or the synthetic generator's.
     Raises ``ConfigError`` for an unknown name/split/option and ``DataUnavailableError`` when files are missing.
     """
+    root_s, key = _resolve(name, split, root, options)
+    return _load_cached(name, split, root_s, key, os.environ.get("FEDSIM_DATA"))
+
+
+def describe_dataset(name: str, split: str = "train", root: str | os.PathLike | None = None,
+                     **options: Any) -> SplitSummary:
+    """``load_dataset``'s split without its images: labels, input shape, classes and source (cached per process).
+
+    The same arguments and errors as ``load_dataset``, without torch; the IDX datasets read only their labels and
+    the images' header, the others read their files into numpy.
+    """
+    root_s, key = _resolve(name, split, root, options)
+    return _describe_cached(name, split, root_s, key, os.environ.get("FEDSIM_DATA"))
+
+
+def slice_indices(n: int, max_n: int | None, seed: int) -> np.ndarray | None:
+    """The samples a slice of ``max_n`` out of ``n`` keeps (``data.max_train`` / ``max_test``): drawn with ``seed``,
+    sorted, the same in every process; None when it keeps them all."""
+    if max_n is None or max_n >= n:
+        return None
+    return np.sort(np.random.default_rng(seed).permutation(n)[:max_n])
+
+
+def _resolve(name: str, split: str, root: str | os.PathLike | None, options: dict[str, Any]) -> tuple[str | None, tuple]:
+    """Check the name, split and options; the cache key parts (root as a string, the merged options)."""
     info = DATASETS.get(name)
     if info is None:
         raise ConfigError(f"data.name: unknown dataset {name!r}; allowed: {', '.join(dataset_names())}")
@@ -84,15 +121,25 @@ def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None
     except TypeError as err:
         raise ConfigError(f"data: dataset options must be plain values (numbers, strings, booleans), got {merged!r}") from err
     root_s = os.path.expanduser(os.fspath(root)) if root is not None else None
-    return _load_cached(name, split, root_s, key, os.environ.get("FEDSIM_DATA"))
+    return root_s, key
 
 
 @functools.lru_cache(maxsize=16)
 def _load_cached(name: str, split: str, root: str | None, options: tuple, _env: str | None) -> LabeledData:
     # _env ($FEDSIM_DATA) is part of the key only: changing it must not return data found under the old value.
-    return DATASETS[name].loader(split, root, **dict(options))
+    data = DATASETS[name].loader(split, root, **dict(options))
+    return data.to_labeled() if isinstance(data, SplitArrays) else data
+
+
+@functools.lru_cache(maxsize=16)
+def _describe_cached(name: str, split: str, root: str | None, options: tuple, _env: str | None) -> SplitSummary:
+    info = DATASETS[name]
+    if info.describe is not None:
+        return info.describe(split, root, **dict(options))
+    return info.loader(split, root, **dict(options)).summary()
 
 
 def clear_cache() -> None:
     """Forget every cached dataset (frees memory; tests use it after changing files or $FEDSIM_DATA)."""
     _load_cached.cache_clear()
+    _describe_cached.cache_clear()

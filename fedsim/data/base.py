@@ -1,7 +1,11 @@
-"""In-memory labeled data, the one type every dataset loader returns.
+"""In-memory labeled data: what the format readers produce (numpy), and the one tensor type every run uses.
 
 Datasets here are small enough (MNIST/CIFAR scale) to live in memory as one float tensor, which keeps
 partitioning, subsetting and shipping a client's share to a Ray actor simple and fast.
+
+The readers (``fedsim.data.sources``) return ``SplitArrays``: numpy only, so that ``fedsim validate`` can learn a
+split's size, shape and labels (``SplitSummary``) without importing torch; tensors are made in one place,
+``SplitArrays.to_labeled``, and torch is imported there.
 """
 
 from __future__ import annotations
@@ -9,12 +13,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
-import torch
 
-__all__ = ["LabeledData", "DatasetInfo", "default_cache_dir", "from_uint8"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["DatasetInfo", "LabeledData", "SplitArrays", "SplitSummary", "default_cache_dir", "from_uint8",
+           "uint8_arrays"]
 
 
 @dataclass(eq=False)
@@ -31,6 +38,8 @@ class LabeledData:
     source: str = ""  # where the split was read from (files, directory, or how it was generated); for config.json
 
     def __post_init__(self) -> None:
+        import torch
+
         if self.x.dim() != 4:
             raise ValueError(f"LabeledData.x must be (N, C, H, W), got shape {tuple(self.x.shape)}")
         if self.y.dim() != 1 or self.y.shape[0] != self.x.shape[0]:
@@ -56,25 +65,74 @@ class LabeledData:
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
-    def subset(self, indices: np.ndarray | list[int]) -> "LabeledData":
+    def subset(self, indices: np.ndarray | list[int]) -> LabeledData:
         """The samples at ``indices`` (a copy; empty indices give an empty (0, C, H, W) set)."""
+        import torch
+
         idx = torch.as_tensor(np.asarray(indices, dtype=np.int64).reshape(-1))
         return LabeledData(x=self.x.index_select(0, idx), y=self.y.index_select(0, idx), classes=list(self.classes),
                            source=self.source)
+
+    def summary(self) -> SplitSummary:
+        return SplitSummary(self.labels, self.input_shape, list(self.classes), self.source)
 
     def __repr__(self) -> str:
         return f"LabeledData(n={len(self)}, input_shape={self.input_shape}, num_classes={self.num_classes})"
 
 
+@dataclass(frozen=True, eq=False)
+class SplitSummary:
+    """A split without its images: its labels, the shape of one input and the class names. What the checks
+    before a run need (``fedsim.preflight``), read without torch and, for IDX files, without the images."""
+
+    labels: np.ndarray  # int64 (N,)
+    input_shape: tuple[int, int, int]
+    classes: list[str]
+    source: str = ""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass(eq=False)
+class SplitArrays:
+    """One split as the readers produce it: ``images`` (N, C, H, W), uint8 (scaled to [0, 1] when made a tensor)
+    or float32 already in [0, 1], and int64 ``labels`` (N,)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    classes: list[str]
+    source: str = ""
+
+    def to_labeled(self) -> LabeledData:
+        """The tensors a run uses (the one place torch is imported for data)."""
+        import torch
+
+        x = torch.from_numpy(np.ascontiguousarray(self.images))
+        if self.images.dtype == np.uint8:
+            x = x.to(torch.float32).div_(255.0)
+        return LabeledData(x=x, y=torch.from_numpy(self.labels), classes=list(self.classes), source=self.source)
+
+    def summary(self) -> SplitSummary:
+        return SplitSummary(self.labels, tuple(int(s) for s in self.images.shape[1:]),  # type: ignore[arg-type]
+                            list(self.classes), self.source)
+
+
 @dataclass(frozen=True)
 class DatasetInfo:
-    """A registry entry: ``loader(split, root, **options) -> LabeledData``; ``options`` holds the defaults
-    of the options it accepts (anything else is a config error)."""
+    """A registry entry: ``loader(split, root, **options)`` returns ``SplitArrays`` (or a ``LabeledData``);
+    ``options`` holds the defaults of the options it accepts (anything else is a config error). ``describe``,
+    where given, returns the split's ``SplitSummary`` faster than loading it (same arguments, same errors)."""
 
     name: str
     description: str
-    loader: Callable[..., LabeledData]
+    loader: Callable[..., SplitArrays | LabeledData]
     options: dict[str, Any] = field(default_factory=dict)
+    describe: Callable[..., SplitSummary] | None = None
 
 
 def default_cache_dir() -> Path:
@@ -83,14 +141,18 @@ def default_cache_dir() -> Path:
     return Path(base) / "fedsim"
 
 
-def from_uint8(images: np.ndarray, labels: np.ndarray, classes: list[str], channels_last: bool,
-               source: str = "") -> LabeledData:
-    """uint8 images (N, H, W), (N, H, W, C) or (N, C, H, W) -> LabeledData scaled to [0, 1]."""
+def uint8_arrays(images: np.ndarray, labels: np.ndarray, classes: list[str], channels_last: bool,
+                 source: str = "") -> SplitArrays:
+    """uint8 images (N, H, W), (N, H, W, C) or (N, C, H, W) -> ``SplitArrays`` with (N, C, H, W) images."""
     arr = np.asarray(images)
     if arr.ndim == 3:
         arr = arr[:, None, :, :]
     elif channels_last:
         arr = arr.transpose(0, 3, 1, 2)
-    x = torch.from_numpy(np.ascontiguousarray(arr)).to(torch.float32).div_(255.0)
-    y = torch.from_numpy(np.asarray(labels, dtype=np.int64).copy())
-    return LabeledData(x=x, y=y, classes=list(classes), source=source)
+    return SplitArrays(arr, np.asarray(labels, dtype=np.int64).copy(), list(classes), source)
+
+
+def from_uint8(images: np.ndarray, labels: np.ndarray, classes: list[str], channels_last: bool,
+               source: str = "") -> LabeledData:
+    """uint8 images (N, H, W), (N, H, W, C) or (N, C, H, W) -> LabeledData scaled to [0, 1]."""
+    return uint8_arrays(images, labels, classes, channels_last, source).to_labeled()

@@ -8,6 +8,7 @@ download otherwise turns into a silent reshape error or garbage images.
 from __future__ import annotations
 
 import gzip
+import math
 import zlib
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import numpy as np
 
 from fedsim.errors import DataUnavailableError
 
-__all__ = ["read_idx", "write_idx", "IDX_DTYPES"]
+__all__ = ["read_idx", "read_idx_header", "write_idx", "IDX_DTYPES"]
 
 # IDX type byte -> big-endian numpy dtype
 IDX_DTYPES: dict[int, np.dtype] = {
@@ -75,6 +76,41 @@ def read_idx(path: str | Path, expect_ndim: int | None = None) -> np.ndarray:
         )
     data = np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
     return data.astype(dtype.newbyteorder("="))  # a writeable, native-endian copy
+
+
+def read_idx_header(path: str | Path) -> tuple[tuple[int, ...], np.dtype] | None:
+    """The dimensions and dtype of an IDX file from its header alone, when the file's length shows the payload is
+    complete (raw: the file size; gzip: the uncompressed size its trailer records); None when only a full
+    ``read_idx`` can tell (an odd header, a size that does not match, several gzip members).
+
+    Lets ``fedsim validate`` learn a split's size without decompressing its images; whatever is wrong with a
+    file is reported by ``read_idx``, which the caller falls back to.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            gz = fh.read(2) == b"\x1f\x8b"
+            if gz:
+                fh.seek(-4, 2)
+                recorded = int.from_bytes(fh.read(4), "little")  # ISIZE: uncompressed size mod 2**32
+            size = fh.seek(0, 2)
+        opener = gzip.open if gz else open
+        with opener(path, "rb") as fh:
+            head = fh.read(4)
+            if len(head) < 4 or head[:2] != b"\x00\x00" or head[2] not in IDX_DTYPES or head[3] < 1:
+                return None
+            raw_dims = fh.read(4 * head[3])
+    except (OSError, EOFError, zlib.error):
+        return None
+    ndim = head[3]
+    if len(raw_dims) < 4 * ndim:
+        return None
+    dims = tuple(int(d) for d in np.frombuffer(raw_dims, dtype=">u4", count=ndim))
+    dtype = IDX_DTYPES[head[2]]
+    total = 4 + 4 * ndim + math.prod(dims) * dtype.itemsize
+    if (recorded != total % 2**32) if gz else (size != total):
+        return None
+    return dims, dtype.newbyteorder("=")
 
 
 def write_idx(path: str | Path, array: np.ndarray, compress: bool | None = None) -> Path:

@@ -1,4 +1,5 @@
-"""Loaders for each dataset fedsim knows. Each returns a whole split as an in-memory ``LabeledData``.
+"""Loaders for each dataset fedsim knows. Each returns a whole split as numpy ``SplitArrays`` (``fedsim.data``
+makes the tensors); the IDX datasets also have a ``describe_*`` that reads only the labels and the image header.
 
 Real files are read with small format readers of our own (IDX, the CIFAR python pickles, SVHN's .mat) instead of
 through torchvision's dataset classes: those insist on their own directory layout and checksums, which rejects
@@ -17,12 +18,11 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
-import torch
 
 from fedsim.errors import ConfigError, DataUnavailableError
 
-from .base import LabeledData, default_cache_dir, from_uint8
-from .idx import read_idx
+from .base import SplitArrays, SplitSummary, default_cache_dir, uint8_arrays
+from .idx import read_idx, read_idx_header
 
 SYSTEM_DATA_DIR = Path("/usr/share/datasets")
 
@@ -147,23 +147,41 @@ def _check_not_empty(name: str, split: str, where: Path, n: int) -> None:
                                    "complete files.")
 
 
-def _read_idx_split(spec: IdxSpec, images_path: Path, labels_path: Path, split: str = "train") -> LabeledData:
-    images = read_idx(images_path, expect_ndim=3)
-    labels = read_idx(labels_path, expect_ndim=1)
-    if images.shape[0] != labels.shape[0]:
+def _check_idx_pair(spec: IdxSpec, images_path: Path, labels_path: Path, num_images: int, image_dtype: np.dtype,
+                    labels: np.ndarray, split: str) -> None:
+    """The two files belong together and are this dataset's (the same checks whether the images were read)."""
+    if num_images != labels.shape[0]:
         raise DataUnavailableError(
-            f"Dataset '{spec.name}': {images_path} holds {images.shape[0]} images but {labels_path} holds "
+            f"Dataset '{spec.name}': {images_path} holds {num_images} images but {labels_path} holds "
             f"{labels.shape[0]} labels; the two files do not belong together."
         )
-    if images.dtype != np.uint8 or labels.size and int(labels.max()) >= len(spec.classes):
+    if image_dtype != np.uint8 or labels.size and int(labels.max()) >= len(spec.classes):
         raise DataUnavailableError(
             f"Dataset '{spec.name}': {images_path} / {labels_path} are not {spec.name} files "
-            f"(image dtype {images.dtype}, largest label {int(labels.max()) if labels.size else None})."
+            f"(image dtype {image_dtype}, largest label {int(labels.max()) if labels.size else None})."
         )
     _check_labels(spec.name, labels_path, labels, len(spec.classes))
-    _check_not_empty(spec.name, split, images_path, images.shape[0])
-    return from_uint8(images, labels, spec.classes, channels_last=False,
-                      source=f"{images_path}, {labels_path}")
+    _check_not_empty(spec.name, split, images_path, num_images)
+
+
+def _read_idx_split(spec: IdxSpec, images_path: Path, labels_path: Path, split: str = "train") -> SplitArrays:
+    images = read_idx(images_path, expect_ndim=3)
+    labels = read_idx(labels_path, expect_ndim=1)
+    _check_idx_pair(spec, images_path, labels_path, images.shape[0], images.dtype, labels, split)
+    return uint8_arrays(images, labels, spec.classes, channels_last=False, source=f"{images_path}, {labels_path}")
+
+
+def _describe_idx_split(spec: IdxSpec, images_path: Path, labels_path: Path, split: str) -> SplitSummary:
+    """The split's labels and image shape from the labels file and the images' header; a full read (and its
+    error) where the header cannot vouch for the file."""
+    header = read_idx_header(images_path)
+    if header is None or len(header[0]) != 3:
+        return _read_idx_split(spec, images_path, labels_path, split).summary()
+    (num_images, height, width), dtype = header
+    labels = read_idx(labels_path, expect_ndim=1)
+    _check_idx_pair(spec, images_path, labels_path, num_images, dtype, labels, split)
+    return SplitSummary(np.asarray(labels, dtype=np.int64), (1, height, width), list(spec.classes),
+                        f"{images_path}, {labels_path}")
 
 
 def _other(split: str) -> str:
@@ -179,15 +197,32 @@ def _split_elsewhere(name: str, split: str, d: Path, what: str) -> DataUnavailab
     )
 
 
-def load_idx_dataset(spec: IdxSpec, split: str, root: str | None, download: bool = True) -> LabeledData:
-    """Find the split's two IDX files (``.gz`` or raw) in the search dirs, else download with torchvision."""
-    dirs = idx_search_dirs(spec, root)
-    for d in dirs:
+def _locate_idx_pair(spec: IdxSpec, split: str, root: str | None) -> tuple[Path, Path] | None:
+    """The split's two IDX files in the first search dir holding the dataset (None: in none of them)."""
+    for d in idx_search_dirs(spec, root):
         pair = _find_idx_pair(d, split)
         if pair is not None:
-            return _read_idx_split(spec, *pair, split=split)
+            return pair
         if _find_idx_pair(d, _other(split)) is not None:
             raise _split_elsewhere(spec.name, split, d, " and ".join(f"{s}[.gz]" for s in IDX_FILES[split]))
+    return None
+
+
+def describe_idx_dataset(spec: IdxSpec, split: str, root: str | None, download: bool = True) -> SplitSummary:
+    """``load_idx_dataset``'s split without its images (labels and the images' header); loads it where the files
+    are not found yet (the download)."""
+    pair = _locate_idx_pair(spec, split, root)
+    if pair is not None:
+        return _describe_idx_split(spec, *pair, split=split)
+    return load_idx_dataset(spec, split, root, download).summary()
+
+
+def load_idx_dataset(spec: IdxSpec, split: str, root: str | None, download: bool = True) -> SplitArrays:
+    """Find the split's two IDX files (``.gz`` or raw) in the search dirs, else download with torchvision."""
+    dirs = idx_search_dirs(spec, root)
+    pair = _locate_idx_pair(spec, split, root)
+    if pair is not None:
+        return _read_idx_split(spec, *pair, split=split)
     dl_dir = _download_dir(root)
     ok, note = _try_download(spec.tv_class, dl_dir, download, train=(split == "train"))
     if ok:
@@ -212,12 +247,20 @@ FASHION_MNIST = IdxSpec("fashion-mnist", "FashionMNIST", FASHION_MNIST_CLASSES,
 MNIST = IdxSpec("mnist", "MNIST", DIGIT_CLASSES, SYSTEM_DATA_DIR / "mnist", None)
 
 
-def load_fashion_mnist(split: str, root: str | None, download: bool = True) -> LabeledData:
+def load_fashion_mnist(split: str, root: str | None, download: bool = True) -> SplitArrays:
     return load_idx_dataset(FASHION_MNIST, split, root, download)
 
 
-def load_mnist(split: str, root: str | None, download: bool = True) -> LabeledData:
+def describe_fashion_mnist(split: str, root: str | None, download: bool = True) -> SplitSummary:
+    return describe_idx_dataset(FASHION_MNIST, split, root, download)
+
+
+def load_mnist(split: str, root: str | None, download: bool = True) -> SplitArrays:
     return load_idx_dataset(MNIST, split, root, download)
+
+
+def describe_mnist(split: str, root: str | None, download: bool = True) -> SplitSummary:
+    return describe_idx_dataset(MNIST, split, root, download)
 
 
 # ------------------------------------------------------------------------------------ CIFAR and SVHN
@@ -317,17 +360,17 @@ def _cifar_files(spec: CifarSpec, base: Path, split: str) -> list[Path] | None:
     return files if all(f.is_file() for f in files) else None
 
 
-def _read_cifar(spec: CifarSpec, files: list[Path], split: str = "train") -> LabeledData:
+def _read_cifar(spec: CifarSpec, files: list[Path], split: str = "train") -> SplitArrays:
     *batches, meta = files
     x, y = _cifar_arrays(spec.name, batches, spec.label_key)
     classes = [str(c) for c in _unpickle(meta).get(spec.names_key, [])]
     if not classes or (y.size and (y.min() < 0 or y.max() >= len(classes))):
         raise DataUnavailableError(f"Dataset '{spec.name}': labels in {batches[0].parent} do not match the class names in {meta}")
     _check_not_empty(spec.name, split, batches[0].parent, x.shape[0])
-    return from_uint8(x, y, classes, channels_last=False, source=str(batches[0].parent))
+    return uint8_arrays(x, y, classes, channels_last=False, source=str(batches[0].parent))
 
 
-def load_cifar(spec: CifarSpec, split: str, root: str | None, download: bool = True) -> LabeledData:
+def load_cifar(spec: CifarSpec, split: str, root: str | None, download: bool = True) -> SplitArrays:
     """Read ``<dir>/<cifar-…-python folder>`` from the first search dir that has it, else download."""
     dirs = _base_dirs(spec.name, root)
     for d in dirs:
@@ -353,15 +396,15 @@ def load_cifar(spec: CifarSpec, split: str, root: str | None, download: bool = T
     raise _unavailable(spec.name, split, what, [d / spec.folder for d in dirs], note, how)
 
 
-def load_cifar10(split: str, root: str | None, download: bool = True) -> LabeledData:
+def load_cifar10(split: str, root: str | None, download: bool = True) -> SplitArrays:
     return load_cifar(CIFAR10, split, root, download)
 
 
-def load_cifar100(split: str, root: str | None, download: bool = True) -> LabeledData:
+def load_cifar100(split: str, root: str | None, download: bool = True) -> SplitArrays:
     return load_cifar(CIFAR100, split, root, download)
 
 
-def _read_svhn(path: Path) -> LabeledData:
+def _read_svhn(path: Path) -> SplitArrays:
     import scipy.io
 
     try:
@@ -376,10 +419,10 @@ def _read_svhn(path: Path) -> LabeledData:
     if y.size and (y.min() < 0 or y.max() > 9):
         raise DataUnavailableError(f"{path}: SVHN labels outside 0..10")
     _check_not_empty("svhn", path.name.split("_")[0], path, y.shape[0])
-    return from_uint8(np.transpose(x, (3, 2, 0, 1)), y, DIGIT_CLASSES, channels_last=False, source=str(path))
+    return uint8_arrays(np.transpose(x, (3, 2, 0, 1)), y, DIGIT_CLASSES, channels_last=False, source=str(path))
 
 
-def load_svhn(split: str, root: str | None, download: bool = True) -> LabeledData:
+def load_svhn(split: str, root: str | None, download: bool = True) -> SplitArrays:
     """SVHN's cropped digits ``{train,test}_32x32.mat`` (the 'extra' split is not used)."""
     fname = f"{split}_32x32.mat"
     dirs = _base_dirs("svhn", root)
@@ -400,7 +443,7 @@ def load_svhn(split: str, root: str | None, download: bool = True) -> LabeledDat
 
 
 # ---------------------------------------------------------------------------------------- in-wheel data
-def load_digits(split: str, root: str | None) -> LabeledData:
+def load_digits(split: str, root: str | None) -> SplitArrays:
     """scikit-learn's 1797 8x8 digits (bundled, always offline); stratified 80/20 split with seed 0."""
     from sklearn.datasets import load_digits as sk_digits
     from sklearn.model_selection import train_test_split
@@ -411,8 +454,8 @@ def load_digits(split: str, root: str | None) -> LabeledData:
         np.arange(target.shape[0]), test_size=0.2, stratify=target, random_state=0
     )
     idx = np.sort(train_idx if split == "train" else test_idx)
-    x = torch.from_numpy((np.asarray(bunch.images, dtype=np.float32)[idx] / 16.0)[:, None, :, :].copy())
-    return LabeledData(x=x, y=torch.from_numpy(target[idx].copy()), classes=list(DIGIT_CLASSES),
+    x = (np.asarray(bunch.images, dtype=np.float32)[idx] / 16.0)[:, None, :, :].copy()
+    return SplitArrays(x, target[idx].copy(), list(DIGIT_CLASSES),
                        source="sklearn.datasets.load_digits (bundled with scikit-learn)")
 
 
@@ -425,7 +468,7 @@ def load_synthetic(
     num_test: int = 2000,
     separation: float = 2.0,
     seed: int = 0,
-) -> LabeledData:
+) -> SplitArrays:
     """Gaussian classes for scale tests: class c is N(separation * u_c, I) with u_c a random unit vector.
 
     The class means come from ``seed`` alone, so train and test share them; the samples use separate streams
@@ -449,9 +492,9 @@ def load_synthetic(
     z = separation * u[y] + rng.standard_normal((n, dim))
     scale = 0.5 / (float(separation) * float(np.abs(u).max()) + 5.0)
     x = np.clip(0.5 + scale * z, 0.0, 1.0).astype(np.float32)
-    return LabeledData(
-        x=torch.from_numpy(x.reshape(n, 1, 1, dim)),
-        y=torch.from_numpy(y),
+    return SplitArrays(
+        x.reshape(n, 1, 1, dim),
+        y,
         classes=[f"class_{c}" for c in range(num_classes)],
         source=f"generated (synthetic Gaussian classes, seed {seed})",
     )
@@ -465,7 +508,7 @@ def _class_dirs(d: Path) -> list[str]:
     return sorted(p.name for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def load_imagefolder(split: str, root: str | None) -> LabeledData:
+def load_imagefolder(split: str, root: str | None) -> SplitArrays:
     """The user's own images, ``root/<split>/<class>/*.png|jpg|…``, read into memory.
 
     Class ids come from the sorted class folders of ``root/train`` for both splits (so a test split missing a
@@ -522,4 +565,4 @@ def load_imagefolder(split: str, root: str | None) -> LabeledData:
     mode = "L" if gray else "RGB"
     arr = np.stack([np.asarray(im.convert(mode), dtype=np.uint8) for im in images])
     labels = np.asarray([lab for _, lab in files], dtype=np.int64)
-    return from_uint8(arr, labels, classes, channels_last=not gray, source=str(split_dir))
+    return uint8_arrays(arr, labels, classes, channels_last=not gray, source=str(split_dir))
