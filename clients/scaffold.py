@@ -23,17 +23,15 @@ from flwr.app import RecordDict
 from torch import nn
 
 from fedsim.codec import from_record, to_record
-from fedsim.engine import ClientEnv
 from fedsim.algorithms.scaffold import protocol
+from fedsim.engine import ClientEnv
+from fedsim.frameworks.model_rounds_protocol import momentum_steps
 from fedsim.nn.training import arrays_to_state, state_to_arrays, train_epochs
 
 
 def momentum_distance(lr: float, momentum: float, steps: int) -> float:
     """How far K heavy-ball SGD steps (torch's SGD, no dampening) move under a constant unit gradient."""
-    if momentum == 0:
-        return lr * steps
-    k = np.arange(1, steps + 1, dtype=np.float64)
-    return float(lr * np.sum((1.0 - momentum ** k) / (1.0 - momentum)))
+    return lr * momentum_steps(steps, momentum)
 
 
 def full_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, weight_decay: float,

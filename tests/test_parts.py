@@ -15,7 +15,7 @@ from conftest import DIGITS, scenario_config
 from fedsim.engine import ClientPart, ModelCodec, PartContractError, ReducibleClientPart, ServerPart
 from fedsim.engine.runner import run_scenario
 from fedsim.frameworks.model_rounds_protocol import MODEL_CODEC, model_request
-from fedsim.registry import StrategySpec, get_strategy, register_strategy, strategies
+from fedsim.registry import StrategySpec, get_strategy, strategies
 from fedsim.scenario import server_holdout_fraction
 
 
@@ -98,11 +98,13 @@ def test_a_model_codec_without_write_is_refused():
         _spec(model_codec=_ReadOnlyCodec()).model_codec_object()
 
 
-register_strategy(StrategySpec(name="test-parts-no-train", params=_Params, server=_Server, client=_NoTrain,
-                               description="test only: a client part without train"))
+def test_the_engine_refuses_a_part_without_train_before_any_client_runs(tmp_path, monkeypatch):
+    import fedsim.registry
 
-
-def test_the_engine_refuses_a_part_without_train_before_any_client_runs(tmp_path):
+    # registered for this test only: every other test walks the registry and expects its parts to be sound
+    strategies()  # discover the shipped strategies first
+    monkeypatch.setitem(fedsim.registry._REGISTRY, "test-parts-no-train", _spec(name="test-parts-no-train",
+                                                                                 client=_NoTrain))
     config = scenario_config(DIGITS, tmp_path, "strategy.name=test-parts-no-train")
     with pytest.raises(PartContractError, match=r"has no train\(content, env\) hook"):
         run_scenario(config, tmp_path / "run", show_progress=False)

@@ -13,10 +13,12 @@ hook                                default
 ``request(model, round_)``          the model and ``training`` in the ConfigRecord (``model_request``)
 ``aggregate(model, replies)``       **required**: the new global model from the answering replies' contents
 ``sample(ctx, round_)``             all clients, or max(int(N * fraction_train), 1) drawn from a per-round seed
+``round_metrics(round_)``           extra metrics of the round's metrics.csv row ({}; FedNova's tau_eff)
 ``summary_values()``                extra summary.json entries ({})
 ==================================  =================================================================================
 
-Evaluation is FedAvg's: round 0 is the initial model, then every ``evaluation.every`` rounds and the last; a round
+The loop sets ``self.round`` (the round in progress, 0 before the first) before it calls ``request``, so later hooks
+of the same round can read it. Evaluation is FedAvg's: round 0 is the initial model, then every ``evaluation.every`` rounds and the last; a round
 in which no client answered keeps the model and is listed in ``rounds_not_aggregated``. Models travel as
 ``dict[str, np.ndarray]`` state dicts (parameters and buffers); the wire form is
 ``fedsim.frameworks.model_rounds_protocol``. SCAFFOLD, FedDyn and FedNova are built on it (``strategies/``).
@@ -73,6 +75,10 @@ class ModelRoundsServer:
         rng = np.random.default_rng(ctx.derive_seed(round_, "sample"))
         return sorted(int(i) for i in rng.choice(n, size=m, replace=False))
 
+    def round_metrics(self, round_: int) -> dict[str, Any]:
+        """Extra metrics of the metrics.csv row of ``round_`` (called after its aggregation; round 0 too)."""
+        return {}
+
     def summary_values(self) -> dict[str, Any]:
         """Extra summary.json entries of this strategy."""
         return {}
@@ -84,19 +90,23 @@ class ModelRoundsServer:
         cfg = ctx.config
         every, rounds, bs = cfg.evaluation.every, cfg.rounds, cfg.evaluation.batch_size
         model = state_to_arrays(net)
+        self.round = 0
         self.setup(ctx, [name for name, p in net.named_parameters() if p.requires_grad])
 
         def log(round_: int) -> None:
+            extra = self.round_metrics(round_)
             if round_ % every and round_ != rounds:
-                ctx.log(round_)
+                ctx.log(round_, **extra)
                 return
             arrays_to_state(net, model)
             res = evaluate(net, test.x, test.y, batch_size=bs, device=ctx.device)
-            ctx.log(round_, accuracy=res["accuracy"], loss=res["loss"], **ctx.client_accuracy(res["class_accuracy"]))
+            ctx.log(round_, accuracy=res["accuracy"], loss=res["loss"], **ctx.client_accuracy(res["class_accuracy"]),
+                    **extra)
 
         log(0)
         skipped = []
         for round_ in range(1, rounds + 1):
+            self.round = round_
             replies = [r.content for r in ctx.send(self.request(model, round_), partitions=self.sample(ctx, round_),
                                                    round=round_) if r.ok]
             if replies:

@@ -30,7 +30,7 @@ from fedsim.codec import from_record, to_record
 
 __all__ = ["ARRAYS_KEY", "CONFIG_KEY", "METRICS_KEY", "WEIGHT_KEY", "LOSS_KEY", "CLIENTS_KEY", "LocalTraining",
            "ModelReply", "model_request", "parse_model_request", "model_reply", "parse_model_reply", "reply_weight",
-           "finite", "ArraysCodec", "MODEL_CODEC"]
+           "finite", "momentum_steps", "ArraysCodec", "MODEL_CODEC"]
 
 ARRAYS_KEY = "arrays"  # Flower FedAvg's arrayrecord_key
 CONFIG_KEY = "config"  # Flower FedAvg's configrecord_key
@@ -82,6 +82,19 @@ class LocalTraining:
     def train_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``fedsim.nn.training.train_epochs``."""
         return asdict(self)
+
+
+def momentum_steps(steps: int, momentum: float) -> float:
+    """How far ``steps`` heavy-ball SGD steps (torch's SGD, no dampening, fresh buffer) move under a constant unit
+    gradient, in units of the learning rate: sum_{k=1..K} (1 - beta^k) / (1 - beta), K for plain SGD.
+
+    It is ||a||_1 of the weights a local run puts on its gradients, x - y = lr * sum_k a_k g_k (FedNova's
+    normalizer, Wang et al. 2020) and, times lr, SCAFFOLD's K eta_l under momentum.
+    """
+    if momentum == 0:
+        return float(steps)
+    k = np.arange(1, steps + 1, dtype=np.float64)
+    return float(np.sum((1.0 - momentum ** k) / (1.0 - momentum)))
 
 
 @dataclass
