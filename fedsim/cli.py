@@ -167,7 +167,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         results = deploy(args.scenario, args.nodes, out, overrides=args.set, only=args.only,
-                         verbose=args.verbose, timeout=args.timeout)
+                         verbose=args.verbose, timeout=args.timeout, resume=args.resume, overwrite=args.overwrite)
     finally:
         signal.signal(signal.SIGTERM, previous)
     for label, run_dir, summary in results:
@@ -275,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     dep.add_argument("--timeout", type=float, default=None, help="seconds one variant's run may take")
     dep.add_argument("--verbose", action="store_true", help="show flwr run's output (the run's log)")
     dep.add_argument("--quiet", action="store_true", help="no report table")
+    dep.add_argument("--resume", action="store_true", help="as fedsim run --resume: skip the variants completed "
+                                                          "in --out with the same configuration")
+    dep.add_argument("--overwrite", action="store_true", help="as fedsim run --overwrite: allow --out to hold a "
+                                                             "completed run of another configuration or foreign files")
     dep.set_defaults(func=cmd_deploy)
 
     val = sub.add_parser("validate", help="check a scenario file without running it")

@@ -43,6 +43,8 @@ from fedsim.errors import FedsimError
 
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
+APP_STOP_TIMEOUT = 30.0  # seconds a ServerApp gets, after SIGTERM, to write its summary.json (interrupted)
+APP_COMMANDS = ("flwr-serverapp", "flwr-simulation")  # the processes that run fedsim's ServerApp
 CONNECTION = "fedsim-local"
 SOCKETS_ENV = "FEDSIM_FLOWER_SOCKETS"  # {"127.0.0.1:<port>": "<unix socket path>"} (JSON) in the federation's env
 
@@ -416,6 +418,7 @@ class LocalFederation:
 
         with deferred_signals():
             self._collect()
+            self._stop_apps()
             for proc in reversed(self.processes):  # SuperNodes first, the SuperLink last
                 _stop_group(proc.pid, signal.SIGTERM)
             deadline = time.monotonic() + STOP_TIMEOUT
@@ -441,6 +444,21 @@ class LocalFederation:
             if not self.sockets.is_relative_to(self.home):
                 shutil.rmtree(self.sockets, ignore_errors=True)
 
+    def _stop_apps(self, timeout: float = APP_STOP_TIMEOUT) -> None:
+        """SIGTERM to the ServerApp processes still running (a run that was interrupted), and up to ``timeout``
+        seconds for them to end: fedsim's ServerApp then writes summary.json with ``status = "interrupted"`` and
+        its finished rows while the SuperLink and SuperNodes are still there."""
+        from fedsim.engine.processes import alive, descendants
+
+        apps = [pid for proc in self.processes for pid in descendants(proc.pid)
+                if any(name in _cmdline(pid) for name in APP_COMMANDS)]
+        for pid in apps:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(alive(pid) for pid in apps):
+            time.sleep(0.1)
+
     def alive(self) -> list[int]:
         """PIDs started here (or seen below them) that still run."""
         from fedsim.engine.processes import alive
@@ -456,6 +474,14 @@ class LocalFederation:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def _stop_group(pid: int, sig: int = signal.SIGTERM) -> None:
@@ -475,37 +501,71 @@ def make_app(scenario: str | Path, where: str | Path) -> Path:
 
 def deploy(scenario: str | Path, nodes: int, out: str | Path, overrides: list[str] | tuple[str, ...] = (),
            only: list[str] | tuple[str, ...] = (), verbose: bool = False, timeout: float | None = None,
-           federation: LocalFederation | None = None) -> list[tuple[str | None, Path, dict]]:
+           federation: LocalFederation | None = None, resume: bool = False,
+           overwrite: bool = False) -> list[tuple[str | None, Path, dict]]:
     """Run every (selected) variant of ``scenario`` on a local deployment with ``nodes`` SuperNodes; one Flower
     run per variant, into ``out`` (no variants) or ``out/<label>``. Returns (label, run dir, summary) each.
-    ``federation``: an already started one to use (and leave running); by default one is started and stopped."""
-    import json
+    ``federation``: an already started one to use (and leave running); by default one is started and stopped.
 
+    The run directories follow ``fedsim run``'s rules (``fedsim.results.rundir.check_run_dir``), checked before
+    anything starts: a completed run of another configuration or files fedsim did not write are refused unless
+    ``overwrite``; with ``resume`` a variant completed there with the same configuration is skipped (and no
+    federation starts when nothing is left to run)."""
     from fedsim.config import load_scenarios, select_variants
+    from fedsim.errors import ConfigError
+    from fedsim.flower_app import for_nodes, join_overrides
+    from fedsim.results import rundir as results_dir
 
     every = load_scenarios(scenario, overrides)  # a bad scenario fails here, before anything starts
     variants = select_variants(every, only)
     single = len(every) == 1
     out = Path(out).resolve()
+    nodes = federation.nodes if federation is not None else int(nodes)
+    plan = []
+    for label, config in variants:
+        run_dir = out if single else out / label
+        # what the ServerApp writes into config.json: the scenario with its clients in blocks over the nodes
+        todo = results_dir.check_run_dir(run_dir, for_nodes(config, nodes).to_dict(), resume=resume,
+                                         overwrite=overwrite, label=None if single else label)
+        plan.append((label, config, run_dir, todo))
+    if not single and not overwrite:  # the report files fedsim writes into --out beside the variants
+        taken = [n for n in results_dir.foreign_files(out) if n in results_dir.REPORT_FILES]
+        if taken:
+            raise ConfigError(f"--out: {out} holds {', '.join(taken)} that fedsim did not write; choose another "
+                              "--out, or pass --overwrite to replace them")
     results = []
+    for i, (label, _, run_dir, todo) in enumerate(plan, 1):
+        if not todo:
+            print(f"[{i}/{len(plan)}] {label}: completed earlier in {run_dir}, skipped", file=sys.stderr, flush=True)
+            results.append((label if not single else None, run_dir, _read_summary(run_dir)))
+    if all(not todo for *_, todo in plan):
+        return results
     with contextlib.nullcontext(federation) if federation is not None else LocalFederation(
             nodes, verbose=verbose) as federation:
-        nodes = federation.nodes
         app = make_app(scenario, tempfile.mkdtemp(prefix="app-", dir=federation.home))
-        for i, (label, config) in enumerate(variants, 1):
-            run_dir = out if single else out / label
-            print(f"[{i}/{len(variants)}] {label}: {config.strategy.name}, {config.num_clients} clients on {nodes} "
+        for i, (label, config, run_dir, todo) in enumerate(plan, 1):
+            if not todo:
+                continue
+            print(f"[{i}/{len(plan)}] {label}: {config.strategy.name}, {config.num_clients} clients on {nodes} "
                   f"SuperNodes (flwr run, SuperLink on {federation.routes[federation.address]}) -> {run_dir}",
                   file=sys.stderr, flush=True)
             code = federation.run(app, {"scenario": f"scenarios/{Path(scenario).name}", "out": str(run_dir),
-                                        "set": ";".join(overrides), "only": "" if single else label,
+                                        "set": join_overrides(overrides), "only": "" if single else label,
                                         "nodes": nodes}, timeout=timeout)
-            summary_file = run_dir / "summary.json"
-            summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
+            summary = _read_summary(run_dir)
             if code != 0 or summary.get("status") != "completed":
                 raise DeployError(
                     f"deploy: the run of {label or Path(scenario).name} did not complete (flwr run exit {code}, "
                     f"status {summary.get('status', 'missing')}{': ' + summary['error'] if 'error' in summary else ''}"
                     f"); SuperLink log:\n{federation.log_tail('superlink')}")
             results.append((label if not single else None, run_dir, summary))
-    return results
+    order = {str(run_dir): i for i, (_, _, run_dir, _) in enumerate(plan)}
+    return sorted(results, key=lambda r: order[str(r[1])])
+
+
+def _read_summary(run_dir: Path) -> dict:
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return summary if isinstance(summary, dict) else {}

@@ -10,14 +10,20 @@ what to run; every value is a flat string because Flower's run config holds no l
   directory (the FAB, which carries ``scenarios/``).
 - ``out``: the run directory the ServerApp writes (as ``fedsim run --out``); relative to the ServerApp's working
   directory. Empty: ``runs/<scenario>-<time>``.
-- ``set``: overrides, ``;``-separated, e.g. ``"rounds=3;partition.alpha=0.5"`` (as repeated ``--set``).
+- ``set``: overrides, ``;``-separated, e.g. ``"rounds=3;partition.alpha=0.5"`` (as repeated ``--set``), or a JSON
+  list of them (what ``fedsim deploy`` passes when an override holds a ``;``: it stays one override).
 - ``only``: the variant to run when the scenario has several (one Flower run runs one variant).
 - ``nodes``: how many nodes to wait for before starting (0: as many as have registered once their number stops
   changing for a few seconds, which is all of them in Flower's simulation runtime).
 
 A SuperNode serves the clients of its ``partition-id`` (node config, as in Flower's examples) out of
-``num-partitions`` nodes: node p serves clients ``p*ceil(N/P) ...``; it builds its own partitions from the scenario
-(the same seeded split on every node), so no training data travels.
+``num-partitions`` nodes: node p serves clients ``p*ceil(N/P) ...`` (as fedsim's simulation with
+``clients_per_node = ceil(N/P)``; with N not a multiple of P the last nodes may serve none, and the server leaves
+those out); it builds its own partitions from the scenario (the same seeded split on every node), so no training
+data travels.
+
+A SIGINT or SIGTERM to the ServerApp's process ends the run as ``fedsim run`` does: summary.json says
+``interrupted`` and keeps the finished rows.
 """
 
 from __future__ import annotations
@@ -40,8 +46,31 @@ RUN_CONFIG_KEYS = tuple(RUN_CONFIG_DEFAULTS)
 
 
 def split_overrides(text: str) -> list[str]:
-    """``"rounds=3;partition.alpha=0.5"`` -> ``["rounds=3", "partition.alpha=0.5"]`` (empty parts dropped)."""
-    return [part.strip() for part in str(text or "").split(";") if part.strip()]
+    """``"rounds=3;partition.alpha=0.5"`` -> ``["rounds=3", "partition.alpha=0.5"]`` (empty parts dropped); a
+    JSON list of strings is taken as it is (``join_overrides``)."""
+    text = str(text or "").strip()
+    if text.startswith("["):
+        import json
+
+        try:
+            parts = json.loads(text)
+        except ValueError as exc:
+            raise ConfigError(f"run config: set = {text!r} is neither 'k=v;k=v' nor a JSON list: {exc}") from None
+        if not isinstance(parts, list) or not all(isinstance(part, str) for part in parts):
+            raise ConfigError(f"run config: set = {text!r}: a JSON list of 'key=value' strings is expected")
+        return [part.strip() for part in parts if part.strip()]
+    return [part.strip() for part in text.split(";") if part.strip()]
+
+
+def join_overrides(overrides: list[str] | tuple[str, ...]) -> str:
+    """The run config ``set`` value that ``split_overrides`` turns back into exactly ``overrides`` (the plain
+    ``;``-joined form where that is exact, a JSON list otherwise)."""
+    import json
+
+    overrides = [str(o).strip() for o in overrides if str(o).strip()]
+    if any(";" in o for o in overrides) or (overrides and overrides[0].startswith("[")):
+        return json.dumps(overrides)
+    return ";".join(overrides)
 
 
 def app_dirs() -> list[Path]:
@@ -128,13 +157,18 @@ server_app = ServerApp()
 @server_app.main()
 def _server_main(grid: Grid, context: Context) -> None:
     from fedsim.engine.runner import run_scenario
+    from fedsim.engine.signals import signals_interrupt_runs
     from fedsim.results.rundir import default_out
 
     label, config = config_from_run_config(dict(context.run_config))
     nodes = _wait_for_nodes(grid, int(context.run_config.get("nodes", 0) or 0))
     config = for_nodes(config, nodes)
     out = str(context.run_config.get("out", "") or "") or str(default_out(str(context.run_config["scenario"])))
-    run_scenario(config, out, label=label, show_progress=False, grid=grid)
+    with signals_interrupt_runs():  # SIGINT/SIGTERM: summary.json says interrupted, as under fedsim run
+        try:
+            run_scenario(config, out, label=label, show_progress=False, grid=grid)
+        except KeyboardInterrupt as exc:  # to Flower, a failed ServerApp (it exits with its error code)
+            raise RuntimeError(f"interrupted ({exc}): {out}/summary.json says status interrupted") from None
 
 
 def _wait_for_nodes(grid: Grid, expected: int = 0, settle: float = 3.0, timeout: float = 600.0) -> int:

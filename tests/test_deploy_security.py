@@ -308,22 +308,8 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def _environ(pid: int) -> dict[str, str]:
-    try:
-        raw = Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:
-        return {}
-    return dict(item.decode(errors="replace").split("=", 1) for item in raw.split(b"\0") if b"=" in item)
-
-
-def test_kill_9_of_fedsim_deploy_leaves_no_process_and_no_files(tmp_path):
-    """``kill -9`` of ``fedsim deploy`` mid-run: the SuperLink, the SuperNodes, their SuperExecs, the ServerApp,
-    the ClientApps and ``flwr run`` (every PID seen below it before the kill) are gone within 30 s, and so is
-    its temporary FLWR_HOME with the sockets."""
-    from fedsim.engine.processes import alive, descendants
-
-    scenario = tmp_path / "s.toml"
-    scenario.write_text("""
+# a long FedAvg run on a small slice: still training when the test kills it
+KILL_SCENARIO = """
 seed = 0
 rounds = 200
 [data]
@@ -341,7 +327,25 @@ epochs = 1
 num_cpus = 1
 [strategy]
 name = "fedavg"
-""")
+"""
+
+
+def _environ(pid: int) -> dict[str, str]:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    return dict(item.decode(errors="replace").split("=", 1) for item in raw.split(b"\0") if b"=" in item)
+
+
+def test_kill_9_of_fedsim_deploy_leaves_no_process_and_no_files(tmp_path):
+    """``kill -9`` of ``fedsim deploy`` mid-run: the SuperLink, the SuperNodes, their SuperExecs, the ServerApp,
+    the ClientApps and ``flwr run`` (every PID seen below it before the kill) are gone within 30 s, and so is
+    its temporary FLWR_HOME with the sockets."""
+    from fedsim.engine.processes import alive, descendants
+
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(KILL_SCENARIO)
     proc = subprocess.Popen([sys.executable, "-m", "fedsim.cli", "deploy", str(scenario), "--nodes", "2", "--out",
                              str(tmp_path / "out")], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
@@ -379,3 +383,50 @@ name = "fedavg"
             proc.kill()
         _kill_all(seen)
         proc.stderr.close()
+
+
+def test_sigterm_during_start_up_leaves_no_process(tmp_path):
+    """SIGTERM at three moments of start-up (the SuperLink just started, the first SuperNode just started, ``flwr
+    run`` just started): exit 143, and no process of that federation (by PID seen, and by its FLWR_HOME in the
+    environment: also those the test never saw) is left 30 s later."""
+    from fedsim.engine.processes import alive, descendants, with_env
+
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(KILL_SCENARIO)
+    for stage in ("flower-superlink", "flower-supernode", "flwr run"):
+        proc = subprocess.Popen([sys.executable, "-m", "fedsim.cli", "deploy", str(scenario), "--nodes", "2",
+                                 "--out", str(tmp_path / f"out-{len(stage)}")], cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        seen: set[int] = set()
+        homes: set[str] = set()
+        try:
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                below = descendants(proc.pid)
+                seen |= set(below)
+                homes |= {home for p in below if (home := _environ(p).get("FLWR_HOME"))}
+                if any(stage in _cmdline(p) for p in below):
+                    break
+                assert proc.poll() is None, proc.stderr.read().decode(errors="replace")[-3000:]
+                time.sleep(0.02)
+            else:
+                pytest.fail(f"{stage} did not start within 300 s")
+            os.kill(proc.pid, signal.SIGTERM)
+            while proc.poll() is None and time.monotonic() < deadline:
+                seen |= set(descendants(proc.pid))
+                time.sleep(0.05)
+            err = proc.stderr.read().decode(errors="replace")
+            assert proc.wait(timeout=60) == 143, (stage, err[-3000:])
+            assert len(homes) == 1, (stage, homes)
+            home = next(iter(homes))
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and (any(alive(p) for p in seen) or with_env("FLWR_HOME", home)):
+                time.sleep(0.2)
+            assert {p: _cmdline(p) for p in seen if alive(p)} == {}, stage
+            assert with_env("FLWR_HOME", home) == [], stage
+            assert not Path(home).exists(), stage
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            _kill_all(seen)
+            proc.stderr.close()

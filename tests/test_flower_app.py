@@ -3,6 +3,7 @@ runtime, and the deployment engine on loopback (``fedsim.deploy``) against fedsi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -263,6 +264,156 @@ def test_ctrl_c_during_fedsim_deploy_stops_every_process_it_started(tmp_path):
             proc.kill()
     assert proc.returncode == 130, err[-2000:]
     deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(alive(p) for p in seen):
+        time.sleep(0.2)
+    assert seen and not [p for p in seen if alive(p)]
+
+
+# ------------------------------------------------------------------------------------------------- issue #23
+def test_overrides_holding_a_semicolon_reach_the_serverapp_as_given(tmp_path, monkeypatch):
+    """``fedsim deploy --set "data.root='/x;rounds=5'"``: the ServerApp gets the one override deploy validated (the
+    run config carries a JSON list then), not ``data.root='/x`` and ``rounds=5``; plain overrides keep the ``;``
+    form users type."""
+    from fedsim import deploy as deploy_mod
+    from fedsim.config import load_scenarios
+    from fedsim.flower_app import config_from_run_config, join_overrides, split_overrides
+
+    assert join_overrides(["rounds=3", "partition.alpha=0.5"]) == "rounds=3;partition.alpha=0.5"
+    for overrides in (["data.root='/x;rounds=5'"], ["rounds=1", "data.root='x;y;z'"], ["[x=1"], []):
+        assert split_overrides(join_overrides(overrides)) == overrides
+    with pytest.raises(ConfigError, match="JSON list"):
+        split_overrides('["rounds=1", 3]')
+
+    scenario = _write(tmp_path, SMALL_AFL)
+    seen: list[dict] = []
+
+    class Federation:  # stands in for a started LocalFederation: records what flwr run would get
+        nodes, address, home = 2, "127.0.0.1:1", tmp_path / "home"
+        routes = {"127.0.0.1:1": "/nonexistent.sock"}
+
+        def run(self, app, run_config, timeout=None):  # noqa: ANN001, ANN202
+            seen.append(run_config)
+            Path(run_config["out"]).mkdir(parents=True, exist_ok=True)
+            (Path(run_config["out"]) / "summary.json").write_text('{"status": "completed"}')
+            return 0
+
+    Federation.home.mkdir()
+    overrides = ["data.root='/x;rounds=5'", "rounds=1"]
+    deploy_mod.deploy(scenario, 2, tmp_path / "out", overrides=overrides, federation=Federation())
+    assert split_overrides(seen[0]["set"]) == overrides
+    monkeypatch.chdir(tmp_path)
+    _, config = config_from_run_config({**seen[0], "scenario": str(scenario)})
+    assert config.data.root == "/x;rounds=5" and config.rounds == 1
+    assert config == load_scenarios(scenario, overrides)[0][1]
+
+
+def test_deploy_applies_fedsim_runs_run_directory_rules_before_starting_anything(tmp_path, monkeypatch):
+    """``fedsim deploy`` refuses what ``fedsim run`` refuses (a user's own files, a completed run of another
+    configuration) unless --overwrite, and --resume skips a variant completed with the same configuration, all
+    before a SuperLink starts."""
+    from fedsim import cli
+    from fedsim import deploy as deploy_mod
+    from fedsim.config import load_scenario
+    from fedsim.flower_app import for_nodes
+    from fedsim.results.rundir import RunRecorder
+
+    def started(self):  # noqa: ANN001, ANN202
+        raise RuntimeError("a federation was started")
+
+    monkeypatch.setattr(deploy_mod.LocalFederation, "start", started)
+    scenario = _write(tmp_path, SMALL_AFL)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "metrics.csv").write_text("my own numbers\n")
+    with pytest.raises(ConfigError, match="files fedsim did not write"):
+        deploy_mod.deploy(scenario, 2, mine)
+    assert (mine / "metrics.csv").read_text() == "my own numbers\n"
+    code = cli.main(["deploy", str(scenario), "--nodes", "2", "--out", str(mine)])
+    assert code == 2 and (mine / "metrics.csv").read_text() == "my own numbers\n"
+
+    def completed_run(where: Path, config: dict) -> None:
+        recorder = RunRecorder(where)
+        recorder.start(config)
+        recorder.write_summary({"status": "completed", "final_accuracy": 0.5})
+        recorder.close()
+
+    config = load_scenario(scenario)
+    other, same = tmp_path / "other", tmp_path / "same"
+    completed_run(other, for_nodes(load_scenario(scenario, ["partition.alpha=0.3"]), 2).to_dict())
+    completed_run(same, for_nodes(config, 2).to_dict())
+    with pytest.raises(ConfigError, match="completed run of a different configuration"):
+        deploy_mod.deploy(scenario, 2, other)
+    with pytest.raises(RuntimeError, match="a federation was started"):
+        deploy_mod.deploy(scenario, 2, other, overwrite=True)
+    results = deploy_mod.deploy(scenario, 2, same, resume=True)  # nothing left to run: nothing starts
+    assert [(label, run_dir, summary["status"]) for label, run_dir, summary in results] == [
+        (None, same.resolve(), "completed")]
+    assert cli.main(["deploy", str(scenario), "--nodes", "2", "--out", str(same), "--resume"]) == 0
+    with pytest.raises(RuntimeError, match="a federation was started"):  # on 3 nodes it is another configuration
+        deploy_mod.deploy(scenario, 3, same, overwrite=True)
+    with pytest.raises(ConfigError, match="completed run of a different configuration"):
+        deploy_mod.deploy(scenario, 3, same)
+
+
+def test_clients_that_do_not_split_evenly_over_the_supernodes(tmp_path):
+    """3 SuperNodes for 4 clients (the issue's IndexError): blocks of 2, so the third node serves none and the
+    server leaves it out; the run completes and equals fedsim's own simulation with those blocks (AFL to 1e-9)."""
+    from fedsim.deploy import LocalFederation, deploy
+
+    scenario = _write(tmp_path, SMALL_AFL.replace("num_clients = 6", "num_clients = 4"))
+    federation = LocalFederation(3, workdir=tmp_path)
+    with federation:
+        [(_, run_dir, summary)] = deploy(scenario, 3, tmp_path / "deployed", federation=federation, timeout=600)
+    assert not federation.alive()
+    assert summary["status"] == "completed" and summary["answered_clients"] == 4, summary
+    nodes = pd.read_csv(run_dir / "nodes.csv")
+    assert sorted(nodes["client"]) == [0, 1, 2, 3] and nodes["flower_node"].nunique() == 2
+    ref, ref_weights, _ = _inline_run(scenario, tmp_path, None, 3)
+    weights = torch.load(run_dir / "model.pt", weights_only=False).state_dict()
+    assert max(float((weights[k].double() - ref_weights[k].double()).abs().max()) for k in weights) <= 1e-9
+    assert summary["final_accuracy"] == pytest.approx(ref["final_accuracy"], abs=1e-9)
+
+
+def test_sigterm_mid_run_leaves_an_interrupted_run_with_its_rows(tmp_path):
+    """SIGTERM to ``fedsim deploy`` after a round: exit 143, summary.json says interrupted, metrics.csv keeps
+    the rows written so far, and every process it started is gone."""
+    import os
+    import signal
+    import time
+
+    from fedsim.engine.processes import alive, descendants
+
+    scenario = _write(tmp_path, SMALL_AFL.replace('name = "afl"', 'name = "fedavg"').replace("rounds = 1",
+                                                                                              "rounds = 200"))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "fedsim.cli", "deploy", str(scenario), "--nodes", "2", "--out",
+                             str(out)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    seen: set[int] = set()
+    rows = 0
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and rows < 2:  # round 0 (the initial model) and one round
+            seen |= set(descendants(proc.pid))
+            with contextlib.suppress(OSError, pd.errors.EmptyDataError, pd.errors.ParserError):
+                rows = len(pd.read_csv(out / "metrics.csv"))
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            time.sleep(0.2)
+        assert rows >= 2, "a round did not finish within 300 s"
+        seen |= set(descendants(proc.pid))
+        os.kill(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in seen:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+    assert proc.returncode == 143, err[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "interrupted", summary
+    assert len(pd.read_csv(out / "metrics.csv")) >= rows
+    deadline = time.monotonic() + 30
     while time.monotonic() < deadline and any(alive(p) for p in seen):
         time.sleep(0.2)
     assert seen and not [p for p in seen if alive(p)]

@@ -122,13 +122,16 @@ class AccountingGrid(Grid):
         nodes = sorted(self.inner.get_node_ids())
         msgs = [Message(RecordDict(), node, MessageType.QUERY) for node in nodes]
         replies = self.inner.send_and_receive(msgs, timeout=timeout)
+        answered = set()
         for msg in replies:
             if msg.has_error():
                 raise RuntimeError(f"node {msg.metadata.src_node_id} failed during start-up: {msg.error.reason}")
             ids = list(msg.content.metric_records[ACCOUNTING_KEY]["partition_ids"])
-            self.node_clients[msg.metadata.src_node_id] = [int(i) for i in ids]
-        if len(self.node_clients) != len(nodes):
-            raise RuntimeError(f"discovery: {len(self.node_clients)} of {len(nodes)} nodes answered")
+            answered.add(msg.metadata.src_node_id)
+            if ids:  # a node serving no client (more nodes than blocks of clients) is left out of the run
+                self.node_clients[msg.metadata.src_node_id] = [int(i) for i in ids]
+        if len(answered) != len(nodes):
+            raise RuntimeError(f"discovery: {len(answered)} of {len(nodes)} nodes answered")
 
     # -- accounting -----------------------------------------------------------------------------------------
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
