@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from fedsim.config import ScenarioConfig
+from fedsim.registry import get_strategy
 
 __all__ = ["ScenarioView", "derive_seed", "train_split", "test_split", "partition_for", "server_holdout",
            "server_holdout_fraction", "scenario_streams",
@@ -40,13 +41,11 @@ def resolve_device(setting: str) -> str:
 # ------------------------------------------------------------------------------------------------- data
 @functools.lru_cache(maxsize=8)
 def _split_cached(name: str, split: str, root: str | None, max_n: int | None, seed: int, options: tuple):
-    from fedsim.data import load_dataset
+    from fedsim.data import load_dataset, slice_indices
 
     data = load_dataset(name, split=split, root=root, **dict(options))
-    if max_n is not None and max_n < len(data):  # a seeded slice, the same in every process
-        keep = np.sort(np.random.default_rng(derive_seed(seed, f"{split}-slice")).permutation(len(data))[:max_n])
-        data = data.subset(keep)
-    return data
+    keep = slice_indices(len(data), max_n, derive_seed(seed, f"{split}-slice"))  # the same in every process
+    return data if keep is None else data.subset(keep)
 
 
 def _split(config: ScenarioConfig, split: str):  # noqa: ANN202
@@ -69,12 +68,12 @@ test_split.__test__ = False  # not a pytest test when imported into a test modul
 
 
 def server_holdout_fraction(config: ScenarioConfig) -> float:
-    """``data.server_holdout``, or where unset the default of the strategy's parameters (``server_holdout_default()``,
+    """``data.server_holdout``, or where unset what the strategy's spec declares (``StrategySpec.server_holdout``,
     FedDF: 0.1 when it distills on held-out training data), else 0."""
     if config.data.server_holdout is not None:
         return float(config.data.server_holdout)
-    default = getattr(config.strategy.params, "server_holdout_default", None)
-    return float(default()) if callable(default) else 0.0
+    default = get_strategy(config.strategy.name).server_holdout
+    return float(default(config.strategy.params)) if default is not None else 0.0
 
 
 def server_holdout(config: ScenarioConfig) -> np.ndarray:
