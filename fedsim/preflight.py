@@ -48,6 +48,7 @@ def physical_memory() -> int | None:
 
 
 def gpu_count() -> int:
+    """GPUs torch sees on this machine (0 without CUDA); imports torch."""
     try:
         import torch
 

@@ -282,7 +282,7 @@ def test_gpus_per_client_are_left_to_a_cluster_named_by_ray_address(tmp_path, mo
     scenario = tmp_path / "s.toml"
     scenario.write_text(THREE_VARIANTS.split("[[variants]]")[0])
     config = load_scenarios(scenario, ["simulation.num_gpus=0.5"])[0][1]
-    monkeypatch.setattr("fedsim.engine.ray_backend._gpu_count", lambda: 0)
+    monkeypatch.setattr("fedsim.engine.ray_backend.gpu_count", lambda: 0)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     with pytest.raises(ConfigError, match="simulation.num_gpus"):
         client_resources(config)

@@ -17,23 +17,15 @@ from fedsim.engine.ray_session import ensure_ray, ray_address, ray_session
 from fedsim.engine.signals import install_signal_handlers
 from fedsim.engine.telemetry import silence_flower_telemetry
 from fedsim.errors import ConfigError
+from fedsim.preflight import gpu_count
 
 __all__ = ["client_resources", "run_on_ray"]
-
-
-def _gpu_count() -> int:
-    try:
-        import torch
-
-        return torch.cuda.device_count()
-    except Exception:  # pragma: no cover
-        return 0
 
 
 def client_resources(config: ScenarioConfig) -> dict[str, float]:
     """CPUs and GPU fraction per simulated client; GPUs are used automatically when visible."""
     sim = config.simulation
-    gpus = _gpu_count()
+    gpus = gpu_count()
     num_gpus = sim.num_gpus
     if num_gpus is None:  # share the visible GPUs among the clients that can run at once on the CPUs
         concurrent = max(1, min(config.num_nodes, int((os.cpu_count() or 1) // sim.num_cpus)))
