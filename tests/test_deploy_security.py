@@ -63,8 +63,26 @@ clientapp = "evil:client"
 '''
 
 
-def _kill_all(pids: set[int] | list[int]) -> None:
+_START_TIMES: dict[int, int] = {}  # pid -> start time when a test saw it (cleanup never hits a reused PID)
+
+
+def _seen(pids: list[int]) -> set[int]:
+    """``pids``, noted with their start times for ``_kill_all``."""
+    from fedsim.engine.processes import start_time
+
     for pid in pids:
+        if (started := start_time(pid)) is not None:
+            _START_TIMES[pid] = started
+    return set(pids)
+
+
+def _kill_all(pids: set[int] | list[int]) -> None:
+    """SIGKILL to ``pids``, except a PID noted by ``_seen`` that now belongs to another process."""
+    from fedsim.engine.processes import start_time
+
+    for pid in pids:
+        if pid in _START_TIMES and start_time(pid) != _START_TIMES[pid]:
+            continue
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
 
@@ -231,11 +249,11 @@ def test_the_stranger_harness_does_run_code_on_an_unprotected_superlink(tmp_path
             time.sleep(1)
         assert submitted is not None and submitted.returncode == 0, submitted.stdout + submitted.stderr
         while time.monotonic() < deadline + 120 and not stranger.marks_left():
-            seen |= set(descendants(link.pid))
+            seen |= _seen(descendants(link.pid))
             time.sleep(0.5)
         assert stranger.marks_left() == ["ran-as-uid-0"]
     finally:
-        seen |= set(descendants(link.pid))
+        seen |= _seen(descendants(link.pid))
         _kill_all(seen)
         link.wait(timeout=30)
         shutil.rmtree(home, ignore_errors=True)
@@ -358,7 +376,7 @@ def test_kill_9_of_fedsim_deploy_leaves_no_process_and_no_files(tmp_path):
         counts: dict[str, int] = {}
         while time.monotonic() < deadline:
             below = descendants(proc.pid)
-            seen |= set(below)
+            seen |= _seen(below)
             lines = [_cmdline(p) for p in below]
             counts = {name: sum(name in line for line in lines) for name in want}
             homes |= {home for p in below if (home := _environ(p).get("FLWR_HOME"))}
@@ -368,7 +386,7 @@ def test_kill_9_of_fedsim_deploy_leaves_no_process_and_no_files(tmp_path):
             time.sleep(0.2)
         else:
             pytest.fail(f"the federation and a training round did not start within 300 s: {counts}")
-        seen |= set(descendants(proc.pid))
+        seen |= _seen(descendants(proc.pid))
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
         deadline = time.monotonic() + 30
@@ -403,7 +421,7 @@ def test_sigterm_during_start_up_leaves_no_process(tmp_path):
             deadline = time.monotonic() + 300
             while time.monotonic() < deadline:
                 below = descendants(proc.pid)
-                seen |= set(below)
+                seen |= _seen(below)
                 homes |= {home for p in below if (home := _environ(p).get("FLWR_HOME"))}
                 if any(stage in _cmdline(p) for p in below):
                     break
@@ -413,7 +431,7 @@ def test_sigterm_during_start_up_leaves_no_process(tmp_path):
                 pytest.fail(f"{stage} did not start within 300 s")
             os.kill(proc.pid, signal.SIGTERM)
             while proc.poll() is None and time.monotonic() < deadline:
-                seen |= set(descendants(proc.pid))
+                seen |= _seen(descendants(proc.pid))
                 time.sleep(0.05)
             err = proc.stderr.read().decode(errors="replace")
             assert proc.wait(timeout=60) == 143, (stage, err[-3000:])

@@ -223,6 +223,32 @@ def test_deployment_engine_on_loopback_equals_fedsims_simulation_and_leaves_noth
     assert summary["bytes_up"] == ref["bytes_up"] > 0 and summary["bytes_down"] == ref["bytes_down"]
 
 
+_START_TIMES: dict[int, int] = {}  # pid -> start time when a test saw it
+
+
+def _noted(pids) -> set[int]:  # noqa: ANN001
+    """``pids`` (seen below ``fedsim deploy``), noted with their start times for ``_kill_seen``."""
+    from fedsim.engine.processes import start_time
+
+    for pid in pids:
+        if (started := start_time(pid)) is not None:
+            _START_TIMES[pid] = started
+    return set(pids)
+
+
+def _kill_seen(seen: set[int]) -> None:
+    """SIGKILL to what a test saw and is still that process (also when the test fails; a reused PID is spared)."""
+    import os
+    import signal
+
+    from fedsim.engine.processes import start_time
+
+    for pid in seen:
+        if start_time(pid) is not None and start_time(pid) == _START_TIMES.get(pid):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
 def test_ctrl_c_during_fedsim_deploy_stops_every_process_it_started(tmp_path):
     """SIGINT to ``fedsim deploy`` while its SuperLink and SuperNodes run: exit 130 and every process seen below it
     (SuperLink, SuperNodes, superexec, app processes) is gone afterwards."""
@@ -241,7 +267,7 @@ def test_ctrl_c_during_fedsim_deploy_stops_every_process_it_started(tmp_path):
     try:
         while time.monotonic() < deadline:
             below = set(descendants(proc.pid))
-            seen |= below
+            seen |= _noted(below)
             names = []
             for pid in below:
                 try:
@@ -256,17 +282,19 @@ def test_ctrl_c_during_fedsim_deploy_stops_every_process_it_started(tmp_path):
         else:
             pytest.fail("the SuperLink, SuperNodes and flwr run did not start within 120 s")
         time.sleep(5)  # the run is under way: the ServerApp and ClientApp processes are starting
-        seen |= set(descendants(proc.pid))
+        seen |= _noted(descendants(proc.pid))
         os.kill(proc.pid, signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
+        _, err = proc.communicate(timeout=180)  # generous: a busy machine (the ServerApp gets up to 30 s)
+        assert proc.returncode == 130, err[-2000:]
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and any(alive(p) for p in seen):
+            time.sleep(0.2)
+        assert seen and not [p for p in seen if alive(p)]
+    finally:  # also when the test fails: nothing it started stays behind
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130, err[-2000:]
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and any(alive(p) for p in seen):
-        time.sleep(0.2)
-    assert seen and not [p for p in seen if alive(p)]
+            proc.communicate(timeout=30)
+        _kill_seen(seen)
 
 
 # ------------------------------------------------------------------------------------------------- issue #23
@@ -394,26 +422,25 @@ def test_sigterm_mid_run_leaves_an_interrupted_run_with_its_rows(tmp_path):
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and rows < 2:  # round 0 (the initial model) and one round
-            seen |= set(descendants(proc.pid))
+            seen |= _noted(descendants(proc.pid))
             with contextlib.suppress(OSError, pd.errors.EmptyDataError, pd.errors.ParserError):
                 rows = len(pd.read_csv(out / "metrics.csv"))
             assert proc.poll() is None, proc.communicate()[1][-3000:]
             time.sleep(0.2)
         assert rows >= 2, "a round did not finish within 300 s"
-        seen |= set(descendants(proc.pid))
+        seen |= _noted(descendants(proc.pid))
         os.kill(proc.pid, signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
-    finally:
+        _, err = proc.communicate(timeout=180)
+        assert proc.returncode == 143, err[-3000:]
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["status"] == "interrupted", summary
+        assert len(pd.read_csv(out / "metrics.csv")) >= rows
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(alive(p) for p in seen):
+            time.sleep(0.2)
+        assert seen and not [p for p in seen if alive(p)]
+    finally:  # also when the test fails: nothing it started stays behind
         if proc.poll() is None:
             proc.kill()
-        for pid in seen:
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-    assert proc.returncode == 143, err[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["status"] == "interrupted", summary
-    assert len(pd.read_csv(out / "metrics.csv")) >= rows
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and any(alive(p) for p in seen):
-        time.sleep(0.2)
-    assert seen and not [p for p in seen if alive(p)]
+            proc.communicate(timeout=30)
+        _kill_seen(seen)
