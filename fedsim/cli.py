@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
+import time
 from pathlib import Path
 
 from fedsim.errors import ConfigError, DataUnavailableError, FedsimError
@@ -18,6 +20,58 @@ def _out_dir(args: argparse.Namespace) -> Path:
     from fedsim.results.rundir import default_out
 
     return default_out(args.scenario)
+
+
+_HELD_DIRS = contextlib.ExitStack()  # the run directories this command holds (released when main returns)
+_WATCHED: list[tuple[Path, bool]] = []  # run directories of this command (, whether their subfolders are too)
+_STARTED = [0.0]  # when main began: a summary.json older than that is not this command's
+
+
+def _hold(run_dir: Path) -> None:
+    """Lock ``run_dir`` for this command (``fedsim.results.rundir.lock_run_dir``: a second fedsim run into it is
+    refused) until ``main`` returns; the kernel drops it if the process dies."""
+    from fedsim.results.rundir import lock_run_dir
+
+    _WATCHED.append((Path(run_dir), False))
+    _HELD_DIRS.enter_context(lock_run_dir(run_dir))
+
+
+def _summaries_since_start() -> dict[Path, object]:
+    """The run directories of this command with a summary.json written since it started: their status."""
+    if not _WATCHED:
+        return {}
+    import json
+
+    found: dict[Path, object] = {}
+    for where, children in _WATCHED:
+        candidates = [where]
+        if children:
+            with contextlib.suppress(OSError):
+                candidates += sorted(p for p in where.iterdir() if p.is_dir())
+        for run_dir in candidates:
+            summary = run_dir / "summary.json"
+            try:
+                if summary.stat().st_mtime < _STARTED[0] - 1:
+                    continue
+                status = json.loads(summary.read_text(encoding="utf-8")).get("status")
+            except (OSError, ValueError, AttributeError):
+                continue
+            found.setdefault(run_dir, status)
+    return found
+
+
+def _interrupt_line(code: int) -> str:
+    """The one line a signal that ended the command prints: what the run directories really say. Imports
+    nothing (an interrupt may come while a module is half imported)."""
+    name = {130: "interrupted (SIGINT)", 143: "terminated (SIGTERM)"}.get(code, "interrupted")
+    written = _summaries_since_start()
+    dirs = [run_dir for run_dir, status in written.items() if status == "interrupted"]
+    if dirs:
+        where = str(dirs[0]) if len(dirs) == 1 else f"{dirs[0]} and {len(dirs) - 1} more"
+        return f"{name}: the run directory keeps what was written so far ({where}; summary.json: status interrupted)"
+    if not written:
+        return f"{name}: before any run started; no summary.json was written"
+    return f"{name}: between runs; the runs that ended are kept, no summary.json says interrupted"
 
 
 def _writable_dir(path: Path) -> None:
@@ -57,6 +111,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     plan = []
     for label, config in variants:
         run_dir = out if single else out / label
+        _hold(run_dir)  # from the checks to the end: another fedsim run into it is refused
         todo = results.check_run_dir(run_dir, config.to_dict(), resume=args.resume, overwrite=args.overwrite,
                                      label=None if single else label)
         plan.append((label, config, run_dir, todo))
@@ -103,6 +158,8 @@ def _run_many(args: argparse.Namespace) -> int:
     out = _out_dir(args)
     jobs, _ = plan_jobs(args.scenario, args.set, args.only, out, seeds=seeds, sweeps=getattr(args, "sweep", []))
     _writable_dir(out)
+    for job in jobs:  # from the checks to the end: another fedsim run into one of them is refused
+        _hold(job.run_dir)
     todo = [results.check_run_dir(j.run_dir, j.config.to_dict(), resume=args.resume, overwrite=args.overwrite,
                                   label=j.name) for j in jobs]
     if not args.overwrite:
@@ -160,6 +217,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
     out = _out_dir(args)
     _writable_dir(out)
+    _WATCHED.append((out, True))  # fedsim.deploy locks its run directories (out or out/<label>) itself
 
     def _terminate(signum: int, frame: object) -> None:  # SIGTERM as Ctrl-C: the federation is stopped on the way out
         raise Interrupted(signum)
@@ -310,9 +368,7 @@ def _leave_without_waiting_for_threads(code: int, grace: float = 1.0) -> None:
             continue
         thread.join(max(0.0, deadline - time.monotonic()))
     if any(t.is_alive() and not t.daemon and t is not threading.current_thread() for t in threading.enumerate()):
-        from fedsim.engine.processes import hard_exit
-
-        hard_exit(code)
+        _hard_exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -320,8 +376,10 @@ def main(argv: list[str] | None = None) -> int:
     the run files are written: tearing down an interpreter holding torch, Flower and Ray took 1-7 s on a busy
     machine; called with ``argv`` (tests, scripts), it returns the exit status instead."""
     as_program = argv is None
-    args = build_parser().parse_args(argv)
+    _STARTED[0] = time.time()
+    _WATCHED.clear()
     try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except DataUnavailableError as exc:  # its messages name the dataset and files; the field is data (or weights)
         field = "model.weights" if str(exc).startswith("Pretrained weights") else "data"
@@ -335,16 +393,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        from fedsim.engine.signals import interrupt_message
-
+        # one line, no traceback, and no import: the interrupt may have come in the middle of one (torch, numpy),
+        # which a second import of the same module turns into an ImportError
         code = getattr(exc, "exit_code", 130)
-        print(interrupt_message(code), file=sys.stderr)
+        code = code if isinstance(code, int) else 130
+        with contextlib.suppress(Exception):
+            print(_interrupt_line(code), file=sys.stderr)
         if as_program:
-            from fedsim.engine.processes import hard_exit
-
-            hard_exit(code)
+            with contextlib.suppress(Exception):
+                _HELD_DIRS.close()
+            _hard_exit(code)
         _leave_without_waiting_for_threads(code)
         return code
+    finally:
+        _HELD_DIRS.close()  # the run directories' locks
+
+
+def _hard_exit(code: int) -> None:
+    """Flush and leave now (as ``fedsim.engine.processes.hard_exit``, without importing it)."""
+    import os
+
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,9 @@ AT_LEAST_0 = Interval(0, None, integer=True)
 FRACTION = Interval(0, 1)
 FRACTION_OPEN = Interval(0, 1, closed="left")
 
-LABEL_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
+LABEL_PATTERN = re.compile(r"[A-Za-z0-9._-]+")  # the whole label (fullmatch: no trailing newline slips through)
+MAX_LABEL_LENGTH = 100  # a label is one directory name (< 255 bytes), with room for sweep points and seed folders
+MAX_DEPTH = 32  # tables and arrays nested deeper than this are no scenario (a scenario needs 4)
 
 
 def _choice(path: str, value: Any, allowed: typing.Iterable[str]) -> None:
@@ -53,6 +55,12 @@ class DataConfig:
 
     _parameter_constraints = {"name": [Options(catalog.DATASETS)], "max_train": [AT_LEAST_1, None],
                               "max_test": [AT_LEAST_1, None], "server_holdout": [FRACTION_OPEN, None]}
+
+    def check(self, path: str) -> None:
+        for key, value in self.options.items():  # the dataset's loader takes them as keyword arguments
+            if isinstance(value, (dict, list, tuple)) or value is None:
+                raise ConfigError(f"{path}.options.{key}: {value!r} has the wrong type; dataset options are plain "
+                                  "values (numbers, strings, true or false), not tables or arrays")
 
 
 @dataclass
@@ -324,9 +332,35 @@ def build_dataclass(cls: type, values: dict, path: str) -> Any:
 def parse_value(text: str) -> Any:
     """Parse a ``--set`` value as TOML (numbers, booleans, quoted strings, arrays); bare words stay strings."""
     try:
-        return tomllib.loads(f"v = {text}")["v"]
+        value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
+    except RecursionError:
+        raise ConfigError(f"--set value {_shorten(text)}: nested too deeply (at most {MAX_DEPTH} levels of "
+                          "arrays and tables)") from None
+    check_depth(value, f"--set value {_shorten(text)}")
+    return value
+
+
+def _shorten(text: str, limit: int = 40) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def check_depth(tree: Any, where: str) -> None:
+    """``ConfigError`` naming ``where`` when tables/arrays nest deeper than ``MAX_DEPTH`` (checked without
+    recursion, before anything recursive walks the tree)."""
+    stack = [(tree, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        if depth >= MAX_DEPTH:
+            raise ConfigError(f"{where}: nested too deeply (more than {MAX_DEPTH} levels of tables and arrays)")
+        stack.extend((child, depth + 1) for child in children)
 
 
 def apply_override(tree: dict, dotted: str, value: Any) -> None:
@@ -434,7 +468,7 @@ def scenario_seeds(path: str | Path | None) -> list[int] | None:
         return None
     try:
         tree = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError):
         return None  # load_scenarios reports the file's problem, naming it
     return check_seeds(tree.get("seeds"))
 
@@ -443,9 +477,12 @@ def check_label(path: str, label: Any) -> str:
     """A variant label names a run directory: letters, digits, '.', '_' and '-' only, and not '.' or '..'."""
     if not isinstance(label, str):
         raise ConfigError(f"{path}: {label!r} has the wrong type; it must be a string")
-    if not LABEL_PATTERN.match(label) or label in (".", ".."):
+    if not LABEL_PATTERN.fullmatch(label) or label in (".", ".."):
         raise ConfigError(f"{path}: {label!r} is not a valid label; labels name run directories, so use letters, "
                           "digits, '.', '_' and '-' only (not '.' or '..', no '/')")
+    if len(label) > MAX_LABEL_LENGTH:
+        raise ConfigError(f"{path}: {label[:20] + '...'!r} is {len(label)} characters long; labels name run "
+                          f"directories, so at most {MAX_LABEL_LENGTH}")
     return label
 
 
@@ -474,6 +511,10 @@ def load_scenarios(path: str | Path | None, overrides: typing.Iterable[str] = ()
             raise ConfigError(f"scenario: {path} cannot be read: {exc.strerror or exc}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"scenario: {path} is not valid TOML: {exc}") from None
+        except RecursionError:
+            raise ConfigError(f"scenario: {path} is nested too deeply (at most {MAX_DEPTH} levels of tables and "
+                              "arrays)") from None
+        check_depth(tree, f"scenario: {path}")
     cli = parse_overrides(overrides)
     variants = tree.get("variants") or [{}]
     if not isinstance(variants, list) or not all(isinstance(v, dict) for v in variants):

@@ -503,6 +503,18 @@ def deploy(scenario: str | Path, nodes: int, out: str | Path, overrides: list[st
            only: list[str] | tuple[str, ...] = (), verbose: bool = False, timeout: float | None = None,
            federation: LocalFederation | None = None, resume: bool = False,
            overwrite: bool = False) -> list[tuple[str | None, Path, dict]]:
+    """See ``_deploy``. Every run directory of the plan is held (``fedsim.results.rundir.lock_run_dir``) from its
+    checks until the runs ended: another fedsim run into one of them is refused; the ServerApp, a process below
+    this one, writes under this lock."""
+    with contextlib.ExitStack() as held:
+        return _deploy(scenario, nodes, out, overrides, only, verbose, timeout, federation, resume, overwrite,
+                       held=held)
+
+
+def _deploy(scenario: str | Path, nodes: int, out: str | Path, overrides: list[str] | tuple[str, ...] = (),
+            only: list[str] | tuple[str, ...] = (), verbose: bool = False, timeout: float | None = None,
+            federation: LocalFederation | None = None, resume: bool = False,
+            overwrite: bool = False, *, held: contextlib.ExitStack) -> list[tuple[str | None, Path, dict]]:
     """Run every (selected) variant of ``scenario`` on a local deployment with ``nodes`` SuperNodes; one Flower
     run per variant, into ``out`` (no variants) or ``out/<label>``. Returns (label, run dir, summary) each.
     ``federation``: an already started one to use (and leave running); by default one is started and stopped.
@@ -524,6 +536,7 @@ def deploy(scenario: str | Path, nodes: int, out: str | Path, overrides: list[st
     plan = []
     for label, config in variants:
         run_dir = out if single else out / label
+        held.enter_context(results_dir.lock_run_dir(run_dir))  # RunDirLocked: another fedsim run writes there
         # what the ServerApp writes into config.json: the scenario with its clients in blocks over the nodes
         todo = results_dir.check_run_dir(run_dir, for_nodes(config, nodes).to_dict(), resume=resume,
                                          overwrite=overwrite, label=None if single else label)

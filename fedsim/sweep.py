@@ -22,7 +22,8 @@ from fedsim.config import ScenarioConfig, load_scenarios, parse_value, scenario_
 from fedsim.errors import ConfigError
 
 SEED_DIR = re.compile(r"^seed-(\d+)$")
-POINT_PATTERN = re.compile(r"^[A-Za-z0-9._=,+-]+$")
+POINT_PATTERN = re.compile(r"[A-Za-z0-9._=,+-]+")  # fullmatch: the whole name, no trailing newline
+MAX_POINT_LENGTH = 200  # a sweep point is one directory name (< 255 bytes)
 
 
 @dataclass
@@ -79,7 +80,7 @@ def parse_sweeps(items: typing.Iterable[str]) -> list[tuple[str, list[str]]]:
             raise ConfigError(f"--sweep {key}: a value is listed twice")
         for v in vals:
             name = f"{key}={v}"
-            if not POINT_PATTERN.match(name):
+            if not POINT_PATTERN.fullmatch(name):
                 raise ConfigError(f"--sweep {name}: sweep points name run directories, so keys and values may use "
                                   "letters, digits, '.', '_', '+' and '-' only")
             if isinstance(parse_value(v), (list, dict)):
@@ -95,7 +96,12 @@ def grid(axes: list[tuple[str, list[str]]]) -> list[tuple[str | None, list[str]]
     points = []
     for values in product(*(vals for _, vals in axes)):
         pairs = [f"{key}={v}" for (key, _), v in zip(axes, values, strict=True)]
-        points.append((",".join(pairs), pairs))
+        name = ",".join(pairs)
+        if len(name) > MAX_POINT_LENGTH:
+            raise ConfigError(f"--sweep: the sweep point {name[:40] + '...'!r} is {len(name)} characters long; it "
+                              f"names a run directory, so at most {MAX_POINT_LENGTH} (sweep fewer keys or shorter "
+                              "values)")
+        points.append((name, pairs))
     return points
 
 

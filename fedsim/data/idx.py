@@ -36,28 +36,55 @@ def _corrupt(path: Path, why: str) -> DataUnavailableError:
     )
 
 
+CHUNK = 1 << 20  # bytes decompressed at a time
+MAX_DEFLATE_RATIO = 1100  # deflate expands at most ~1032:1; a gzip claiming more than this cannot hold the data
+
+
+def _read_exact(fh, n: int) -> bytes:  # noqa: ANN001
+    """Up to ``n`` bytes from ``fh`` (fewer only at the end of the stream), in bounded chunks."""
+    out = bytearray()
+    while len(out) < n:
+        part = fh.read(min(n - len(out), CHUNK))
+        if not part:
+            break
+        out += part
+    return bytes(out) if n <= 4096 else out  # type: ignore[return-value]  # large payloads: no extra copy
+
+
 def read_idx(path: str | Path, expect_ndim: int | None = None) -> np.ndarray:
     """Read one IDX file (gzip detected from its content, not its name) into a native-endian array.
 
     Checks the magic number (two zero bytes, a known type byte, ndim >= 1), that the payload size equals
     the product of the dimensions exactly, and ``expect_ndim`` when given; raises ``DataUnavailableError``
-    naming the file otherwise.
+    naming the file otherwise. The header is read first: at most the bytes it announces (and one more, to see
+    trailing data) are read or decompressed, so a small gzip that inflates to gigabytes costs no more memory
+    than its header claims.
     """
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as fh:
+            gz = fh.read(2) == b"\x1f\x8b"
+            size = fh.seek(0, 2)
     except OSError as err:
         raise DataUnavailableError(f"cannot read IDX file {path}: {err}") from err
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as err:
+    try:
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as fh:
+            return _read_idx_stream(path, fh, gz, size, expect_ndim)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as err:
+        raise _corrupt(path, f"broken gzip stream ({err})") from err
+    except OSError as err:
+        if gz:
             raise _corrupt(path, f"broken gzip stream ({err})") from err
-    if len(raw) < 4:
-        raise _corrupt(path, f"only {len(raw)} bytes, shorter than the 4-byte magic number")
-    if raw[0] != 0 or raw[1] != 0:
-        raise _corrupt(path, f"magic number starts with {raw[0]:#04x} {raw[1]:#04x}, expected 0x00 0x00")
-    type_code, ndim = raw[2], raw[3]
+        raise DataUnavailableError(f"cannot read IDX file {path}: {err}") from err
+
+
+def _read_idx_stream(path: Path, fh, gz: bool, size: int, expect_ndim: int | None) -> np.ndarray:  # noqa: ANN001
+    head = _read_exact(fh, 4)
+    if len(head) < 4:
+        raise _corrupt(path, f"only {len(head)} bytes, shorter than the 4-byte magic number")
+    if head[0] != 0 or head[1] != 0:
+        raise _corrupt(path, f"magic number starts with {head[0]:#04x} {head[1]:#04x}, expected 0x00 0x00")
+    type_code, ndim = head[2], head[3]
     if type_code not in IDX_DTYPES:
         raise _corrupt(path, f"unknown data type byte {type_code:#04x} (known: 0x08 0x09 0x0b 0x0c 0x0d 0x0e)")
     if ndim < 1:
@@ -65,16 +92,24 @@ def read_idx(path: str | Path, expect_ndim: int | None = None) -> np.ndarray:
     if expect_ndim is not None and ndim != expect_ndim:
         raise _corrupt(path, f"{ndim} dimensions, expected {expect_ndim}")
     header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise _corrupt(path, f"header needs {header} bytes, file has {len(raw)}")
-    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    raw_dims = _read_exact(fh, 4 * ndim)
+    if len(raw_dims) < 4 * ndim:
+        raise _corrupt(path, f"header needs {header} bytes, file has {4 + len(raw_dims)}")
+    dims = tuple(int(d) for d in np.frombuffer(raw_dims, dtype=">u4", count=ndim))
     dtype = IDX_DTYPES[type_code]
-    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
-    if len(raw) - header != expected:
-        raise _corrupt(
-            path, f"dimensions {dims} need {expected} data bytes, file has {len(raw) - header}"
-        )
-    data = np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
+    expected = math.prod(dims) * dtype.itemsize
+    if not gz:
+        if size - header != expected:
+            raise _corrupt(path, f"dimensions {dims} need {expected} data bytes, file has {size - header}")
+    elif expected > MAX_DEFLATE_RATIO * size + CHUNK:
+        raise _corrupt(path, f"dimensions {dims} need {expected} data bytes, more than a gzip file of {size} bytes "
+                             "can hold")
+    payload = _read_exact(fh, expected)
+    if len(payload) != expected:
+        raise _corrupt(path, f"dimensions {dims} need {expected} data bytes, file has {len(payload)}")
+    if fh.read(1):  # trailing data: refused without decompressing the rest
+        raise _corrupt(path, f"dimensions {dims} need {expected} data bytes, file has more")
+    data = np.frombuffer(payload, dtype=dtype).reshape(dims)
     return data.astype(dtype.newbyteorder("="))  # a writeable, native-endian copy
 
 

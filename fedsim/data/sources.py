@@ -316,13 +316,33 @@ def _unpickle(path: Path) -> dict:
     return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
 
 
+def _cifar_array(name: str, f: Path, key: str, value: object, dtype: type) -> np.ndarray:
+    """``value`` (a batch's ``data`` or labels) as a numeric array; ``DataUnavailableError`` naming the file and
+    the key for anything else: an object array (which the restricted unpickler lets through, built of plain
+    values), strings, ragged lists, numbers out of range."""
+    what = f"Dataset '{name}': {f} holds a {key!r} entry that is not"
+    if isinstance(value, np.ndarray) and value.dtype.kind not in "biu":
+        raise DataUnavailableError(f"{what} an integer array (dtype {value.dtype}); the CIFAR python format "
+                                   "stores uint8 images and integer labels")
+    try:
+        array = np.asarray(value)
+        if array.dtype.kind not in "biu":
+            raise TypeError(f"dtype {array.dtype}")
+        if array.size and (array.min() < np.iinfo(dtype).min or array.max() > np.iinfo(dtype).max):
+            raise OverflowError(f"values outside {np.iinfo(dtype).min}..{np.iinfo(dtype).max}")
+        return array.astype(dtype, copy=False)
+    except (TypeError, ValueError, OverflowError) as err:
+        raise DataUnavailableError(f"{what} integers of the CIFAR python format ({type(err).__name__}: "
+                                   f"{str(err)[:200]})") from None
+
+
 def _cifar_arrays(name: str, files: list[Path], label_key: str) -> tuple[np.ndarray, np.ndarray]:
     xs, ys = [], []
     for f in files:
         batch = _unpickle(f)
         try:
-            data = np.asarray(batch["data"], dtype=np.uint8)
-            labels = np.asarray(batch[label_key], dtype=np.int64)
+            data = _cifar_array(name, f, "data", batch["data"], np.uint8)
+            labels = _cifar_array(name, f, label_key, batch[label_key], np.int64)
         except KeyError as err:
             raise DataUnavailableError(f"Dataset '{name}': {f} lacks the key {err} of the CIFAR python format") from err
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or data.shape[0] != labels.shape[0]:
@@ -363,7 +383,11 @@ def _cifar_files(spec: CifarSpec, base: Path, split: str) -> list[Path] | None:
 def _read_cifar(spec: CifarSpec, files: list[Path], split: str = "train") -> SplitArrays:
     *batches, meta = files
     x, y = _cifar_arrays(spec.name, batches, spec.label_key)
-    classes = [str(c) for c in _unpickle(meta).get(spec.names_key, [])]
+    names = _unpickle(meta).get(spec.names_key, [])
+    if not isinstance(names, (list, tuple, np.ndarray)) or (isinstance(names, np.ndarray) and names.ndim != 1):
+        raise DataUnavailableError(f"Dataset '{spec.name}': {meta} holds a {spec.names_key!r} entry that is not a "
+                                   "list of class names")
+    classes = [str(c) for c in names]
     if not classes or (y.size and (y.min() < 0 or y.max() >= len(classes))):
         raise DataUnavailableError(f"Dataset '{spec.name}': labels in {batches[0].parent} do not match the class names in {meta}")
     _check_not_empty(spec.name, split, batches[0].parent, x.shape[0])

@@ -13,18 +13,27 @@ each round, so a killed run leaves complete files describing the rounds it finis
 A run starts by invalidating the previous run in its directory: summary.json goes first (so a crash in between
 never leaves a stale "completed" beside a new config.json), then the other files the previous run listed in
 .fedsim-files; files fedsim did not write are never deleted.
+
+One run at a time per directory: a run holds ``run_dir/.fedsim-lock`` (``fcntl.flock``, exclusive, non-blocking)
+from its ``--resume``/``--overwrite`` checks to its end (``lock_run_dir``; ``RunRecorder.start`` takes it too), and
+a second fedsim run into the same directory is refused with ``RunDirLocked``. The kernel drops the lock when the
+holder exits, ``kill -9`` included; the file is removed on a normal release. A process started below the holder
+(the ServerApp of ``fedsim deploy``, which holds its run directories while the federation runs them) writes under
+its ancestor's lock.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import json
 import os
 import platform
 import secrets
 import stat
 import threading
+import weakref
 from collections.abc import Iterable
 from importlib import metadata
 from pathlib import Path
@@ -41,6 +50,7 @@ METRICS_FILE = "metrics.csv"
 SUMMARY_FILE = "summary.json"
 MODEL_FILE = "model.pt"
 MANIFEST_FILE = ".fedsim-files"
+LOCK_FILE = ".fedsim-lock"  # held (flock) by the fedsim run writing this directory
 TENSORBOARD_DIR = "tensorboard"  # event files of logging.tensorboard
 REPORT_FILES = ("report.csv", "accuracy_vs_round.png", "accuracy_vs_bytes.png", "accuracy_per_task.png",
                 "statistics.csv", "plan.json")
@@ -172,8 +182,153 @@ def foreign_files(directory: str | Path, also_ours: Iterable[str] = ()) -> list[
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    ours = written_files(directory) | _legacy_names(directory) | {MANIFEST_FILE} | set(also_ours)
+    ours = written_files(directory) | _legacy_names(directory) | {MANIFEST_FILE, LOCK_FILE} | set(also_ours)
     return sorted(p.name for p in directory.iterdir() if p.name not in ours and not _is_temporary(p.name))
+
+
+class RunDirLocked(FedsimError):
+    """Another fedsim run holds the run directory (its ``.fedsim-lock``)."""
+
+
+_HELD: dict[str, list] = {}  # realpath -> [fd or None, count, the folders this process created for it]
+_HELD_LOCK = threading.Lock()
+
+
+def _holder_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+        return int(text.split()[0]) if text else None
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _parent_pid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat_line = fh.read().decode("ascii", "replace")
+        return int(stat_line.rsplit(")", 1)[1].split()[1])  # the field after the state; comm may hold spaces
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _is_ancestor(pid: int) -> bool:
+    """Whether ``pid`` is a parent, grandparent, ... of this process (Linux /proc; False elsewhere)."""
+    current = os.getppid()
+    for _ in range(64):
+        if current is None or current <= 1:
+            return False
+        if current == pid:
+            return True
+        current = _parent_pid(current)
+    return False
+
+
+class RunDirLock:
+    """This process's hold on one run directory (``lock_run_dir``); ``release()`` once per acquisition."""
+
+    def __init__(self, key: str, run_dir: Path) -> None:
+        self.key, self.run_dir, self.released = key, run_dir, False
+
+    def release(self) -> None:
+        with _HELD_LOCK:
+            if self.released:
+                return
+            self.released = True
+            entry = _HELD.get(self.key)
+            if entry is None:
+                return
+            entry[1] -= 1
+            if entry[1] > 0:
+                return
+            del _HELD[self.key]
+            fd, _, created = entry
+            if fd is not None:
+                with contextlib.suppress(OSError):  # removed while still held: nobody can lock a stale inode
+                    os.unlink(self.run_dir / LOCK_FILE)
+                os.close(fd)
+            for folder in created:  # deepest first; only where nothing was written (a refused check)
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+
+    def __enter__(self) -> RunDirLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def lock_run_dir(run_dir: str | Path) -> RunDirLock:
+    """Hold ``run_dir`` (created if missing) for this process's run; ``RunDirLocked`` naming it when another
+    fedsim run holds it. Re-entrant within a process (the CLI holds it from the checks on, the run takes it
+    again); a process below the holder (``fedsim deploy``'s ServerApp) writes under its ancestor's lock. Where the
+    file system offers no locks (or the directory is read-only), nothing is locked."""
+    from fedsim.errors import ConfigError
+
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out: {run_dir} is a file, not a directory; give a directory for the run")
+    key = os.path.realpath(run_dir)
+    with _HELD_LOCK:
+        if key in _HELD:
+            _HELD[key][1] += 1
+            return RunDirLock(key, run_dir)
+        created = []
+        probe = run_dir
+        while not probe.exists() and probe != probe.parent:
+            created.append(probe)
+            probe = probe.parent
+        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = _acquire(run_dir)
+        except BaseException:
+            for folder in created:
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+            raise
+        _HELD[key] = [fd, 1, created]
+        return RunDirLock(key, run_dir)
+
+
+def _acquire(run_dir: Path) -> int | None:
+    import fcntl
+
+    path = run_dir / LOCK_FILE
+    for _ in range(20):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                return None  # nothing can be written here: the checks or the writes say so, naming the file
+            raise
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder_pid(fd)
+            os.close(fd)
+            if holder is not None and _is_ancestor(holder):
+                return None  # our parent's run (fedsim deploy's ServerApp): it holds the lock for us
+            who = f" (process {holder})" if holder is not None else ""
+            raise RunDirLocked(f"--out: {run_dir} is in use: another fedsim run{who} is writing it; wait for that "
+                               "run to end, or choose another --out") from None
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.ENOLCK, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
+                return None  # a file system without locks
+            raise
+        try:  # the file may have been removed by the previous holder between our open and our flock
+            if os.stat(path).st_ino != os.fstat(fd).st_ino:
+                raise FileNotFoundError(path)
+        except FileNotFoundError:
+            os.close(fd)
+            continue
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
+    raise RunDirLocked(f"--out: {run_dir}: could not lock {LOCK_FILE} (another fedsim run keeps replacing it)")
 
 
 class RunClosed(FedsimError):
@@ -197,6 +352,7 @@ class RunRecorder:
         self._written: set[str] = set()
         self._tensorboard = False  # config logging.tensorboard: metrics rows as scalars in TENSORBOARD_DIR
         self._tb_writer: Any = None
+        self._dir_lock: RunDirLock | None = None  # held from start() to close()
 
     def _write(self, name: str, data: bytes | str, *, after_close: bool = False) -> Path:
         with self._lock:
@@ -213,6 +369,9 @@ class RunRecorder:
         """Begin a run here: invalidate the previous run (its summary first, then its other files), write
         config.json."""
         with self._lock:
+            if self._dir_lock is None:  # RunDirLocked (nothing touched) when another fedsim run writes here
+                self._dir_lock = lock_run_dir(self.run_dir)
+                weakref.finalize(self, self._dir_lock.release)
             previous = written_files(self.run_dir)
             for name in [SUMMARY_FILE] + sorted(previous - {SUMMARY_FILE}):
                 path = self.run_dir / name
@@ -284,6 +443,8 @@ class RunRecorder:
             if self._tb_writer is not None:
                 self._tb_writer.close()
                 self._tb_writer = None
+            if self._dir_lock is not None:
+                self._dir_lock.release()
 
 
 class UnreadableRun(FedsimError):
@@ -342,7 +503,8 @@ def completed_run_of(run_dir: str | Path, config: dict) -> bool | None:
     True (same configuration), False (a completed run of another configuration), None (no completed run there).
 
     What `fedsim run --resume` and the benchmark scripts use to skip work already done. An unreadable summary or
-    config counts as no completed run.
+    config counts as no completed run, and so does a completed run of the same configuration whose metrics.csv
+    is missing or unreadable (it is run again rather than trusted).
     """
     run_dir = Path(run_dir)
     try:
@@ -356,7 +518,23 @@ def completed_run_of(run_dir: str | Path, config: dict) -> bool | None:
     saved, wanted = dict(saved), dict(wanted)
     saved.pop("logging", None)  # tracking (TensorBoard) changes no result: a run with it is the same run
     wanted.pop("logging", None)
-    return saved == wanted
+    if saved != wanted:
+        return False
+    return True if _metrics_intact(run_dir) else None
+
+
+def _metrics_intact(run_dir: Path) -> bool:
+    """Whether run_dir's metrics.csv reads back as fedsim metrics (or the run never wrote one)."""
+    metrics = run_dir / METRICS_FILE
+    if not metrics.exists():
+        return METRICS_FILE not in written_files(run_dir)
+    try:
+        if not metrics.is_file() or not metrics.stat().st_size:  # fedsim writes a header at least
+            return False
+        frame = pd.read_csv(metrics)
+    except (OSError, UnicodeDecodeError, ValueError, pd.errors.ParserError):
+        return False
+    return frame.empty or "round" in frame.columns
 
 
 def check_run_dir(run_dir: str | Path, config: dict, *, resume: bool = False, overwrite: bool = False,
