@@ -7,6 +7,8 @@ here, so a name exists in exactly one place.
 
 from __future__ import annotations
 
+import re
+
 DATASETS: dict[str, str] = {
     "fashion-mnist": "Fashion-MNIST: 70k 28x28 grayscale clothing images, 10 classes (real, offline via apt package "
                      "dataset-fashion-mnist)",
@@ -18,6 +20,10 @@ DATASETS: dict[str, str] = {
     "cifar100": "CIFAR-100: 60k 32x32 RGB images, 100 fine classes (python-format files or torchvision download)",
     "svhn": "SVHN cropped digits: 32x32 RGB house numbers, 10 classes (.mat files or torchvision download)",
     "imagefolder": "your own images, root/<split>/<class>/*.png|jpg, all of one size, loaded into memory",
+    "npz": "your own arrays: data.path = a .npz holding x_train, y_train, x_test, y_test (optional <column>_train "
+           "arrays, e.g. groups_train, for partition.kind = natural; classes)",
+    "hf": "a Hugging Face dataset (also written 'hf:<id>'): data.path = a save_to_disk directory or parquet files "
+          "(offline), or the hub id downloaded with `datasets`; columns in data.options (image_column, label_column)",
 }
 
 PARTITIONS: dict[str, str] = {
@@ -28,6 +34,8 @@ PARTITIONS: dict[str, str] = {
     "evenly among the clients holding it (PathologicalPartitioner, first class round-robin, the rest random)",
     "quantity": "quantity skew: IID content, client sizes drawn from Dirichlet(quantity_alpha) over clients "
     "(SizePartitioner), at least min_partition_size each",
+    "natural": "one client per distinct value of the training data's column partition.by (a writer, user, device; "
+    "NaturalIdPartitioner's order: sorted values), partition.num_clients = the number of values",
 }
 
 MODELS: dict[str, str] = {
@@ -35,6 +43,22 @@ MODELS: dict[str, str] = {
     "resnet18": "CIFAR-style ResNet-18: 3x3 stem, no maxpool, 8 BasicBlocks (default width 64; FuseFL uses 20)",
     "mlp": "flatten + 4 Linear-ReLU blocks of width w (default 128); for flat or tiny inputs",
 }
+
+FACTORY_FORMS = "a factory 'package.module:function' or 'path/to/file.py:function'"
+_FACTORY = re.compile(r"^(?:[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*|.+\.py):"
+                      r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def is_factory_name(name: object) -> bool:
+    """``model.name`` names a model of one's own: ``"package.module:function"`` or ``"path/to/file.py:function"``
+    (``function(num_classes, input_shape, **model.params) -> torch.nn.Module``; ``fedsim.nn.models.build_model``)."""
+    return isinstance(name, str) and name not in MODELS and bool(_FACTORY.match(name))
+
+
+def is_dataset_name(name: object) -> bool:
+    """``data.name``: a name of DATASETS or ``"hf:<id>"``."""
+    return isinstance(name, str) and (name in DATASETS or (name.startswith(HF_PREFIX) and len(name) > len(HF_PREFIX)))
+
 
 # blocks of each model's BlockNet (what FuseFL may cut into stages); tests check them against fedsim.nn.models
 MODEL_BLOCKS: dict[str, int] = {"cnn": 4, "resnet18": 9, "mlp": 4}

@@ -39,12 +39,28 @@ def _choice(path: str, value: Any, allowed: typing.Iterable[str]) -> None:
     check_choice(path, value, allowed)
 
 
+class _OptionsOr(Options):
+    """One of ``values``, or a value ``accept(value)`` admits (a factory model, an ``hf:<id>`` dataset)."""
+
+    def __init__(self, values: typing.Iterable[Any], accept: typing.Callable[[Any], bool], forms: str) -> None:
+        super().__init__(values)
+        object.__setattr__(self, "accept", accept)
+        object.__setattr__(self, "forms", forms)
+
+    def accepts(self, value: Any) -> bool:
+        return super().accepts(value) or bool(self.accept(value))
+
+    def describe(self) -> str:
+        return f"{super().describe()}, or {self.forms}"
+
+
 @dataclass
 class DataConfig:
     """Which dataset, where its files are, and optional slices for quick runs."""
 
     name: str = "fashion-mnist"
     root: str | None = None
+    path: str | None = None  # npz: the .npz file; hf: a save_to_disk directory or parquet file(s)
     max_train: int | None = None  # keep the first n of a seeded permutation (quick runs, tests)
     max_test: int | None = None
     options: dict = field(default_factory=dict)  # dataset-specific, e.g. synthetic: separation, dim
@@ -53,7 +69,8 @@ class DataConfig:
     # compares strategies so that all of them partition the same client data (fedsim.scenario.server_holdout)
     server_holdout: float | None = None
 
-    _parameter_constraints = {"name": [Options(catalog.DATASETS)], "max_train": [AT_LEAST_1, None],
+    _parameter_constraints = {"name": [_OptionsOr(catalog.DATASETS, catalog.is_dataset_name, "'hf:<dataset id>'")],
+                              "max_train": [AT_LEAST_1, None],
                               "max_test": [AT_LEAST_1, None], "server_holdout": [FRACTION_OPEN, None]}
 
     def check(self, path: str) -> None:
@@ -61,6 +78,16 @@ class DataConfig:
             if isinstance(value, (dict, list, tuple)) or value is None:
                 raise ConfigError(f"{path}.options.{key}: {value!r} has the wrong type; dataset options are plain "
                                   "values (numbers, strings, true or false), not tables or arrays")
+        own = self.name == "npz" or self.name == "hf" or self.name.startswith(catalog.HF_PREFIX)
+        if self.path is not None and not own:
+            raise ConfigError(f"{path}.path: {self.path!r} is for data.name = \"npz\" or \"hf\" / \"hf:<id>\"; "
+                              f"dataset {self.name!r} reads data.root")
+        if self.path is not None and not self.path:
+            raise ConfigError(f"{path}.path: must not be empty")
+        if self.name in ("npz", "hf") and self.path is None and "path" not in self.options:
+            what = "a .npz file holding x_train, y_train, x_test, y_test" if self.name == "npz" else \
+                "a save_to_disk directory or parquet file(s) (or use data.name = \"hf:<id>\" to download)"
+            raise ConfigError(f"{path}.path: dataset {self.name!r} needs data.path, {what}")
 
 
 @dataclass
@@ -75,6 +102,7 @@ class PartitionConfig:
     min_partition_size: int = 0
     self_balancing: bool = False  # dirichlet: no share of later classes for a client above N / num_clients (FuseFL's
     #                               official sampler; with min_partition_size = 10 the paper's partition)
+    by: str | None = None  # natural: the training data's column naming each sample's client (writer, user, device)
 
     _parameter_constraints = {"kind": [Options(catalog.PARTITIONS)], "num_clients": [AT_LEAST_1],
                               "alpha": [POSITIVE], "quantity_alpha": [POSITIVE],
@@ -85,6 +113,12 @@ class PartitionConfig:
         if self.self_balancing and self.kind != "dirichlet":
             raise ConfigError(f"{path}.self_balancing: only the dirichlet partition balances itself, got kind "
                               f"{self.kind!r}; set kind = \"dirichlet\" or self_balancing = false")
+        if self.kind == "natural" and not self.by:
+            raise ConfigError(f"{path}.by: the natural partition needs the column that names each sample's client, "
+                              "e.g. by = \"writer\" (npz: an array writer_train; hf: a column)")
+        if self.by is not None and self.kind != "natural":
+            raise ConfigError(f"{path}.by: {self.by!r} is read by the natural partition only, got kind "
+                              f"{self.kind!r}; set kind = \"natural\" or leave by out")
 
 
 STREAM_KINDS = catalog.STREAM_KINDS
@@ -117,11 +151,19 @@ class ModelConfig:
     feature_map: str = "random"  # identity | random | a torchvision backbone name
     feature_dim: int = 2048  # width of the random feature map
     weights: str | None = None  # torchvision weights name, e.g. "IMAGENET1K_V1" (needs a download)
+    params: dict = field(default_factory=dict)  # a factory model's keyword arguments (model.name = "pkg.mod:fn")
 
-    _parameter_constraints = {"name": [Options(catalog.MODELS)], "width": [AT_LEAST_1, None],
-                              "feature_dim": [AT_LEAST_1]}
+    _parameter_constraints = {"name": [_OptionsOr(catalog.MODELS, catalog.is_factory_name, catalog.FACTORY_FORMS)],
+                              "width": [AT_LEAST_1, None], "feature_dim": [AT_LEAST_1]}
 
     def check(self, path: str) -> None:
+        factory = catalog.is_factory_name(self.name)
+        if self.params and not factory:
+            raise ConfigError(f"{path}.params: {self.params!r} is passed to a factory model (model.name = "
+                              f"\"package.module:function\"); the built-in {self.name!r} takes model.width")
+        if factory and self.width is not None:
+            raise ConfigError(f"{path}.width: {self.width!r} is for the built-in models; pass a factory's "
+                              f"settings in model.params")
         if not self.feature_map or not isinstance(self.feature_map, str):
             raise ConfigError(f"{path}.feature_map: {self.feature_map!r} must be 'identity', 'random' or a "
                               "torchvision model name")

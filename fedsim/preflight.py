@@ -10,7 +10,8 @@ first round (or as a ZeroDivisionError, an OOM kill or Ray's "ActorPool is empty
 The checks stay light (``fedsim validate`` of a shipped scenario well under a second): they read the splits'
 labels and shapes without torch (``fedsim.data.describe_dataset``) and count the model's parameters from its
 layer sizes; torch is imported only for what needs it (a GPU count, a torchvision feature map, a model the
-counter does not know).
+counter does not know). A model of one's own (``model.name = "package.module:function"``) is imported and built
+once (``check_factory_model``), so validating it imports its module and torch.
 """
 
 from __future__ import annotations
@@ -122,15 +123,15 @@ def split_summary(config: ScenarioConfig, split: str) -> SplitSummary:
     """The scenario's ``split`` as ``fedsim.scenario.train_split`` / ``test_split`` would load it (after
     ``data.max_train`` / ``max_test``), without its images and without torch."""
     from fedsim.data import describe_dataset, slice_indices
-    from fedsim.scenario import derive_seed
+    from fedsim.scenario import data_options, derive_seed
 
     d = config.data
-    summary = describe_dataset(d.name, split=split, root=d.root, **dict(sorted(d.options.items())))
+    summary = describe_dataset(d.name, split=split, root=d.root, **dict(sorted(data_options(config).items())))
     keep = slice_indices(len(summary), d.max_train if split == "train" else d.max_test,
                          derive_seed(config.seed, f"{split}-slice"))
     if keep is None:
         return summary
-    return SplitSummary(summary.labels[keep], summary.input_shape, summary.classes, summary.source)
+    return summary.subset(keep)
 
 
 def check_data(config: ScenarioConfig) -> None:
@@ -141,8 +142,61 @@ def check_data(config: ScenarioConfig) -> None:
     present = int(np.unique(labels).size)
     n = len(train)
     check_partition(config, n, present)
+    if config.partition.kind == "natural":
+        check_natural_partition(config, train)
     check_stream(config, present)
+    check_factory_model(config, tuple(train.input_shape), train.num_classes)
     check_memory(config, tuple(train.input_shape), train.num_classes)
+
+
+def check_natural_partition(config: ScenarioConfig, train: SplitSummary) -> None:
+    """partition.by names a column of the training split with exactly partition.num_clients distinct values."""
+    from fedsim.data.partition import natural_partition
+    from fedsim.scenario import natural_groups
+
+    natural_partition(natural_groups(train, config.partition.by, config.data.name), config.partition.num_clients,
+                      len(train))
+
+
+def check_factory_model(config: ScenarioConfig, input_shape: tuple, num_classes: int) -> None:
+    """A model of one's own (model.name = "package.module:function"): importable, returns a torch.nn.Module that
+    maps a probe batch (2, *input_shape) to (2, num_classes) scores, and states its blocks where the strategy cuts
+    them (``fedsim.scenario.block_form_needed``: the block form's head(blocks(x)) must equal its forward).
+    Imports the factory's module and torch (the built-in models are counted without either)."""
+    from fedsim import catalog
+
+    name = config.model.name
+    if not catalog.is_factory_name(name):
+        return
+    import torch
+
+    from fedsim.nn.models import as_block_net, build_model
+    from fedsim.scenario import block_form_needed, derive_seed
+
+    model = build_model(name, input_shape, num_classes, seed=derive_seed(config.seed, "model"),
+                        params=config.model.params)
+    probe = torch.random.fork_rng(devices=[])
+    with probe, torch.no_grad():
+        torch.manual_seed(0)
+        x = torch.rand(2, *input_shape)
+        model.eval()
+        try:
+            out = model(x)
+        except Exception as exc:  # noqa: BLE001 - the user's forward
+            raise ConfigError(f"model.name: {name!r} built {type(model).__name__}, whose forward fails on a batch "
+                              f"of shape {tuple(x.shape)}: {type(exc).__name__}: {exc}") from exc
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ConfigError(f"model.name: {name!r} built {type(model).__name__}, which maps a batch of shape "
+                              f"{tuple(x.shape)} to {got}; the strategies need class scores of shape "
+                              f"(2, {num_classes})")
+        need = block_form_needed(config)
+        if need is not None:
+            net = as_block_net(model, name, *need).eval()
+            if not torch.allclose(net(x), out, rtol=1e-4, atol=1e-5):
+                raise ConfigError(f"model.name: {name!r}: head(blocks(x)) differs from forward(x) of "
+                                  f"{type(model).__name__}; {need[0]} runs the blocks and the head, so forward "
+                                  "must be exactly head(blocks(x))")
 
 
 def check_partition(config: ScenarioConfig, n: int, classes_present: int) -> None:
@@ -225,6 +279,13 @@ def model_parameters(config: ScenarioConfig, input_shape: tuple, num_classes: in
     counted = counted_parameters(config.model.name, input_shape, num_classes, config.model.width)
     if counted is not None:
         return counted
+    from fedsim import catalog
+
+    if catalog.is_factory_name(config.model.name):  # a model of one's own: built for real (its code may not
+        from fedsim.scenario import scenario_model  # know the meta device)
+
+        model = scenario_model(config, num_classes, input_shape)
+        return int(sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers()))
     return _built_parameters(config, input_shape, num_classes)
 
 

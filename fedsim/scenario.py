@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from fedsim.config import ScenarioConfig
+from fedsim.errors import ConfigError
 from fedsim.registry import get_strategy
 
 __all__ = ["ScenarioView", "derive_seed", "train_split", "test_split", "partition_for", "server_holdout",
@@ -48,10 +49,19 @@ def _split_cached(name: str, split: str, root: str | None, max_n: int | None, se
     return data if keep is None else data.subset(keep)
 
 
+def data_options(config: ScenarioConfig) -> dict[str, Any]:
+    """The dataset's options as ``fedsim.data.load_dataset`` takes them: ``data.options``, plus ``data.path``."""
+    d = config.data
+    options = dict(d.options)
+    if d.path is not None:
+        options["path"] = d.path
+    return options
+
+
 def _split(config: ScenarioConfig, split: str):  # noqa: ANN202
     d = config.data
     max_n = d.max_train if split == "train" else d.max_test
-    return _split_cached(d.name, split, d.root, max_n, config.seed, tuple(sorted(d.options.items())))
+    return _split_cached(d.name, split, d.root, max_n, config.seed, tuple(sorted(data_options(config).items())))
 
 
 def train_split(config: ScenarioConfig):  # noqa: ANN201
@@ -96,6 +106,12 @@ def partition_for(config: ScenarioConfig) -> list[np.ndarray]:
     from fedsim.data.partition import partition_indices
 
     p = config.partition
+    if p.kind == "natural":  # one client per value, over the whole split; the server's holdout removed after
+        train = train_split(config)
+        parts = partition_indices(train.labels, kind="natural", num_clients=p.num_clients, seed=config.seed,
+                                  groups=natural_groups(train, p.by, config.data.name))
+        held = server_holdout(config)
+        return [np.setdiff1d(part, held) for part in parts] if held.size else parts
     labels = train_split(config).labels
     held = server_holdout(config)
     keep = np.setdiff1d(np.arange(len(labels), dtype=np.int64), held) if held.size else None
@@ -105,6 +121,16 @@ def partition_for(config: ScenarioConfig) -> list[np.ndarray]:
         min_partition_size=p.min_partition_size, self_balancing=p.self_balancing,
     )
     return parts if keep is None else [keep[part] for part in parts]
+
+
+def natural_groups(split: Any, by: str, dataset: str) -> np.ndarray:
+    """The column ``by`` of a split (``LabeledData`` or ``SplitSummary``): each sample's natural client."""
+    columns = getattr(split, "columns", None) or {}
+    if by not in columns:
+        have = ", ".join(sorted(columns)) or "none"
+        raise ConfigError(f"partition.by: {by!r} is not a column of dataset {dataset!r} (its columns: {have}); "
+                          "npz: store an array named <column>_train; hf: name a column of the training split")
+    return columns[by]
 
 
 def _stream_kwargs(config: ScenarioConfig) -> dict[str, Any]:
@@ -160,11 +186,37 @@ def scenario_feature_map(config: ScenarioConfig, device: str = "cpu"):  # noqa: 
                                m.weights, device)
 
 
+def block_form_needed(config: ScenarioConfig) -> tuple[str, int] | None:
+    """(who, fewest blocks) where the strategy cuts the model into blocks or reads its head and embedding
+    (``fedsim.nn.models.as_block_net``): FuseFL (``strategy.stages`` blocks), the recalibrated ensemble and the
+    class-incremental strategies; None where the model's ``forward`` is all the strategy uses."""
+    name = config.strategy.name
+    if name == "fusefl":
+        stages = int(config.strategy.params.stages)
+        return f"FuseFL (strategy.stages = {stages})", stages
+    if name == "ensemble-recalibrated":
+        return "ensemble-recalibrated (head recalibration)", 1
+    if get_strategy(name).stream == "class-incremental":
+        return f"the class-incremental strategy {name!r} (embeddings, classifier head)", 1
+    return None
+
+
 def scenario_model(config: ScenarioConfig, num_classes: int, input_shape: tuple, width: int | None = None):  # noqa: ANN201
-    """The scenario's trainable network, initialized identically on the server and every client."""
-    from fedsim.nn.models import build_model
+    """The scenario's trainable network, initialized identically on the server and every client.
+
+    A factory model (``model.name = "package.module:function"``) is built with ``model.params``; where the strategy
+    needs the block form (``block_form_needed``) it is returned as a ``BlockNet`` (``as_block_net``: a
+    ``ConfigError`` naming ``model.name`` and what is missing when the model does not state its blocks).
+    """
+    from fedsim import catalog
+    from fedsim.nn.models import as_block_net, build_model
 
     m = config.model
+    if catalog.is_factory_name(m.name):
+        model = build_model(m.name, input_shape=tuple(input_shape), num_classes=num_classes,
+                            seed=derive_seed(config.seed, "model"), params=m.params)
+        need = block_form_needed(config)
+        return model if need is None else as_block_net(model, m.name, *need)
     return build_model(m.name, input_shape=tuple(input_shape), num_classes=num_classes,
                        width=m.width if width is None else width, seed=derive_seed(config.seed, "model"))
 

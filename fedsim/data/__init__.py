@@ -21,9 +21,10 @@ from typing import Any
 import numpy as np
 
 from fedsim.catalog import DATASETS as DESCRIPTIONS
+from fedsim.catalog import HF_PREFIX
 from fedsim.errors import ConfigError
 
-from . import sources
+from . import hf, npz, sources
 from .base import DatasetInfo, LabeledData, SplitArrays, SplitSummary, default_cache_dir
 from .idx import read_idx, write_idx
 
@@ -62,6 +63,8 @@ DATASETS: dict[str, DatasetInfo] = {
         DatasetInfo("cifar100", DESCRIPTIONS["cifar100"], sources.load_cifar100, dict(_DOWNLOAD)),
         DatasetInfo("svhn", DESCRIPTIONS["svhn"], sources.load_svhn, dict(_DOWNLOAD)),
         DatasetInfo("imagefolder", DESCRIPTIONS["imagefolder"], sources.load_imagefolder, {}),
+        DatasetInfo("npz", DESCRIPTIONS["npz"], npz.load_npz, dict(npz.NPZ_OPTIONS), describe=npz.describe_npz),
+        DatasetInfo("hf", DESCRIPTIONS["hf"], hf.load_hf, dict(hf.HF_OPTIONS), describe=hf.describe_hf),
     ]
 }
 
@@ -104,8 +107,11 @@ def slice_indices(n: int, max_n: int | None, seed: int) -> np.ndarray | None:
 def _resolve(name: str, split: str, root: str | os.PathLike | None, options: dict[str, Any]) -> tuple[str | None, tuple]:
     """Check the name, split and options; the cache key parts (root as a string, the merged options)."""
     info = DATASETS.get(name)
+    if info is None and isinstance(name, str) and name.startswith(HF_PREFIX) and len(name) > len(HF_PREFIX):
+        info, options = DATASETS["hf"], {**options, "id": name[len(HF_PREFIX):]}  # "hf:<id>"
     if info is None:
-        raise ConfigError(f"data.name: unknown dataset {name!r}; allowed: {', '.join(dataset_names())}")
+        raise ConfigError(f"data.name: unknown dataset {name!r}; allowed: {', '.join(dataset_names())}, or "
+                          "'hf:<dataset id>'")
     if split not in SPLITS:
         raise ConfigError(f"data.split: unknown split {split!r}; allowed: {', '.join(SPLITS)}")
     unknown = sorted(set(options) - set(info.options))
@@ -127,19 +133,25 @@ def _resolve(name: str, split: str, root: str | os.PathLike | None, options: dic
 @functools.lru_cache(maxsize=16)
 def _load_cached(name: str, split: str, root: str | None, options: tuple, _env: str | None) -> LabeledData:
     # _env ($FEDSIM_DATA) is part of the key only: changing it must not return data found under the old value.
-    data = DATASETS[name].loader(split, root, **dict(options))
+    data = _info(name).loader(split, root, **dict(options))
     return data.to_labeled() if isinstance(data, SplitArrays) else data
 
 
 @functools.lru_cache(maxsize=16)
 def _describe_cached(name: str, split: str, root: str | None, options: tuple, _env: str | None) -> SplitSummary:
-    info = DATASETS[name]
+    info = _info(name)
     if info.describe is not None:
         return info.describe(split, root, **dict(options))
     return info.loader(split, root, **dict(options)).summary()
+
+
+def _info(name: str) -> DatasetInfo:
+    return DATASETS["hf"] if name.startswith(HF_PREFIX) and name not in DATASETS else DATASETS[name]
 
 
 def clear_cache() -> None:
     """Forget every cached dataset (frees memory; tests use it after changing files or $FEDSIM_DATA)."""
     _load_cached.cache_clear()
     _describe_cached.cache_clear()
+    hf._open.cache_clear()
+    npz._labels_and_columns.cache_clear()

@@ -36,6 +36,9 @@ class LabeledData:
     y: torch.Tensor
     classes: list[str] = field(default_factory=list)
     source: str = ""  # where the split was read from (files, directory, or how it was generated); for config.json
+    # per-sample values besides the label, one (N,) numpy array each (a writer, a user id): what
+    # partition.kind = "natural" reads (partition.by); empty for the built-in datasets
+    columns: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         import torch
@@ -48,6 +51,7 @@ class LabeledData:
             )
         if self.x.dtype != torch.float32 or self.y.dtype != torch.int64:
             raise ValueError(f"LabeledData needs float32 x and int64 y, got {self.x.dtype} and {self.y.dtype}")
+        _check_columns(self.columns, int(self.y.shape[0]))
 
     @property
     def labels(self) -> np.ndarray:
@@ -69,12 +73,13 @@ class LabeledData:
         """The samples at ``indices`` (a copy; empty indices give an empty (0, C, H, W) set)."""
         import torch
 
-        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64).reshape(-1))
+        rows = np.asarray(indices, dtype=np.int64).reshape(-1)
+        idx = torch.as_tensor(rows)
         return LabeledData(x=self.x.index_select(0, idx), y=self.y.index_select(0, idx), classes=list(self.classes),
-                           source=self.source)
+                           source=self.source, columns={k: v[rows] for k, v in self.columns.items()})
 
     def summary(self) -> SplitSummary:
-        return SplitSummary(self.labels, self.input_shape, list(self.classes), self.source)
+        return SplitSummary(self.labels, self.input_shape, list(self.classes), self.source, dict(self.columns))
 
     def __repr__(self) -> str:
         return f"LabeledData(n={len(self)}, input_shape={self.input_shape}, num_classes={self.num_classes})"
@@ -89,6 +94,7 @@ class SplitSummary:
     input_shape: tuple[int, int, int]
     classes: list[str]
     source: str = ""
+    columns: dict[str, np.ndarray] = field(default_factory=dict)  # as LabeledData.columns
 
     @property
     def num_classes(self) -> int:
@@ -96,6 +102,12 @@ class SplitSummary:
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    def subset(self, indices: np.ndarray) -> SplitSummary:
+        """The rows at ``indices`` (labels and columns)."""
+        rows = np.asarray(indices, dtype=np.int64).reshape(-1)
+        return SplitSummary(self.labels[rows], self.input_shape, self.classes, self.source,
+                            {k: v[rows] for k, v in self.columns.items()})
 
 
 @dataclass(eq=False)
@@ -107,6 +119,7 @@ class SplitArrays:
     labels: np.ndarray
     classes: list[str]
     source: str = ""
+    columns: dict[str, np.ndarray] = field(default_factory=dict)  # as LabeledData.columns
 
     def to_labeled(self) -> LabeledData:
         """The tensors a run uses (the one place torch is imported for data)."""
@@ -115,11 +128,19 @@ class SplitArrays:
         x = torch.from_numpy(np.ascontiguousarray(self.images))
         if self.images.dtype == np.uint8:
             x = x.to(torch.float32).div_(255.0)
-        return LabeledData(x=x, y=torch.from_numpy(self.labels), classes=list(self.classes), source=self.source)
+        return LabeledData(x=x, y=torch.from_numpy(self.labels), classes=list(self.classes), source=self.source,
+                           columns=dict(self.columns))
 
     def summary(self) -> SplitSummary:
         return SplitSummary(self.labels, tuple(int(s) for s in self.images.shape[1:]),  # type: ignore[arg-type]
-                            list(self.classes), self.source)
+                            list(self.classes), self.source, dict(self.columns))
+
+
+def _check_columns(columns: dict[str, np.ndarray], n: int) -> None:
+    for key, value in columns.items():
+        if not isinstance(value, np.ndarray) or value.shape != (n,):
+            raise ValueError(f"column {key!r} must be a numpy array of shape ({n},), got "
+                             f"{getattr(value, 'shape', type(value).__name__)}")
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,12 @@ import pandas as pd
 
 from fedsim.errors import ConfigError
 
-__all__ = ["PARTITIONS", "partition_indices", "partition_table", "describe_partition"]
+__all__ = ["ALL_PARTITIONS", "PARTITIONS", "natural_partition", "partition_indices", "partition_table", "describe_partition"]
 
-from fedsim.catalog import PARTITIONS  # noqa: E402  (names and descriptions live in the catalog)
+from fedsim.catalog import PARTITIONS as ALL_PARTITIONS  # noqa: E402  (names and descriptions live in the catalog)
+
+#: the kinds drawn from the labels and the seed alone; "natural" (ALL_PARTITIONS) reads a column instead
+PARTITIONS: dict[str, str] = {k: v for k, v in ALL_PARTITIONS.items() if k != "natural"}
 
 
 def _check_positive_int(field: str, value: object, minimum: int = 1) -> int:
@@ -82,6 +85,7 @@ def partition_indices(
     quantity_alpha: float = 1.0,
     min_partition_size: int = 0,
     self_balancing: bool = False,
+    groups: np.ndarray | None = None,
 ) -> list[np.ndarray]:
     """Assign every sample index to one of ``num_clients`` clients; returns sorted int64 index arrays.
 
@@ -97,12 +101,17 @@ def partition_indices(
     tries 10 times, then the error names ``partition.min_partition_size``). The cap is checked before each class,
     so a client may end above N / num_clients by at most one class's share.
 
+    ``natural`` (``groups``: each sample's natural client id, e.g. its writer; ``partition.by``): one client per
+    distinct value, client k holding exactly the samples of the k-th value in sorted order (flwr-datasets'
+    NaturalIdPartitioner, computed directly; tests check the equivalence); ``num_clients`` must equal the number
+    of distinct values. The seed plays no part.
+
     ``shards`` caveat (flwr-datasets' PathologicalPartitioner): a class that no client draws is left out, so its
     samples are assigned to nobody. With num_clients >= number of classes every class is drawn (the first class
     of client i is class i mod C); with fewer clients some classes may be unused, and a warning says which.
     """
-    if kind not in PARTITIONS:
-        raise ConfigError(f"partition.kind: unknown kind {kind!r}; allowed: {', '.join(PARTITIONS)}")
+    if kind not in ALL_PARTITIONS:
+        raise ConfigError(f"partition.kind: unknown kind {kind!r}; allowed: {', '.join(ALL_PARTITIONS)}")
     num_clients = _check_positive_int("num_clients", num_clients)
     seed = _check_positive_int("seed", seed, minimum=0)
     labels = np.asarray(labels)
@@ -110,6 +119,8 @@ def partition_indices(
         raise ConfigError(f"partition: labels must be a 1-D array, got shape {labels.shape}")
     labels = labels.astype(np.int64, copy=False)
     n = labels.shape[0]
+    if kind == "natural":
+        return natural_partition(groups, num_clients, n)
     classes = np.unique(labels)
     alpha = _check_positive_float("alpha", alpha)
     quantity_alpha = _check_positive_float("quantity_alpha", quantity_alpha)
@@ -186,6 +197,29 @@ def partition_indices(
                 stacklevel=2,
             )
     return parts
+
+
+def natural_partition(groups: np.ndarray | None, num_clients: int, n: int | None = None) -> list[np.ndarray]:
+    """One sorted index array per distinct value of ``groups`` (sorted values, as NaturalIdPartitioner numbers
+    them); ``num_clients`` must be their number."""
+    if groups is None:
+        raise ConfigError("partition.by: the natural partition needs each sample's group (the column partition.by)")
+    groups = np.asarray(groups)
+    if groups.ndim != 1 or (n is not None and groups.shape[0] != n):
+        raise ConfigError(f"partition.by: the column must hold one value per training sample ({n}), got shape "
+                          f"{groups.shape}")
+    if groups.dtype == object:
+        raise ConfigError("partition.by: the column must hold numbers or strings, not Python objects")
+    if groups.dtype.kind == "f" and not np.isfinite(groups).all():
+        raise ConfigError("partition.by: the column holds NaN or infinite values; every sample needs a group")
+    values, inverse = np.unique(groups, return_inverse=True)
+    if len(values) != num_clients:
+        raise ConfigError(f"partition.num_clients: {num_clients}, but the natural partition makes one client per "
+                          f"distinct value of partition.by, and the training data has {len(values)}; set "
+                          f"partition.num_clients = {len(values)}")
+    order = np.argsort(inverse, kind="stable").astype(np.int64)
+    bounds = np.cumsum(np.bincount(inverse.reshape(-1), minlength=len(values)))[:-1]
+    return [np.sort(part) for part in np.split(order, bounds)]
 
 
 def _quantity_parts(order: np.ndarray, sizes: np.ndarray) -> list[np.ndarray]:

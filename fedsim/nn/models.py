@@ -15,9 +15,10 @@ from torchvision.models.resnet import BasicBlock
 
 from fedsim.errors import ConfigError
 
-__all__ = ["BlockNet", "CosineLinear", "MODELS", "build_model", "num_parameters", "use_cosine_classifier"]
+__all__ = ["BlockNet", "CosineLinear", "MODELS", "as_block_net", "build_model", "is_factory_name", "num_parameters",
+           "resolve_factory", "use_cosine_classifier"]
 
-from fedsim.catalog import MODELS  # noqa: E402
+from fedsim.catalog import MODELS, is_factory_name  # noqa: E402
 
 
 class BlockNet(nn.Module):
@@ -219,17 +220,32 @@ _BUILDERS = {"cnn": (_build_cnn, 32), "resnet18": (_build_resnet18, 64), "mlp": 
 
 
 def build_model(
-    name: str, input_shape: Sequence[int], num_classes: int, width: int | None = None, seed: int = 0
-) -> BlockNet:
+    name: str, input_shape: Sequence[int], num_classes: int, width: int | None = None, seed: int = 0,
+    params: dict | None = None,
+) -> nn.Module:
     """The network `name` (see MODELS) for inputs of `input_shape` (C, H, W) or (D,), initialized from `seed`.
+
+    `name` may also be a factory of one's own, ``"package.module:function"`` or ``"path/to/file.py:function"``,
+    called as ``function(num_classes=..., input_shape=(C, H, W), **params)`` and returning a ``torch.nn.Module``
+    (returned as it is; `as_block_net` makes the block form FuseFL needs). `params` (``model.params``) is for
+    factories only, `width` for the built-in models only.
 
     Initialization draws from a forked torch RNG seeded with `seed`, so the same arguments give the same weights
     in any process (server and clients build the initial model independently) and the caller's RNG is untouched.
     """
-    if name not in _BUILDERS:
-        raise ConfigError(f"model.name: unknown model {name!r}; allowed: {', '.join(MODELS)}")
     if num_classes < 1:
         raise ConfigError(f"model: num_classes must be >= 1, got {num_classes}")
+    if is_factory_name(name):
+        factory = resolve_factory(name)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return _call_factory(name, factory, tuple(int(s) for s in input_shape), int(num_classes), params or {})
+    if name not in _BUILDERS:
+        raise ConfigError(f"model.name: unknown model {name!r}; allowed: {', '.join(MODELS)}, or a factory "
+                          "'package.module:function' / 'path/to/file.py:function'")
+    if params:
+        raise ConfigError(f"model.params: {params!r} is for a factory model; the built-in {name!r} takes "
+                          "model.width")
     builder, default_width = _BUILDERS[name]
     width = default_width if width is None else int(width)
     if width < 1:
@@ -237,3 +253,121 @@ def build_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return builder(tuple(input_shape), num_classes, width)
+
+
+# ------------------------------------------------------------------------------------------ models of one's own
+_FILE_MODULES: dict[str, object] = {}
+
+
+def resolve_factory(name: str):  # noqa: ANN201
+    """The callable a factory name points at: ``"package.module:attr"`` (imported as Python imports it: the
+    package must be on ``sys.path`` / ``PYTHONPATH``, in every process that builds the model) or
+    ``"path/to/file.py:attr"`` (the file imported by path; a relative path is read from the current directory).
+    ``ConfigError`` ``model.name: '...' could not be imported: ...`` when the import or the lookup fails."""
+    import importlib
+    import importlib.util
+    import os
+
+    target, _, attr = name.rpartition(":")
+    try:
+        if target.endswith(".py"):
+            path = os.path.abspath(os.path.expanduser(target))
+            module = _FILE_MODULES.get(path)
+            if module is None:
+                if not os.path.isfile(path):
+                    raise FileNotFoundError(f"no file {path}")
+                import hashlib
+
+                mod_name = "fedsim_user_model_" + hashlib.blake2b(path.encode(), digest_size=6).hexdigest()
+                spec = importlib.util.spec_from_file_location(mod_name, path)
+                if spec is None or spec.loader is None:
+                    raise ImportError(f"cannot import {path}")
+                module = importlib.util.module_from_spec(spec)
+                import sys
+
+                sys.modules[mod_name] = module
+                try:
+                    spec.loader.exec_module(module)
+                except BaseException:
+                    sys.modules.pop(mod_name, None)
+                    raise
+                _FILE_MODULES[path] = module
+        else:
+            module = importlib.import_module(target)
+        obj = module
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except Exception as exc:  # noqa: BLE001 - any import-time failure of the user's module is a config error
+        raise ConfigError(f"model.name: {name!r} could not be imported: {type(exc).__name__}: {exc}") from exc
+    if not callable(obj):
+        raise ConfigError(f"model.name: {name!r} is a {type(obj).__name__}, not a callable factory "
+                          "factory(num_classes, input_shape, **model.params) -> torch.nn.Module")
+    return obj
+
+
+def _call_factory(name: str, factory, input_shape: tuple, num_classes: int, params: dict) -> nn.Module:  # noqa: ANN001
+    try:
+        model = factory(num_classes=num_classes, input_shape=input_shape, **params)
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError(f"model.name: {name!r} failed to build a model for {num_classes} classes and input shape "
+                          f"{input_shape} with model.params {params!r}: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model.name: {name!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def as_block_net(model: nn.Module, name: str, needed_by: str, min_blocks: int = 1) -> BlockNet:
+    """`model` in the block form (a `BlockNet`) that `needed_by` (e.g. "FuseFL (strategy.stages = 2)") cuts.
+
+    The contract for a model of one's own: a `BlockNet` (returned as it is), or any module with
+      - ``blocks``: an ``nn.ModuleList`` or ``nn.Sequential`` of K >= `min_blocks` blocks, composed in order the
+        backbone (FuseFL cuts between them: K = strategy.stages stages of contiguous blocks);
+      - ``head``: the module mapping the last block's output to class scores; its last child is the classifier
+        layer (``nn.Linear``) and the children before it (pooling, flatten) make the embedding it reads (a bare
+        ``nn.Linear`` head reads the blocks' output directly, which must then be flat);
+      - optionally ``feature_dim`` (the classifier's input width; else the last ``nn.Linear``'s ``in_features``)
+        and ``cut_points`` (block indices where cuts are preferred);
+      - no parameters or buffers outside ``blocks`` and ``head``; and ``forward(x) == head(blocks(x))``, since
+        the block form runs exactly that (`fedsim validate` checks it on a probe batch).
+    Otherwise a ``ConfigError`` naming ``model.name`` and what is missing.
+    """
+    if isinstance(model, BlockNet):
+        if model.num_blocks < min_blocks:
+            raise ConfigError(f"model.name: {name!r} has {model.num_blocks} blocks; {needed_by} needs at least "
+                              f"{min_blocks}")
+        return model
+    what = type(model).__name__
+    missing = [attr for attr in ("blocks", "head") if not isinstance(getattr(model, attr, None), nn.Module)]
+    blocks = getattr(model, "blocks", None)
+    if "blocks" not in missing and not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
+        missing.append("blocks as an nn.ModuleList or nn.Sequential")
+    if missing:
+        raise ConfigError(
+            f"model.name: {name!r} returned {what}, which lacks {' and '.join(f'`{m}`' for m in missing)}; "
+            f"{needed_by} needs the block form: `blocks` (nn.ModuleList / nn.Sequential of the K cuttable blocks, "
+            "in order) and `head` (the rest, ending in the classifier), with forward(x) == head(blocks(x)); "
+            "or return a fedsim.nn.models.BlockNet")
+    if len(blocks) < min_blocks:
+        raise ConfigError(f"model.name: {name!r} returned {what} with {len(blocks)} blocks; {needed_by} needs at "
+                          f"least {min_blocks}")
+    own = {id(t) for t in list(blocks.parameters()) + list(blocks.buffers())
+           + list(model.head.parameters()) + list(model.head.buffers())}
+    outside = [k for k, t in list(model.named_parameters()) + list(model.named_buffers()) if id(t) not in own]
+    if outside:
+        raise ConfigError(f"model.name: {name!r} returned {what} with parameters outside `blocks` and `head` "
+                          f"({', '.join(outside[:3])}); the block form keeps only those two, so move them into a "
+                          "block or the head")
+    feature_dim = getattr(model, "feature_dim", None)
+    if feature_dim is None:
+        linears = [m for m in model.head.modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise ConfigError(f"model.name: {name!r} returned {what} whose `head` has no nn.Linear and which states "
+                              f"no `feature_dim`; {needed_by} needs the classifier's input width")
+        feature_dim = linears[-1].in_features
+    if isinstance(blocks, nn.Sequential):
+        named = list(blocks.named_children())
+    else:
+        named = [(str(i), b) for i, b in enumerate(blocks)]
+    cut_points = getattr(model, "cut_points", None)
+    return BlockNet(named, model.head, feature_dim=int(feature_dim),
+                    cut_points=tuple(cut_points) if cut_points is not None else None)

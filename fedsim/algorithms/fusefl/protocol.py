@@ -209,8 +209,8 @@ def _check(config) -> None:  # noqa: ANN001
     if p.epochs_per_stage is None and config.client.epochs < 1:
         raise ConfigError(f"client.epochs: {config.client.epochs} trains nothing; it must be >= 1 for fusefl "
                           "(it is the total of local epochs over the stages; or set strategy.epochs_per_stage)")
-    blocks = MODEL_BLOCKS[config.model.name]
-    if p.stages > blocks:
+    blocks = MODEL_BLOCKS.get(config.model.name)  # None: a factory model, whose blocks fedsim.preflight counts
+    if blocks is not None and p.stages > blocks:
         raise ConfigError(f"strategy.stages: {p.stages} is more than model {config.model.name!r} has blocks "
                           f"({blocks}); use 1..{blocks}")
 
