@@ -6,7 +6,8 @@ outlives the command and Ray's start-up (12-20 s) is paid once. ``run_scenario``
 
 By default Ray is a private instance of this process: ``address="local"`` (never a cluster someone started with
 ``ray start`` on the machine, nor a stale cluster file), node IP 127.0.0.1 (the GCS and raylet then listen on
-loopback, not on every interface), no dashboard, and Ray's token authentication (``RAY_AUTH_MODE=token`` with a
+loopback, not on every interface), no dashboard process (``_private_node_patches``), its files in a private
+0700 temporary folder (removed at the end), and Ray's token authentication (``RAY_AUTH_MODE=token`` with a
 random token per process), since anyone who reaches Ray's ports can run code on the machine. ``simulation.ray_address`` (or ``RAY_ADDRESS`` set by the
 user) joins an existing cluster instead, without CPU/GPU counts (the cluster has its own) and with the user's own
 authentication settings.
@@ -17,12 +18,15 @@ of waiting on Ray's own shutdown.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
 import secrets
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -104,6 +108,143 @@ def _loopback_stays_loopback(active: bool) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _private_node_patches(active: bool) -> Iterator[None]:
+    """What ``ray.init`` of the private Ray does differently (private Ray API, each patch skipped where this Ray
+    version lacks it):
+
+    - no dashboard process: with ``include_dashboard=False`` Ray still starts ``dashboard.py`` with its
+      UsageStatsHead module, which sends cloud-metadata requests (169.254.169.254, ``metadata.google.internal``);
+      ``Node.start_api_server`` leaves the URL empty as the minimal install does and starts nothing;
+    - the folders the driver creates in its temp dir (session, logs, sockets, runtime_resources) are 0700, not
+      Ray's 0777 without the sticky bit;
+    - SIGTERM stays fedsim's where a Python handler is installed (``fedsim run``): ``ray.init`` replaces the handler (``sys.exit(15)``, later ``sys.exit(1)``) and the
+      driver's core worker installs a C++ failure handler that aborts on SIGTERM (exit 134); a signal while Ray
+      starts then ends the run as "interrupted" with 143 (``fedsim.engine.signals``).
+    """
+    if not active:
+        yield
+        return
+    undo: list[tuple[Any, str, Any]] = []
+
+    def patch(owner: Any, name: str, value: Any) -> None:
+        if owner is not None and hasattr(owner, name):
+            undo.append((owner, name, getattr(owner, name)))
+            setattr(owner, name, value)
+
+    node_mod = utils = constants = None
+    with contextlib.suppress(Exception):
+        import ray._private.node as node_mod
+    with contextlib.suppress(Exception):
+        import ray._private.utils as utils
+    with contextlib.suppress(Exception):
+        import ray._private.ray_constants as constants
+
+    def start_api_server(self: Any, *, include_dashboard: Any = None, raise_on_failure: Any = None) -> None:
+        self._webui_url = ""
+
+    def private_directory(directory_path: str) -> None:  # Ray's own makes every folder 0777 ("shared")
+        os.makedirs(os.path.expanduser(directory_path), mode=0o700, exist_ok=True)
+
+    patch(getattr(node_mod, "Node", None), "start_api_server", start_api_server)
+    patch(node_mod, "try_to_create_directory", private_directory)
+    if callable(signal.getsignal(signal.SIGTERM)):  # someone (fedsim run) handles SIGTERM: Ray must not take it
+        patch(utils, "set_sigterm_handler", lambda handler: None)
+        patch(constants, "RAY_DISABLE_FAILURE_SIGNAL_HANDLER", True)
+    try:
+        yield
+    finally:
+        for owner, name, value in reversed(undo):
+            setattr(owner, name, value)
+
+
+# --------------------------------------------------------------------------- the private Ray's temporary folder
+_TEMP_DIRS: list[str] = []  # the private Ray's temporary folder while it exists (0700, this process's)
+_SOCKET_PATH_ROOM = 64  # what Ray appends to its temp dir for a socket: /session_<date>_<time>_<pid>/sockets/...
+_UNIX_PATH_MAX = 107
+
+
+def _make_temp_dir() -> str:
+    """A fresh 0700 folder for the private Ray (``ray.init(_temp_dir=...)``): Ray's default ``/tmp/ray`` and its
+    ``session_*/{logs,sockets}`` are 0777 without the sticky bit, so another local user could replace the raylet's
+    and the object store's sockets. Under ``RAY_TMPDIR``, else the system's temporary folder, else ``/tmp`` when
+    that path is too long for Ray's unix sockets."""
+    for base in (os.environ.get("RAY_TMPDIR"), tempfile.gettempdir(), "/tmp"):
+        if base and os.path.isdir(base) and len(os.path.abspath(base)) + 16 + _SOCKET_PATH_ROOM <= _UNIX_PATH_MAX:
+            with contextlib.suppress(OSError):
+                path = tempfile.mkdtemp(prefix="fedsim-ray-", dir=base)
+                _TEMP_DIRS.append(path)
+                return path
+    raise ConfigError("cannot create a private temporary folder for Ray: set TMPDIR (or RAY_TMPDIR) to a "
+                      "writable folder with a short path (Ray's socket paths must stay under 108 bytes)")
+
+
+def _remove_temp_dirs() -> None:
+    """Remove the private Ray's temporary folder (after its processes are gone)."""
+    while _TEMP_DIRS:
+        shutil.rmtree(_TEMP_DIRS.pop(), ignore_errors=True)
+
+
+def temp_dir() -> str | None:
+    """The private Ray's temporary folder while it is up (None otherwise)."""
+    return _TEMP_DIRS[-1] if _TEMP_DIRS else None
+
+
+atexit.register(_remove_temp_dirs)  # a normal interpreter exit after an error; a signal removes it itself
+
+
+# ------------------------------------------------------------------- orphans of the private Ray stay findable
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def _become_subreaper() -> bool:
+    """Make this process the subreaper of what it starts (Linux ``prctl(PR_SET_CHILD_SUBREAPER)``): when the raylet
+    dies first (a signal to the whole process group: Ctrl-C in a terminal, ``timeout``, Slurm), its DashboardAgent,
+    RuntimeEnvAgent and workers are re-parented to this process instead of init, so ``descendants`` still finds
+    them and they are stopped with the rest (they otherwise lived on for 60-150 s)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _reap(pids: set[int]) -> None:
+    """Collect the exit status of the orphans this process inherited as subreaper (no zombies left behind);
+    only ``pids`` (never a child someone else waits for)."""
+    for pid in pids:
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(pid, os.WNOHANG)
+
+
+def _ray_children() -> set[int]:
+    """PIDs of the processes the private node started itself (Ray waits for these)."""
+    with contextlib.suppress(Exception):
+        worker = sys.modules.get("ray._private.worker")
+        node = getattr(worker, "_global_node", None) if worker is not None else None
+        if node is not None:
+            return {info.process.pid for infos in node.all_processes.values() for info in infos}
+    return set()
+
+
+def _stop_partial_start(before: set[int], timeout: float = 2.0) -> None:
+    """``ray.init`` of the private Ray did not finish (a signal, an error): stop every process it started."""
+    started = set(descendants(os.getpid())) - before
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in started:
+            if alive(pid):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, sig)
+        deadline = time.monotonic() + (timeout if sig == signal.SIGTERM else 1.0)
+        while time.monotonic() < deadline and any(alive(pid) for pid in started):
+            time.sleep(0.05)
+    _reap(started)
+
+
+@contextlib.contextmanager
 def ray_session() -> Iterator[dict[str, Any]]:
     """Within: Ray is started at most once (by ``ensure_ray``) and stays up; at the end it is shut down if the
     session started or joined it. Nested sessions are the outer one."""
@@ -151,13 +292,24 @@ def ensure_ray(config: Any) -> dict[str, Any]:
             for key, value in (("RAY_AUTH_MODE", "token"), ("RAY_AUTH_TOKEN", _TOKEN)):
                 if key not in os.environ:
                     os.environ[key] = added[key] = value
+    before: set[int] = set()
     if not address:  # what runs below this process before the private Ray starts (not Ray's: left alone at the end)
-        _BEFORE_RAY[:] = [set(descendants(os.getpid()))]
+        before = set(descendants(os.getpid()))
+        _BEFORE_RAY[:] = [before]
+        args["_temp_dir"] = _make_temp_dir()
+        _become_subreaper()
     try:
-        with _loopback_stays_loopback(not address):
+        with _loopback_stays_loopback(not address), _private_node_patches(not address):
             ray.init(**args)
-    except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
-        if not address:
+    except BaseException as exc:
+        if not address:  # a signal or an error while the private Ray started: nothing of it stays
+            _BEFORE_RAY.clear()
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+            _stop_partial_start(before)
+            _remove_temp_dirs()
+            raise
+        if not isinstance(exc, (ConnectionError, RuntimeError, ValueError, TimeoutError)):
             raise
         text = str(exc).strip()
         raise ConfigError(f"simulation.ray_address: cannot connect to Ray at {address!r}: "
@@ -165,6 +317,9 @@ def ensure_ray(config: Any) -> dict[str, Any]:
     finally:
         for key in added:
             os.environ.pop(key, None)
+    if not address:  # the top folder stays 0700 whatever Ray did to it
+        with contextlib.suppress(OSError):
+            os.chmod(args["_temp_dir"], 0o700)
     STATS["starts"] += 1
     if session is not None:
         session.update(started=True, address=address, undo=_keep_ray_between_runs())
@@ -185,6 +340,7 @@ def shutdown_ray(timeout: float = 5.0) -> None:
         return
     private = bool(_BEFORE_RAY)
     started = set(descendants(os.getpid())) - (_BEFORE_RAY[0] if private else set())
+    own = _ray_children()
     with contextlib.suppress(Exception):
         ray.shutdown()
     _BEFORE_RAY.clear()
@@ -197,6 +353,11 @@ def shutdown_ray(timeout: float = 5.0) -> None:
         if alive(pid):
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
+    end = time.monotonic() + 1.0
+    while time.monotonic() < end and any(alive(pid) for pid in started):
+        time.sleep(0.02)
+    _reap(started - own)
+    _remove_temp_dirs()
 
 
 def teardown_local_ray(timeout: float = 2.0) -> bool:
@@ -243,6 +404,8 @@ def teardown_local_ray(timeout: float = 2.0) -> bool:
     end = time.monotonic() + 1.0  # a killed process takes a moment to go
     while time.monotonic() < end and any(alive(pid) for pid in below):
         time.sleep(0.02)
+    _reap(below - {proc.pid for proc in procs})
+    _remove_temp_dirs()
     return True
 
 
