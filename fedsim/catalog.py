@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 
+from fedsim.params import Options
+
 DATASETS: dict[str, str] = {
     "fashion-mnist": "Fashion-MNIST: 70k 28x28 grayscale clothing images, 10 classes (real, offline via apt package "
                      "dataset-fashion-mnist)",
@@ -25,6 +27,9 @@ DATASETS: dict[str, str] = {
     "hf": "a Hugging Face dataset (also written 'hf:<id>'): data.path = a save_to_disk directory or parquet files "
           "(offline), or the hub id downloaded with `datasets`; columns in data.options (image_column, label_column)",
 }
+
+#: ``data.name = "hf:<id>"``: the "hf" dataset with a hub id
+HF_PREFIX = "hf:"
 
 PARTITIONS: dict[str, str] = {
     "iid": "uniformly shuffled, equal sizes (differ by at most 1), as flwr-datasets' IidPartitioner",
@@ -72,3 +77,66 @@ BUFFER_INITS: tuple[str, ...] = ("normal", "uniform")
 STREAM_KINDS: tuple[str, ...] = ("none", "class-incremental", "online")
 
 STRATEGY_KINDS: tuple[str, ...] = ("federated", "continual")
+
+
+# -- live names: what a scenario may name now (plugins included) -------------------------------------------------
+# The dicts above are the registries themselves: a builder that registers a name (a plugin's dataset, model or
+# partition) adds it with ``register_name``, and validation reads them when a scenario is checked, not at import.
+_KINDS: dict[str, dict[str, str]] = {"datasets": DATASETS, "models": MODELS, "partitions": PARTITIONS}
+_BEFORE_LOOKUP: list = []  # called before names are read: fedsim.registry's plugin discovery
+
+
+def before_lookup(hook) -> None:  # noqa: ANN001
+    """Call ``hook()`` before a scenario's names are read (``fedsim.registry`` registers its discovery here, so
+    plugins are imported before ``data.name`` or ``model.name`` is checked)."""
+    if hook not in _BEFORE_LOOKUP:
+        _BEFORE_LOOKUP.append(hook)
+
+
+def names(kind: str) -> dict[str, str]:
+    """The names of ``kind`` ("datasets", "models", "partitions") registered now, with their one-line
+    descriptions, after plugin discovery."""
+    for hook in list(_BEFORE_LOOKUP):
+        hook()
+    return dict(_KINDS[kind])
+
+
+def live(source: object) -> tuple:
+    """The names of a registry of this module (``DATASETS``, ``MODELS``, ``PARTITIONS``) as they are now, after
+    plugin discovery: what a constraint reads when a value is checked."""
+    for hook in list(_BEFORE_LOOKUP):
+        hook()
+    return tuple(source)  # type: ignore[call-overload]
+
+
+def register_name(kind: str, name: str, description: str) -> None:
+    """Make ``name`` a valid ``data.name`` / ``model.name`` / ``partition.kind`` (``kind`` "datasets", "models",
+    "partitions"); the builder that loads or builds it registers its own object beside (fedsim.data, fedsim.nn)."""
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be one of {', '.join(_KINDS)}, got {kind!r}")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a {kind[:-1]} name must be a non-empty string, got {name!r}")
+    _KINDS[kind][name] = description
+
+
+class RegisteredNames(Options):
+    """An ``Options`` constraint (``fedsim.params``) whose values are the names of ``kind`` registered when a value
+    is checked, so names a plugin added are valid (a plain ``Options`` freezes its values at import)."""
+
+    def __init__(self, kind: str) -> None:  # noqa: D107 -- Options is frozen: set through object.__setattr__
+        if kind not in _KINDS:
+            raise ValueError(f"kind must be one of {', '.join(_KINDS)}, got {kind!r}")
+        object.__setattr__(self, "kind", kind)
+
+    @property
+    def values(self) -> tuple:  # type: ignore[override]
+        return tuple(names(self.kind))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RegisteredNames) and other.kind == self.kind
+
+    def __hash__(self) -> int:
+        return hash(("RegisteredNames", self.kind))
+
+    def __repr__(self) -> str:
+        return f"RegisteredNames({self.kind!r})"

@@ -99,8 +99,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if getattr(args, "seeds", None) or getattr(args, "sweep", None) or scenario_seeds(args.scenario):
         return _run_many(args)
 
-    every = load_scenarios(args.scenario, args.set)  # torch-free: a bad scenario fails here, fast
+    notes: list[str] = []
+    every = load_scenarios(args.scenario, args.set, notes=notes)  # torch-free: a bad scenario fails here, fast
     variants = select_variants(every, args.only)
+    if not args.quiet:
+        _print_notes(notes)
+    _check_parts(variants)
     out = _out_dir(args)
     # a scenario without [[variants]] writes into --out itself; one with variants, one folder per label (also
     # under --only, so a later --resume or report finds every variant where the full run puts it)
@@ -156,7 +160,9 @@ def _run_many(args: argparse.Namespace) -> int:
 
     seeds = parse_seeds(args.seeds) if getattr(args, "seeds", None) else None
     out = _out_dir(args)
-    jobs, _ = plan_jobs(args.scenario, args.set, args.only, out, seeds=seeds, sweeps=getattr(args, "sweep", []))
+    jobs, _ = plan_jobs(args.scenario, args.set, args.only, out, seeds=seeds, sweeps=getattr(args, "sweep", []),
+                        show=not args.quiet)
+    _check_parts([(job.label, job.config) for job in jobs])
     _writable_dir(out)
     for job in jobs:  # from the checks to the end: another fedsim run into one of them is refused
         _hold(job.run_dir)
@@ -215,6 +221,10 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     from fedsim.deploy import deploy
     from fedsim.engine.signals import Interrupted
 
+    from fedsim.config import load_scenarios, select_variants
+
+    # the parts as the SuperNodes will serve them (a node of several clients needs reduce), before anything starts
+    _check_parts(select_variants(load_scenarios(args.scenario, args.set), args.only), args.nodes)
     out = _out_dir(args)
     _writable_dir(out)
     _WATCHED.append((out, True))  # fedsim.deploy locks its run directories (out or out/<label>) itself
@@ -239,10 +249,35 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_parts(loaded: list, nodes: int | None = None) -> None:
+    """Every variant's parts against their contracts, before anything starts (torch-free: fedsim.registry reads
+    the parts' source); with ``nodes``, for ``fedsim deploy --nodes``. Errors name the variant."""
+    from fedsim.errors import ConfigError
+    from fedsim.registry import check_nodes, check_parts, get_strategy
+
+    for label, config in loaded:
+        spec = get_strategy(config.strategy.name)
+        try:
+            if nodes is None:
+                check_parts(spec, config.simulation.clients_per_node)
+            else:
+                check_nodes(spec, config.num_clients, nodes)
+        except ConfigError as exc:
+            raise ConfigError(f"variant {label!r}: {exc}" if len(loaded) > 1 else str(exc)) from None
+
+
+def _print_notes(notes: list[str]) -> None:
+    for line in dict.fromkeys(notes):
+        print(f"note: {line}", file=sys.stderr)
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from fedsim.config import load_scenarios
 
-    loaded = load_scenarios(args.scenario, args.set)  # torch-free
+    notes: list[str] = []
+    loaded = load_scenarios(args.scenario, args.set, notes=notes)  # torch-free
+    _print_notes(notes)
+    _check_parts(loaded, getattr(args, "nodes", None))
     from fedsim.preflight import preflight
 
     for label, config in loaded:
@@ -292,6 +327,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plugin_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--plugin", action="append", default=[], metavar="FILE.py",
+                        help="import this Python file first (repeatable): it may register strategies "
+                             "(fedsim.registry.register_strategy) and names; Ray workers and SuperNodes import it too")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedsim", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -299,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a scenario file (all its variants) and print the comparison")
     run.add_argument("scenario", help="scenario TOML file")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a setting, e.g. --set partition.alpha=0.1 (repeatable)")
+                     help="override a setting, e.g. --set partition.alpha=0.1 (repeatable); a variant's own set wins "
+                          "over it; --set LABEL:key=value sets one variant (wins over its set)")
     run.add_argument("--out", help="run directory (default: runs/<scenario>-<time>)")
     run.add_argument("--only", action="append", default=[], metavar="LABEL",
                      help="run only this variant (repeatable)")
@@ -319,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
                      help="run every variant at each value of a setting (repeatable: the grid over several keys); "
                           "writes OUT/<label>/<key>=<v>/[seed-<s>/]")
+    _plugin_flag(run)
     run.set_defaults(func=cmd_run)
 
     dep = sub.add_parser("deploy", help="run a scenario on Flower's deployment engine: a SuperLink and N "
@@ -337,14 +380,19 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "in --out with the same configuration")
     dep.add_argument("--overwrite", action="store_true", help="as fedsim run --overwrite: allow --out to hold a "
                                                              "completed run of another configuration or foreign files")
+    _plugin_flag(dep)
     dep.set_defaults(func=cmd_deploy)
 
     val = sub.add_parser("validate", help="check a scenario file without running it")
     val.add_argument("scenario")
     val.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    val.add_argument("--nodes", type=int, default=None, help="also check the scenario for fedsim deploy --nodes N "
+                                                              "(a SuperNode serving several clients needs reduce)")
+    _plugin_flag(val)
     val.set_defaults(func=cmd_validate)
 
     lst = sub.add_parser("list", help="datasets, partitions, streams, models and strategies")
+    _plugin_flag(lst)
     lst.set_defaults(func=cmd_list)
 
     rep = sub.add_parser("report", help="compare run directories: table + accuracy plots")
@@ -380,6 +428,10 @@ def main(argv: list[str] | None = None) -> int:
     _WATCHED.clear()
     try:
         args = build_parser().parse_args(argv)
+        if getattr(args, "plugin", None):  # before the scenario is read: a plugin may add names and strategies
+            from fedsim.registry import load_plugins
+
+            load_plugins(args.plugin)
         return args.func(args)
     except DataUnavailableError as exc:  # its messages name the dataset and files; the field is data (or weights)
         field = "model.weights" if str(exc).startswith("Pretrained weights") else "data"

@@ -44,14 +44,15 @@ class _OptionsOr(Options):
 
     def __init__(self, values: typing.Iterable[Any], accept: typing.Callable[[Any], bool], forms: str) -> None:
         super().__init__(values)
+        object.__setattr__(self, "source", values)  # a catalog registry: read when checked (plugins add names)
         object.__setattr__(self, "accept", accept)
         object.__setattr__(self, "forms", forms)
 
     def accepts(self, value: Any) -> bool:
-        return super().accepts(value) or bool(self.accept(value))
+        return Options(catalog.live(self.source)).accepts(value) or bool(self.accept(value))
 
     def describe(self) -> str:
-        return f"{super().describe()}, or {self.forms}"
+        return f"{Options(catalog.live(self.source)).describe()}, or {self.forms}"
 
 
 @dataclass
@@ -104,7 +105,7 @@ class PartitionConfig:
     #                               official sampler; with min_partition_size = 10 the paper's partition)
     by: str | None = None  # natural: the training data's column naming each sample's client (writer, user, device)
 
-    _parameter_constraints = {"kind": [Options(catalog.PARTITIONS)], "num_clients": [AT_LEAST_1],
+    _parameter_constraints = {"kind": [catalog.RegisteredNames("partitions")], "num_clients": [AT_LEAST_1],
                               "alpha": [POSITIVE], "quantity_alpha": [POSITIVE],
                               "classes_per_client": [AT_LEAST_1], "min_partition_size": [AT_LEAST_0],
                               "self_balancing": [Options((False, True))]}
@@ -428,6 +429,23 @@ def parse_overrides(items: typing.Iterable[str]) -> list[tuple[str, Any]]:
     return out
 
 
+def parse_targeted_overrides(items: typing.Iterable[str]) -> list[tuple[str | None, str, Any]]:
+    """``--set key=value`` -> (None, key, value); ``--set LABEL:key=value`` (one variant) -> (LABEL, key, value)."""
+    out = []
+    for item in items:
+        head, sep, _ = str(item).partition("=")
+        target, colon, key = head.partition(":")
+        if sep and colon:
+            if not target.strip() or not key.strip():
+                raise ConfigError(f"--set {item!r}: expected LABEL:key=value, e.g. --set fedavg:rounds=10")
+            ((key, value),) = parse_overrides([f"{key}={str(item).partition('=')[2]}"])
+            out.append((target.strip(), key, value))
+        else:
+            ((key, value),) = parse_overrides([item])
+            out.append((None, key, value))
+    return out
+
+
 def config_from_dict(tree: dict) -> ScenarioConfig:
     """Validate a raw scenario tree (as loaded from TOML) into a ``ScenarioConfig``.
 
@@ -529,14 +547,20 @@ def check_label(path: str, label: Any) -> str:
 
 
 def load_scenarios(path: str | Path | None, overrides: typing.Iterable[str] = (),
-                   only: typing.Iterable[str] = ()) -> list[tuple[str, ScenarioConfig]]:
+                   only: typing.Iterable[str] = (), *, sweep: typing.Iterable[str] = (),
+                   notes: list[str] | None = None) -> list[tuple[str, ScenarioConfig]]:
     """Load a scenario file into one (label, config) per variant (a single unnamed one when it has none).
 
     A scenario may list ``[[variants]]``, each with a ``label`` and a ``set`` table of dotted overrides, to run
     several strategies on the same data and partition (``fedsim report`` then compares them).
-    Command-line ``--set`` overrides apply to every variant, after the variant's own; a ``strategy.<param>``
-    override applies to the variants whose strategy has that parameter (an error if none has). ``only`` keeps the
-    variants with those labels.
+
+    Precedence, lowest first: the scenario's tables; a command-line ``--set key=value`` (every variant); the
+    variant's own ``set``; ``--set LABEL:key=value`` (that variant only) and ``sweep`` items (a sweep point, every
+    variant). In a scenario with several variants a ``--set`` or sweep item skips the variants that cannot take it
+    (``override_skip_reason``: a ``strategy.<param>`` their strategy lacks, ``rounds`` for a strategy that defines
+    its own); one that no variant takes is an error. Every error raised while building a variant names it
+    (``variant 'afl': rounds: ...``). ``notes`` (a list) receives one line per ``--set`` that a variant's own
+    ``set`` overrides or that a variant skips. ``only`` keeps the variants with those labels.
     """
     tree: dict = {}
     if path is not None:
@@ -557,12 +581,17 @@ def load_scenarios(path: str | Path | None, overrides: typing.Iterable[str] = ()
             raise ConfigError(f"scenario: {path} is nested too deeply (at most {MAX_DEPTH} levels of tables and "
                               "arrays)") from None
         check_depth(tree, f"scenario: {path}")
-    cli = parse_overrides(overrides)
+    cli = parse_targeted_overrides(overrides)
+    swept = parse_overrides(sweep)
     variants = tree.get("variants") or [{}]
     if not isinstance(variants, list) or not all(isinstance(v, dict) for v in variants):
         raise ConfigError("variants: expected an array of tables ([[variants]] with label and set)")
+    named = "variants" in tree  # errors name the variant
+    several = len(variants) > 1
     out = []
     labels = set()
+    taken: dict[tuple[str, str], list[str]] = {}  # (origin, key) -> variants that took it
+    targeted_used: set[str] = set()
     for i, variant in enumerate(variants):
         unknown = set(variant) - {"label", "set"}
         if unknown:
@@ -574,23 +603,68 @@ def load_scenarios(path: str | Path | None, overrides: typing.Iterable[str] = ()
             raise ConfigError(f"variants[{i}].set: {settings!r} has the wrong type; it must be a table of dotted "
                               'settings, e.g. set = { "strategy.name" = "fedprox" }')
         base = copy.deepcopy({k: v for k, v in tree.items() if k != "variants"})
-        for key, value in settings.items():
-            apply_override(base, key, value)
-        for key, value in cli:
-            if len(variants) > 1 and not _strategy_accepts(base, key):
-                continue  # e.g. --set strategy.draws=256 tunes the variants whose strategy has `draws`
-            apply_override(base, key, value)
-        config = config_from_dict(base)
+        where = variant.get("label") if isinstance(variant.get("label"), str) else None
+        try:
+            # the variant as it ends up, for its label and its strategy (what the global items are checked against)
+            probe = copy.deepcopy(base)
+            for _, key, value in [c for c in cli if c[0] is None]:
+                apply_override(probe, key, value)
+            for key, value in settings.items():
+                apply_override(probe, key, value)
+            label_now = where or _derived_label(probe)
+            own = [(key, value) for target, key, value in cli if target is not None and target == label_now]
+            for key, value in own:
+                apply_override(probe, key, value)
+            mine = copy.deepcopy(base)  # the variant without the global items
+            for key, value in [*settings.items(), *own]:
+                apply_override(mine, key, value)
+            where = label_now
+            targeted_used.update(target for target, _, _ in cli if target == label_now)
+            for target, key, value in cli:
+                if target is not None:
+                    continue
+                reason = override_skip_reason(probe, key, mine) if several else None
+                if reason is not None:
+                    if notes is not None:
+                        notes.append(f"--set {key}: not applied to variant {where!r} ({reason})")
+                    continue
+                if key in settings and notes is not None and several:
+                    notes.append(f"--set {key}: variant {where!r} keeps its own {key} = {settings[key]!r} (a "
+                                 f"variant's set wins; --set {where}:{key}=... changes it)")
+                taken.setdefault(("--set", key), []).append(where)
+                apply_override(base, key, value)
+            for key, value in settings.items():
+                apply_override(base, key, value)
+            for key, value in own:
+                apply_override(base, key, value)
+            for key, value in swept:
+                if several and override_skip_reason(base, key, mine) is not None:
+                    continue
+                taken.setdefault(("--sweep", key), []).append(where)
+                apply_override(base, key, value)
+            config = config_from_dict(base)
+        except ConfigError as exc:
+            if not named:
+                raise
+            raise ConfigError(f"variant {where or f'variants[{i}]'!r}: {exc}") from None
         label = check_label(f"variants[{i}].label" if "label" in variant else "name",
                             variant.get("label") or config.name or config.strategy.name)
         if label in labels:
             raise ConfigError(f"variants[{i}].label: {label!r} is used twice; labels name run directories")
         labels.add(label)
         out.append((label, config))
-    for key, _ in cli:
-        if len(variants) > 1 and not any(_strategy_accepts(config.to_dict(), key) for _, config in out):
-            raise ConfigError(f"{key}: no variant's strategy has this setting "
-                              f"({', '.join(sorted({c.strategy.name for _, c in out}))})")
+    for origin, items in (("--set", [(k, v) for t, k, v in cli if t is None]), ("--sweep", swept)):
+        for key, _ in items:
+            if several and not taken.get((origin, key)):
+                strategies = ", ".join(sorted({c.strategy.name for _, c in out}))
+                if _is_strategy_param(key):
+                    raise ConfigError(f"{key}: no variant's strategy has this setting ({strategies})")
+                raise ConfigError(f"{key}: no variant takes this setting ({strategies}: "
+                                  f"{override_skip_reason(out[0][1].to_dict(), key)})")
+    unknown_targets = sorted({t for t, _, _ in cli if t is not None} - targeted_used)
+    if unknown_targets:
+        raise ConfigError(f"--set {unknown_targets[0]}:...: no variant is labelled {unknown_targets[0]!r}; variants "
+                          f"are {', '.join(label for label, _ in out)}")
     return select_variants(out, only)
 
 
@@ -607,18 +681,49 @@ def select_variants(variants: list[tuple[str, ScenarioConfig]], only: typing.Ite
     return [(label, config) for label, config in variants if label in only]
 
 
-def _strategy_accepts(tree: dict, dotted: str) -> bool:
-    """Whether a ``strategy.<param>`` override fits the strategy named in ``tree`` (other keys always fit)."""
+def _is_strategy_param(dotted: str) -> bool:
     keys = dotted.split(".")
-    if keys[0] != "strategy" or len(keys) != 2 or keys[1] == "name":
-        return True
+    return keys[0] == "strategy" and len(keys) == 2 and keys[1] != "name"
+
+
+def _tree_strategy(tree: dict) -> StrategySpec | None:
     strategy = tree.get("strategy") or {}
     name = strategy.get("name", "fedavg") if isinstance(strategy, dict) else None
     try:
-        spec = get_strategy(name)
+        return get_strategy(name)
     except ConfigError:
-        return True  # let validation report the bad name
-    return keys[1] in {f.name for f in dataclasses.fields(spec.params)}
+        return None  # let validation report the bad name
+
+
+def _derived_label(tree: dict) -> str:
+    """The label of a variant without one: the scenario's ``name``, else its strategy's name."""
+    strategy = tree.get("strategy") if isinstance(tree.get("strategy"), dict) else {}
+    return str(tree.get("name") or strategy.get("name", "fedavg"))
+
+
+def override_skip_reason(tree: dict, dotted: str, own: dict | None = None) -> str | None:
+    """Why a command-line ``--set`` / ``--sweep`` of ``dotted`` does not apply to the variant whose (raw) tree is
+    ``tree`` (``own``: that tree without the command line's global items), in a scenario with several variants:
+    a ``strategy.<param>`` its strategy lacks, or ``rounds`` where the variant does not set them and its strategy
+    defines them (one-shot, FuseFL's stages) or takes them from its stream (tasks, one online pass); None: it
+    applies."""
+    spec = _tree_strategy(tree)
+    if spec is None:
+        return None
+    keys = dotted.split(".")
+    if _is_strategy_param(dotted) and keys[1] not in {f.name for f in dataclasses.fields(spec.params)}:
+        return f"{spec.name!r} has no parameter {keys[1]!r}"
+    if dotted == "rounds" and "rounds" not in (tree if own is None else own):
+        if spec.fixed_rounds is not None:
+            return f"{spec.name!r} defines its own rounds"
+        if spec.stream != "none":
+            return f"{spec.name!r} takes its rounds from its {spec.stream} stream"
+    return None
+
+
+def _strategy_accepts(tree: dict, dotted: str) -> bool:
+    """Whether a ``strategy.<param>`` override fits the strategy named in ``tree`` (other keys always fit)."""
+    return not (_is_strategy_param(dotted) and override_skip_reason(tree, dotted) is not None)
 
 
 def load_scenario(path: str | Path | None, overrides: typing.Iterable[str] = ()) -> ScenarioConfig:

@@ -6,19 +6,22 @@ Layout under ``--out`` (each leaf a normal run directory)::
     DIR/<label>/<key>=<v>[,<key2>=<v2>]/seed-<s>/ --sweep key=...  (and --seeds)
     DIR/<label>/<key>=<v>/                        --sweep without seeds
 
-A variant whose configuration a sweep leaves unchanged (e.g. ``--sweep strategy.gamma=...`` on a FedAvg variant)
-runs once, without the point level, instead of once per point. Torch-free (only the config is read).
+A sweep point wins over a variant's own ``set``. A variant whose configuration a sweep leaves unchanged (e.g.
+``--sweep strategy.gamma=...`` on a FedAvg variant, which has no gamma) runs once, without the point level, with a
+printed line naming it, instead of once per point. Torch-free (only the config is read).
 """
 
 from __future__ import annotations
 
 import re
+import sys
 import typing
 from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
 
-from fedsim.config import ScenarioConfig, load_scenarios, parse_value, scenario_seeds
+from fedsim.config import (ScenarioConfig, load_scenarios, override_skip_reason, parse_value, scenario_seeds,
+                           select_variants)
 from fedsim.errors import ConfigError
 
 SEED_DIR = re.compile(r"^seed-(\d+)$")
@@ -106,9 +109,16 @@ def grid(axes: list[tuple[str, list[str]]]) -> list[tuple[str | None, list[str]]
 
 
 def plan_jobs(scenario: str | Path, overrides: list[str], only: list[str], out: Path,
-              seeds: list[int] | None = None, sweeps: typing.Iterable[str] = ()) -> tuple[list[Job], bool]:
+              seeds: list[int] | None = None, sweeps: typing.Iterable[str] = (),
+              show: bool = False) -> tuple[list[Job], bool]:
     """The runs of ``fedsim run`` with seeds and sweeps, and whether the scenario has a single unnamed variant
-    (then its runs go directly under ``out``). ``seeds`` None: the scenario's ``seeds`` key, if any."""
+    (then its runs go directly under ``out``). ``seeds`` None: the scenario's ``seeds`` key, if any.
+
+    A sweep point is applied to every variant after its own ``set`` (a sweep is the experiment's axis: it wins),
+    except to a variant that cannot take the key (``fedsim.config.override_skip_reason``: a strategy parameter its
+    strategy lacks, rounds its strategy defines): that variant runs once, without the point level, and ``show``
+    prints one line naming it; never the same run twice. ``--set`` notes (a variant's set winning) are printed
+    too."""
     axes = parse_sweeps(sweeps)
     if seeds is None:
         seeds = scenario_seeds(scenario)
@@ -117,10 +127,11 @@ def plan_jobs(scenario: str | Path, overrides: list[str], only: list[str], out: 
     # label -> point -> config (each loaded through the same validation as --set)
     loaded: dict[str, dict[str | None, ScenarioConfig]] = {}
     single = True
+    notes: list[str] = []
     for point, items in points:
-        every = load_scenarios(scenario, list(overrides) + items)
+        every = load_scenarios(scenario, list(overrides), sweep=items, notes=notes if point == points[0][0] else None)
         single = len(every) == 1
-        chosen = {label for label, _ in load_scenarios(scenario, list(overrides) + items, only)} if only else None
+        chosen = {label for label, _ in select_variants(every, only)} if only else None
         for label, config in every:
             if chosen is None or label in chosen:
                 loaded.setdefault(label, {})[point] = config
@@ -130,13 +141,22 @@ def plan_jobs(scenario: str | Path, overrides: list[str], only: list[str], out: 
         # the variants at sweep ``point`` with ``seed = seed``, validated like ``--set seed=...``
         if (point, seed) not in cache:
             items = dict(points)[point]
-            cache[point, seed] = dict(load_scenarios(scenario, list(overrides) + items + [f"seed={seed}"]))
+            cache[point, seed] = dict(load_scenarios(scenario, list(overrides) + [f"seed={seed}"], sweep=items))
         return cache[point, seed]
 
+    if show:
+        for line in dict.fromkeys(notes):
+            print(f"note: {line}", file=sys.stderr)
     jobs = []
     for label, by_point in loaded.items():
         dicts = [c.to_dict() for c in by_point.values()]
         unchanged = all(d == dicts[0] for d in dicts)
+        if show and unchanged and axes and not single:
+            first = next(iter(by_point.values()))
+            reasons = [f"{key}: {override_skip_reason(first.to_dict(), key) or 'leaves it unchanged'}"
+                       for key, _ in axes]
+            print(f"note: --sweep: variant {label!r} runs once, without the sweep point ({'; '.join(reasons)})",
+                  file=sys.stderr)
         base = out if single else out / label
         for point, config in by_point.items():
             if point is not None and unchanged and point != points[0][0]:
@@ -147,4 +167,3 @@ def plan_jobs(scenario: str | Path, overrides: list[str], only: list[str], out: 
                 cfg = config if seed is None else at_seed(point, seed)[label]
                 jobs.append(Job(label, shown, seed, cfg, where / f"seed-{seed}" if seed is not None else where))
     return jobs, single
-

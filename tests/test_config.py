@@ -147,7 +147,11 @@ def test_centralized_forces_one_client(scenario):
 def test_strategy_override_applies_to_the_variants_that_have_it(tmp_path):
     path = tmp_path / "v.toml"
     path.write_text(AVG_AND_PROX)
+    # issue #21 reverses the precedence: the variant's own set (proximal_mu = 0.1) beats a global --set;
+    # LABEL:key targets the variant and beats its set
     runs = dict(load_scenarios(path, ["strategy.proximal_mu=0.5"]))
+    assert runs["prox"].strategy.params.proximal_mu == 0.1 and not hasattr(runs["avg"].strategy.params, "proximal_mu")
+    runs = dict(load_scenarios(path, ["prox:strategy.proximal_mu=0.5"]))
     assert runs["prox"].strategy.params.proximal_mu == 0.5 and not hasattr(runs["avg"].strategy.params, "proximal_mu")
     with pytest.raises(ConfigError, match="^strategy.mu: no variant's strategy has this setting"):
         load_scenarios(path, ["strategy.mu=0.5"])

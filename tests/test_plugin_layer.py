@@ -239,3 +239,171 @@ def test_byzantine_clients_are_refused_where_they_would_change_nothing(tmp_path)
     from conftest import DIGITS
 
     assert scenario_config(DIGITS, tmp_path, "simulation.byzantine_fraction=0.25").simulation.byzantine_fraction == 0.25
+
+
+# -- plugins from another directory: --plugin FILE.py and an entry point (issue #21) -----------------------------
+PLUGIN = '''
+"""A strategy of one's own, outside the repository: each client replies with its number of examples."""
+from dataclasses import dataclass
+
+from flwr.app import MetricRecord, RecordDict
+
+from fedsim.registry import StrategySpec, register_strategy
+
+
+@dataclass
+class CountParams:
+    scale: float = 1.0
+
+
+class CountServer:
+    def __init__(self, params):
+        self.params = params
+
+    def run(self, ctx):
+        replies = ctx.send(RecordDict(), round=1)
+        total = sum(int(r.content["count"]["n"]) for r in replies if r.ok)
+        ctx.log(1, accuracy=0.0, examples=float(total))
+        ctx.summary(final_accuracy=0.0, examples=total * self.params.scale)
+
+
+class CountClient:
+    def __init__(self, params):
+        self.params = params
+
+    def train(self, content, env):
+        return RecordDict({"count": MetricRecord({"n": int(len(env.indices))})})
+{extra}
+
+register_strategy(StrategySpec(name="{name}", params=CountParams, server=CountServer, client=CountClient,
+                               description="counts the clients' examples"{spec_extra}))
+'''
+
+PLUGIN_SCENARIO = """
+seed = 0
+rounds = 1
+[data]
+name = "digits"
+[partition]
+kind = "iid"
+num_clients = 4
+[simulation]
+backend = "inline"
+[strategy]
+name = "{name}"
+"""
+
+
+def _fedsim(*argv: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    full = dict(os.environ, **(env or {}))
+    full.pop("FEDSIM_PLUGINS", None)
+    full["PYTHONPATH"] = os.pathsep.join(p for p in [(env or {}).get("PYTHONPATH", ""), str(REPO)] if p)
+    return subprocess.run([sys.executable, "-m", "fedsim.cli", *argv], capture_output=True, text=True, env=full,
+                          cwd=cwd or REPO, timeout=300)
+
+
+def _plugin(tmp_path: Path, stem: str, name: str, extra: str = "", spec_extra: str = "") -> Path:
+    folder = tmp_path / "elsewhere"
+    folder.mkdir(exist_ok=True)
+    path = folder / f"{stem}.py"
+    path.write_text(PLUGIN.replace("{extra}", extra).replace("{name}", name).replace("{spec_extra}", spec_extra))
+    (folder / f"{stem}.toml").write_text(PLUGIN_SCENARIO.replace("{name}", name))
+    return path
+
+
+def test_a_plugin_file_from_another_directory_via_plugin(tmp_path):
+    plugin = _plugin(tmp_path, "count_plugin", "count")
+    scenario = plugin.with_suffix(".toml")
+    listed = _fedsim("list", "--plugin", str(plugin))
+    assert listed.returncode == 0 and "counts the clients' examples" in listed.stdout, listed.stderr
+    refused = _fedsim("validate", str(scenario))  # without the plugin the name is unknown
+    assert refused.returncode == 2 and "strategy.name: 'count' is not a known strategy" in refused.stderr
+    assert _fedsim("validate", str(scenario), "--plugin", str(plugin)).returncode == 0
+    run = _fedsim("run", str(scenario), "--plugin", str(plugin), "--out", str(tmp_path / "run"), "--quiet")
+    assert run.returncode == 0, run.stderr
+    import json
+
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["examples"] == 1437  # digits' training split
+
+
+def test_a_plugin_without_reduce_is_refused_for_deploy_at_validate(tmp_path):
+    plugin = _plugin(tmp_path, "noreduce_plugin", "noreduce")
+    scenario = plugin.with_suffix(".toml")
+    out = _fedsim("validate", str(scenario), "--plugin", str(plugin), "--nodes", "2")
+    assert out.returncode == 2
+    assert ("error: --nodes 2: 4 clients on 2 SuperNodes puts 2 clients on a node, which needs a client part that "
+            "combines their replies") in out.stderr and "use --nodes 4" in out.stderr
+    assert _fedsim("validate", str(scenario), "--plugin", str(plugin), "--nodes", "4").returncode == 0
+    deploy = _fedsim("deploy", str(scenario), "--plugin", str(plugin), "--nodes", "2", "--out", str(tmp_path / "d"))
+    assert deploy.returncode == 2 and "--nodes 2: 4 clients" in deploy.stderr  # before any process starts
+    assert not (tmp_path / "d").exists()
+    grouped = _fedsim("validate", str(scenario), "--plugin", str(plugin), "--set", "simulation.clients_per_node=2")
+    assert grouped.returncode == 2 and "simulation.clients_per_node" in grouped.stderr
+
+
+def test_a_declared_reducible_plugin_without_reduce_is_refused_when_it_registers(tmp_path):
+    plugin = _plugin(tmp_path, "liar_plugin", "liar", spec_extra=", reducible=True")
+    out = _fedsim("validate", str(plugin.with_suffix(".toml")), "--plugin", str(plugin))
+    assert out.returncode == 2
+    assert "error: --plugin" in out.stderr and "has no reduce(replies) hook, but the spec declares reducible" \
+        in out.stderr and "Traceback" not in out.stderr
+
+
+def test_plugin_errors_name_the_flag(tmp_path):
+    out = _fedsim("list", "--plugin", str(tmp_path / "missing.py"))
+    assert out.returncode == 2 and out.stderr.startswith("error: --plugin ") and "no such file" in out.stderr
+    broken = tmp_path / "broken_plugin.py"
+    broken.write_text("x = 1\nraise RuntimeError('boom')\n")
+    out = _fedsim("list", "--plugin", str(broken))
+    assert out.returncode == 2 and "importing it failed (line 2): RuntimeError: boom" in out.stderr
+    taken = tmp_path / "json.py"
+    taken.write_text("")
+    out = _fedsim("list", "--plugin", str(taken))
+    assert out.returncode == 2 and "module name 'json' is taken" in out.stderr
+
+
+def test_a_plugin_via_an_entry_point_of_an_installed_dist(tmp_path):
+    plugin = _plugin(tmp_path, "ep_count_plugin", "ep-count")
+    site = plugin.parent
+    dist = site / "ep_count-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: ep-count\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[fedsim.plugins]\nep-count = ep_count_plugin\n")
+    env = {"PYTHONPATH": str(site)}
+    listed = _fedsim("list", env=env)
+    assert listed.returncode == 0 and "ep-count" in listed.stdout, listed.stderr
+    run = _fedsim("run", str(plugin.with_suffix(".toml")), "--out", str(tmp_path / "run"), "--quiet", env=env)
+    assert run.returncode == 0, run.stderr
+
+
+def test_parts_named_by_path_are_checked_from_their_source_without_importing_them(tmp_path, monkeypatch):
+    from fedsim.errors import ConfigError
+    from fedsim.registry import check_parts
+
+    (tmp_path / "srcparts_mod.py").write_text(
+        "import torch_is_never_imported_here\n"
+        "class Base:\n    def train(self, content, env):\n        return content\n"
+        "class Client(Base):\n    def __init__(self, params):\n        pass\n"
+        "class Reducing(Client):\n    reduce = staticmethod(lambda replies: replies[0])\n"
+        "class Server:\n    def __init__(self, params):\n        pass\n    def run(self, ctx):\n        pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = StrategySpec(name="test-src", params=CounterParams, server="srcparts_mod:Server",
+                        client="srcparts_mod:Client", reducible=True)
+    with pytest.raises(ConfigError, match=r"^strategy.name: 'test-src': .*srcparts_mod:Client has no "
+                                          r"reduce\(replies\) hook"):
+        check_parts(spec)
+    check_parts(StrategySpec(name="test-src", params=CounterParams, server="srcparts_mod:Server",
+                             client="srcparts_mod:Reducing", reducible=True))  # reduce inherited
+    with pytest.raises(ConfigError, match="needs a client part that combines their replies"):
+        check_parts(StrategySpec(name="test-src", params=CounterParams, server="srcparts_mod:Server",
+                                 client="srcparts_mod:Client"), clients_per_node=2)
+    assert "srcparts_mod" not in sys.modules
+
+
+@pytest.mark.parametrize("name", sorted(n for n in strategies() if not n.startswith("test-")))
+def test_every_shipped_strategy_passes_the_source_check(name):
+    from fedsim.registry import check_parts
+
+    spec = strategies()[name]
+    check_parts(spec, 2 if spec.reducible else 1)
