@@ -1,0 +1,374 @@
+"""Issue #21: a model of one's own (a factory outside the repository), arrays of one's own (npz), a saved Hugging Face
+dataset, and the natural partition (one client per writer). Offline, on small files the tests write."""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from conftest import scenario_config
+from fedsim.errors import ConfigError
+
+MODEL_FILE = '''
+import torch
+from torch import nn
+
+
+class BlockMLP(nn.Module):
+    """Block form: `blocks` (cuttable, in order) and `head`; forward == head(blocks(x))."""
+
+    def __init__(self, num_classes, input_shape, hidden=64, depth=3):
+        super().__init__()
+        d = 1
+        for s in input_shape:
+            d *= s
+        layers = [nn.Sequential(nn.Flatten(1), nn.Linear(d, hidden), nn.ReLU())]
+        layers += [nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU()) for _ in range(depth - 1)]
+        self.blocks = nn.ModuleList(layers)
+        self.head = nn.Sequential(nn.Linear(hidden, num_classes))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def block_mlp(num_classes, input_shape, **params):
+    return BlockMLP(num_classes, input_shape, **params)
+
+
+def plain(num_classes, input_shape, hidden=32):
+    d = 1
+    for s in input_shape:
+        d *= s
+    return nn.Sequential(nn.Flatten(1), nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+
+
+def not_a_module(num_classes, input_shape):
+    return "a string"
+'''
+
+BASE = """
+seed = 0
+{rounds}
+[data]
+{data}
+[partition]
+{partition}
+[model]
+{model}
+[client]
+epochs = 3
+batch_size = 32
+lr = 0.1
+[simulation]
+backend = "inline"
+[strategy]
+name = "{strategy}"
+"""
+
+
+@pytest.fixture
+def model_pkg(tmp_path, monkeypatch):
+    """A module `byo_models` in a directory outside the repository, importable by name (sys.path and PYTHONPATH,
+    so processes started from here see it too)."""
+    pkg = tmp_path / "outside"
+    pkg.mkdir()
+    (pkg / "byo_models.py").write_text(textwrap.dedent(MODEL_FILE))
+    monkeypatch.syspath_prepend(str(pkg))
+    monkeypatch.setenv("PYTHONPATH", str(pkg))
+    yield pkg
+    sys.modules.pop("byo_models", None)
+
+
+def _scenario(tmp_path, *, strategy="fedavg", rounds=3, data='name = "digits"',
+              partition='kind = "iid"\nnum_clients = 3', model='name = "byo_models:block_mlp"\nparams = { hidden = 64 }',
+              overrides=()):
+    text = BASE.format(rounds="" if rounds is None else f"rounds = {rounds}", data=data, partition=partition, model=model, strategy=strategy)
+    return scenario_config(text, tmp_path, *overrides)
+
+
+def _run(config, out):
+    from fedsim.engine.runner import run_scenario
+    from fedsim.preflight import preflight
+
+    preflight(config)
+    return run_scenario(config, out, show_progress=False)
+
+
+def _validate(tmp_path, capsys, text: str) -> tuple[int, str]:
+    from fedsim.cli import main
+
+    path = tmp_path / "v.toml"
+    path.write_text(text)
+    code = main(["validate", str(path)])
+    return code, capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------- models
+def test_factory_model_trained_by_fedavg_and_recorded(tmp_path, model_pkg):
+    config = _scenario(tmp_path)
+    summary = _run(config, tmp_path / "fedavg")
+    assert summary["final_accuracy"] >= 0.85, summary
+    recorded = json.loads((tmp_path / "fedavg" / "config.json").read_text())["config"]["model"]
+    assert recorded["name"] == "byo_models:block_mlp" and recorded["params"] == {"hidden": 64}
+
+
+def test_factory_model_trained_by_fusefl(tmp_path, model_pkg):
+    config = _scenario(tmp_path, strategy="fusefl", rounds=None, overrides=["strategy.stages=3", "client.epochs=6"])
+    summary = _run(config, tmp_path / "fusefl")
+    assert summary["final_accuracy"] >= 0.75, summary
+
+
+def test_the_block_form_follows_the_factory_and_lacking_it_is_named(tmp_path, model_pkg):
+    from fedsim.nn.models import BlockNet
+    from fedsim.scenario import scenario_model
+
+    fedavg = _scenario(tmp_path)
+    assert not isinstance(scenario_model(fedavg, 10, (1, 8, 8)), BlockNet)  # FedAvg: the module as it is
+    fusefl = _scenario(tmp_path, strategy="fusefl", rounds=None, overrides=["strategy.stages=3"])
+    net = scenario_model(fusefl, 10, (1, 8, 8))
+    assert isinstance(net, BlockNet) and net.num_blocks == 3 and net.feature_dim == 64
+    assert net.group_blocks(3) == [(0, 1), (1, 2), (2, 3)]
+    plain = _scenario(tmp_path, strategy="fusefl", rounds=None, model='name = "byo_models:plain"')
+    with pytest.raises(ConfigError, match=r"^model\.name: 'byo_models:plain' returned Sequential, which lacks "
+                                          r"`blocks` and `head`; FuseFL \(strategy.stages = 2\) needs"):
+        scenario_model(plain, 10, (1, 8, 8))
+    too_few = _scenario(tmp_path, strategy="fusefl", rounds=None, overrides=["strategy.stages=4"])
+    with pytest.raises(ConfigError, match=r"^model\.name: .* with 3 blocks; FuseFL \(strategy.stages = 4\)"):
+        scenario_model(too_few, 10, (1, 8, 8))
+
+
+def test_factory_errors_are_field_named_at_validate(tmp_path, capsys, model_pkg):
+    def text(model, strategy="fedavg"):
+        return BASE.format(rounds="rounds = 1" if strategy == "fedavg" else "", data='name = "digits"',
+                           partition='kind = "iid"\nnum_clients = 2', model=model, strategy=strategy)
+
+    code, err = _validate(tmp_path, capsys, text('name = "byo_models:block_mlp"'))
+    assert code == 0, err
+    code, err = _validate(tmp_path, capsys, text('name = "nowhere.mod:make"'))
+    assert code == 2 and "error: model.name: 'nowhere.mod:make' could not be imported: ModuleNotFoundError" in err
+    code, err = _validate(tmp_path, capsys, text('name = "byo_models:missing"'))
+    assert code == 2 and "error: model.name: 'byo_models:missing' could not be imported: AttributeError" in err
+    code, err = _validate(tmp_path, capsys, text('name = "byo_models:not_a_module"'))
+    assert code == 2 and "error: model.name: 'byo_models:not_a_module' returned str, not a torch.nn.Module" in err
+    code, err = _validate(tmp_path, capsys, text('name = "byo_models:plain"', strategy="fusefl"))
+    assert code == 2 and "error: model.name: 'byo_models:plain' returned Sequential, which lacks" in err, err
+    code, err = _validate(tmp_path, capsys, text('name = "byo_models:block_mlp"\nparams = { hiden = 3 }'))
+    assert code == 2 and "error: model.name: 'byo_models:block_mlp' failed to build" in err and "hiden" in err
+    code, err = _validate(tmp_path, capsys, text('name = "transformer"'))
+    assert code == 2 and "error: model.name: 'transformer' is not allowed" in err and "package.module:function" in err
+    code, err = _validate(tmp_path, capsys, text('name = "cnn"\nparams = { a = 1 }'))
+    assert code == 2 and "error: model.params:" in err
+
+
+def test_factory_from_a_file_path(tmp_path, capsys):
+    (tmp_path / "mine.py").write_text(textwrap.dedent(MODEL_FILE))
+    text = BASE.format(rounds="rounds = 1", data='name = "digits"\nmax_train = 200\nmax_test = 100',
+                       partition='kind = "iid"\nnum_clients = 2', strategy="fedavg",
+                       model=f'name = "{tmp_path / "mine.py"}:block_mlp"')
+    code, err = _validate(tmp_path, capsys, text)
+    assert code == 0, err
+    config = scenario_config(text, tmp_path)
+    assert _run(config, tmp_path / "run")["final_accuracy"] > 0.1
+
+
+# ----------------------------------------------------------------------------------------------- npz
+def _digits_npz(path, *, groups=True, **extra):
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images / 16.0).astype(np.float32)
+    y = d.target.astype(np.int64)
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(y))
+    train, test = order[:1400], order[1400:]
+    arrays = dict(x_train=x[train], y_train=y[train], x_test=x[test], y_test=y[test])
+    if groups:
+        arrays["groups_train"] = np.array([f"w{i % 7}" for i in range(len(train))])
+    arrays.update(extra)
+    np.savez(path, **arrays)
+    return arrays
+
+
+def test_npz_dataset_run_and_natural_partition(tmp_path):
+    from fedsim.scenario import partition_for, train_split
+
+    arrays = _digits_npz(tmp_path / "digits.npz")
+    data = f'name = "npz"\npath = "{tmp_path / "digits.npz"}"'
+    config = _scenario(tmp_path, data=data, partition='kind = "natural"\nby = "groups"\nnum_clients = 7',
+                       model='name = "cnn"\nwidth = 16')
+    train = train_split(config)
+    assert train.input_shape == (1, 8, 8) and len(train) == 1400 and train.num_classes == 10
+    np.testing.assert_array_equal(train.labels, arrays["y_train"])
+    parts = partition_for(config)
+    groups = arrays["groups_train"]
+    assert len(parts) == 7
+    for k, value in enumerate(sorted(set(groups))):
+        np.testing.assert_array_equal(parts[k], np.flatnonzero(groups == value))
+    summary = _run(config, tmp_path / "npz")
+    assert summary["final_accuracy"] >= 0.85, summary
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (dict(drop="y_test"), "lacks y_test"),
+    (dict(y_train=np.zeros((1400, 2), dtype=np.int64)), "y_train has shape (1400, 2)"),
+    (dict(y_train=np.full(1400, -1)), "negative label -1"),
+    (dict(y_train=np.zeros(1400, dtype=np.float32)), "y_train has dtype float32"),
+    (dict(x_test=np.zeros((397, 1, 9, 9), dtype=np.float32)), "x_train holds inputs of shape (1, 8, 8) but x_test"),
+    (dict(groups_train=np.zeros(3)), "groups_train is float64 of shape (3,)"),
+])
+def test_npz_problems_are_field_named(tmp_path, change, fragment):
+    from fedsim.data import clear_cache, describe_dataset, load_dataset
+
+    arrays = _digits_npz(tmp_path / "a.npz")
+    drop = change.pop("drop", None)
+    arrays.update(change)
+    if drop:
+        del arrays[drop]
+    np.savez(tmp_path / "b.npz", **arrays)
+    clear_cache()
+    for read in (describe_dataset, load_dataset):
+        with pytest.raises(ConfigError) as err:
+            read("npz", split="train", path=str(tmp_path / "b.npz"))
+        assert str(err.value).startswith("data.path: ") and fragment in str(err.value), str(err.value)
+
+
+def test_npz_refuses_object_arrays_and_missing_files(tmp_path):
+    from fedsim.data import load_dataset
+
+    arrays = _digits_npz(tmp_path / "a.npz", groups=False)
+    arrays["classes"] = np.array([object()] * 10, dtype=object)
+    np.savez(tmp_path / "obj.npz", **arrays)
+    with pytest.raises(ConfigError, match=r"^data\.path: classes .* object array"):
+        load_dataset("npz", path=str(tmp_path / "obj.npz"))
+    with pytest.raises(ConfigError, match=r"^data\.path: .* is not a file"):
+        load_dataset("npz", path=str(tmp_path / "none.npz"))
+    with pytest.raises(ConfigError, match=r"^data\.path: dataset 'npz' needs data\.path"):
+        scenario_config('[data]\nname = "npz"\n[strategy]\nname = "fedavg"\n', tmp_path)
+
+
+def test_npz_layouts_and_string_labels(tmp_path):
+    from fedsim.data import load_dataset
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(30, 6, 5, 3), dtype=np.uint8)  # channels last
+    labels = np.array(["cat", "dog", "emu"])[rng.integers(0, 3, 30)]
+    np.savez(tmp_path / "c.npz", x_train=x[:20], y_train=labels[:20], x_test=x[20:], y_test=labels[20:])
+    d = load_dataset("npz", path=str(tmp_path / "c.npz"))
+    assert d.input_shape == (3, 6, 5) and d.classes == ["cat", "dog", "emu"]
+    np.testing.assert_allclose(d.x[0].numpy(), x[0].transpose(2, 0, 1) / 255.0, rtol=1e-6)
+    assert [d.classes[i] for i in d.labels] == labels[:20].tolist()
+
+
+# -------------------------------------------------------------------------------------- Hugging Face
+def _saved_hf(tmp_path, n_train=120, n_test=40):
+    from datasets import ClassLabel, Dataset, DatasetDict
+
+    rng = np.random.default_rng(1)
+
+    def split(n, offset):
+        y = rng.integers(0, 4, n)
+        x = (rng.random((n, 1, 6, 6)) * 0.2 + y[:, None, None, None] * 0.2).astype(np.float32)
+        return Dataset.from_dict({"img": x.tolist(), "label": y.tolist(),
+                                  "writer": [f"writer-{(i * 7 + offset) % 5}" for i in range(n)]}
+                                 ).cast_column("label", ClassLabel(names=["a", "b", "c", "d"]))
+
+    train, test = split(n_train, 0), split(n_test, 3)
+    DatasetDict({"train": train, "test": test}).save_to_disk(str(tmp_path / "hfdata"))
+    return np.array(train["writer"]), np.array(train["label"])
+
+
+def test_saved_hf_dataset_partitioned_naturally(tmp_path):
+    from fedsim.preflight import preflight
+    from fedsim.scenario import partition_for, train_split
+
+    writers, labels = _saved_hf(tmp_path)
+    data = f'name = "hf"\npath = "{tmp_path / "hfdata"}"'
+    config = _scenario(tmp_path, data=data, partition='kind = "natural"\nby = "writer"\nnum_clients = 5',
+                       model='name = "cnn"\nwidth = 8', rounds=5, overrides=["client.batch_size=8"])
+    preflight(config)
+    train = train_split(config)
+    assert train.input_shape == (1, 6, 6) and train.classes == ["a", "b", "c", "d"] and len(train) == 120
+    np.testing.assert_array_equal(train.labels, labels)
+    parts = partition_for(config)
+    distinct = sorted(set(writers))
+    assert len(parts) == len(distinct) == 5
+    for k, w in enumerate(distinct):
+        np.testing.assert_array_equal(parts[k], np.flatnonzero(writers == w))  # exactly its writer's rows
+    wrong = _scenario(tmp_path, data=data, partition='kind = "natural"\nby = "writer"\nnum_clients = 4')
+    with pytest.raises(ConfigError, match=r"^partition\.num_clients: 4, .* has 5; set partition\.num_clients = 5"):
+        preflight(wrong)
+    missing = _scenario(tmp_path, data=data, partition='kind = "natural"\nby = "author"\nnum_clients = 5')
+    with pytest.raises(ConfigError, match=r"^partition\.by: 'author' is not a column .* writer"):
+        preflight(missing)
+    summary = _run(config, tmp_path / "hf")
+    assert summary["final_accuracy"] > 0.5, summary
+
+
+def test_hf_dataset_name_with_id_and_parquet_and_columns(tmp_path):
+    from datasets import Dataset
+
+    from fedsim.data import clear_cache, describe_dataset, load_dataset
+
+    rng = np.random.default_rng(2)
+    x = rng.integers(0, 256, (20, 4, 4), dtype=np.uint8)
+    Dataset.from_dict({"pixels": x.tolist(), "target": rng.integers(0, 3, 20).tolist()}).to_parquet(
+        str(tmp_path / "train.parquet"))
+    clear_cache()
+    opts = dict(path=str(tmp_path / "train.parquet"), image_column="pixels", label_column="target",
+                test_fraction=0.25)
+    d = load_dataset("hf:me/tiny", split="train", **opts)
+    t = load_dataset("hf:me/tiny", split="test", **opts)
+    assert len(d) == 15 and len(t) == 5 and d.input_shape == (1, 4, 4)
+    assert describe_dataset("hf:me/tiny", split="test", **opts).input_shape == (1, 4, 4)
+    with pytest.raises(ConfigError, match=r"^data\.options\.test_split: 'test' is not a split"):
+        load_dataset("hf", split="test", path=str(tmp_path / "train.parquet"), image_column="pixels",
+                     label_column="target")
+    with pytest.raises(ConfigError, match=r"^data\.options\.image_column: none of image, img"):
+        load_dataset("hf", split="train", path=str(tmp_path / "train.parquet"), test_fraction=0.2)
+    config = scenario_config('[data]\nname = "hf:me/tiny"\n[strategy]\nname = "fedavg"\n', tmp_path)
+    assert config.data.name == "hf:me/tiny"
+
+
+# ------------------------------------------------------------------------------------ natural partition
+def test_natural_partition_equals_flwr_natural_id_partitioner():
+    from datasets import Dataset
+    from flwr_datasets.partitioner import NaturalIdPartitioner
+
+    from fedsim.data.partition import partition_indices
+
+    rng = np.random.default_rng(0)
+    groups = rng.choice(np.array(["u3", "u1", "u10", "u2"]), 200)
+    labels = rng.integers(0, 5, 200)
+    ours = partition_indices(labels, "natural", 4, seed=0, groups=groups)
+    p = NaturalIdPartitioner(partition_by="g")
+    p.dataset = Dataset.from_dict({"g": groups.tolist(), "idx": list(range(200))})
+    theirs = [np.asarray(p.load_partition(i)["idx"]) for i in range(p.num_partitions)]
+    assert len(ours) == len(theirs) == 4
+    for a, b in zip(ours, theirs):
+        np.testing.assert_array_equal(a, np.sort(b))
+    with pytest.raises(ConfigError, match=r"^partition\.num_clients: 3"):
+        partition_indices(labels, "natural", 3, seed=0, groups=groups)
+
+
+def test_natural_partition_config_rules(tmp_path):
+    with pytest.raises(ConfigError, match=r"^partition\.by: the natural partition needs"):
+        scenario_config('[partition]\nkind = "natural"\n[strategy]\nname = "fedavg"\n', tmp_path)
+    with pytest.raises(ConfigError, match=r"^partition\.by: 'w' is read by the natural partition only"):
+        scenario_config('[partition]\nkind = "iid"\nby = "w"\n[strategy]\nname = "fedavg"\n', tmp_path)
+    with pytest.raises(ConfigError, match=r"^data\.path: .* is for data\.name = \"npz\""):
+        scenario_config('[data]\nname = "digits"\npath = "x.npz"\n[strategy]\nname = "fedavg"\n', tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ Ray workers
+@pytest.mark.slow
+def test_factory_model_on_ray_workers(tmp_path, model_pkg):
+    """Ray workers import the factory's module too: PYTHONPATH (set by the fixture) reaches them."""
+    config = _scenario(tmp_path, rounds=2, overrides=['simulation.backend="ray"', "simulation.num_cpus=1"])
+    summary = _run(config, tmp_path / "ray")
+    assert summary["final_accuracy"] >= 0.8, summary
