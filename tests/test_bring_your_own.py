@@ -372,3 +372,25 @@ def test_factory_model_on_ray_workers(tmp_path, model_pkg):
     config = _scenario(tmp_path, rounds=2, overrides=['simulation.backend="ray"', "simulation.num_cpus=1"])
     summary = _run(config, tmp_path / "ray")
     assert summary["final_accuracy"] >= 0.8, summary
+
+
+# ------------------------------------------------------------------------------------ validate stays light
+@pytest.mark.parametrize("kind", ["npz", "hf"])
+def test_validate_of_npz_and_hf_scenarios_imports_no_torch(tmp_path, kind):
+    """Built-in model + data of one's own: `fedsim validate` reads headers, labels and columns without torch."""
+    import subprocess
+
+    from test_validate_light import HEAVY, PROBE, ROOT
+
+    if kind == "npz":
+        _digits_npz(tmp_path / "d.npz")
+        data, partition = f'name = "npz"\npath = "{tmp_path / "d.npz"}"', 'kind = "natural"\nby = "groups"\nnum_clients = 7'
+    else:
+        _saved_hf(tmp_path)
+        data, partition = f'name = "hf"\npath = "{tmp_path / "hfdata"}"', 'kind = "natural"\nby = "writer"\nnum_clients = 5'
+    path = tmp_path / "s.toml"
+    path.write_text(BASE.format(rounds="rounds = 1", data=data, partition=partition, model='name = "cnn"\nwidth = 8',
+                                strategy="fedavg"))
+    out = subprocess.run([sys.executable, "-c", PROBE.format(heavy=HEAVY), "validate", str(path)],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.stdout.split() == ["0"], (out.stdout, out.stderr[-2000:])
