@@ -394,3 +394,27 @@ def test_validate_of_npz_and_hf_scenarios_imports_no_torch(tmp_path, kind):
     out = subprocess.run([sys.executable, "-c", PROBE.format(heavy=HEAVY), "validate", str(path)],
                          capture_output=True, text=True, cwd=ROOT)
     assert out.stdout.split() == ["0"], (out.stdout, out.stderr[-2000:])
+
+
+def test_a_plugin_registers_a_dataset(tmp_path):
+    from fedsim import catalog
+    from fedsim.data import DATASETS, SplitArrays, describe_dataset, load_dataset, register_dataset
+
+    def loader(split, root, n=30):
+        rng = np.random.default_rng(0 if split == "train" else 1)
+        return SplitArrays(rng.random((n, 1, 4, 4), dtype=np.float32), rng.integers(0, 3, n), ["a", "b", "c"],
+                           f"generated {split}")
+
+    try:
+        register_dataset("tiny-plugin-data", loader, "three classes of noise", options={"n": 30})
+        assert list(DATASETS) == list(catalog.DATASETS)
+        config = scenario_config('[data]\nname = "tiny-plugin-data"\noptions = { n = 12 }\n'
+                                 '[strategy]\nname = "fedavg"\n', tmp_path)
+        assert config.data.name == "tiny-plugin-data"
+        assert len(load_dataset("tiny-plugin-data", n=12)) == 12
+        assert describe_dataset("tiny-plugin-data", split="test").input_shape == (1, 4, 4)
+        with pytest.raises(ValueError, match="already registered"):
+            register_dataset("tiny-plugin-data", loader, "again")
+    finally:
+        DATASETS.pop("tiny-plugin-data", None)
+        catalog.DATASETS.pop("tiny-plugin-data", None)

@@ -40,6 +40,7 @@ __all__ = [
     "default_cache_dir",
     "describe_dataset",
     "load_dataset",
+    "register_dataset",
     "slice_indices",
     "read_idx",
     "write_idx",
@@ -67,6 +68,32 @@ DATASETS: dict[str, DatasetInfo] = {
         DatasetInfo("hf", DESCRIPTIONS["hf"], hf.load_hf, dict(hf.HF_OPTIONS), describe=hf.describe_hf),
     ]
 }
+
+
+def register_dataset(name: str, loader, description: str, options: dict[str, Any] | None = None,  # noqa: ANN001
+                     describe=None) -> DatasetInfo:  # noqa: ANN001
+    """Make ``name`` a ``data.name`` (a plugin's dataset): ``loader(split, root, **options)`` returns
+    ``SplitArrays`` (numpy: ``fedsim validate`` stays torch-free) or ``LabeledData``; ``options`` holds the defaults
+    of the options it accepts (``data.options``, and ``path`` for ``data.path``); ``describe``, where given, returns
+    the split's ``SplitSummary`` without the images. A name already taken (a built-in or another plugin's) is
+    refused."""
+    from fedsim import catalog
+
+    if not isinstance(name, str) or not name or name.startswith(HF_PREFIX) or ":" in name:
+        raise ValueError(f"a dataset name must be a non-empty string without ':', got {name!r}")
+    if name in DATASETS:
+        raise ValueError(f"dataset {name!r} is already registered")
+    if not callable(loader) or (describe is not None and not callable(describe)):
+        raise TypeError(f"dataset {name!r}: loader (and describe) must be callables (split, root, **options)")
+    info = DatasetInfo(name, description, loader, dict(options or {}), describe=describe)
+    DATASETS[name] = info
+    register = getattr(catalog, "register_name", None)
+    if register is not None:
+        register("datasets", name, description)
+    else:  # pragma: no cover - a catalog without live names
+        catalog.DATASETS[name] = description
+    clear_cache()
+    return info
 
 
 def dataset_names() -> list[str]:
