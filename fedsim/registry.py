@@ -422,9 +422,10 @@ def load_plugin(path: str | os.PathLike) -> str:
             _remember_plugin(file)
             return name
         raise ConfigError(f"--plugin {given}: the module name {name!r} is taken by {loaded!r}; rename the file")
-    if other is None and importlib.util.find_spec(name) is not None:
-        raise ConfigError(f"--plugin {given}: the module name {name!r} is taken by an installed module; rename the "
-                          "file")
+    found = importlib.util.find_spec(name) if other is None else None
+    if found is not None and (not found.origin or Path(found.origin).resolve() != file):  # itself, on sys.path: fine
+        raise ConfigError(f"--plugin {given}: the module name {name!r} is taken by an installed module "
+                          f"({found.origin}); rename the file")
     discover()  # the shipped strategies first: a plugin that registers one of their names is refused clearly
     _remember_plugin(file)
     try:

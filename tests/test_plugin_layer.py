@@ -407,3 +407,23 @@ def test_every_shipped_strategy_passes_the_source_check(name):
 
     spec = strategies()[name]
     check_parts(spec, 2 if spec.reducible else 1)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.parametrize("command", ["ray", "deploy"])
+def test_a_plugin_file_reaches_ray_workers_and_supernodes(tmp_path, command):
+    """The plugin's classes are imported in the Ray workers / the ServerApp and SuperNodes by its module name
+    (FEDSIM_PLUGINS), from a working directory where the file is not on sys.path."""
+    import json
+
+    plugin = _plugin(tmp_path, f"far_{command}_plugin", f"far-{command}")
+    scenario = plugin.with_suffix(".toml")
+    if command == "ray":
+        argv = ["run", str(scenario), "--set", "simulation.backend=ray"]
+    else:
+        argv = ["deploy", str(scenario), "--nodes", "4"]
+    out = _fedsim(*argv, "--plugin", str(plugin), "--out", str(tmp_path / "run"), "--quiet", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["examples"] == 1437

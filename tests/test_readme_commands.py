@@ -1,8 +1,8 @@
 """Every ``fedsim ...`` command of the README's "Command line" block (and of "Bring your own model, data and
 method") keeps working (issue #21): each is parsed by the real argument parser and passes the checks ``fedsim
 validate`` makes (the scenario with its --set/--only/--seeds/--sweep, the parts, for deploy the SuperNodes, the
-preflight); the cheap ones run for real (``fedsim list``, ``validate``, the README's plugin example on digits).
-The slow-marked test runs the seeds/sweep/report chain for real on the bundled digits set."""
+preflight); the cheap ones run for real (``fedsim list``, ``validate``, the README's plugin example, and the
+seeds/sweep/report chain with small data overrides on the bundled digits set: about 20 s)."""
 
 from __future__ import annotations
 
@@ -134,7 +134,6 @@ def test_the_readme_plugin_example_runs(plugin_files, tmp_path):
     assert summary["status"] == "completed" and summary["examples"] == 1437.0
 
 
-@pytest.mark.slow
 def test_the_seeds_sweep_and_report_commands_run(plugin_files, tmp_path):
     """The README's seeds, sweep and report commands for real, on digits (small data overrides)."""
     plugin, scenario = plugin_files
