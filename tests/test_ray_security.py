@@ -228,6 +228,7 @@ def _start_and_signal(tmp_path: Path, sig: int, when: str, *, group: bool = Fals
 def _assert_interrupted(result: dict, code: int) -> None:
     assert result["rc"] == code, result["stderr"][-3000:]
     assert "SystemExit" not in result["stderr"], result["stderr"][-3000:]
+    assert "Traceback" not in result["stderr"], result["stderr"][-3000:]  # Ray's autoscaler printed some
     if result["summary"] is not None:
         assert result["summary"]["status"] == "interrupted", result["summary"]
         assert "failed" not in json.dumps(result["summary"]).lower() or result["summary"].get("error") is None
@@ -253,7 +254,6 @@ def test_a_signal_to_the_process_group_mid_run_leaves_no_ray_process(tmp_path, s
     init and lived on for 60-150 s; now fedsim is their subreaper and stops them."""
     result = _start_and_signal(tmp_path, sig, "running", group=True)
     _assert_interrupted(result, 128 + sig)
-    assert "Traceback" not in result["stderr"], result["stderr"][-3000:]
 
 
 @pytest.mark.ray
@@ -261,3 +261,71 @@ def test_a_signal_to_the_process_group_mid_run_leaves_no_ray_process(tmp_path, s
 def test_sigterm_mid_run_leaves_no_ray_process(tmp_path):
     result = _start_and_signal(tmp_path, signal.SIGTERM, "running")
     _assert_interrupted(result, 143)
+
+
+def test_a_join_refused_for_its_token_says_what_to_set():
+    from fedsim.engine.ray_session import join_error
+
+    class AuthenticationError(Exception):
+        pass
+
+    error = join_error("10.0.0.1:6379", AuthenticationError("Authentication failed. For remote clusters, ensure that "
+                                                            "the token is propagated to all nodes of the cluster"))
+    assert error is not None
+    assert "simulation.ray_address" in str(error) and "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN" in str(error)
+    assert "disabled" in str(error)
+    plain = join_error("10.0.0.1:6379", ConnectionError("refused"))
+    assert plain is not None and "RAY_AUTH" not in str(plain)
+    assert join_error("10.0.0.1:6379", KeyError("x")) is None
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_cluster_started_without_token_auth_is_joined(tmp_path):
+    """``ray start --head`` without token authentication (Ray's default): ``simulation.ray_address`` joins it (fedsim
+    no longer turns token authentication on for a cluster it did not start)."""
+    from fedsim.deploy import free_port
+
+    port = free_port()
+    env = subprocess_env(tmp_path, RAY_TMPDIR=str(tmp_path / "r") if len(str(tmp_path)) < 40 else "/tmp")
+    (tmp_path / "r").mkdir()
+    ray_bin = Path(sys.executable).with_name("ray")
+    head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+                             f"--port={port}", "--num-cpus=1", "--include-dashboard=false", "--disable-usage-stats"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    members: set[int] = set()
+    try:
+        scenario = tmp_path / "s.toml"
+        scenario.write_text(RAY_AFL)
+        code = textwrap.dedent(f"""
+            import json
+            from fedsim.config import load_scenarios
+            from fedsim.engine.ray_session import auth_mode, ensure_ray, ray_session
+            config = load_scenarios({str(scenario)!r}, ["simulation.ray_address='127.0.0.1:{port}'"])[0][1]
+            with ray_session():
+                ensure_ray(config)
+                import ray
+                print("RESULT " + json.dumps({{"nodes": len(ray.nodes()), "auth": auth_mode()}}))
+        """)
+        deadline = time.monotonic() + 120
+        out = None
+        while time.monotonic() < deadline:
+            members |= set(descendants(head.pid))
+            out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                                 timeout=240)
+            if "RESULT " in out.stdout or "cannot reach" not in out.stderr:
+                break
+            time.sleep(2)  # the head is still starting
+        lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+        assert lines, out.stderr[-3000:]
+        seen = json.loads(lines[-1][len("RESULT "):])
+        assert seen == {"nodes": 1, "auth": "disabled"}, seen
+    finally:
+        members |= set(descendants(head.pid)) | {head.pid}
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(10)
+        _kill_all(set(_wait_gone(members, 15)))

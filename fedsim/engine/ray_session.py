@@ -275,7 +275,10 @@ def ensure_ray(config: Any) -> dict[str, Any]:
             raise ConfigError(f"simulation.ray_address: {address or 'local'!r} differs from the Ray this command "
                               f"already uses ({session['address'] or 'local'!r}); one Ray per fedsim run")
         return init_args
-    ray = _import_ray_with_token_auth()
+    if address:  # a cluster's authentication is the user's (RAY_AUTH_MODE / RAY_AUTH_TOKEN as its nodes have them)
+        import ray
+    else:
+        ray = _import_ray_with_token_auth()
     if ray.is_initialized():
         return init_args
     # the workers' PYTHONPATH: the driver's sys.path (as Flower's RayBackend.init_ray), in runtime_env only
@@ -309,11 +312,10 @@ def ensure_ray(config: Any) -> dict[str, Any]:
             _stop_partial_start(before)
             _remove_temp_dirs()
             raise
-        if not isinstance(exc, (ConnectionError, RuntimeError, ValueError, TimeoutError)):
+        error = join_error(address, exc)
+        if error is None:
             raise
-        text = str(exc).strip()
-        raise ConfigError(f"simulation.ray_address: cannot connect to Ray at {address!r}: "
-                          f"{text.splitlines()[0] if text else type(exc).__name__}") from None
+        raise error from None
     finally:
         for key in added:
             os.environ.pop(key, None)
@@ -324,6 +326,23 @@ def ensure_ray(config: Any) -> dict[str, Any]:
     if session is not None:
         session.update(started=True, address=address, undo=_keep_ray_between_runs())
     return init_args
+
+
+def join_error(address: str, exc: BaseException) -> ConfigError | None:
+    """The ConfigError a failure to join the cluster at ``address`` becomes (None: not a connection problem)."""
+    auth = type(exc).__name__ == "AuthenticationError" or "token" in str(exc).lower()
+    if not auth and not isinstance(exc, (ConnectionError, RuntimeError, ValueError, TimeoutError)):
+        return None
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    if len(first) > 300:
+        first = first[:300] + "..."
+    hint = ""
+    if auth:
+        hint = (" (Ray token authentication: a cluster started with RAY_AUTH_MODE=token needs the same "
+                "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN in fedsim's environment; for a cluster started without it, "
+                "leave RAY_AUTH_MODE unset or set it to disabled)")
+    return ConfigError(f"simulation.ray_address: cannot connect to Ray at {address!r}: {first}{hint}")
 
 
 _BEFORE_RAY: list[set[int]] = []  # processes below this one before it started its private Ray
