@@ -329,3 +329,43 @@ def test_a_cluster_started_without_token_auth_is_joined(tmp_path):
             os.killpg(head.pid, signal.SIGKILL)
             head.wait(10)
         _kill_all(set(_wait_gone(members, 15)))
+
+
+@pytest.mark.ray
+def test_joining_a_cluster_that_never_answers_fails_within_the_stated_time(tmp_path):
+    """A GCS address that accepts TCP connections and never answers (preflight's reachability check passes): the
+    join gives up after ``RAY_JOIN_TIMEOUT`` (15 s here) with a ConfigError saying what to check."""
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(RAY_AFL)
+    code = textwrap.dedent(f"""
+        import json, socket, threading, time
+        srv = socket.socket()
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(64)
+        port = srv.getsockname()[1]
+        held = []
+        threading.Thread(target=lambda: [held.append(srv.accept()) for _ in iter(int, 1)], daemon=True).start()
+        from fedsim.config import load_scenarios
+        from fedsim.engine import ray_session
+        from fedsim.errors import ConfigError
+        ray_session.RAY_JOIN_TIMEOUT = 15.0
+        config = load_scenarios({str(scenario)!r}, [f"simulation.ray_address='127.0.0.1:{{port}}'"])[0][1]
+        start = time.monotonic()
+        try:
+            with ray_session.ray_session():
+                ray_session.ensure_ray(config)
+            result = {{"error": None}}
+        except ConfigError as exc:
+            result = {{"error": str(exc)}}
+        result["seconds"] = time.monotonic() - start
+        print("RESULT " + json.dumps(result), flush=True)
+        import os
+        os._exit(0)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=subprocess_env(tmp_path), capture_output=True,
+                         text=True, timeout=180)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert lines, out.stderr[-3000:]
+    result = json.loads(lines[-1][len("RESULT "):])
+    assert result["error"] and "within 15 s" in result["error"] and "check that the cluster" in result["error"]
+    assert result["seconds"] < 60, result

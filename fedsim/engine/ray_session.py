@@ -27,6 +27,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -303,7 +304,10 @@ def ensure_ray(config: Any) -> dict[str, Any]:
         _become_subreaper()
     try:
         with _loopback_stays_loopback(not address), _private_node_patches(not address):
-            ray.init(**args)
+            if address:
+                _join_within(ray, args, RAY_JOIN_TIMEOUT)
+            else:
+                ray.init(**args)
     except BaseException as exc:
         if not address:  # a signal or an error while the private Ray started: nothing of it stays
             _BEFORE_RAY.clear()
@@ -328,6 +332,34 @@ def ensure_ray(config: Any) -> dict[str, Any]:
     return init_args
 
 
+RAY_JOIN_TIMEOUT = 120.0  # seconds ray.init may take to join a cluster (a ray start cluster took 26 s on 2 cores)
+
+
+class JoinTimeout(TimeoutError):
+    """``ray.init`` did not join the cluster in time."""
+
+
+def _join_within(ray: Any, args: dict[str, Any], timeout: float) -> None:
+    """``ray.init(**args)`` for a cluster, given up after ``timeout`` s: Ray retries a GCS that accepts connections
+    but never answers (or a cluster whose raylet it cannot find) for many minutes, blocked in C++ where no Python
+    signal handler runs, so it runs in a daemon thread and this thread waits for it (a signal still interrupts)."""
+    box: dict[str, Any] = {}
+
+    def join() -> None:
+        try:
+            ray.init(**args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            box["error"] = exc
+
+    thread = threading.Thread(target=join, name="fedsim-ray-join", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise JoinTimeout(f"no cluster joined within {timeout:.0f} s")
+    if "error" in box:
+        raise box["error"]
+
+
 def join_error(address: str, exc: BaseException) -> ConfigError | None:
     """The ConfigError a failure to join the cluster at ``address`` becomes (None: not a connection problem)."""
     auth = type(exc).__name__ == "AuthenticationError" or "token" in str(exc).lower()
@@ -338,7 +370,11 @@ def join_error(address: str, exc: BaseException) -> ConfigError | None:
     if len(first) > 300:
         first = first[:300] + "..."
     hint = ""
-    if auth:
+    if isinstance(exc, JoinTimeout):
+        hint = (" (check that the cluster is up and answers: `ray status --address` with that address on this "
+                "machine, the GCS port of the head (ray start --head --port), that this machine's IP is one the "
+                "cluster's nodes can reach (ray start --node-ip-address), and the same Ray and Python versions)")
+    elif auth:
         hint = (" (Ray token authentication: a cluster started with RAY_AUTH_MODE=token needs the same "
                 "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN in fedsim's environment; for a cluster started without it, "
                 "leave RAY_AUTH_MODE unset or set it to disabled)")
