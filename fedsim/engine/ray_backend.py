@@ -64,9 +64,10 @@ def run_on_ray(config: ScenarioConfig, client_app: Any, server_main: Callable[[A
 
 
 def _init_ray(config: ScenarioConfig) -> dict[str, Any]:
-    """Start (or join) Ray once per session (``fedsim.engine.ray_session.ensure_ray``), then take SIGINT/SIGTERM
-    back: ``ray.init`` replaces the driver's SIGTERM handler (with ``sys.exit``, and a C++ failure handler that
-    aborts: exit 134 without a summary), so fedsim starts Ray itself (Flower's backend then finds it running)."""
+    """Start (or join) Ray once per session (``fedsim.engine.ray_session.ensure_ray``), then (re)install fedsim's
+    SIGINT/SIGTERM handlers: for the private Ray ``ensure_ray`` keeps Ray from replacing them (``sys.exit``, a C++
+    failure handler that aborts with 134), a joined cluster's ``ray.init`` may still do it. fedsim starts Ray itself
+    (Flower's backend then finds it running)."""
     init_args = ensure_ray(config)
     install_signal_handlers()
     return init_args
