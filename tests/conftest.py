@@ -183,3 +183,20 @@ backend = "inline"
 [strategy]
 name = "afl"
 """
+
+
+def inline_digits_scenario(strategy: str, clients: int = 4) -> str:
+    """One round of ``strategy`` on the digits set over ``clients`` IID clients, inline: the plugin tests' scenario."""
+    return f"""
+seed = 0
+rounds = 1
+[data]
+name = "digits"
+[partition]
+kind = "iid"
+num_clients = {clients}
+[simulation]
+backend = "inline"
+[strategy]
+name = "{strategy}"
+"""

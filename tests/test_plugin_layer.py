@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flwr.app import MetricRecord, RecordDict
 
-from conftest import scenario_config
+from conftest import inline_digits_scenario, scenario_config
 from fedsim.engine.runner import run_scenario
 from fedsim.registry import StrategySpec, register_strategy, strategies
 
@@ -74,19 +74,7 @@ class CounterServer:
 register_strategy(StrategySpec(name="test-counter", params=CounterParams, server=CounterServer, client=CounterClient,
                                reducible=True, description="test: a stateful client part"))
 
-COUNTER = """
-seed = 0
-rounds = 1
-[data]
-name = "digits"
-[partition]
-kind = "iid"
-num_clients = 4
-[simulation]
-backend = "inline"
-[strategy]
-name = "test-counter"
-"""
+COUNTER = inline_digits_scenario("test-counter")
 
 
 def _counts(run_dir: Path):  # noqa: ANN202
@@ -279,19 +267,7 @@ register_strategy(StrategySpec(name="{name}", params=CountParams, server=CountSe
                                description="counts the clients' examples"{spec_extra}))
 '''
 
-PLUGIN_SCENARIO = """
-seed = 0
-rounds = 1
-[data]
-name = "digits"
-[partition]
-kind = "iid"
-num_clients = 4
-[simulation]
-backend = "inline"
-[strategy]
-name = "{name}"
-"""
+
 
 
 def _fedsim(*argv: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -307,7 +283,7 @@ def _plugin(tmp_path: Path, stem: str, name: str, extra: str = "", spec_extra: s
     folder.mkdir(exist_ok=True)
     path = folder / f"{stem}.py"
     path.write_text(PLUGIN.replace("{extra}", extra).replace("{name}", name).replace("{spec_extra}", spec_extra))
-    (folder / f"{stem}.toml").write_text(PLUGIN_SCENARIO.replace("{name}", name))
+    (folder / f"{stem}.toml").write_text(inline_digits_scenario(name))
     return path
 
 

@@ -12,24 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from conftest import inline_digits_scenario
+
 from fedsim.cli import _check_parts, build_parser, main
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text(encoding="utf-8")
 
-PLUGIN_SCENARIO = """
-seed = 0
-rounds = 1
-[data]
-name = "digits"
-[partition]
-kind = "iid"
-num_clients = 4
-[simulation]
-backend = "inline"
-[strategy]
-name = "count"
-"""
+PLUGIN_SCENARIO = inline_digits_scenario("count")
 
 
 def _block(heading: str, lang: str, index: int = 0) -> str:
