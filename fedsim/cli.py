@@ -120,10 +120,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                                      label=None if single else label)
         plan.append((label, config, run_dir, todo))
     if not single and not args.overwrite:  # the report files fedsim writes into --out beside the variants
-        taken = [n for n in results.foreign_files(out) if n in results.REPORT_FILES]
-        if taken:
-            raise ConfigError(f"--out: {out} holds {', '.join(taken)} that fedsim did not write; choose another "
-                              "--out, or pass --overwrite to replace them")
+        results.refuse_foreign_report_files(out)
     from fedsim.engine.ray_session import ray_session
     from fedsim.engine.runner import run_scenario
     from fedsim.engine.signals import signals_interrupt_runs
@@ -169,10 +166,7 @@ def _run_many(args: argparse.Namespace) -> int:
     todo = [results.check_run_dir(j.run_dir, j.config.to_dict(), resume=args.resume, overwrite=args.overwrite,
                                   label=j.name) for j in jobs]
     if not args.overwrite:
-        taken = [n for n in results.foreign_files(out) if n in results.REPORT_FILES]
-        if taken:
-            raise ConfigError(f"--out: {out} holds {', '.join(taken)} that fedsim did not write; choose another "
-                              "--out, or pass --overwrite to replace them")
+        results.refuse_foreign_report_files(out)
     from fedsim.engine.ray_session import ray_session
     from fedsim.engine.runner import run_scenario
     from fedsim.engine.signals import signals_interrupt_runs

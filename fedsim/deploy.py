@@ -414,7 +414,7 @@ class LocalFederation:
         """SIGTERM to every process group started here, SIGKILL after ``STOP_TIMEOUT``; then every PID seen
         below them (the ServerApp and ClientApp subprocesses, Ray) that is still alive is killed too, and the
         watchdog sweeps whatever carries this federation's token. A signal meanwhile is handled afterwards."""
-        from fedsim.engine.processes import alive, deferred_signals
+        from fedsim.engine.processes import deferred_signals, signal_alive
 
         with deferred_signals():
             self._collect()
@@ -426,10 +426,7 @@ class LocalFederation:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             self._collect()
-            for pid in self.started_pids:
-                if alive(pid):
-                    with contextlib.suppress(OSError):
-                        os.kill(pid, signal.SIGKILL)
+            signal_alive(self.started_pids, signal.SIGKILL)
             if self.watchdog is not None:
                 self.started_pids.add(self.watchdog.pid)
                 self.watchdog.close()
@@ -448,16 +445,12 @@ class LocalFederation:
         """SIGTERM to the ServerApp processes still running (a run that was interrupted), and up to ``timeout``
         seconds for them to end: fedsim's ServerApp then writes summary.json with ``status = "interrupted"`` and
         its finished rows while the SuperLink and SuperNodes are still there."""
-        from fedsim.engine.processes import alive, descendants
+        from fedsim.engine.processes import descendants, signal_alive, wait_gone
 
         apps = [pid for proc in self.processes for pid in descendants(proc.pid)
                 if any(name in _cmdline(pid) for name in APP_COMMANDS)]
-        for pid in apps:
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and any(alive(pid) for pid in apps):
-            time.sleep(0.1)
+        signal_alive(apps, signal.SIGTERM)
+        wait_gone(apps, timeout, poll=0.1)
 
     def alive(self) -> list[int]:
         """PIDs started here (or seen below them) that still run."""
@@ -524,7 +517,6 @@ def _deploy(scenario: str | Path, nodes: int, out: str | Path, overrides: list[s
     ``overwrite``; with ``resume`` a variant completed there with the same configuration is skipped (and no
     federation starts when nothing is left to run)."""
     from fedsim.config import load_scenarios, select_variants
-    from fedsim.errors import ConfigError
     from fedsim.flower_app import for_nodes, join_overrides
     from fedsim.results import rundir as results_dir
 
@@ -542,10 +534,7 @@ def _deploy(scenario: str | Path, nodes: int, out: str | Path, overrides: list[s
                                          overwrite=overwrite, label=None if single else label)
         plan.append((label, config, run_dir, todo))
     if not single and not overwrite:  # the report files fedsim writes into --out beside the variants
-        taken = [n for n in results_dir.foreign_files(out) if n in results_dir.REPORT_FILES]
-        if taken:
-            raise ConfigError(f"--out: {out} holds {', '.join(taken)} that fedsim did not write; choose another "
-                              "--out, or pass --overwrite to replace them")
+        results_dir.refuse_foreign_report_files(out)
     results = []
     for i, (label, _, run_dir, todo) in enumerate(plan, 1):
         if not todo:

@@ -186,6 +186,17 @@ def foreign_files(directory: str | Path, also_ours: Iterable[str] = ()) -> list[
     return sorted(p.name for p in directory.iterdir() if p.name not in ours and not _is_temporary(p.name))
 
 
+def refuse_foreign_report_files(out: str | Path) -> None:
+    """Refuse an ``--out`` holding report files (``REPORT_FILES``) that fedsim did not write: the report written
+    beside several variants' run directories would replace them. Callers skip this under ``--overwrite``."""
+    from fedsim.errors import ConfigError
+
+    taken = [n for n in foreign_files(out) if n in REPORT_FILES]
+    if taken:
+        raise ConfigError(f"--out: {out} holds {', '.join(taken)} that fedsim did not write; choose another "
+                          "--out, or pass --overwrite to replace them")
+
+
 class RunDirLocked(FedsimError):
     """Another fedsim run holds the run directory (its ``.fedsim-lock``)."""
 
