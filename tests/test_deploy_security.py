@@ -285,7 +285,7 @@ time.sleep(1000)
 def test_kill_9_takes_children_and_grandchildren_along():
     """``die_with_parent`` (direct child) and ``Watchdog`` (grandchildren in their own sessions: the one that
     inherited the token, and the one without any environment, found as a descendant of a watched PID)."""
-    from fedsim.engine.processes import alive
+    from fedsim.engine.processes import alive, wait_gone
 
     parent = subprocess.Popen([sys.executable, "-c", PARENT], cwd=ROOT, stdout=subprocess.PIPE, text=True,
                               start_new_session=True)
@@ -296,10 +296,7 @@ def test_kill_9_takes_children_and_grandchildren_along():
         time.sleep(1.5)  # the watchdog collects the watched PID's descendants every 0.2 s
         os.kill(parent.pid, signal.SIGKILL)
         parent.wait(timeout=30)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and any(alive(p) for p in pids):
-            time.sleep(0.1)
-        assert [p for p in pids if alive(p)] == []
+        assert wait_gone(pids, 30, poll=0.1) == []
     finally:
         _kill_all([parent.pid, *pids])
 

@@ -256,7 +256,7 @@ def test_ctrl_c_during_fedsim_deploy_stops_every_process_it_started(tmp_path):
     import signal
     import time
 
-    from fedsim.engine.processes import alive, descendants
+    from fedsim.engine.processes import descendants, wait_gone
 
     scenario = _write(tmp_path, SMALL_AFL.replace('name = "afl"', 'name = "fedavg"').replace("rounds = 1", "rounds = 5"))
     proc = subprocess.Popen([sys.executable, "-m", "fedsim.cli", "deploy", str(scenario), "--nodes", "2", "--out",
@@ -286,10 +286,7 @@ def test_ctrl_c_during_fedsim_deploy_stops_every_process_it_started(tmp_path):
         os.kill(proc.pid, signal.SIGINT)
         _, err = proc.communicate(timeout=180)  # generous: a busy machine (the ServerApp gets up to 30 s)
         assert proc.returncode == 130, err[-2000:]
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and any(alive(p) for p in seen):
-            time.sleep(0.2)
-        assert seen and not [p for p in seen if alive(p)]
+        assert seen and not wait_gone(seen, 15, poll=0.2)
     finally:  # also when the test fails: nothing it started stays behind
         if proc.poll() is None:
             proc.kill()
@@ -409,7 +406,7 @@ def test_sigterm_mid_run_leaves_an_interrupted_run_with_its_rows(tmp_path):
     import signal
     import time
 
-    from fedsim.engine.processes import alive, descendants
+    from fedsim.engine.processes import descendants, wait_gone
 
     scenario = _write(tmp_path, SMALL_AFL.replace('name = "afl"', 'name = "fedavg"').replace("rounds = 1",
                                                                                               "rounds = 200"))
@@ -435,10 +432,7 @@ def test_sigterm_mid_run_leaves_an_interrupted_run_with_its_rows(tmp_path):
         summary = json.loads((out / "summary.json").read_text())
         assert summary["status"] == "interrupted", summary
         assert len(pd.read_csv(out / "metrics.csv")) >= rows
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and any(alive(p) for p in seen):
-            time.sleep(0.2)
-        assert seen and not [p for p in seen if alive(p)]
+        assert seen and not wait_gone(seen, 30, poll=0.2)
     finally:  # also when the test fails: nothing it started stays behind
         if proc.poll() is None:
             proc.kill()

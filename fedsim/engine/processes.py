@@ -30,7 +30,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 
 def hard_exit(code: int) -> None:
@@ -73,6 +73,23 @@ def alive(pid: int) -> bool:
             return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
     except OSError:
         return False
+
+
+def signal_alive(pids: Iterable[int], sig: int = signal.SIGKILL) -> None:
+    """Send ``sig`` to every PID of ``pids`` that is still alive (one that went in between is no error)."""
+    for pid in pids:
+        if alive(pid):
+            with contextlib.suppress(OSError):
+                os.kill(pid, sig)
+
+
+def wait_gone(pids: Iterable[int], seconds: float, poll: float = 0.05) -> list[int]:
+    """Wait up to ``seconds`` until none of ``pids`` is alive; the ones still alive then."""
+    pids = list(pids)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and any(alive(pid) for pid in pids):
+        time.sleep(poll)
+    return [pid for pid in pids if alive(pid)]
 
 
 def start_time(pid: int) -> int | None:

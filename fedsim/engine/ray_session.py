@@ -32,7 +32,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from fedsim.engine.processes import alive, descendants
+from fedsim.engine.processes import descendants, signal_alive, wait_gone
 from fedsim.errors import ConfigError
 
 STATS = {"starts": 0}  # how many times this process started or joined Ray (tests assert one per session)
@@ -235,13 +235,8 @@ def _stop_partial_start(before: set[int], timeout: float = 2.0) -> None:
     """``ray.init`` of the private Ray did not finish (a signal, an error): stop every process it started."""
     started = set(descendants(os.getpid())) - before
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in started:
-            if alive(pid):
-                with contextlib.suppress(OSError):
-                    os.kill(pid, sig)
-        deadline = time.monotonic() + (timeout if sig == signal.SIGTERM else 1.0)
-        while time.monotonic() < deadline and any(alive(pid) for pid in started):
-            time.sleep(0.05)
+        signal_alive(started, sig)
+        wait_gone(started, timeout if sig == signal.SIGTERM else 1.0)
     _reap(started)
 
 
@@ -401,16 +396,9 @@ def shutdown_ray(timeout: float = 5.0) -> None:
     _BEFORE_RAY.clear()
     if not private:
         return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(alive(pid) for pid in started):
-        time.sleep(0.05)
-    for pid in started:
-        if alive(pid):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-    end = time.monotonic() + 1.0
-    while time.monotonic() < end and any(alive(pid) for pid in started):
-        time.sleep(0.02)
+    wait_gone(started, timeout)
+    signal_alive(started, signal.SIGKILL)
+    wait_gone(started, 1.0, poll=0.02)
     _reap(started - own)
     _remove_temp_dirs()
 
@@ -442,23 +430,17 @@ def teardown_local_ray(timeout: float = 2.0) -> bool:
     # the GCS server holds only this run's in-memory cluster state, and its graceful exit waits seconds on the
     # raylet it outlived: once everything else is gone, it is killed
     gcs_pids = {proc.pid for proc in gcs}
-    while time.monotonic() < deadline and any(alive(pid) for pid in below - gcs_pids):
-        time.sleep(0.05)
+    wait_gone(below - gcs_pids, max(0.0, deadline - time.monotonic()))
     procs += gcs
     for proc in procs:
         if proc.poll() is None:
             with contextlib.suppress(OSError):
                 proc.kill()
-    for pid in below:
-        if alive(pid):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+    signal_alive(below, signal.SIGKILL)
     for proc in procs:
         with contextlib.suppress(Exception):
             proc.wait(1.0)
-    end = time.monotonic() + 1.0  # a killed process takes a moment to go
-    while time.monotonic() < end and any(alive(pid) for pid in below):
-        time.sleep(0.02)
+    wait_gone(below, 1.0, poll=0.02)  # a killed process takes a moment to go
     _reap(below - {proc.pid for proc in procs})
     _remove_temp_dirs()
     return True
