@@ -19,7 +19,7 @@ import pytest
 
 from conftest import AFL_DIGITS, subprocess_env
 
-from fedsim.engine.processes import alive, descendants
+from fedsim.engine.processes import alive, descendants, wait_gone
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY_AFL = AFL_DIGITS.replace('backend = "inline"', 'backend = "ray"')
@@ -47,7 +47,8 @@ PROBE = textwrap.dedent("""
                 for root, _, files in os.walk(path):
                     sockets += [os.path.join(root, f) for f in files
                                 if stat.S_ISSOCK(os.lstat(os.path.join(root, f)).st_mode)]
-                if sockets:
+                # pause for the probes only once the raylet is seen: a short run may end meanwhile
+                if sockets and any("raylet" in c for c in seen.values()):
                     st = os.stat(path)
                     dirs[path] = {"mode": stat.S_IMODE(st.st_mode), "uid": st.st_uid, "sockets": sockets}
                     print("TEMPDIR " + json.dumps({"path": path, **dirs[path]}), flush=True)
@@ -67,13 +68,6 @@ def _kill_all(pids: set[int]) -> None:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
-
-
-def _wait_gone(pids: set[int], seconds: float) -> list[int]:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and any(alive(p) for p in pids):
-        time.sleep(0.1)
-    return [p for p in pids if alive(p)]
 
 
 def _as_nobody(code: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -134,7 +128,7 @@ def test_private_ray_has_no_dashboard_and_a_private_temp_dir_gone_after_the_run(
         if probed is not None:
             assert probed["list"][0] != 0 and "PermissionError" in probed["list"][1], probed
             assert probed["connect"][0] != 0 and "PermissionError" in probed["connect"][1], probed
-        assert not _wait_gone(pids, 15)
+        assert not wait_gone(pids, 15)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -215,7 +209,7 @@ def _start_and_signal(tmp_path: Path, sig: int, when: str, *, group: bool = Fals
         stdout, stderr = proc.communicate(timeout=120)
         summary_file = out / "summary.json"
         summary = json.loads(summary_file.read_text()) if summary_file.exists() else None
-        left = _wait_gone(seen, 15)
+        left = wait_gone(seen, 15)
         return {"rc": proc.returncode, "stderr": stderr, "summary": summary, "left": left, "seen": seen,
                 "out": out, "temp_dirs": temp_dirs}
     finally:
@@ -328,7 +322,7 @@ def test_a_cluster_started_without_token_auth_is_joined(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait(10)
-        _kill_all(set(_wait_gone(members, 15)))
+        _kill_all(set(wait_gone(members, 15)))
 
 
 @pytest.mark.ray
