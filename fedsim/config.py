@@ -136,11 +136,27 @@ class StreamConfig:
     imbalance: str = "none"  # online: "none" | "long-tail"
     imbalance_ratio: float = 100.0
     classes_over_time: bool = True
+    # class-incremental: classes recur across tasks (Si-Blurry, G-ACIL's setting; fedsim.data.streams.
+    # generalized_class_incremental): N = disjoint_fraction of the classes live in one task, M = blurry_fraction
+    # of each other class's samples are dealt to every task; read by strategies whose tasks() hook builds it
+    generalized: bool = False
+    disjoint_fraction: float = 0.5
+    blurry_fraction: float = 0.1
 
     _parameter_constraints = {"kind": [Options(STREAM_KINDS)], "tasks": [AT_LEAST_1],
                               "first_task_classes": [AT_LEAST_1, None], "batch_size": [AT_LEAST_1],
                               "imbalance": [Options(("none", "long-tail"))],
-                              "imbalance_ratio": [Interval(1, None)]}
+                              "imbalance_ratio": [Interval(1, None)], "generalized": [Options((False, True))],
+                              "disjoint_fraction": [Interval(0, 1, closed="right")],
+                              "blurry_fraction": [Interval(0, 1)]}
+
+    def check(self, path: str) -> None:
+        if self.generalized and self.kind != "class-incremental":
+            raise ConfigError(f"{path}.generalized: recurring classes are a class-incremental stream, got kind "
+                              f"{self.kind!r}; set kind = \"class-incremental\" or generalized = false")
+        if self.generalized and self.first_task_classes is not None:
+            raise ConfigError(f"{path}.first_task_classes: a generalized stream splits its classes by "
+                              f"disjoint_fraction; leave first_task_classes out")
 
 
 @dataclass

@@ -21,6 +21,7 @@ __all__ = [
     "Task",
     "OnlineStream",
     "class_incremental",
+    "generalized_class_incremental",
     "online_stream",
     "client_streams",
     "split_classes",
@@ -41,6 +42,9 @@ class Task:
     index: int
     classes: list[int]
     indices: np.ndarray
+    #: classes with samples in this task (generalized streams: ``classes`` are the ones that first appear here,
+    #: ``present`` also those that recur); empty = ``classes`` (the disjoint split)
+    present: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return int(len(self.indices))
@@ -164,6 +168,77 @@ def class_incremental(
     order = _class_order(labels, seed, class_order)
     groups = split_classes(order, tasks, first_task_classes)
     return _tasks_for(labels, np.arange(labels.shape[0], dtype=np.int64), groups)
+
+
+def _fraction(field_name: str, value: object, closed_low: bool) -> float:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float, np.number)) and np.isfinite(value)
+    if ok and (0 <= value <= 1 if closed_low else 0 < value <= 1):
+        return float(value)
+    raise ConfigError(f"stream.{field_name}: got {value!r}; allowed: a number in {'[0, 1]' if closed_low else '(0, 1]'}")
+
+
+def generalized_class_incremental(
+    labels: np.ndarray,
+    tasks: int,
+    seed: int,
+    disjoint_fraction: float = 0.5,
+    blurry_fraction: float = 0.1,
+    class_order: list[int] | None = None,
+) -> list[Task]:
+    """Generalized class-incremental tasks (classes recur across tasks): the Si-Blurry split of G-ACIL's setting.
+
+    Si-Blurry (Moon et al., "Online Class Incremental Learning on Stochastic Blurry Task Boundary via Mask and Visual
+    Prompt Tuning", ICCV 2023, ``OnlineSampler`` with fixed N and M), which G-ACIL (Zhuang et al., NeurIPS 2024,
+    arXiv 2403.15706) evaluates on. In the seeded (or given) class order, the first ``round(C * disjoint_fraction)``
+    classes (N%) are *disjoint*: split evenly over the tasks, each lives in one task only. The others are *blurry*:
+    split evenly over the tasks too (their "home" task), and ``blurry_fraction`` (M%) of each blurry class's samples
+    leave its home: pooled over all blurry classes, shuffled and dealt evenly to every task, so a blurry class
+    recurs in several tasks, also before its home task. Every sample is in exactly one task. Differences from
+    MVP's sampler: classes that do not divide evenly are not dropped (MVP leaves them out of the stream), the
+    first disjoint classes go to the first tasks.
+
+    ``Task.classes`` are the classes whose first sample falls in that task (disjoint over tasks, so the accuracy
+    matrix keeps its meaning: column j = the classes first seen in task j), ``Task.present`` every class with
+    samples in it. Needs at least one disjoint class per task (so every task brings a new class).
+    """
+    labels = _labels(labels)
+    seed = _int("seed", seed, 0)
+    order = _class_order(labels, seed, class_order)
+    n = len(order)
+    tasks = _int("tasks", tasks, 1, max(n, 1), allowed=f"an integer in [1, {n}] (the number of classes)")
+    disjoint_fraction = _fraction("disjoint_fraction", disjoint_fraction, closed_low=False)
+    blurry_fraction = _fraction("blurry_fraction", blurry_fraction, closed_low=True)
+    n_disjoint = int(round(n * disjoint_fraction))
+    if n_disjoint < tasks:
+        raise ConfigError(f"stream.disjoint_fraction: {disjoint_fraction!r} of {n} classes gives {n_disjoint} "
+                          f"disjoint classes for {tasks} tasks; allowed: at least {tasks / n:.3g} (one new class "
+                          f"per task), or fewer stream.tasks")
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 3]))
+    home = {}
+    for t, group in enumerate(np.array_split(np.asarray(order[:n_disjoint], np.int64), tasks)):
+        home.update({int(c): t for c in group})
+    for t, group in enumerate(np.array_split(np.asarray(order[n_disjoint:], np.int64), tasks)):
+        home.update({int(c): t for c in group})
+    disjoint = set(order[:n_disjoint])
+    assigned = np.full(labels.shape[0], -1, np.int64)
+    moved = []
+    for c in order:
+        members = np.flatnonzero(labels == c)
+        assigned[members] = home[c]
+        if c not in disjoint and members.size:
+            k = int(members.size * blurry_fraction)
+            moved.append(rng.choice(members, size=k, replace=False))
+    pool = rng.permutation(np.concatenate(moved)) if moved else np.empty(0, np.int64)
+    for t, part in enumerate(np.array_split(pool, tasks)):
+        assigned[part] = t
+    out, seen = [], set()
+    for t in range(tasks):
+        idx = np.flatnonzero(assigned == t).astype(np.int64)
+        present = [c for c in order if np.any(labels[idx] == c)]
+        new = [c for c in present if c not in seen]
+        seen.update(new)
+        out.append(Task(index=t, classes=new, indices=idx, present=present))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ online

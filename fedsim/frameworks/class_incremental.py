@@ -52,6 +52,7 @@ from flwr.app import ArrayRecord, RecordDict
 from torch import nn
 
 from fedsim.codec import from_record
+from fedsim.errors import ConfigError
 from fedsim.data.streams import class_incremental
 from fedsim.frameworks import class_incremental_protocol as protocol
 from fedsim.frameworks.class_incremental_protocol import CILParams, TrainSettings
@@ -158,6 +159,18 @@ class CILServer:
         self.params = params
 
     # ---- hooks -------------------------------------------------------------------------------------------
+    def tasks(self, ctx: ServerContext) -> list:
+        """The task stream (``fedsim.data.streams.Task``): disjoint classes in a seeded order. A strategy whose
+        clients select a task's samples by its indices may override it (the generalized streams of G-ACIL);
+        the default clients take every sample of a task's classes, so ``stream.generalized`` is refused here."""
+        s = ctx.config.stream
+        if s.generalized:
+            raise ConfigError(f"stream.generalized: {ctx.config.strategy.name!r} trains on every sample of a task's "
+                              "classes, so classes cannot recur across its tasks; set stream.generalized = false "
+                              "or use a strategy that reads it (acil, g-acil, ds-al)")
+        return class_incremental(ctx.train_data().labels, s.tasks, seed=ctx.config.seed,
+                                 first_task_classes=s.first_task_classes)
+
     def begin(self, ctx: ServerContext, tasks: list) -> None:
         """Before the first task (e.g. create the classifier)."""
 
@@ -186,8 +199,7 @@ class CILServer:
     def run(self, ctx: ServerContext) -> None:
         cfg = ctx.config
         train, test = ctx.train_data(), ctx.test_data()
-        tasks = class_incremental(train.labels, cfg.stream.tasks, seed=cfg.seed,
-                                  first_task_classes=cfg.stream.first_task_classes)
+        tasks = self.tasks(ctx)
         ctx.set_total_steps(len(tasks))
         task_classes = [t.classes for t in tasks]
         matrices: dict[str, AccuracyMatrix] = {}
