@@ -105,11 +105,18 @@ class CILClient:
             extra = lwf_distillation(old, s.old_classes, s.lwf_lambda, s.temperature)
         else:
             loss_fn = restricted_ce(s.classes, env.num_classes)
-        stats = train_epochs(model, data.x, data.y, **s.training.train_kwargs(), seed=env.seed, device=env.device,
+        module, loss_fn, extra = self.training_objective(content, env, model, s, loss_fn, extra)
+        stats = train_epochs(module, data.x, data.y, **s.training.train_kwargs(), seed=env.seed, device=env.device,
                              loss_fn=loss_fn, extra_loss=extra)
         train_loss = float(stats["loss"])
         return protocol.model_reply(state_to_arrays(model.cpu()), len(data),
                                     train_loss if np.isfinite(train_loss) else 0.0)
+
+    def training_objective(self, content: RecordDict, env: ClientEnv, model: nn.Module, settings, loss_fn,  # noqa: ANN001
+                           extra):  # noqa: ANN001, ANN201
+        """Hook: the (module, loss_fn, extra_loss) ``train_epochs`` runs; a subclass adds a term (EWC's penalty) or
+        wraps the forward (ER's replay batch). The module must train ``model``'s parameters."""
+        return model, loss_fn, extra
 
     def class_means(self, content: RecordDict, env: ClientEnv) -> RecordDict:
         arrays, classes, _ = protocol.parse_statistics_request(content)

@@ -27,8 +27,9 @@ metrics of ``fedsim.results.continual`` (``final_accuracy``, ``average_increment
 that maps images to scores over all classes exactly as the run predicted (the backbone's head, or a classifier on
 its embeddings), with the stored statistics readable by key (``model["backbone"]``, ``model["dpcr"]``, ...).
 
-Other hooks: ``begin`` (before the first task; create classifiers). Class attributes ``loss`` ("ce" or "lwf") and
-``cumulative`` choose the training.
+Other hooks: ``begin`` (before the first task; create classifiers), ``train_settings`` (the train phase's loss,
+logits and data) and ``extend_train_request`` (a strategy's own records in the train requests). Class attributes
+``loss`` ("ce" or "lwf") and ``cumulative`` choose the training.
 
 The network's classifier (``strategy.head``, built by ``initial_model``): ``"cosine"`` for LwF and the methods on its
 backbone (lwf, lwf-ncm, dpcr, ridge-uncalibrated), as the official DPCR code trains (PyCIL ``"cosine": true``);
@@ -243,17 +244,11 @@ class CILServer:
         Returns the last round's example-weighted train loss (nan if no round had a client with data).
         """
         lwf = self.loss == "lwf" and t > 0
-        data_classes = seen if self.cumulative else task_classes
-        training = LocalTraining.from_settings(ctx.config.client)
-        if lwf:
-            settings = TrainSettings("lwf", seen, data_classes, training, new_classes=task_classes,
-                                     old_classes=old_classes, lwf_lambda=float(self.params.lwf_lambda),
-                                     temperature=float(self.params.temperature))
-        else:
-            settings = TrainSettings("ce", seen, data_classes, training)
+        settings = self.train_settings(ctx, t, task_classes, seen, old_classes)
         loss = float("nan")
         for i in range(self.params.local_rounds):
             content = protocol.train_request(state_to_arrays(model), settings, state_to_arrays(old) if lwf else None)
+            content = self.extend_train_request(content, t, model, old)
             merged = protocol.merge_models([r.content for r in ctx.send(content, round=base + i + 1) if r.ok])
             if merged is None:
                 continue
@@ -262,6 +257,22 @@ class CILServer:
                 arrays_to_state(model, arrays)
                 loss = merged_loss
         return loss
+
+    def train_settings(self, ctx: ServerContext, t: int, task_classes: list[int], seen: list[int],
+                       old_classes: list[int]) -> TrainSettings:
+        """Hook: what task t's train rounds ask of the clients (loss, logits, data, local training)."""
+        data_classes = seen if self.cumulative else task_classes
+        training = LocalTraining.from_settings(ctx.config.client)
+        if self.loss == "lwf" and t > 0:
+            return TrainSettings("lwf", seen, data_classes, training, new_classes=task_classes,
+                                 old_classes=old_classes, lwf_lambda=float(self.params.lwf_lambda),
+                                 temperature=float(self.params.temperature))
+        return TrainSettings("ce", seen, data_classes, training)
+
+    def extend_train_request(self, content: RecordDict, t: int, model: nn.Module, old: nn.Module | None
+                             ) -> RecordDict:
+        """Hook: add a strategy's own records to a train request (EWC's Fisher and anchor, ER's replay settings)."""
+        return content
 
     def collect(self, ctx: ServerContext, content: RecordDict, round_: int) -> dict[str, np.ndarray] | None:
         """Send a statistics phase and add the replies (they are sums); None when no client answered."""
