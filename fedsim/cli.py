@@ -317,7 +317,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from fedsim.results.report import report
 
-    report(args.dirs, out_dir=args.out, csv=args.csv)
+    report(args.dirs, out_dir=args.out, csv=args.csv, latex=args.latex, markdown=args.markdown, band=args.band)
     return 0
 
 
@@ -394,6 +394,13 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", help="where to write the plots and report.csv")
     rep.add_argument("--csv", metavar="FILE",
                      help="write the statistics per label (and sweep point): label, n, <metric>_mean, _std, _ci95")
+    rep.add_argument("--latex", nargs="?", const="-", metavar="FILE",
+                     help="the tables for a paper as LaTeX (booktabs; mean +- std, best per column in bold) into "
+                          "FILE, or printed alone (no terminal table) without FILE")
+    rep.add_argument("--markdown", nargs="?", const="-", metavar="FILE",
+                     help="the same tables as Markdown into FILE, or printed alone without FILE")
+    rep.add_argument("--band", choices=("std", "ci95"), default="std",
+                     help="the shaded band of the curves over seeds: +- 1 std (default) or the 95%% CI of the mean")
     rep.set_defaults(func=cmd_report)
     return parser
 

@@ -164,8 +164,10 @@ def _server_main(grid: Grid, context: Context) -> None:
     nodes = _wait_for_nodes(grid, int(context.run_config.get("nodes", 0) or 0))
     config = for_nodes(config, nodes)
     out = str(context.run_config.get("out", "") or "") or str(default_out(str(context.run_config["scenario"])))
-    with signals_interrupt_runs():  # SIGINT/SIGTERM: summary.json says interrupted, as under fedsim run
-        try:
+    from fedsim.engine.progress import to_flower_log
+
+    with signals_interrupt_runs(), to_flower_log():  # SIGINT/SIGTERM: summary.json says interrupted, as under
+        try:                                           # fedsim run; round lines on Flower's log (flwr run --stream)
             run_scenario(config, out, label=label, show_progress=False, grid=grid)
         except KeyboardInterrupt as exc:  # to Flower, a failed ServerApp (it exits with its error code)
             raise RuntimeError(f"interrupted ({exc}): {out}/summary.json says status interrupted") from None

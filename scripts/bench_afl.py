@@ -68,7 +68,7 @@ def child(args: argparse.Namespace) -> None:
     metrics = load_run(args.out)["metrics"]
     out = {
         "summary": summary,
-        "rounds": metrics[["round", "accuracy", "seconds"]].to_dict("list"),
+        "rounds": metrics[["round", "accuracy", "elapsed_seconds"]].to_dict("list"),
         "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     print("RESULT " + json.dumps(out, default=str))
@@ -172,7 +172,7 @@ def packed_reply_bytes(dim: int, num_classes: int) -> int:
 # ------------------------------------------------------------------------------------------------- main
 def fedavg_to_target(result: dict, target: float) -> dict:
     rounds = result["rounds"]
-    rows = [(r, a, s) for r, a, s in zip(rounds["round"], rounds["accuracy"], rounds["seconds"]) if a == a]
+    rows = [(r, a, s) for r, a, s in zip(rounds["round"], rounds["accuracy"], rounds["elapsed_seconds"]) if a == a]
     for r, a, s in rows:
         if a >= target:
             return {"fedavg_reached": True, "fedavg_round": r, "fedavg_acc": a, "fedavg_round_s": s}
@@ -231,11 +231,11 @@ def main() -> None:
         bare = min(bare_runs.values(), key=lambda b: b["bare_s"])  # the faster threading: the conservative ratio
         row = {
             "clients": n, "nodes": math.ceil(n / per_node), "wall_s": s["wall_seconds"],
-            "round_s": afl["rounds"]["seconds"][-1],
+            "round_s": afl["rounds"]["elapsed_seconds"][-1],
             **{f"bare_{t}thr_s": round(b["bare_s"], 2) for t, b in bare_runs.items()},
             "bare_s": round(bare["bare_s"], 2),
             "ratio": round(s["wall_seconds"] / bare["bare_s"], 2),
-            "round_ratio": round(afl["rounds"]["seconds"][-1] / bare["bare_s"], 2),
+            "round_ratio": round(afl["rounds"]["elapsed_seconds"][-1] / bare["bare_s"], 2),
             "floor_s": round(floor, 2), "wall_to_floor": round(s["wall_seconds"] / floor, 2),
             "server_rss_mb": round(afl["max_rss_mb"]), "bytes_up_mb": round(s["bytes_up"] / 2**20, 1),
             "packed_up_mb": round(s["answered_clients"] * packed_reply_bytes(s["feature_dim"], 10) / 2**20, 1),

@@ -99,7 +99,7 @@ def child(path: str, out: str) -> None:
     summary = run_scenario(load_scenario(path), out, show_progress=False)
     metrics = load_run(out)["metrics"]
     print("RESULT " + json.dumps({"summary": summary, "accuracies": list(metrics["accuracy"])[1:],
-                                  "rounds_s": float(metrics["seconds"].iloc[-1])}, default=str))
+                                  "rounds_s": float(metrics["elapsed_seconds"].iloc[-1])}, default=str))
 
 
 def main() -> None:

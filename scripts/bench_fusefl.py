@@ -99,7 +99,7 @@ def one_setting(args: argparse.Namespace, partition: str, alpha: float, seed: in
             rows.append(row(setting, f"FedAvg, {n} round{'s' if n != 1 else ''}", fs, accuracy=float(m["accuracy"]),
                             bytes_up_per_client=float(m["bytes_up"]) / args.clients,
                             bytes_down_per_client=float(m["bytes_down"]) / args.clients, rounds=n,
-                            wall_s=float(m["seconds"])))
+                            wall_s=float(m["elapsed_seconds"])))
     for r_ in rows:
         print(json.dumps(r_), flush=True)
     return rows

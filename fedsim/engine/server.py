@@ -14,10 +14,13 @@ from flwr.serverapp import Grid
 
 from fedsim.config import ScenarioConfig
 from fedsim.engine.accounting import ACCOUNTING_KEY, ENGINE_KEY, NODE_KEY, record_nbytes
+from fedsim.engine.clock import SimClock
+from fedsim.results.client_metrics import LABEL_MIX_ACCURACY, LOCAL_ACCURACY, ClientLedger
 from fedsim.results.rundir import RunRecorder
 from fedsim.scenario import ScenarioView, resolve_device, scenario_streams, test_split, train_split
 
 DISCOVERY_TIMEOUT = 600.0
+CLIENTS_FILE = "clients.csv"  # per round and client (fedsim.results.client_metrics.ClientLedger; docs/run-files.md)
 
 
 @dataclass
@@ -87,12 +90,17 @@ class AccountingGrid(Grid):
     returns replies sorted by partition id (so float sums are reproducible).
     """
 
+    clock = None  # fedsim.engine.clock.SimClock of a run with a [system] section (set by ServerContext)
+    ready_at: float | None = None  # when discover() ended (time.time())
+
     def __init__(self, inner: Grid, num_nodes: int) -> None:
         self.inner = inner
         self.num_nodes = num_nodes
         self.traffic = Traffic()
         self.node_clients: dict[int, list[int]] = {}  # node id -> virtual clients it serves
         self._sent: dict[str, tuple[int, int]] = {}  # message id -> (node id, content bytes)
+        self._sent_to: dict[str, tuple[int, list[int]]] = {}  # message id -> (round, the clients it was sent to)
+        self.ledger = ClientLedger()  # clients.csv's rows: per round and client, what was sent and answered
         self.placement: dict[int, dict] = {}  # client -> Flower node, host, Ray nodes that ran it, replies
 
     # -- plumbing Flower's Grid requires ------------------------------------------------------------------
@@ -132,6 +140,7 @@ class AccountingGrid(Grid):
                 self.node_clients[msg.metadata.src_node_id] = [int(i) for i in ids]
         if len(answered) != len(nodes):
             raise RuntimeError(f"discovery: {len(answered)} of {len(nodes)} nodes answered")
+        self.ready_at = time.time()  # the nodes are up: the run's set-up ends here
 
     # -- accounting -----------------------------------------------------------------------------------------
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
@@ -142,9 +151,12 @@ class AccountingGrid(Grid):
             node = msg.metadata.dst_node_id
             self._sent[mid] = (node, size)
             self.traffic.messages_down += 1
-            for pid in self._selected_clients(msg, node):
+            clients = self._selected_clients(msg, node)
+            for pid in clients:
                 self.traffic.down += size
                 self.traffic.per_client_down[pid] = self.traffic.per_client_down.get(pid, 0) + size
+            self._sent_to[mid] = (_round_of(msg), clients)
+            self.ledger.sent(_round_of(msg), clients, size)
         return ids
 
     def _selected_clients(self, msg: Message, node: int) -> list[int]:
@@ -165,11 +177,14 @@ class AccountingGrid(Grid):
     def _account_reply(self, msg: Message) -> None:
         self.traffic.messages_up += 1
         self._sent.pop(msg.metadata.reply_to_message_id, None)
+        round_, clients = self._sent_to.pop(msg.metadata.reply_to_message_id, (_round_of(msg), None))
         if msg.has_error() or ACCOUNTING_KEY not in msg.content:
             node = msg.metadata.src_node_id
             self.traffic.failed += len(self.node_clients.get(node, [])) or 1
+            self.ledger.lost(round_, self.node_clients.get(node, []) if clients is None else clients)
             return
         acc = msg.content.metric_records[ACCOUNTING_KEY]
+        self.ledger.replied(round_, _accounting_lists(acc))
         where = msg.content.config_records.get(NODE_KEY, {})
         for pid in acc["partition_ids"]:
             seen = self.placement.setdefault(int(pid), {"flower_node": msg.metadata.src_node_id, "hosts": set(),
@@ -190,7 +205,17 @@ class AccountingGrid(Grid):
 
     def iter_replies(self, messages: Iterable[Message], *, timeout: float | None = None
                      ) -> Iterator[tuple[tuple, Message]]:
-        """Push, then yield ``(sort key, reply)`` as replies arrive; accounting stripped from each content."""
+        """Push, then yield ``(sort key, reply)`` as replies arrive; accounting stripped from each content; with a
+        simulated clock (``[system]``), timed by it, the replies it drops turned into error replies."""
+        if self.clock is None:
+            return self._iter_replies(messages, timeout=timeout)
+        messages = list(messages)
+        return self.clock.exchange(messages, self._iter_replies(messages, timeout=timeout),
+                                   lambda m: self._selected_clients(m, m.metadata.dst_node_id), record_nbytes,
+                                   lambda m: sum(accounting_of(m)["client_bytes"]), self.traffic)
+
+    def _iter_replies(self, messages: Iterable[Message], *, timeout: float | None = None
+                      ) -> Iterator[tuple[tuple, Message]]:
         pending = set(self.push_messages(messages))
         deadline = None if timeout is None else time.time() + timeout
         while pending:
@@ -211,6 +236,8 @@ class AccountingGrid(Grid):
                 for mid in pending:  # count the silent nodes as failed clients
                     node, _ = self._sent.pop(mid, (0, 0))
                     self.traffic.failed += len(self.node_clients.get(node, [])) or 1
+                    round_, clients = self._sent_to.pop(mid, (0, []))
+                    self.ledger.lost(round_, clients, silent=True)
                 break
             if not got:
                 time.sleep(0.01)
@@ -239,6 +266,29 @@ def accounting_of(msg: Message) -> dict:
     return {k: [int(v) for v in acc[k]] for k in ("partition_ids", "failed_ids", "client_bytes")}
 
 
+def _accounting_lists(acc) -> dict[str, list]:  # noqa: ANN001
+    """A node's accounting record as lists: served and failed clients, their bytes, and the examples and train
+    loss each served client's reply reported (``fedsim.engine.node.reported_metrics``; absent from older nodes)."""
+    out: dict[str, list] = {k: [int(v) for v in acc[k]] for k in ("partition_ids", "failed_ids", "client_bytes")}
+    out["client_examples"] = [int(v) for v in acc.get("client_examples", [])]
+    out["client_train_loss"] = [float(v) for v in acc.get("client_train_loss", [])]
+    return out
+
+
+def _round_of(msg: Message) -> int:
+    """The round a message belongs to: fedsim's engine record (``ServerContext.send``), else Flower's
+    ``server-round`` in its train config, else a numeric group id; 0 when none says."""
+    if msg.has_content():
+        engine = msg.content.config_records.get(ENGINE_KEY)
+        if engine is not None and "round" in engine:
+            return int(engine["round"])
+        for record in msg.content.config_records.values():
+            if "server-round" in record:
+                return int(record["server-round"])
+    group = str(msg.metadata.group_id or "")
+    return int(group) if group.isdigit() else 0
+
+
 class ServerContext(ScenarioView):
     """What a strategy's server part works with (see docs/ARCHITECTURE.md)."""
 
@@ -258,7 +308,21 @@ class ServerContext(ScenarioView):
         self.rng = random.Random(config.seed)
         random.seed(config.seed)  # Flower's node sampling uses the global `random`
         self._last_step_bytes = (0, 0)
+        self._last_log_time: float | None = None  # when the previous metrics row was logged
         self._label_counts: np.ndarray | None = None  # clients x classes, for client_accuracy
+        self._local_test: tuple | None = None  # (inputs, labels, owning client) of every local test split
+        self._measured: dict[str, np.ndarray] = {}  # per-client accuracies for the next metrics row's clients.csv
+        self._last_local: tuple[str, np.ndarray] | None = None  # (model fingerprint, its local accuracies)
+        self.clock = grid.clock = SimClock.for_config(config, partitions)  # None without [system]
+
+    def start_clock(self) -> SimClock:
+        """The run's simulated clock; a strategy that needs one (FedBuff) gets one with the default ``[system]``
+        settings (``fedsim.config.SystemConfig()``) where the scenario has no such section."""
+        if self.clock is None:
+            from fedsim.config import SystemConfig
+
+            self.clock = self.grid.clock = SimClock.for_config(self.config, self.partitions, SystemConfig())
+        return self.clock
 
     # -- data ----------------------------------------------------------------------------------------------
     def test_data(self):
@@ -272,17 +336,73 @@ class ServerContext(ScenarioView):
         """Every client's stream, exactly as the clients build them (see ``ClientEnv.stream``)."""
         return scenario_streams(self.config, self.partitions)
 
-    def client_accuracy(self, class_accuracy: Any) -> dict[str, float]:
-        """Mean, worst and spread over clients of the test accuracy re-weighted to each client's label mix
-        (`fedsim.results.client_metrics`), as metrics for `log`; {} without a partition (streams, one client)."""
-        from fedsim.results.client_metrics import client_accuracy_summary, label_counts
+    def client_accuracy(self, class_accuracy: Any, model: Any = None) -> dict[str, float]:
+        """Per-client accuracy of the model just evaluated, as metrics for the ``log`` call it goes into (and the
+        accuracy columns of that round's clients.csv rows), by ``evaluation.mode``:
 
-        if not self.partitions or len(self.partitions) < 2 or class_accuracy is None:
-            return {}
-        if self._label_counts is None:
-            train = self.train_data()
-            self._label_counts = label_counts(self.partitions, train.labels, train.num_classes)
-        return client_accuracy_summary(class_accuracy, self._label_counts)
+        - "global" / "both": mean, worst and spread over clients of the test accuracy re-weighted to each client's
+          label mix (``client_acc_mean/min/std``; `fedsim.results.client_metrics`), from ``class_accuracy``; none
+          without a partition (one client);
+        - "local" / "both": the same over each client's held-out local test data (``local_acc_mean/min/std``),
+          measured with ``model`` (a module mapping inputs to class scores); none when ``model`` is not given.
+        """
+        from fedsim.results.client_metrics import accuracy_spread, client_accuracies, label_counts
+
+        mode = self.config.evaluation.mode
+        out: dict[str, float] = {}
+        if mode != "local" and self.partitions and len(self.partitions) >= 2 and class_accuracy is not None:
+            if self._label_counts is None:
+                train = self.train_data()
+                self._label_counts = label_counts(self.partitions, train.labels, train.num_classes)
+            acc = client_accuracies(class_accuracy, self._label_counts)
+            self._measured[LABEL_MIX_ACCURACY] = acc
+            out.update(accuracy_spread(acc, "client_acc"))
+        if mode != "global" and model is not None:
+            acc = self.local_accuracies(model)
+            self._measured[LOCAL_ACCURACY] = acc
+            self._last_local = (_fingerprint(model), acc)
+            out.update(accuracy_spread(acc, "local_acc"))
+        return out
+
+    def local_test_data(self):  # noqa: ANN201
+        """Every client's held-out local test data (``partition.test_fraction``) as one LabeledData, and the
+        client each row belongs to; None when nothing is held out."""
+        from fedsim.scenario import local_test_partition
+
+        if self._local_test is None:
+            parts = local_test_partition(self.config)
+            sizes = [len(p) for p in parts]
+            if not sum(sizes):
+                self._local_test = (None, None)
+            else:
+                owner = np.repeat(np.arange(len(parts), dtype=np.int64), sizes)
+                self._local_test = (self.train_data().subset(np.concatenate(parts)), owner)
+        data, owner = self._local_test
+        return None if data is None else (data, owner)
+
+    def local_accuracies(self, model: Any) -> np.ndarray:
+        """Each client's accuracy (exact count) of ``model`` on its own held-out test data; NaN for a client that
+        holds out nothing (and for all without ``partition.test_fraction``)."""
+        from fedsim.results.client_metrics import local_accuracies, predict_classes
+
+        held = self.local_test_data()
+        if held is None:
+            return np.full(self.num_clients, np.nan)
+        data, owner = held
+        pred = predict_classes(model, data.x, self.config.evaluation.batch_size, self.device)
+        return local_accuracies(pred, data.labels, owner, self.num_clients)
+
+    def _write_clients(self) -> None:
+        """clients.csv: the ledger's rows (see ``fedsim.results.client_metrics.ClientLedger``)."""
+        from fedsim.scenario import local_test_partition
+
+        ledger = self.grid.ledger
+        if not ledger.rows:
+            return
+        tests = None
+        if self.config.partition.test_fraction > 0:
+            tests = [len(p) for p in local_test_partition(self.config)]
+        self.recorder.save_text(CLIENTS_FILE, ledger.csv(tests))
 
     @property
     def partition_ids(self) -> list[int]:
@@ -361,9 +481,24 @@ class ServerContext(ScenarioView):
         row["round_bytes_up"] = t.up - self._last_step_bytes[0]
         row["round_bytes_down"] = t.down - self._last_step_bytes[1]
         row["failed_clients"] = t.failed
-        row["seconds"] = round(time.time() - self.start_time, 4)
+        now, began = time.time(), getattr(self.grid, "ready_at", None) or self.start_time  # began: the server part's start
+        if self._last_log_time is None:  # set-up: Flower's nodes started and discovered (summary.json)
+            self._last_log_time = began
+            self.extra_summary["setup_seconds"] = round(began - self.start_time, 4)
+        row["seconds"] = round(now - self._last_log_time, 4)  # this row's own time, since the previous row
+        row["elapsed_seconds"] = round(now - began, 4)  # cumulative, without the set-up
+        self._last_log_time = now
+        if self.clock is not None:  # [system]: simulated seconds, clients the clock dropped (fedsim.engine.clock)
+            row["sim_seconds"] = round(self.clock.now, 4)
+            row["dropped_clients"] = self.clock.dropped
+            self.clock.observe(row["accuracy"])
+            self.extra_summary.update(self.clock.summary())
         self._last_step_bytes = (t.up, t.down)
         self.recorder.append_metrics(row)
+        for column, values in self._measured.items():  # client_accuracy's per-client values, for this row's round
+            self.grid.ledger.measured(int(step), column, values)
+        self._measured = {}
+        self._write_clients()
         if self.progress is not None:
             self.progress.update(row)
         return row
@@ -372,8 +507,43 @@ class ServerContext(ScenarioView):
         self.extra_summary.update({k: _scalar(v) if np.isscalar(v) else v for k, v in values.items()})
 
     def save_model(self, obj: Any) -> None:
-        self.recorder.save_model(obj)
+        """Save the final model; with ``evaluation.mode`` "local" / "both" also measure it on every client's local
+        test data: ``local_accuracy`` (mean), ``worst_local_accuracy``, ``local_accuracy_std`` in the summary, and
+        the last round's clients.csv rows where that round was not measured already."""
+        from fedsim.results.client_metrics import accuracy_spread
+
+        self.recorder.save_model(obj, architecture=self._architecture(obj))
         self.model_saved = True
+        if self.config.evaluation.mode != "global":
+            last = self._last_local  # the model the last round measured is usually the one saved: not twice
+            acc = last[1] if last is not None and last[0] == _fingerprint(obj) else self.local_accuracies(obj)
+            spread = accuracy_spread(acc, "local")
+            if spread:
+                self.summary(local_accuracy=spread["local_mean"], worst_local_accuracy=spread["local_min"],
+                             local_accuracy_std=spread["local_std"])
+            rounds = [r for r, _ in self.grid.ledger.rows] or [int(r["round"]) for r in self.recorder.rows]
+            if rounds:
+                self.grid.ledger.measured(max(rounds), LOCAL_ACCURACY, acc, only_missing=True)
+        self._write_clients()
+
+    def _architecture(self, obj: Any) -> dict:
+        """What rebuilds ``obj`` (config.json's "saved_model"): the scenario's model settings, num_classes, input
+        shape, and whether ``obj`` is the scenario's network itself (same class and state_dict shapes: then
+        ``fedsim.results.rundir.load_model`` rebuilds it from model_state.pt alone)."""
+        import torch
+
+        m = self.config.model
+        out = {"model": m.name, "width": m.width, "params": dict(m.params or {}), "num_classes": self.num_classes,
+               "input_shape": [int(d) for d in self.input_shape], "scenario_model": False}
+        if isinstance(obj, torch.nn.Module):
+            try:
+                ref = self.initial_model()
+                shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+                out["scenario_model"] = type(ref) is type(obj) and shapes == {
+                    k: tuple(v.shape) for k, v in obj.state_dict().items()}
+            except Exception:  # noqa: BLE001  (a strategy whose network the scenario cannot build alone)
+                pass
+        return out
 
     def save_table(self, name: str, table, index: bool = True) -> None:  # noqa: ANN001
         self.recorder.save_table(name, table, index=index)
@@ -381,6 +551,18 @@ class ServerContext(ScenarioView):
     def set_total_steps(self, total: int) -> None:
         if self.progress is not None:
             self.progress.set_total(total)
+
+
+def _fingerprint(model: Any) -> str:
+    """A digest of a module's class and state (parameters and buffers): equal digests, equal predictions."""
+    import hashlib
+
+    digest = hashlib.blake2b(type(model).__qualname__.encode(), digest_size=16)
+    for key, tensor in model.state_dict().items():
+        digest.update(key.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _scalar(value: Any) -> Any:

@@ -4,20 +4,26 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import re
-import statistics
 import sys
 from pathlib import Path
 
 import pandas as pd
 
 from fedsim.errors import FedsimError
-from fedsim.results.rundir import UnreadableRun, load_run, record_written
+from fedsim.results import figures
+from fedsim.results.figures import human_bytes, mean_std_ci
+from fedsim.results.rundir import UnreadableRun, load_run, record_written, written_files
+
+__all__ = ["report", "statistics_table", "comparison_table", "load_grouped", "mean_std_ci", "latex_table",
+           "markdown_table", "human_bytes"]
 
 TABLE_COLUMNS = [
     ("label", "run"), ("strategy", "strategy"), ("dataset", "dataset"), ("num_clients", "clients"),
     ("partition", "partition"), ("rounds", "rounds/steps"), ("final_accuracy", "final acc"),
-    ("best_accuracy", "best acc"), ("worst_client_accuracy", "worst client"), ("mean_class_accuracy", "mean class acc"),
+    ("best_accuracy", "best acc"), ("worst_client_accuracy", "worst client"), ("local_accuracy", "local acc"),
+    ("worst_local_accuracy", "worst local"), ("mean_class_accuracy", "mean class acc"),
     ("average_incremental_accuracy", "avg inc acc"), ("forgetting", "forgetting"),
     ("bytes_up_per_client", "up/client"), ("bytes_up", "bytes up"), ("bytes_down", "bytes down"),
     ("wall_seconds", "wall s"), ("status", "status"),
@@ -104,9 +110,11 @@ def load_grouped(paths: list[str | Path], warn: bool = True) -> list[dict]:
 
 # metric -> how it is read from a summary; "last_accuracy" is a continual run's final accuracy (after the last task
 # or at the stream's end)
-STAT_METRICS = ("final_accuracy", "best_accuracy", "worst_client_accuracy", "bytes_up", "bytes_down",
+STAT_METRICS = ("final_accuracy", "best_accuracy", "worst_client_accuracy", "local_accuracy", "worst_local_accuracy",
+                "bytes_up", "bytes_down",
                 "wall_seconds", "last_accuracy", "average_incremental_accuracy", "forgetting")
 STAT_TITLES = {"final_accuracy": "final acc", "best_accuracy": "best acc", "worst_client_accuracy": "worst client",
+               "local_accuracy": "local acc", "worst_local_accuracy": "worst local",
                "bytes_up": "bytes up", "bytes_down": "bytes down", "wall_seconds": "wall s",
                "last_accuracy": "last acc", "average_incremental_accuracy": "avg inc acc", "forgetting": "forgetting"}
 
@@ -139,23 +147,6 @@ def read_plan(root: Path) -> list[dict] | None:
         return [{"group": str(r["group"]), "seed": int(r["seed"])} for r in runs if r.get("seed") is not None]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-def mean_std_ci(values: list[float]) -> tuple[float, float, float]:
-    """Mean, sample standard deviation (n - 1) and the half-width of the 95% Student-t interval of the mean.
-
-    ``statistics`` computes both exactly rounded, so n equal values give a std of exactly 0; std and interval
-    are NaN for n = 1."""
-    n = len(values)
-    if n == 0:
-        return math.nan, math.nan, math.nan
-    mean = statistics.fmean(values)
-    if n == 1:
-        return mean, math.nan, math.nan
-    std = statistics.stdev(values)
-    from scipy.stats import t
-
-    return mean, std, float(t.ppf(0.975, n - 1) * std / math.sqrt(n))
 
 
 def statistics_table(runs: list[dict]) -> pd.DataFrame:
@@ -195,33 +186,101 @@ def statistics_table(runs: list[dict]) -> pd.DataFrame:
     return table[["label", "n", *metric_cols, "kind", "seeds", "missing_seeds"]]
 
 
-def print_statistics(table: pd.DataFrame) -> None:
-    """One table per kind (federated, continual, ...): mean +- std [95% CI half-width] of each metric."""
+def _console():  # noqa: ANN202
+    """Rich's console; piped or captured output gets 220 columns (not 80) unless COLUMNS says otherwise."""
     from rich.console import Console
-    from rich.table import Table
 
     console = Console()
-    if not console.is_terminal:
+    if not console.is_terminal and not os.environ.get("COLUMNS", "").isdigit():
         console = Console(width=220)
+    return console
+
+
+LABEL_MIN_WIDTH = 16  # the run column folds onto several lines down to this width; numbers never fold
+
+
+def _needed_width(headers: list[str], rows: list[list[str]], cols: list[int]) -> int:
+    """Columns rich needs for ``cols`` of the table (no number cut): each column's widest line, 3 characters of
+    padding and rule per column and one for the last rule; the first (run) column may fold."""
+    total = 1
+    for c in cols:
+        widest = max([len(headers[c])] + [len(line) for r in rows for line in str(r[c]).split("\n")])
+        total += (min(widest, max(LABEL_MIN_WIDTH, len(headers[c]))) if c == 0 else widest) + 3
+    return total
+
+
+def print_fitted(title: str | None, headers: list[str], variants: list[list[list[str]]], drop_order: list[str],
+                 left: tuple[str, ...] = ("run",), console=None) -> list[str]:  # noqa: ANN001
+    """Print a rich table that fits the console without cutting a number: the first of ``variants`` (rows) that
+    fits (e.g. one-line, then two-line cells), else the last one with columns left out in ``drop_order`` (and
+    then from the right; the first two stay) until it fits, with a note naming them. Returns the left-out
+    headers."""
+    from rich.table import Table
+
+    console = console or _console()
+    width = console.width
+    cols = list(range(len(headers)))
+    rows = variants[-1]
+    for candidate in variants:
+        if _needed_width(headers, candidate, cols) <= width:
+            rows = candidate
+            break
+    order = [headers.index(h) for h in drop_order if h in headers] + cols[::-1]
+    dropped: list[int] = []
+    for c in order:
+        if _needed_width(headers, rows, cols) <= width or len(cols) <= 2:
+            break
+        if c in cols and c > 1:
+            cols.remove(c)
+            dropped.append(c)
+    out = Table(title=title)
+    for c in cols:
+        widest = max([len(headers[c])] + [len(line) for r in rows for line in str(r[c]).split("\n")])
+        if c == 0:
+            out.add_column(headers[c], overflow="fold", min_width=min(widest, LABEL_MIN_WIDTH))
+        else:
+            out.add_column(headers[c], justify="left" if headers[c] in left else "right", no_wrap=True,
+                           min_width=widest)
+    for r in rows:
+        out.add_row(*[str(r[c]) for c in cols])
+    console.print(out)
+    names = [headers[c] for c in dropped]
+    if names:
+        console.print(f"note: at {width} columns the table leaves out {', '.join(names)}; they are in "
+                      "report.csv / statistics.csv (or widen the terminal: COLUMNS=200)", highlight=False)
+    return names
+
+
+def _number(v: float) -> str:
+    return f"{v:.4f}" if abs(v) < 10 else f"{v:,.1f}"
+
+
+STATS_DROP_ORDER = ["bytes down", "wall s", "best acc", "bytes up", "worst client", "forgetting"]
+
+
+def print_statistics(table: pd.DataFrame, console=None) -> None:  # noqa: ANN001
+    """One table per kind (federated, continual, ...): mean +- std (95% CI half-width) of each metric; cells go
+    onto two lines, then columns are left out (with a note), where the console is too narrow."""
     for kind, part in table.groupby("kind", sort=False, dropna=False):
-        out = Table(title=f"{kind} runs: mean +- std (95% CI half-width, Student t) over n seeds")
-        out.add_column("run")
-        out.add_column("n", justify="right")
         keys = [k for k in STAT_METRICS if f"{k}_mean" in part and part[f"{k}_mean"].notna().any()]
-        for key in keys:
-            out.add_column(STAT_TITLES[key], justify="right")
+        headers = ["run", "n", *[STAT_TITLES.get(k, k) for k in keys]]
+        one, two = [], []
         for _, row in part.iterrows():
-            cells = [str(row["label"]), str(row["n"])]
+            a, b = [str(row["label"]), str(row["n"])], [str(row["label"]), str(row["n"])]
             for key in keys:
                 mean, std, ci = row[f"{key}_mean"], row[f"{key}_std"], row[f"{key}_ci95"]
+                fmt = human_bytes if key.startswith("bytes") else _number
                 if mean != mean:
-                    cells.append("-")
-                    continue
-                fmt = _human_bytes if key.startswith("bytes") else (lambda v: f"{v:.4f}" if abs(v) < 10
-                                                                     else f"{v:,.1f}")
-                cells.append(fmt(mean) if std != std else f"{fmt(mean)} +- {fmt(std)} ({fmt(ci)})")
-            out.add_row(*cells)
-        console.print(out)
+                    a.append("-"), b.append("-")
+                elif std != std:
+                    a.append(fmt(mean)), b.append(fmt(mean))
+                else:
+                    a.append(f"{fmt(mean)} +- {fmt(std)} ({fmt(ci)})")
+                    b.append(f"{fmt(mean)} +- {fmt(std)}\n({fmt(ci)})")
+            one.append(a)
+            two.append(b)
+        print_fitted(f"{kind} runs: mean +- std (95% CI half-width, Student t) over n seeds", headers, [one, two],
+                     STATS_DROP_ORDER, console=console)
     missing = table[table["missing_seeds"].astype(bool)]
     for _, row in missing.iterrows():
         print(f"missing seeds: {row['label']}: {row['missing_seeds']} (failed, interrupted or not run)")
@@ -257,169 +316,176 @@ def _fmt(value) -> str:  # noqa: ANN001
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if isinstance(value, float):
-        return f"{value:.4f}" if abs(value) < 10 else f"{value:,.1f}"
+        return _number(value)
     if isinstance(value, int) and value > 10_000:
-        return _human_bytes(value)
+        return human_bytes(value)
     return str(value)
 
 
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
+TABLE_DROP_ORDER = ["bytes down", "wall s", "dataset", "partition", "mean class acc", "up/client", "clients",
+                    "strategy", "bytes up", "best acc", "rounds/steps"]
 
 
-def print_table(table: pd.DataFrame, title: str | None = None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
+def print_table(table: pd.DataFrame, title: str | None = None, console=None) -> None:  # noqa: ANN001
+    """The per-run table, one per kind; fitted to the console like ``print_fitted``."""
     if "kind" in table.columns and table["kind"].nunique() > 1:  # one table per part (federated, continual)
         for kind in sorted(table["kind"].dropna().unique(), key=lambda k: (k != "federated", str(k))):
             part = table[table["kind"] == kind]
-            print_table(part.drop(columns="kind").dropna(axis=1, how="all"), title=f"{kind} runs")
+            print_table(part.drop(columns="kind").dropna(axis=1, how="all"), title=f"{kind} runs", console=console)
         return
     table = table.drop(columns="kind", errors="ignore")
-    out = Table(show_lines=False, title=title)
-    for col in table.columns:
-        out.add_column(col, justify="left" if col in ("run", "strategy", "dataset", "partition", "status") else "right")
+    rows = []
     for _, row in table.iterrows():
         cells = []
         for col in table.columns:
             v = row[col]
             if col in ("up/client", "bytes up", "bytes down") and v is not None and v == v:
-                cells.append(_human_bytes(float(v)))
+                cells.append(human_bytes(float(v)))
             else:
                 cells.append(_fmt(v.item() if hasattr(v, "item") else v))
-        out.add_row(*cells)
-    console = Console()
-    if not console.is_terminal:  # piped or captured: do not squeeze the table into 80 columns
-        console = Console(width=220)
-    console.print(out)
+        rows.append(cells)
+    print_fitted(title, list(table.columns), [rows], TABLE_DROP_ORDER,
+                 left=("run", "strategy", "dataset", "partition", "status"), console=console)
 
 
-def _group_curves(runs: list[dict], x_key: str) -> list[tuple[str, pd.DataFrame]]:
-    """Per group of runs (label and sweep point), the accuracy curve over ``round``: columns x (mean of ``x_key``
-    over the runs at that round), mean, std (NaN for one run) and n."""
-    groups: dict[str, list[pd.DataFrame]] = {}
-    for run in runs:
-        m = run["metrics"]
-        if m.empty or x_key not in m or "accuracy" not in m or "round" not in m:
-            continue
-        m = m.dropna(subset=["accuracy"])
-        if m.empty:
-            continue
-        label = run.get("group") or run["summary"].get("label") or run["dir"].name
-        m = m.assign(x=m[x_key])[["round", "x", "accuracy"]].drop_duplicates("round", keep="last")
-        groups.setdefault(label, []).append(m)
-    curves = []
-    for label, frames in groups.items():
-        both = pd.concat(frames)
-        agg = both.groupby("round").agg(x=("x", "mean"), mean=("accuracy", "mean"), std=("accuracy", "std"),
-                                        n=("accuracy", "size")).reset_index()
-        curves.append((label, agg))
-    return curves
+# -- tables for a paper: LaTeX (booktabs) and Markdown ---------------------------------------------------------
+LOWER_IS_BETTER = {"forgetting", "bytes_up", "bytes_down", "wall_seconds"}
 
 
-def _plot_curve(ax, label: str, c: pd.DataFrame, style: str) -> None:  # noqa: ANN001
-    n = int(c["n"].max())
-    line, = ax.plot(c["x"], c["mean"], style, label=label if n == 1 else f"{label} (mean of {n})", markersize=4)
-    if n > 1:  # band: mean +- one standard deviation over the runs
-        ax.fill_between(c["x"], c["mean"] - c["std"].fillna(0), c["mean"] + c["std"].fillna(0),
-                        color=line.get_color(), alpha=0.2, linewidth=0)
+def _is_accuracy(key: str) -> bool:
+    return "accuracy" in key or key == "forgetting"
 
 
-def plot_runs(runs: list[dict], out_dir: Path) -> list[Path]:
-    """accuracy_vs_round.png and accuracy_vs_bytes.png (cumulative bytes uploaded, log scale); runs of one label
-    (seeds) are drawn as their mean with a +- std band."""
-    import matplotlib
+def paper_tables(stats: pd.DataFrame, labels: dict[str, str] | None = None) -> list[tuple[str, pd.DataFrame,
+                                                                                        pd.DataFrame]]:
+    """Per kind: (kind, cells, best) for a paper: rows = groups (their short legend label), columns = ``n`` and
+    each metric that has values (accuracies in %, bytes in one SI unit per column, seconds), cells "mean +- std"
+    (the mean alone for one run; ``{pm}`` stands for the plus-minus sign), ``best`` marks the best mean of each
+    column (highest, or lowest for forgetting, bytes and seconds; ties all marked)."""
+    labels = labels or {}
+    out = []
+    for kind, part in stats.groupby("kind", sort=False, dropna=False):
+        keys = [k for k in STAT_METRICS if f"{k}_mean" in part and part[f"{k}_mean"].notna().any()
+                and k != "last_accuracy"  # a continual run's final accuracy, already in its own column
+                and not (k.startswith("bytes") and not part[f"{k}_mean"].fillna(0).any())
+                and not (kind != "federated" and k == "best_accuracy")]
+        index = [labels.get(g, g) for g in part["label"]]
+        cells = pd.DataFrame({"n": [str(int(n)) for n in part["n"]]}, index=index)
+        best = pd.DataFrame({"n": [False] * len(part)}, index=index)
+        for key in keys:
+            means, stds = part[f"{key}_mean"].to_numpy(float), part[f"{key}_std"].to_numpy(float)
+            if key.startswith("bytes"):
+                top = float(pd.Series(means).max())
+                unit_i = 0 if top < 1000 else min(int(math.log10(top) // 3), len(figures.SI_UNITS) - 1)
+                scale, title, digits = 1000.0 ** unit_i, f"{STAT_TITLES.get(key, key)} ({figures.SI_UNITS[unit_i]})", 2
+            elif _is_accuracy(key):
+                scale, title, digits = 0.01, f"{STAT_TITLES.get(key, key)} (%)", 2
+            else:
+                scale, title, digits = 1.0, STAT_TITLES.get(key, key), 1
+            shown = [None if m != m else f"{m / scale:.{digits}f}" for m in means]
+            cells[title] = [("-" if v is None else v if s != s else f"{v} {{pm}} {s / scale:.{digits}f}")
+                            for v, s in zip(shown, stds)]
+            values = [float(v) for v in shown if v is not None]
+            if len(values) > 1:
+                target = min(values) if key in LOWER_IS_BETTER else max(values)
+                best[title] = [v is not None and float(v) == target for v in shown]
+            else:
+                best[title] = [False] * len(shown)
+        out.append((str(kind), cells, best))
+    return out
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for x_key, x_label, name, log in (("round", "round / step", "accuracy_vs_round.png", False),
-                                      ("bytes_up", "bytes uploaded (all clients, cumulative)",
-                                       "accuracy_vs_bytes.png", True)):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        plotted = 0
-        for label, c in _group_curves(runs, x_key):
-            if log:
-                c = c[c["x"] > 0]
-            if c.empty:
-                continue
-            _plot_curve(ax, label, c, "o-" if len(c) < 30 else "-")
-            plotted += 1
-        if log and plotted:
-            ax.set_xscale("log")
-        ax.set_xlabel(x_label)
-        ax.set_ylabel("test accuracy")
-        ax.grid(alpha=0.3)
-        if plotted:
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out_dir / name
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
-    return written
+def _caption(kind: str, stats: pd.DataFrame, pm: str) -> str:
+    ns = sorted({int(n) for n in stats.loc[stats["kind"] == kind, "n"]} if kind in set(stats["kind"]) else set())
+    over = "" if ns == [1] else f" over {ns[0]} seeds" if len(ns) == 1 else f" over {ns[0]}-{ns[-1]} seeds"
+    return f"{kind} runs: mean {pm} std{over}; best per column in bold"
 
 
-def plot_tasks(runs: list[dict], out_dir: Path) -> list[Path]:
-    """accuracy_per_task.png for class-incremental runs (summary has ``num_tasks``; metrics row ``round`` = task + 1):
-    accuracy on all classes seen so far after each task (mean with a +- std band over seeds). Nothing is written
-    when no run is class-incremental."""
-    tasked = [r for r in runs if r["summary"].get("num_tasks") and not r["metrics"].empty
-              and "accuracy" in r["metrics"]]
-    if not tasked:
-        return []
-    import matplotlib
+def latex_table(stats: pd.DataFrame, labels: dict[str, str] | None = None) -> str:
+    """``paper_tables`` as LaTeX (one booktabs ``table`` per kind, pandas' Styler; labels and headers
+    escaped)."""
+    parts = ["% fedsim report --latex: needs \\usepackage{booktabs}"]
+    for kind, cells, best in paper_tables(stats, labels):
+        cells = cells.map(lambda c: c.replace("{pm}", "$\\pm$"))
+        cells.index.name = "method"
+        styler = cells.style.apply(lambda _: best.replace({True: "textbf:--rwrap;", False: ""}), axis=None)
+        styler = styler.format_index(escape="latex", axis=0).format_index(escape="latex", axis=1)
+        parts.append(styler.to_latex(hrules=True, position_float="centering",
+                                     caption=_caption(kind, stats, "$\\pm$"),
+                                     label=f"tab:{re.sub('[^A-Za-z0-9]+', '-', kind)}", column_format="l" +
+                                     "r" * cells.shape[1]))
+    return "\n".join(parts)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, c in _group_curves(tasked, "round"):
-        _plot_curve(ax, label, c, "o-")
-    ax.set_xlabel("after task")
-    ax.set_ylabel("test accuracy on all classes seen")
-    ax.set_xticks(sorted({int(x) for r in tasked for x in r["metrics"]["round"]}))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "accuracy_per_task.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+def markdown_table(stats: pd.DataFrame, labels: dict[str, str] | None = None) -> str:
+    """``paper_tables`` as GitHub-flavoured Markdown (one table per kind, best cells in bold)."""
+    parts = []
+    for kind, cells, best in paper_tables(stats, labels):
+        head = ["method", *cells.columns]
+        lines = [f"**{_caption(kind, stats, '±')}**", "", "| " + " | ".join(head) + " |",
+                 "|:--|" + "--:|" * cells.shape[1]]
+        for label, row in cells.iterrows():
+            shown = [f"**{v.replace('{pm}', '±')}**" if best.loc[label, col] else v.replace("{pm}", "±")
+                     for col, v in row.items()]
+            lines.append("| " + " | ".join([str(label).replace("|", "\\|"), *shown]) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
+def _plan_order(runs: list[dict]) -> list[str]:
+    """The groups in the order their seeds/sweep plan lists them (the scenario's variant order), where one is."""
+    order: list[str] = []
+    for root in dict.fromkeys(r["root"] for r in runs):
+        order += [item["group"] for item in read_plan(root) or []]
+    return list(dict.fromkeys(order))
+
+
+def _write_text(path: str | Path, text: str, flag: str) -> None:
+    try:
+        Path(path).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise FedsimError(f"report {flag}: cannot write {path}: {exc.strerror or exc}") from None
 
 
 def report(paths: list[str | Path], out_dir: str | Path | None = None, show: bool = True,
-           csv: str | Path | None = None) -> pd.DataFrame:
+           csv: str | Path | None = None, latex: str | Path | None = None, markdown: str | Path | None = None,
+           band: str = "std") -> pd.DataFrame:
     """Print the comparison of the runs under ``paths`` (one table per kind; over seeds, the statistics of each
-    label and sweep point); write report.csv (one row per run), statistics.csv (seeded runs) and the plots into
-    ``out_dir`` (default: ``default_report_dir``), and the statistics table to ``csv`` when given. Returns the
-    per-run table."""
+    label and sweep point); write report.csv (one row per run), statistics.csv (seeded runs) and the figures
+    (``fedsim.results.figures``; ``band``: "std" or "ci95") into ``out_dir`` (default: ``default_report_dir``),
+    the statistics table to ``csv``, the paper tables to ``latex`` / ``markdown`` when given ("-": printed
+    instead of the terminal table). Returns the per-run table."""
+    if band not in ("std", "ci95"):
+        raise FedsimError(f"report --band: {band!r}; it must be one of 'std', 'ci95'")
     runs = load_grouped(paths, warn=True)
     table = comparison_table(runs)
     seeded = any(r.get("seed_dir") is not None for r in runs)
-    stats = statistics_table(runs) if (seeded or csv) else None
+    stats = statistics_table(runs) if (seeded or csv or latex or markdown) else None
+    styles = figures.style_map(runs, _plan_order(runs))
+    labels = {g: s.label for g, s in styles.items()}
+    to_stdout = "-" in (str(latex), str(markdown))
     target = Path(out_dir) if out_dir else default_report_dir(paths)
-    if show:
+    if show and not to_stdout:
         if seeded:
             print_statistics(stats)
         else:
             print_table(comparison_table(runs, kind=True))
+    if latex == "-":
+        print(latex_table(stats, labels))
+    if markdown == "-":
+        print(markdown_table(stats, labels))
     try:
         target.mkdir(parents=True, exist_ok=True)
-        plots = plot_runs(runs, target) + plot_tasks(runs, target)
+        plots = figures.plot_report(runs, target, styles, band=band)
         table.to_csv(target / "report.csv", index=False)
         written = [p.name for p in plots] + ["report.csv"]
         if seeded:
             stats.to_csv(target / "statistics.csv", index=False)
             written.append("statistics.csv")
+        ours = written_files(target)  # figures an earlier report wrote here that this one does not: stale
+        for name in sorted(set(figures.FIGURE_FILES) & ours - set(written)):
+            with contextlib.suppress(FileNotFoundError):
+                (target / name).unlink()
     except OSError as exc:
         raise FedsimError(f"report: cannot write into {target}: {exc.strerror or exc}") from None
     if csv is not None:
@@ -427,10 +493,17 @@ def report(paths: list[str | Path], out_dir: str | Path | None = None, show: boo
             stats.to_csv(csv, index=False)
         except OSError as exc:
             raise FedsimError(f"report --csv: cannot write {csv}: {exc.strerror or exc}") from None
+    if latex not in (None, "-"):
+        _write_text(latex, latex_table(stats, labels), "--latex")
+    if markdown not in (None, "-"):
+        _write_text(markdown, markdown_table(stats, labels), "--markdown")
     with contextlib.suppress(OSError):
         record_written(target, written)
-    if show:
-        print(f"plots: {', '.join(str(p) for p in plots)}; table: {target / 'report.csv'}"
+    if show and not to_stdout:
+        names = ", ".join(dict.fromkeys(p.stem for p in plots))
+        print(f"figures ({'/'.join(figures.FORMATS)}) in {target}: {names or 'none'}; table: {target / 'report.csv'}"
               + (f"; statistics: {target / 'statistics.csv'}" if seeded else "")
-              + (f"; --csv: {csv}" if csv is not None else ""))
+              + (f"; --csv: {csv}" if csv is not None else "")
+              + (f"; --latex: {latex}" if latex not in (None, "-") else "")
+              + (f"; --markdown: {markdown}" if markdown not in (None, "-") else ""))
     return table

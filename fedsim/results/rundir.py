@@ -7,7 +7,9 @@ each round, so a killed run leaves complete files describing the rounds it finis
     run_dir/partition.csv   clients x classes sample counts (+ size)
     run_dir/metrics.csv     one row per round / stream step
     run_dir/summary.json    strategy, dataset, num_clients, final_accuracy, wall_seconds, bytes_up, bytes_down, seed
-    run_dir/model.pt        the final model (torch.load(run_dir / "model.pt", weights_only=False))
+    run_dir/model.pt        the final model, pickled (torch.load(run_dir / "model.pt", weights_only=False); needs fedsim)
+    run_dir/model_state.pt  the same model's state_dict (torch.load(..., weights_only=True) loads it; ``load_model``
+                            rebuilds the module from it and config.json's "saved_model": class, model, input shape)
     run_dir/.fedsim-files   the names of the files fedsim wrote here (so it replaces only its own files)
 
 A run starts by invalidating the previous run in its directory: summary.json goes first (so a crash in between
@@ -43,17 +45,18 @@ import numpy as np
 import pandas as pd
 
 from fedsim.errors import FedsimError
+from fedsim.results.figures import FIGURE_FILES
 
 CONFIG_FILE = "config.json"
 PARTITION_FILE = "partition.csv"
 METRICS_FILE = "metrics.csv"
 SUMMARY_FILE = "summary.json"
 MODEL_FILE = "model.pt"
+MODEL_STATE_FILE = "model_state.pt"  # the state_dict of model.pt's module: tensors only (weights_only=True)
 MANIFEST_FILE = ".fedsim-files"
 LOCK_FILE = ".fedsim-lock"  # held (flock) by the fedsim run writing this directory
 TENSORBOARD_DIR = "tensorboard"  # event files of logging.tensorboard
-REPORT_FILES = ("report.csv", "accuracy_vs_round.png", "accuracy_vs_bytes.png", "accuracy_per_task.png",
-                "statistics.csv", "plan.json")
+REPORT_FILES = ("report.csv", *FIGURE_FILES, "statistics.csv", "plan.json")  # what fedsim report writes
 RUN_FILES = (CONFIG_FILE, PARTITION_FILE, METRICS_FILE, SUMMARY_FILE, MODEL_FILE)
 
 REQUIRED_SUMMARY_KEYS = (
@@ -364,6 +367,7 @@ class RunRecorder:
         self._tensorboard = False  # config logging.tensorboard: metrics rows as scalars in TENSORBOARD_DIR
         self._tb_writer: Any = None
         self._dir_lock: RunDirLock | None = None  # held from start() to close()
+        self._config_entry: tuple[dict, dict] = ({}, {})  # write_config's arguments
 
     def _write(self, name: str, data: bytes | str, *, after_close: bool = False) -> Path:
         with self._lock:
@@ -401,6 +405,7 @@ class RunRecorder:
             self.write_config(config, **extra)
 
     def write_config(self, config: dict, **extra: Any) -> None:
+        self._config_entry = (config, dict(extra))  # rewritten with "saved_model" when the model is saved
         self._write(CONFIG_FILE, _json_text({"config": config, "versions": package_versions(), **extra}))
 
     def write_partition(self, table: pd.DataFrame) -> None:
@@ -435,17 +440,34 @@ class RunRecorder:
         self.tables[name] = table
         self._write(name, table.to_csv(index=index))
 
+    def save_text(self, name: str, text: str) -> None:
+        """A file already rendered (clients.csv, whose unchanged rounds the server renders once)."""
+        self._write(name, text)
+
     def write_summary(self, summary: dict) -> None:
         self._write(SUMMARY_FILE, _json_text(summary), after_close=True)
 
-    def save_model(self, obj: Any) -> Path:
+    def save_model(self, obj: Any, architecture: dict | None = None) -> Path:
+        """model.pt (``obj`` pickled) and, for a ``torch.nn.Module``, model_state.pt (its state_dict, which
+        ``torch.load(..., weights_only=True)`` reads) with ``architecture`` (what rebuilds the module: class,
+        model name and parameters, num_classes, input shape) as config.json's "saved_model"."""
         import io
 
         import torch
 
         buf = io.BytesIO()
         torch.save(obj, buf)
-        return self._write(MODEL_FILE, buf.getvalue())
+        path = self._write(MODEL_FILE, buf.getvalue())
+        if isinstance(obj, torch.nn.Module):
+            state = {k: v.detach().cpu().clone() for k, v in obj.state_dict().items()}
+            buf = io.BytesIO()
+            torch.save(state, buf)
+            self._write(MODEL_STATE_FILE, buf.getvalue())
+            entry = {"pickled": MODEL_FILE, "state_dict": MODEL_STATE_FILE,
+                     "module": f"{type(obj).__module__}.{type(obj).__qualname__}", **(architecture or {})}
+            config, extra = self._config_entry
+            self.write_config(config, **{**extra, "saved_model": entry})
+        return path
 
     def close(self) -> None:
         """The run has ended: later writes (a server thread still running after an interrupt) raise."""
@@ -503,6 +525,32 @@ def load_run(run_dir: str | Path) -> dict:
     config = run_dir / CONFIG_FILE
     out["config"] = _read_json(config) if config.exists() else {}
     return out
+
+
+def load_model(run_dir: str | Path, device: str = "cpu") -> Any:
+    """The run's final model rebuilt without unpickling code: the scenario's network (``fedsim.scenario.
+    scenario_model`` from config.json) with model_state.pt's weights, read with ``weights_only=True``. For the
+    runs whose saved module is the scenario's network (config.json: "saved_model"."scenario_model" true: the
+    model-round strategies, the centralized and one-shot averaging baselines); other modules (AFL's feature map
+    and ridge head, FuseFL's fused network, ...) load from model.pt, or from model_state.pt into a module of the
+    class config.json names."""
+    import torch
+
+    from fedsim.config import config_from_dict
+    from fedsim.scenario import scenario_model
+
+    run_dir = Path(run_dir)
+    saved = _read_json(run_dir / CONFIG_FILE)
+    entry = saved.get("saved_model") or {}
+    if not entry.get("scenario_model"):
+        raise FedsimError(f"{run_dir}: the saved model ({entry.get('module', 'unknown class')}) is not the "
+                          "scenario's network; load model.pt (torch.load(..., weights_only=False)) or put "
+                          f"{MODEL_STATE_FILE} into a module of that class")
+    config = config_from_dict(saved["config"])
+    model = scenario_model(config, int(entry["num_classes"]), tuple(entry["input_shape"]))
+    state = torch.load(run_dir / entry.get("state_dict", MODEL_STATE_FILE), map_location=device, weights_only=True)
+    model.load_state_dict(state)
+    return model.to(device).eval()
 
 
 def _first_line(err: Exception) -> str:
