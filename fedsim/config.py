@@ -104,11 +104,17 @@ class PartitionConfig:
     self_balancing: bool = False  # dirichlet: no share of later classes for a client above N / num_clients (FuseFL's
     #                               official sampler; with min_partition_size = 10 the paper's partition)
     by: str | None = None  # natural: the training data's column naming each sample's client (writer, user, device)
+    sample_groups: bool = False  # natural: keep a seeded draw of num_clients of the column's values (else all)
+    params: dict = field(default_factory=dict)  # a plugin's partition kind: its keyword arguments
+    # share of each client's partition held out as its local test data (seeded, stratified where possible) and
+    # removed from what it trains on; evaluation.mode = "local" / "both" measures on it (fedsim.data.local_split)
+    test_fraction: float = 0.0
 
     _parameter_constraints = {"kind": [catalog.RegisteredNames("partitions")], "num_clients": [AT_LEAST_1],
                               "alpha": [POSITIVE], "quantity_alpha": [POSITIVE],
                               "classes_per_client": [AT_LEAST_1], "min_partition_size": [AT_LEAST_0],
-                              "self_balancing": [Options((False, True))]}
+                              "self_balancing": [Options((False, True))], "test_fraction": [FRACTION_OPEN],
+                              "sample_groups": [Options((False, True))]}
 
     def check(self, path: str) -> None:
         if self.self_balancing and self.kind != "dirichlet":
@@ -120,6 +126,15 @@ class PartitionConfig:
         if self.by is not None and self.kind != "natural":
             raise ConfigError(f"{path}.by: {self.by!r} is read by the natural partition only, got kind "
                               f"{self.kind!r}; set kind = \"natural\" or leave by out")
+        if self.sample_groups and self.kind != "natural":
+            raise ConfigError(f"{path}.sample_groups: only the natural partition samples its groups, got kind "
+                              f"{self.kind!r}; set kind = \"natural\" or sample_groups = false")
+        if self.params:
+            from fedsim.data.partition import PARTITIONERS
+
+            if self.kind not in PARTITIONERS:
+                raise ConfigError(f"{path}.params: {self.params!r} is passed to a plugin's partition only; the "
+                                  f"built-in kind {self.kind!r} takes its settings as partition fields")
 
 
 STREAM_KINDS = catalog.STREAM_KINDS
@@ -230,14 +245,21 @@ class SimulationConfig:
                               "byzantine_scale": [POSITIVE, None]}
 
 
+EVALUATION_MODES = ("global", "local", "both")
+
+
 @dataclass
 class EvaluationConfig:
     """When the server evaluates the global model on the test set."""
 
     every: int = 1  # rounds between evaluations (the last round is always evaluated)
     batch_size: int = 1024
+    # per-client figures: "global" (the common test split, re-weighted to each client's label mix), "local" (each
+    # client's held-out data, partition.test_fraction), "both"; the accuracy column is the test split's in all three
+    mode: str = "global"
 
-    _parameter_constraints = {"every": [AT_LEAST_1], "batch_size": [AT_LEAST_1]}
+    _parameter_constraints = {"every": [AT_LEAST_1], "batch_size": [AT_LEAST_1],
+                              "mode": [Options(EVALUATION_MODES)]}
 
 
 @dataclass
@@ -252,6 +274,54 @@ class LoggingConfig:
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise ConfigError(f"{path}.tensorboard: true needs the tensorboard package, which is not installed; "
                               "pip install 'fedsim[tensorboard]' (or tensorboard), or leave it false")
+
+
+@dataclass
+class SystemConfig:
+    """Cross-device realism (``[system]``; absent: no clock, today's behaviour): device profiles, availability,
+    deadlines and over-selection, read by ``fedsim.engine.clock``. Units and the defaults' sources: docs/system.md."""
+
+    trace: str | None = None  # CSV, one row per client: client,speed,download_mbps,upload_mbps (else drawn)
+    speed_median: float = 200.0  # training samples per second (log-normal median; an assumption, docs/system.md)
+    speed_sigma: float = 0.8  # log-standard deviation of the speeds
+    download_median_mbps: float = 20.0  # Mbit/s
+    download_sigma: float = 0.9
+    upload_median_mbps: float = 5.0  # Mbit/s
+    upload_sigma: float = 0.9
+    availability: str = "always"  # "always" | "markov" (exponential online/offline periods) | "trace"
+    online_mean_s: float = 3600.0  # markov: mean online period (s)
+    offline_mean_s: float = 3600.0  # markov: mean offline period (s)
+    availability_trace: str | None = None  # CSV, one row per online interval: client,start_s,end_s
+    deadline_s: float | None = None  # a client that has not answered this long after the round began is dropped
+    over_selection: float = 1.0  # select ceil(m * over_selection) available clients, keep the first m answers
+    targets: list[float] = field(default_factory=list)  # accuracies for summary.json's time_to_accuracy
+
+    _parameter_constraints = {"speed_median": [POSITIVE], "speed_sigma": [NON_NEGATIVE],
+                              "download_median_mbps": [POSITIVE], "download_sigma": [NON_NEGATIVE],
+                              "upload_median_mbps": [POSITIVE], "upload_sigma": [NON_NEGATIVE],
+                              "availability": [Options(("always", "markov", "trace"))],
+                              "online_mean_s": [POSITIVE], "offline_mean_s": [POSITIVE],
+                              "deadline_s": [POSITIVE, None], "over_selection": [Interval(1, None)]}
+
+    def check(self, path: str) -> None:
+        if (self.availability == "trace") != (self.availability_trace is not None):
+            raise ConfigError(f"{path}.availability_trace: {self.availability_trace!r} goes with availability = "
+                              f"\"trace\" (got {self.availability!r}); set both or neither")
+        for i, target in enumerate(self.targets):
+            if not FRACTION.accepts(target):
+                raise ConfigError(f"{path}.targets[{i}]: {target!r} is out of range; it must lie in [0, 1]")
+
+    def check_scenario(self, config: ScenarioConfig) -> None:
+        """Rules spanning sections: one client per node, trace files that parse for the scenario's clients."""
+        from fedsim.system.devices import read_availability_trace, read_profile_trace
+
+        if config.simulation.clients_per_node != 1:
+            raise ConfigError(f"system: device profiles time and drop single clients; simulation.clients_per_node "
+                              f"= {config.simulation.clients_per_node} combines several in one reply, so use 1")
+        if self.trace is not None:
+            read_profile_trace(self.trace, config.num_clients)
+        if self.availability_trace is not None:
+            read_availability_trace(self.availability_trace, config.num_clients)
 
 
 @dataclass
@@ -284,6 +354,7 @@ class ScenarioConfig:
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    system: SystemConfig | None = None  # [system]: device profiles and the simulated clock (None: off)
 
     @property
     def num_clients(self) -> int:
@@ -300,6 +371,8 @@ class ScenarioConfig:
             value = getattr(self, f.name)
             if isinstance(value, StrategyConfig):
                 out[f.name] = value.to_dict()
+            elif value is None and f.name == "system":  # off: listed only when set, as logging
+                continue
             elif isinstance(value, LoggingConfig):  # tracking only: listed when set, so resume checks of earlier
                 if value != LoggingConfig():          # runs see the same configuration
                     out[f.name] = dataclasses.asdict(value)
@@ -471,7 +544,7 @@ def config_from_dict(tree: dict) -> ScenarioConfig:
     tree = copy.deepcopy(tree)
     tree.pop("variants", None)
     check_seeds(tree.pop("seeds", None))  # the runs' seeds (fedsim run), not a setting of one run
-    known = set(_SECTIONS) | set(_TOP_LEVEL) | {"strategy"}
+    known = set(_SECTIONS) | set(_TOP_LEVEL) | {"strategy", "system"}
     for key in tree:
         if key not in known:
             raise ConfigError(f"{key}: unknown setting; top-level settings are {', '.join(sorted(known))}")
@@ -495,8 +568,11 @@ def config_from_dict(tree: dict) -> ScenarioConfig:
     if spec.single_client:
         sections["partition"] = dataclasses.replace(sections["partition"], kind="iid", num_clients=1)
         sections["simulation"] = dataclasses.replace(sections["simulation"], clients_per_node=1)
-    config = ScenarioConfig(**top, **sections, strategy=StrategyConfig(name=name, params=params))
+    system = build_dataclass(SystemConfig, tree["system"], "system") if "system" in tree else None
+    config = ScenarioConfig(**top, **sections, strategy=StrategyConfig(name=name, params=params), system=system)
     _cross_checks(config, spec)
+    if system is not None:
+        system.check_scenario(config)
     if spec.check is not None:
         spec.check(config)
     return config
@@ -512,6 +588,11 @@ def _cross_checks(config: ScenarioConfig, spec: StrategySpec) -> None:
     if config.stream.kind != spec.stream:
         raise ConfigError(f"stream.kind: {config.stream.kind!r} does not suit {name!r}, which learns from "
                           f"{_STREAM_WORDS[spec.stream]}; set stream.kind = {spec.stream!r}")
+    mode = config.evaluation.mode
+    if mode != "global" and config.partition.test_fraction == 0:
+        raise ConfigError(f"evaluation.mode: {mode!r} measures each client's held-out local test data, but "
+                          "partition.test_fraction is 0 (none is held out); set partition.test_fraction to a share "
+                          "in (0, 1), e.g. 0.2, or evaluation.mode = \"global\"")
     sim = config.simulation
     if sim.byzantine_fraction > 0 and not spec.model_replies:
         raise ConfigError(f"simulation.byzantine_fraction: {sim.byzantine_fraction} needs a strategy whose clients "

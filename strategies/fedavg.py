@@ -13,8 +13,17 @@ clients read no hyperparameter from the scenario. Messages: ``fedsim.algorithms.
   FedProx sends mu to the clients in its train config.
 - Centralized training is FedAvg with a single client holding the whole training set (the registry's
   ``single_client``): the same model, optimizer, epochs and evaluation; only the data distribution differs.
-- FedAvgM, FedAdagrad, FedAdam, FedYogi: server optimizers on the pseudo-gradient w_t - FedAvg(w_k). Flower's
-  FedAdam divides by bias corrections (with exponent round + 1), which Reddi et al.'s Algorithm 2 does not.
+- FedAvgM, FedAdagrad, FedAdam, FedYogi: server optimizers on the pseudo-gradient g_t = w_t - FedAvg(w_k) (FedAvgM
+  steps w - lr * (momentum * m + g); Flower's FedOpt family adds eta * m_t / (sqrt(v_t) + tau) with
+  m_t = beta_1 m_{t-1} + (1 - beta_1) Delta_t over Delta_t = -g_t, Reddi et al.'s Algorithm 2). Flower's FedAdam
+  scales eta by sqrt(1 - beta_2^(t+1)) / (1 - beta_1^(t+1)) (Adam's bias corrections, exponent round + 1, tau
+  not rescaled), which Reddi et al.'s Algorithm 2 does not; FedYogi and FedAdagrad are uncorrected, and Flower's
+  FedAdagrad fixes beta_1 = 0. By default they step the trainable parameters only (the model's
+  ``named_parameters()``): the buffers (BatchNorm running mean / variance, ``num_batches_tracked``) are FedAvg's
+  example-weighted average of the clients', as FL-bench aggregates them (``_TrainableOnly``); stepping a running
+  variance with momentum 0.9 and rate 1 drove it negative within two rounds (NaN outputs: FedAvgM 0.094, FedAdam
+  0.249 against FedAvg 0.697 on a 3,000-image Fashion-MNIST slice, 10 clients Dirichlet(0.5), 5 rounds).
+  ``strategy.optimize_buffers = true`` keeps Flower's form (every array stepped). docs/results-fedopt.md.
 - FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan: byzantine-robust rules over the clients' models (see
   ``simulation.byzantine_fraction`` for clients to be robust against).
 - q-FedAvg: by default the clients report F_k(w_t), the loss of the model they received, as the paper's algorithm
@@ -24,8 +33,8 @@ clients read no hyperparameter from the scenario. Messages: ``fedsim.algorithms.
   By default the clipped updates are averaged uniformly (``weighting = "uniform"``), the average the noise std
   z C / m is calibrated for; Flower's wrapper around its FedAvg weights by examples (``weighting = "examples"``).
 
-Every rule acts on the whole model message, BatchNorm running statistics included, as Flower's strategies do on
-a state dict. Two consequences measured on the digits test scenario (cnn width 16, 6 clients, 3 local epochs):
+Every other rule acts on the whole model message, BatchNorm running statistics included, as Flower's strategies do
+on a state dict. Two consequences measured on the digits test scenario (cnn width 16, 6 clients, 3 local epochs):
 the BatchNorm statistics move 2-5x more than the parameters, so DP clipping at C = 1 spends most of the budget on
 them and the parameters barely move (use a model without BatchNorm, ``model.name = "mlp"``, for DP); and
 q-FedAvg's h_k grows with ||L (w_t - w_k)||^2, so with many local steps and L = 1 / client.lr its steps are small
@@ -34,9 +43,10 @@ wrappers skip a round's aggregation when a client failed (Flower's rule: the noi
 ``rounds_not_aggregated`` in summary.json lists such rounds.
 
 Integer arrays (BatchNorm's ``num_batches_tracked``) reach Flower's aggregation as float64 (FedAvg averages them to
-float64 anyway): Flower's q-FedAvg and DP clipping compute on them in place and fail on integers. Under DP the
-counters are held at the global model's value (they are not learned, BatchNorm ignores them when its momentum is
-set, and a client's step count should neither leak nor spend the clipping budget).
+float64 anyway; the server optimizers' buffer average rounds them back to their integer dtype): Flower's q-FedAvg
+and DP clipping compute on them in place and fail on integers. Under DP the counters are held at the global
+model's value (they are not learned, BatchNorm ignores them when its momentum is set, and a client's step count
+should neither leak nor spend the clipping budget).
 """
 
 from __future__ import annotations
@@ -65,6 +75,7 @@ from flwr.serverapp.strategy import (
     QFedAvg,
     Strategy,
 )
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedsim.codec import from_record, to_record
 from fedsim.engine import ServerContext
@@ -119,11 +130,105 @@ class _UniformWeights:
         return super().aggregate_train(server_round, replies)
 
 
+def _buffer_average(records: list[RecordDict], buffers: list[str], weight_key: str) -> dict[str, np.ndarray]:
+    """FedAvg's example-weighted average of the replies' arrays named ``buffers``: float arrays by Flower's own
+    ``aggregate_arrayrecords`` (the arithmetic of FedAvg, so equal to its result), integer arrays (BatchNorm's
+    ``num_batches_tracked``) averaged in float64 and rounded to the nearest integer of their own dtype."""
+    if not buffers:
+        return {}
+    first = records[0][protocol.ARRAYS_KEY]
+    dtypes = {k: first[k].numpy().dtype for k in buffers}
+    parts = []
+    for content in records:
+        arrays = content[protocol.ARRAYS_KEY]
+        parts.append(RecordDict({
+            protocol.ARRAYS_KEY: ArrayRecord({k: arrays[k] if dtypes[k].kind == "f"
+                                              else Array(np.asarray(arrays[k].numpy(), dtype=np.float64))
+                                              for k in buffers}),
+            protocol.METRICS_KEY: content[protocol.METRICS_KEY]}))
+    mean = aggregate_arrayrecords(parts, weight_key)
+    return {k: np.asarray(mean[k].numpy() if dtypes[k].kind == "f" else np.rint(mean[k].numpy()), dtype=dtypes[k])
+            for k in buffers}
+
+
+class _TrainableOnly:
+    """Mixin for Flower's server optimizers (FedAvgM, FedAdagrad, FedAdam, FedYogi): the optimizer steps the
+    arrays named in ``trainable`` (the model's parameters) only; every other array (BatchNorm buffers) becomes
+    FedAvg's example-weighted average of the replies, as FL-bench aggregates them. ``trainable`` None: Flower's
+    form, the optimizer steps every array.
+
+    The replies reach the optimizer holding their trainable arrays alone, and the optimizer's copy of the global
+    model (``current_arrays``: FedOpt refreshes it from what configure_train sends, FedAvgM keeps its own last
+    output) is cut to the same keys, so its state (momentum, m_t, v_t) has no buffer entries at all. The stepped
+    parameters keep the replies' dtype.
+    """
+
+    trainable: frozenset[str] | None = None
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        contents = [m.content for m in replies if m.has_content() and protocol.ARRAYS_KEY in m.content]
+        if self.trainable is None or not contents:
+            return super().aggregate_train(server_round, replies)
+        order = list(contents[0][protocol.ARRAYS_KEY].keys())
+        dtypes = {k: contents[0][protocol.ARRAYS_KEY][k].numpy().dtype for k in self.trainable}
+        buffers = [k for k in order if k not in self.trainable]
+        averaged = _buffer_average(contents, buffers, self.weighted_by_key)
+        for content in contents:  # the optimizer sees the trainable arrays only
+            arrays = content[protocol.ARRAYS_KEY]
+            content[protocol.ARRAYS_KEY] = ArrayRecord({k: arrays[k] for k in order if k in self.trainable})
+        current = getattr(self, "current_arrays", None)
+        if current is not None:
+            self.current_arrays = type(current)({k: v for k, v in current.items() if k in self.trainable})
+        stepped, metrics = super().aggregate_train(server_round, replies)
+        if stepped is None:
+            return None, metrics
+        # each parameter keeps its dtype: FedAdam's bias-corrected rate is a numpy float64, which would make the
+        # float32 model float64 (twice the bytes sent down)
+        return ArrayRecord({k: Array(np.asarray(stepped[k].numpy(), dtype=dtypes[k])) if k in self.trainable
+                            else Array(averaged[k]) for k in order}), metrics
+
+
+class _NodesView:
+    """The grid as a Flower strategy's sampling sees it: exactly ``nodes``."""
+
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = nodes
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+
+class _AvailableClients:
+    """Mixin for a Flower strategy: with a ``[system]`` section the engine's clock draws the round's nodes among
+    the online clients (over-selected by ``system.over_selection``, ``fedsim.engine.clock``); Flower's own
+    ``configure_train`` then builds the messages for exactly those. Without one, Flower samples as always."""
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid) -> Iterable[Message]:  # noqa: ANN001
+        clock = getattr(grid, "clock", None)
+        if clock is None:
+            return super().configure_train(server_round, arrays, config, grid)
+        nodes = clock.sample_nodes(grid, self.fraction_train, server_round)
+        if not nodes:  # nobody online any more
+            return []
+        saved = self.fraction_train, self.min_available_nodes
+        self.fraction_train, self.min_available_nodes = 1.0, 0  # every node of the view, waiting for none
+        try:
+            return list(super().configure_train(server_round, arrays, config, _NodesView(nodes)))
+        finally:
+            self.fraction_train, self.min_available_nodes = saved
+
+
 @functools.cache
-def _fedsim_flavour(cls: type, uniform: bool = False) -> type:
-    """``cls`` with fedsim's float counters (and, for DP-FedAvg, uniform weights)."""
+def _fedsim_flavour(cls: type, uniform: bool = False, trainable_only: bool = False) -> type:
+    """``cls`` with fedsim's float counters (and, for DP-FedAvg, uniform weights; for the server optimizers, the
+    buffers kept out of the optimizer)."""
     bases = (_FloatCounters, _UniformWeights, cls) if uniform else (_FloatCounters, cls)
-    return type(cls.__name__, bases, {"__doc__": cls.__doc__})
+    if trainable_only:  # first: it sees the replies' integer counters before _FloatCounters turns them to float
+        bases = (_TrainableOnly, *bases)
+    return type(cls.__name__, (_AvailableClients, *bases), {"__doc__": cls.__doc__})  # clock's sampling first
 
 
 @contextlib.contextmanager
@@ -174,6 +279,7 @@ class FedAvgServer:
 
     flower_strategy: type = FedAvg
     flower_params: tuple[str, ...] = ()
+    trainable_only: bool = False  # a server optimizer: its Flower class takes the _TrainableOnly mixin
 
     def __init__(self, params: protocol.FedAvgParams) -> None:
         self.params = params
@@ -199,7 +305,7 @@ class FedAvgServer:
         return {}
 
     def _strategy(self, ctx: ServerContext, uniform: bool = False) -> Strategy:
-        base = _fedsim_flavour(self.flower_strategy, uniform)(
+        base = _fedsim_flavour(self.flower_strategy, uniform, self.trainable_only)(
             fraction_train=self.params.fraction_train, fraction_evaluate=0.0, min_train_nodes=1,
             min_evaluate_nodes=0, min_available_nodes=ctx.config.num_nodes, arrayrecord_key=protocol.ARRAYS_KEY,
             configrecord_key=protocol.CONFIG_KEY, weighted_by_key=protocol.WEIGHT_KEY,
@@ -220,7 +326,7 @@ class FedAvgServer:
             arrays_to_state(model, from_record(arrays))
             res = evaluate(model, test.x, test.y, batch_size=bs, device=ctx.device)
             ctx.log(server_round, accuracy=res["accuracy"], loss=res["loss"],
-                    **ctx.client_accuracy(res["class_accuracy"]))
+                    **ctx.client_accuracy(res["class_accuracy"], model=model))
             return MetricRecord({"accuracy": float(res["accuracy"]), "loss": float(res["loss"])})
 
         initial = to_record(state_to_arrays(model))
@@ -247,12 +353,24 @@ class FedProxServer(FedAvgServer):
     flower_params = ("proximal_mu",)
 
 
-class FedAvgMServer(FedAvgServer):
+class _ServerOptimizerServer(FedAvgServer):
+    """A Flower server optimizer stepping the model's trainable parameters only, the buffers averaged as FedAvg
+    does (``strategy.optimize_buffers = true``: Flower's form, every array stepped)."""
+
+    trainable_only = True
+
+    def wrap(self, strategy: Strategy, ctx: ServerContext) -> Strategy:
+        if not self.params.optimize_buffers:
+            strategy.trainable = frozenset(name for name, _ in ctx.initial_model().named_parameters())
+        return strategy
+
+
+class FedAvgMServer(_ServerOptimizerServer):
     flower_strategy = FedAvgM
     flower_params = ("server_learning_rate", "server_momentum")
 
 
-class FedAdagradServer(FedAvgServer):
+class FedAdagradServer(_ServerOptimizerServer):
     flower_strategy = FedAdagrad
     flower_params = ("eta", "tau")
 

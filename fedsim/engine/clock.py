@@ -25,6 +25,7 @@ reading each client's ``ClientTiming`` in ``last``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -79,8 +80,11 @@ class SimClock:
         self._reached: dict[float, float | None] = {float(t): None for t in self.system.targets}
 
     @classmethod
-    def for_config(cls, config: Any, partitions: list | None = None) -> SimClock | None:
-        """The clock of ``config``; None without a ``[system]`` section (no simulated time)."""
+    def for_config(cls, config: Any, partitions: list | None = None, system: Any = None) -> SimClock | None:
+        """The clock of ``config`` (with ``system`` in place of its ``[system]`` section where given); None
+        without either (no simulated time)."""
+        if system is not None:
+            config = dataclasses.replace(config, system=system)
         if config.system is None:
             return None
         return cls(config, build_fleet(config.system, config.num_clients, config.seed), partitions)

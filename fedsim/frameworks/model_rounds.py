@@ -13,12 +13,16 @@ hook                                default
 ``request(model, round_)``          the model and ``training`` in the ConfigRecord (``model_request``)
 ``aggregate(model, replies)``       **required**: the new global model from the answering replies' contents
 ``sample(ctx, round_)``             all clients, or max(int(N * fraction_train), 1) drawn from a per-round seed
+                                    (with ``[system]``: among the online clients, by ``ctx.clock.sample``)
 ``round_metrics(round_)``           extra metrics of the round's metrics.csv row ({}; FedNova's tau_eff)
 ``summary_values()``                extra summary.json entries ({})
+``evaluation_model(model)``         the model evaluated, logged and saved in place of the global one (``model``;
+                                    FedExP's plugin: the mean of the last two)
 ==================================  =================================================================================
 
 The loop sets ``self.round`` (the round in progress, 0 before the first) before it calls ``request``, so later hooks
-of the same round can read it. Evaluation is FedAvg's: round 0 is the initial model, then every ``evaluation.every`` rounds and the last; a round
+of the same round can read it. Evaluation is FedAvg's: round 0 is the initial model, then every ``evaluation.every`` rounds and the last
+(on the test split, and with ``evaluation.mode`` "local" / "both" on every client's held-out data too); a round
 in which no client answered keeps the model and is listed in ``rounds_not_aggregated``. Models travel as
 ``dict[str, np.ndarray]`` state dicts (parameters and buffers); the wire form is
 ``fedsim.frameworks.model_rounds_protocol``. SCAFFOLD, FedDyn and FedNova are built on it (``strategies/``).
@@ -70,6 +74,8 @@ class ModelRoundsServer:
         """The clients of ``round_``: all (None), or max(int(N * fraction_train), 1) drawn from a per-round seed."""
         n = ctx.config.num_clients
         m = max(int(n * self.params.fraction_train), 1)
+        if ctx.clock is not None:  # [system]: m among the clients online now, over-selected (fedsim.engine.clock)
+            return ctx.clock.sample(m, round_)
         if m >= n:
             return None
         rng = np.random.default_rng(ctx.derive_seed(round_, "sample"))
@@ -82,6 +88,11 @@ class ModelRoundsServer:
     def summary_values(self) -> dict[str, Any]:
         """Extra summary.json entries of this strategy."""
         return {}
+
+    def evaluation_model(self, model: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The model to evaluate, log and save for the global ``model`` (the model itself; a method that reports
+        another iterate, such as an average of the last ones, returns it; the rounds continue from ``model``)."""
+        return model
 
     # -- the loop -------------------------------------------------------------------------------------------------
     def run(self, ctx: ServerContext) -> None:
@@ -98,10 +109,10 @@ class ModelRoundsServer:
             if round_ % every and round_ != rounds:
                 ctx.log(round_, **extra)
                 return
-            arrays_to_state(net, model)
+            arrays_to_state(net, self.evaluation_model(model))
             res = evaluate(net, test.x, test.y, batch_size=bs, device=ctx.device)
-            ctx.log(round_, accuracy=res["accuracy"], loss=res["loss"], **ctx.client_accuracy(res["class_accuracy"]),
-                    **extra)
+            ctx.log(round_, accuracy=res["accuracy"], loss=res["loss"],
+                    **ctx.client_accuracy(res["class_accuracy"], model=net), **extra)
 
         log(0)
         skipped = []
@@ -114,7 +125,7 @@ class ModelRoundsServer:
             else:
                 skipped.append(round_)
             log(round_)
-        arrays_to_state(net, model)
+        arrays_to_state(net, self.evaluation_model(model))
         ctx.save_model(net.cpu())
         ctx.summary(num_parameters=int(sum(p.numel() for p in net.parameters())),
                     **({"rounds_not_aggregated": skipped} if skipped else {}), **byzantine_summary(cfg),

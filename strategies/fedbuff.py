@@ -1,0 +1,110 @@
+"""FedBuff's server part (Nguyen et al., "Federated Learning with Buffered Asynchronous Aggregation", AISTATS 2022,
+arXiv 2106.06639, Algorithm 1), event-driven on the simulated clock (``fedsim.engine.clock``; the scenario's
+``[system]`` section, or the default fleet without one).
+
+``strategy.concurrency`` clients train at any time. Each starts at a simulated time t with the global model of
+that moment (version v) and answers at t + download + compute + upload of its device (``ctx.clock.last``). Events
+are processed in simulated-time order: an arrival adds s(tau) Delta_i to the buffer (tau = current version - v,
+s(tau) = 1 / sqrt(1 + tau)); after ``buffer_size`` K arrivals the server steps x <- x - eta_g * (1/K) sum s(tau_i)
+Delta_i (``protocol.server_step``), the version advances, and the model is evaluated (every ``evaluation.every``
+versions and the last) and logged at that simulated time. Every arrival, drop or failure frees a slot, and a new
+client, drawn (seeded) among those online and not training, starts at once with the current model (when none is
+online, when the first comes online). ``rounds`` counts server updates. A dropped client (deadline, offline) frees
+its slot when it is dropped (at the deadline, or when it went offline); a failed one at once.
+
+The client's real training runs when it starts (``ctx.send`` to that one client), which is exact: the model it
+receives is the model at its start time, since every earlier event has been processed. summary.json adds
+``mean_staleness`` and ``max_staleness`` over the aggregated updates. Messages: ``fedsim.algorithms.fedbuff.protocol``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+
+import numpy as np
+
+from fedsim.algorithms.fedbuff import protocol
+from fedsim.engine import ServerContext
+from fedsim.frameworks.model_rounds_protocol import LocalTraining
+from fedsim.nn.training import arrays_to_state, evaluate, state_to_arrays
+
+ARRIVE, FREE, START = 0, 1, 2  # event kinds (at equal times: arrivals first, then freed slots, then starts)
+
+
+class FedBuffServer:
+    def __init__(self, params: protocol.FedBuffParams) -> None:
+        self.params = params
+
+    def run(self, ctx: ServerContext) -> None:
+        p, cfg, clock = self.params, ctx.config, ctx.start_clock()
+        concurrency = cfg.num_clients if p.concurrency is None else p.concurrency
+        clock.asynchronous = True
+        test = ctx.test_data()
+        net = ctx.initial_model()
+        model = state_to_arrays(net)
+        training = LocalTraining.from_settings(cfg.client)
+        every, rounds = cfg.evaluation.every, cfg.rounds
+        ctx.set_total_steps(rounds)
+        events: list[tuple] = []
+        order = itertools.count()
+        busy: set[int] = set()
+        starts = itertools.count()
+        version = 0
+        buffer: list[protocol.Update] = []
+        taus: list[int] = []
+        seen_taus: list[int] = []
+
+        def log(step: int) -> None:
+            if step % every and step != rounds:
+                ctx.log(step)
+                return
+            arrays_to_state(net, model)
+            res = evaluate(net, test.x, test.y, batch_size=cfg.evaluation.batch_size, device=ctx.device)
+            ctx.log(step, accuracy=res["accuracy"], loss=res["loss"], **ctx.client_accuracy(res["class_accuracy"]))
+
+        def start(t: float) -> None:
+            """Start one client at t (or schedule a start when the first comes online)."""
+            idle = [pid for pid in range(cfg.num_clients) if pid not in busy]
+            online = [pid for pid in idle if clock.fleet.availability.is_online(pid, t)]
+            if not online:
+                later = min((clock.fleet.availability.next_online(pid, t) for pid in idle), default=float("inf"))
+                if later != float("inf"):
+                    heapq.heappush(events, (later, START, next(order), -1, version, None))
+                return
+            rng = np.random.default_rng(ctx.derive_seed("fedbuff-sample", next(starts)))
+            pid = int(online[int(rng.integers(len(online)))])
+            busy.add(pid)
+            clock.start_at = t
+            (answer,) = ctx.send(protocol.request(model, training), partitions=[pid], round=version + 1) or (None,)
+            timing = clock.last.get(pid)
+            if answer is not None and answer.ok and timing is not None:
+                heapq.heappush(events, (timing.finish, ARRIVE, next(order), pid, version, answer.content))
+            else:  # failed (at once) or dropped (when it missed the deadline or went offline)
+                when = t if timing is None else min(timing.finish, clock.fleet.availability.online_until(pid, t),
+                                                    t + (clock.system.deadline_s or float("inf")))
+                heapq.heappush(events, (when, FREE, next(order), pid, version, None))
+
+        log(0)
+        for _ in range(concurrency):
+            start(0.0)
+        while events and version < rounds:
+            t, kind, _, pid, started, content = heapq.heappop(events)
+            clock.now = max(clock.now, t)
+            busy.discard(pid)
+            if kind == ARRIVE:
+                buffer.append(protocol.parse_reply(content))
+                taus.append(version - started)
+                if len(buffer) == p.buffer_size:
+                    model = protocol.server_step(model, buffer, taus, p.server_lr, p.staleness)
+                    version += 1
+                    seen_taus.extend(taus)
+                    buffer, taus = [], []
+                    log(version)
+            if version < rounds:
+                start(clock.now)
+        arrays_to_state(net, model)
+        ctx.save_model(net.cpu())
+        ctx.summary(num_parameters=int(sum(q.numel() for q in net.parameters())), server_updates=version,
+                    mean_staleness=float(np.mean(seen_taus)) if seen_taus else 0.0,
+                    max_staleness=int(max(seen_taus, default=0)))
