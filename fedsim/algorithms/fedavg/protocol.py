@@ -67,7 +67,18 @@ class FedProxParams(FedAvgParams):
 
 
 @dataclass
-class FedAvgMParams(FedAvgParams):
+class ServerOptimizerParams(FedAvgParams):
+    """What FedAvgM, FedAdagrad, FedAdam and FedYogi share: which arrays the server optimizer steps."""
+
+    # false: the optimizer steps the trainable parameters (the model's named_parameters()) and the buffers
+    # (BatchNorm running mean / var, num_batches_tracked) are FedAvg's example-weighted average of the clients'
+    # (FL-bench's rule); true: the optimizer steps every array, buffers included (Flower's strategies on a state
+    # dict; fedsim before issue #22: running variances go negative, NaN outputs)
+    optimize_buffers: bool = False
+
+
+@dataclass
+class FedAvgMParams(ServerOptimizerParams):
     """FedAvgM (Hsu et al. 2019, arXiv 1909.06335): server SGD with momentum on the pseudo-gradient."""
 
     server_learning_rate: float = 1.0
@@ -82,7 +93,7 @@ _BETA = [Interval(0, 1, closed="left")]
 
 
 @dataclass
-class FedAdagradParams(FedAvgParams):
+class FedAdagradParams(ServerOptimizerParams):
     """FedAdagrad (Reddi et al. 2021, arXiv 2003.00295); Flower's defaults. The client rate is ``client.lr``."""
 
     eta: float = 0.1  # server learning rate
