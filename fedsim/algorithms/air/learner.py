@@ -79,6 +79,8 @@ class AIR(BaseLearner):
         y = np.asarray(y, np.int64).reshape(-1)
         self._ensure(h.shape[1])
         if len(y):
+            self._grow(int(y.max()) + 1)
+            self.counts_ += np.bincount(y, minlength=self.counts_.shape[0])  # counts now, Grams deferred
             self._pending.append((h, y))
             self._pending_rows += len(y)
             self._coef = None
@@ -92,16 +94,15 @@ class AIR(BaseLearner):
         h = np.concatenate([p[0] for p in self._pending])
         y = np.concatenate([p[1] for p in self._pending])
         self._pending, self._pending_rows = [], 0
-        self._grow(int(y.max()) + 1)
         for c in np.unique(y):
             hc = h[y == c]
             self.grams_[c] += hc.T @ hc
             self.cross_[:, c] += hc.sum(axis=0)
-        self.counts_ += np.bincount(y, minlength=self.counts_.shape[0])
 
     @property
     def class_counts_(self) -> np.ndarray:
-        self._fold()
+        """Samples per class so far (pending rows included: reading the counts folds nothing)."""
+        self._check_fitted()
         return self.counts_
 
     def class_weights(self) -> np.ndarray:
