@@ -251,6 +251,12 @@ def print_fitted(title: str | None, headers: list[str], variants: list[list[list
     return names
 
 
+def _by_kind(table: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """The statistics table's parts per kind, federated first (as the per-run table orders them)."""
+    parts = list(table.groupby("kind", sort=False, dropna=False))
+    return sorted(parts, key=lambda kv: kv[0] != "federated")
+
+
 def _number(v: float) -> str:
     return f"{v:.4f}" if abs(v) < 10 else f"{v:,.1f}"
 
@@ -261,7 +267,7 @@ STATS_DROP_ORDER = ["bytes down", "wall s", "best acc", "bytes up", "worst clien
 def print_statistics(table: pd.DataFrame, console=None) -> None:  # noqa: ANN001
     """One table per kind (federated, continual, ...): mean +- std (95% CI half-width) of each metric; cells go
     onto two lines, then columns are left out (with a note), where the console is too narrow."""
-    for kind, part in table.groupby("kind", sort=False, dropna=False):
+    for kind, part in _by_kind(table):
         keys = [k for k in STAT_METRICS if f"{k}_mean" in part and part[f"{k}_mean"].notna().any()]
         headers = ["run", "n", *[STAT_TITLES.get(k, k) for k in keys]]
         one, two = [], []
@@ -364,7 +370,7 @@ def paper_tables(stats: pd.DataFrame, labels: dict[str, str] | None = None) -> l
     column (highest, or lowest for forgetting, bytes and seconds; ties all marked)."""
     labels = labels or {}
     out = []
-    for kind, part in stats.groupby("kind", sort=False, dropna=False):
+    for kind, part in _by_kind(stats):
         keys = [k for k in STAT_METRICS if f"{k}_mean" in part and part[f"{k}_mean"].notna().any()
                 and k != "last_accuracy"  # a continual run's final accuracy, already in its own column
                 and not (k.startswith("bytes") and not part[f"{k}_mean"].fillna(0).any())
