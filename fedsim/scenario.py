@@ -19,7 +19,8 @@ from fedsim.config import ScenarioConfig
 from fedsim.errors import ConfigError
 from fedsim.registry import get_strategy
 
-__all__ = ["ScenarioView", "derive_seed", "train_split", "test_split", "partition_for", "server_holdout",
+__all__ = ["ScenarioView", "derive_seed", "train_split", "test_split", "partition_for", "local_test_partition",
+           "server_holdout",
            "server_holdout_fraction", "scenario_streams",
            "client_stream", "scenario_feature_map", "scenario_model", "resolve_device"]
 
@@ -102,7 +103,39 @@ def server_holdout(config: ScenarioConfig) -> np.ndarray:
 
 
 def partition_for(config: ScenarioConfig) -> list[np.ndarray]:
-    """The scenario's partition of the training set (deterministic from the seed), without the server's holdout."""
+    """What each client trains on: the scenario's partition of the training set (deterministic from the seed),
+    without the server's holdout and without the client's local test data (``partition.test_fraction``)."""
+    if config.partition.test_fraction > 0:
+        return _local_splits(config)[0]
+    return _client_partition(config)
+
+
+def local_test_partition(config: ScenarioConfig) -> list[np.ndarray]:
+    """Each client's held-out local test indices into the training split (``partition.test_fraction`` of its
+    partition, ``fedsim.data.local_split``); empty arrays when the fraction is 0."""
+    if config.partition.test_fraction > 0:
+        return _local_splits(config)[1]
+    return [np.empty(0, dtype=np.int64) for _ in range(config.num_clients)]
+
+
+_LOCAL_SPLITS: dict[tuple, tuple] = {}
+
+
+def _local_splits(config: ScenarioConfig) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(training parts, local test parts), cached per process (the driver, the server and the nodes all ask)."""
+    from fedsim.data.local_split import local_splits
+
+    key = (config.seed, repr(config.data), repr(config.partition), server_holdout_fraction(config))
+    if key not in _LOCAL_SPLITS:
+        _LOCAL_SPLITS.clear()
+        parts = _client_partition(config)
+        seeds = [derive_seed(config.seed, "local-test", pid) for pid in range(len(parts))]
+        _LOCAL_SPLITS[key] = local_splits(parts, train_split(config).labels, config.partition.test_fraction, seeds)
+    return _LOCAL_SPLITS[key]
+
+
+def _client_partition(config: ScenarioConfig) -> list[np.ndarray]:
+    """The partition of the training set over the clients, without the server's holdout."""
     from fedsim.data.partition import partition_indices
 
     p = config.partition

@@ -30,7 +30,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 
@@ -123,27 +122,13 @@ class AFLServer:
         test = ctx.test_data()
         result = evaluate_weights(weights, feature_map, test, p.batch_size)
         evaluate_seconds = time.perf_counter() - t0
+        module = afl_module(feature_map, weights)
         ctx.log(1, accuracy=result["accuracy"], loss=result["loss"], dropped_clients=len(dropped),
-                answered_clients=len(answered), **ctx.client_accuracy(result["class_accuracy"]))
-        ctx.save_model(afl_module(feature_map, weights))
-        ctx.save_table("clients.csv", client_table(ctx, answered), index=False)
+                answered_clients=len(answered), **ctx.client_accuracy(result["class_accuracy"], model=module))
+        ctx.save_model(module)  # the engine's clients.csv lists each client's samples, bytes and failure
         ctx.summary(final_accuracy=result["accuracy"], test_loss=result["loss"], dropped_clients=len(dropped),
                     answered_clients=len(answered), dropped_client_ids=sorted(dropped),
                     train_samples=int(learner.n_samples_), feature_dim=dim, gamma=p.gamma, target=p.target,
                     upload=p.upload, collect_seconds=round(collect_seconds, 4),
                     aggregate_seconds=round(aggregate_seconds, 4), solve_seconds=round(solve_seconds, 4),
                     evaluate_seconds=round(evaluate_seconds, 4))
-
-
-def client_table(ctx: ServerContext, answered: list[int]) -> pd.DataFrame:
-    """One row per client: its partition size, whether it answered, the bytes it sent and received."""
-    t = ctx.grid.traffic
-    ids = ctx.partition_ids
-    done = set(answered)
-    return pd.DataFrame({
-        "client": ids,
-        "samples": [len(ctx.partitions[i]) for i in ids] if ctx.partitions is not None else np.nan,
-        "answered": [i in done for i in ids],
-        "bytes_up": [t.per_client_up.get(i, 0) for i in ids],
-        "bytes_down": [t.per_client_down.get(i, 0) for i in ids],
-    })

@@ -148,7 +148,7 @@ class FuseFLServer:
         last = table[p.stages - 1]
         ctx.log(p.rounds, accuracy=res["accuracy"], loss=res["loss"], train_loss=last["train_loss"],
                 columns=columns[-1], column_parameters=last["column_parameters"],
-                **ctx.client_accuracy(res["class_accuracy"]))
+                **ctx.client_accuracy(res["class_accuracy"], model=model))
         ctx.save_model(model)
         frame = pd.DataFrame(table)
         uploads = frame[frame["stage"].apply(lambda v: str(v).isdigit())]

@@ -83,7 +83,7 @@ class OneShotServer:
         n = np.array([e.n for e in local], dtype=np.float64)
         loss = float(np.dot(n, [e.loss for e in local]) / n.sum())
         ctx.log(self.rounds, accuracy=res["accuracy"], loss=res["loss"], train_loss=loss, local_models=len(local),
-                **ctx.client_accuracy(res["class_accuracy"]))
+                **ctx.client_accuracy(res["class_accuracy"], model=model))
         ctx.save_model(model.cpu())
         single = num_parameters(self.local_model(ctx, local[0].arrays))
         ctx.summary(final_accuracy=float(res["accuracy"]), num_parameters=num_parameters(model),

@@ -94,10 +94,11 @@ def test_failures_inside_groups_are_counted_per_client(tmp_path):
     assert len(failed) == 6
     assert summary["dropped_clients"] == summary["failed_client_rounds"] == 6
     assert summary["dropped_client_ids"] == sorted(failed)
-    assert set(table.loc[~table["answered"], "client"]) == set(failed)
+    assert set(table.loc[table["failed"], "client"]) == set(failed)  # clients.csv: the engine's (run-files.md)
+    assert not table["silent"].any()
     # failed clients upload nothing; the survivors' bytes are counted one by one
-    assert (table.loc[~table["answered"], "bytes_up"] == 0).all()
-    assert table.loc[table["answered"], "bytes_up"].between(PAYLOAD, PAYLOAD + 1024).all()
+    assert (table.loc[table["failed"], "bytes_up"] == 0).all()
+    assert table.loc[~table["failed"], "bytes_up"].between(PAYLOAD, PAYLOAD + 1024).all()
     assert summary["bytes_up"] == table["bytes_up"].sum()
     # every one of the 8 nodes answered once, the one that lost all its clients with an error reply
     assert summary["messages_up"] == 8
@@ -140,7 +141,8 @@ def test_silent_nodes_time_out_and_are_dropped(tmp_path, monkeypatch):
     lost = list(range(8, 12)) + list(range(20, 24))
     assert summary["dropped_client_ids"] == lost and summary["answered_clients"] == 16
     assert summary["failed_client_rounds"] == 8 and summary["messages_up"] == 4  # 6 nodes, 2 silent
-    assert not table.loc[table["client"].isin(lost), "answered"].any()
+    assert table.loc[table["client"].isin(lost), "silent"].all()
+    assert table["failed"].tolist() == table["silent"].tolist() == [k in lost for k in range(24)]
     keep = [k for k in range(24) if k not in lost]
     assert rel_err(w, ridge_on(config, tmp_path / "silent", keep)) < 1e-9
 

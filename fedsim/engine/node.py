@@ -32,6 +32,11 @@ from fedsim.registry import get_strategy
 from fedsim.scenario import ScenarioView, client_stream, derive_seed, partition_for, resolve_device, train_split
 
 REDUCE_EVERY_BYTES = 256 * 2**20  # a grouped node combines its pending replies (with `reduce`) beyond this size
+# the reply metrics the node reads per client for clients.csv (fedsim.results.client_metrics), before `reduce`
+# merges a group's replies: Flower's conventions (FedAvg's weighted_by_key, QFedAvg's train_loss_key), which
+# fedsim.frameworks.model_rounds_protocol's WEIGHT_KEY and LOSS_KEY follow
+EXAMPLES_METRIC = "num-examples"
+TRAIN_LOSS_METRIC = "train_loss"
 STATE_SEPARATOR = "/"  # context.state keys: "<partition id>/<the client part's own key>"
 
 
@@ -95,6 +100,19 @@ def store_client_state(context_state: RecordDict, pid: int, state: RecordDict) -
         del context_state[key]
     for key, record in state.items():
         context_state[f"{prefix}{key}"] = record
+
+
+def reported_metrics(reply: RecordDict) -> tuple[int, float]:
+    """(examples, train loss) one client's reply reports in any of its MetricRecords under Flower's keys
+    (``EXAMPLES_METRIC``, ``TRAIN_LOSS_METRIC``; the first record holding each): -1 / NaN where it reports none,
+    and a NaN loss for a client that trained on no example (the replies write 0 there to keep sums finite)."""
+    examples, loss = -1, float("nan")
+    for record in reply.metric_records.values():
+        if examples < 0 and isinstance(record.get(EXAMPLES_METRIC), (int, float)):
+            examples = int(record[EXAMPLES_METRIC])
+        if loss != loss and isinstance(record.get(TRAIN_LOSS_METRIC), (int, float)):
+            loss = float(record[TRAIN_LOSS_METRIC])
+    return examples, (float("nan") if examples == 0 else loss)
 
 
 def concatenate_replies(replies: list[RecordDict]) -> RecordDict:
@@ -227,6 +245,7 @@ class NodeHandler:
 
         replies: list[RecordDict] = []
         served, failed, sizes, reasons = [], [], [], []
+        examples, losses = [], []  # per served client, from its own reply (reduce would merge them)
         pending_bytes = 0
         for pid in group:
             if pid in failing:
@@ -246,6 +265,9 @@ class NodeHandler:
                 _attack(codec, content, reply, byzantine_factor(cfg))
             served.append(pid)
             sizes.append(record_nbytes(reply))
+            n, loss = reported_metrics(reply)
+            examples.append(n)
+            losses.append(loss)
             replies.append(reply)
             pending_bytes += sizes[-1]
             if len(replies) > 1 and pending_bytes > REDUCE_EVERY_BYTES:  # bound the node's memory: fold early
@@ -256,7 +278,8 @@ class NodeHandler:
             return Message(Error(code=CLIENT_FAILED, reason=reason), reply_to=msg)
         out = replies[0] if len(replies) == 1 else client_cls.reduce(replies)
         out[ACCOUNTING_KEY] = MetricRecord(
-            {"partition_ids": served, "failed_ids": failed, "client_bytes": sizes}
+            {"partition_ids": served, "failed_ids": failed, "client_bytes": sizes, "client_examples": examples,
+             "client_train_loss": losses}
         )
         out[NODE_KEY] = where_running()
         return Message(out, reply_to=msg)

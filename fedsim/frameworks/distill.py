@@ -509,7 +509,7 @@ class OneShotDistillServer:
         n = np.array([e.n for e in local], dtype=np.float64)
         loss = float(np.dot(n, [e.loss for e in local]) / n.sum())
         ctx.log(1, accuracy=res["accuracy"], loss=res["loss"], train_loss=loss, local_models=len(local),
-                **ctx.client_accuracy(res["class_accuracy"]))
+                **ctx.client_accuracy(res["class_accuracy"], model=student))
         ctx.save_model(student.cpu())
         ctx.summary(final_accuracy=float(res["accuracy"]), num_parameters=num_parameters(student),
                     single_model_parameters=num_parameters(models[0]), local_models=len(local),
