@@ -14,7 +14,7 @@ Per task t (classes arriving as in ``fedsim.frameworks.class_incremental``, mess
    so federated DPCR equals centralized DPCR given the same backbone. A client that fails in this round contributes
    nothing for this task (the sums cover the clients that answered, as in AFL).
 3. TSSP: Delta = (X_old^T X_old + eps I)^-1 X_old^T X_new.  CIP: P_c = U_c U_c^T from the eigenvectors of Phi_c
-   above the tolerance ``cip_tol`` (relative by default; 0 = the official ``S > 0``).
+   above the tolerance ``cip_tol`` (default 0: the official ``S > 0``; ``"rank"``: the numerical rank).
    Calibration of every old class: W_c = Delta P_c; Phi_c <- W_c^T Phi_c W_c; mu_c <- mu_c W_c.
 4. Reconstruction: W = (sum_c Phi_c + gamma I)^-1 sum_c n_c mu_c^T e_c with the true class counts n_c (the
    official code uses a constant 500), then class normalization w_c <- w_c / ||w_c|| (CN).
@@ -61,16 +61,16 @@ class DPCRServer(CILServer):
 
     loss = "lwf"
 
-    def _learner(self, tssp: bool, cip: bool, class_norm: bool, cip_tol: float | None | str = "params") -> DPCR:
+    def _learner(self, tssp: bool, cip: bool, class_norm: bool, cip_tol: float | str | None = None) -> DPCR:
         p = self.params
-        return DPCR(gamma=p.gamma, tssp=tssp, cip=cip, cip_tol=p.cip_tol if cip_tol == "params" else cip_tol,
+        return DPCR(gamma=p.gamma, tssp=tssp, cip=cip, cip_tol=p.cip_tol if cip_tol is None else cip_tol,
                     class_norm=class_norm, tssp_eps=p.tssp_eps)
 
     def begin(self, ctx: ServerContext, tasks: list) -> None:
         p = self.params
         self.learner_ = self._learner(p.tssp, p.cip, p.class_norm)
         self.companions_ = {k: self._learner(*v) for k, v in ABLATION.items()} if p.ablation else {}
-        self.sweep_ = {protocol.sweep_name(t): float(t) for t in p.cip_tol_sweep}
+        self.sweep_ = {protocol.sweep_name(t): t if isinstance(t, str) else float(t) for t in p.cip_tol_sweep}
         for name, tol in self.sweep_.items():  # the full method at each tolerance
             self.companions_[name] = self._learner(True, True, p.class_norm, tol)
         self.stat_seconds_ = 0.0

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fedsim.frameworks.distill import LogitEnsemble, OneShotDistillServer, distill_on_data
+from fedsim.frameworks.distill import LogitEnsemble, OneShotDistillServer, distill_on_data, work_reporter
 from fedsim.errors import ConfigError
 from fedsim.scenario import derive_seed, server_holdout, train_split
 from fedsim.nn.training import predict_logits
@@ -63,7 +63,7 @@ class FedDFServer(OneShotDistillServer):
         student = self.average(ctx, local, p.init_weighting) if p.init == "average" else ctx.initial_model()
         rows = distill_on_data(student, x, t_logits, steps=p.steps, batch_size=p.batch_size, lr=p.lr,
                                temperature=p.temperature, schedule=p.schedule, clip_norm=p.clip_norm,
-                               device=ctx.device)
+                               device=ctx.device, report=work_reporter(ctx, "distillation step"))
         ctx.save_table("distill.csv", pd.DataFrame(rows), index=False)
         return student, {"distill_examples": int(x.shape[0]), "distill_steps": int(p.steps),
                          "distill_loss": float(rows[-1]["loss"])}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -47,7 +48,9 @@ def run(tmp_path, name, *overrides):
 @pytest.mark.parametrize("override, message", [
     ("strategy.tssp=false", "strategy.cip: true needs strategy.tssp = true"),
     ("strategy.gamma=0", "strategy.gamma: 0.0 is out of range"),
-    ("strategy.cip_tol=-1", "strategy.cip_tol: -1.0 is out of range"),
+    ("strategy.cip_tol=-1", "strategy.cip_tol: -1.0 is not allowed; it must be a finite number >= 0 (0 = the "
+                            "official S > 0) or 'rank' (the numerical rank)"),
+    ("strategy.cip_tol=\"ranks\"", "strategy.cip_tol: 'ranks' is not allowed; it must be a finite number >= 0"),
     ("strategy.tssp_eps=-1e-3", "strategy.tssp_eps"),
     ("strategy.local_rounds=0", "strategy.local_rounds: 0 is out of range"),
     ("strategy.temperature=0", "strategy.temperature: 0.0 is out of range"),
@@ -56,7 +59,7 @@ def run(tmp_path, name, *overrides):
     ("strategy.typo=1", "strategy.typo: unknown setting"),
 ])
 def test_bad_settings_are_config_errors(tmp_path, override, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         config(tmp_path, override)
 
 
@@ -64,7 +67,9 @@ def test_valid_variants_of_the_settings(tmp_path):
     assert config(tmp_path, "strategy.tssp=false", "strategy.cip=false").strategy.params.tssp is False
     ridge = config(tmp_path, "strategy.name=\"ridge-uncalibrated\"").strategy.params
     assert (ridge.tssp, ridge.cip, ridge.class_norm) == (False, False, False)
-    assert config(tmp_path, "strategy.cip_tol=0").strategy.params.cip_tol == 0.0
+    assert config(tmp_path).strategy.params.cip_tol == 0.0  # the official S > 0 by default
+    assert config(tmp_path, "strategy.cip_tol=\"rank\"").strategy.params.cip_tol == "rank"
+    assert config(tmp_path, "strategy.cip_tol=1e-6").strategy.params.cip_tol == 1e-6
     assert config(tmp_path, "rounds=1").rounds == 1
     for name in ("finetune", "joint"):  # no LwF settings there
         with pytest.raises(ConfigError, match="strategy.lwf_lambda: unknown setting"):
@@ -203,20 +208,21 @@ def test_cip_tolerance_sweep_companions_share_the_backbone(tmp_path):
     """Each sweep entry is the full method at that tolerance on the same backbone and statistics."""
     summary, metrics, _ = run(tmp_path, "sweep", "data.max_train=1500", "data.max_test=500", "client.epochs=1",
                               "strategy.ablation=true", "strategy.cip_tol=1e-6",
-                              "strategy.cip_tol_sweep=[1e-6, 0.0, 0.5]")
+                              "strategy.cip_tol_sweep=[1e-6, 0.0, 0.5, \"rank\"]")
     comp = summary["companions"]
     assert set(comp) == {"lwf_head", "ridge", "tssp", "tssp_cip", "tssp_cip_cn", "tssp_cn", "cip_tol_1e-06",
-                         "cip_tol_0", "cip_tol_0.5"}
+                         "cip_tol_0", "cip_tol_0.5", "cip_tol_rank"}
     assert comp["cip_tol_1e-06"] == comp["tssp_cip_cn"]  # the main learner has cip_tol = 1e-6 too
     assert summary["final_accuracy"] == comp["cip_tol_1e-06"]["final_accuracy"]
     sweep = summary["cip_tol_sweep"]
     assert sweep["cip_tol_1e-06"]["cip_ranks"] == summary["cip_ranks"]
     ranks = {k: np.mean(list(v["cip_ranks"].values())) for k, v in sweep.items()}
-    assert ranks["cip_tol_0"] >= ranks["cip_tol_1e-06"] > ranks["cip_tol_0.5"] >= 1  # a larger tolerance cuts more
+    # a larger tolerance cuts more
+    assert ranks["cip_tol_0"] >= ranks["cip_tol_rank"] >= ranks["cip_tol_1e-06"] > ranks["cip_tol_0.5"] >= 1
     assert ranks["cip_tol_0"] <= summary["feature_dim"]
     assert {"acc_cip_tol_0", "rank_cip_tol_0.5", "cip_mean_rank"} <= set(metrics.columns)
     assert len(summary["class_counts"]) == 10 and sum(summary["class_counts"]) == 1500
-    with pytest.raises(ConfigError, match=r"strategy\.cip_tol_sweep\[1\]: -1\.0 is out of range"):
+    with pytest.raises(ConfigError, match=r"strategy\.cip_tol_sweep\[1\]: -1\.0 is not allowed"):
         config(tmp_path, "strategy.cip_tol_sweep=[0.0, -1.0]")
     with pytest.raises(ConfigError, match="lists a tolerance twice"):
         config(tmp_path, "strategy.cip_tol_sweep=[0.0, 0.0]")

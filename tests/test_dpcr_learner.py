@@ -103,7 +103,7 @@ def test_cip_rank_with_a_relative_tolerance_is_the_data_rank():
     for n, rank in [(5, 5), (40, 7)]:
         xc = rng.normal(size=(n, rank)) @ rng.normal(size=(rank, d))  # rank min(n, rank) < d
         gram = xc.T @ xc
-        proj, r = row_space_projector(gram)
+        proj, r = row_space_projector(gram, tol="rank")
         assert r == rank == np.linalg.matrix_rank(xc)
         assert np.allclose(proj @ proj, proj) and np.allclose(proj, proj.T)
         assert np.allclose(xc @ proj, xc)  # the class's own features are untouched
@@ -113,7 +113,34 @@ def test_cip_rank_with_a_relative_tolerance_is_the_data_rank():
         _, r_official = row_space_projector(gram, tol=0.0)
         assert r_official > rank
     full = rng.normal(size=(100, d))
-    assert row_space_projector(full.T @ full)[1] == d
+    assert row_space_projector(full.T @ full, tol="rank")[1] == d
+    with pytest.raises(ValueError, match="cip_tol: 'ranks' is not allowed"):
+        row_space_projector(full.T @ full, tol="ranks")
+
+
+@pytest.mark.parametrize("dead", [[0, 1], [3, 7], [8, 9]])
+def test_the_default_cip_is_the_official_s_greater_than_zero(dead):
+    """The default tolerance keeps every direction with S > 0 (the official ``torch.where(S > 0)``): exact zeros
+    (dead channels, wherever they sit) are dropped, tiny but non-zero singular values are kept."""
+    d = 10
+    rng = np.random.default_rng(4)
+    q, _ = np.linalg.qr(rng.normal(size=(d - len(dead), d - len(dead))))
+    live = [j for j in range(d) if j not in dead]
+    s = np.array([1e3, 50.0, 1.0, 0.5, 0.1, 1e-13, 1e-14, 1e-15])  # the last three below S_max d eps
+    gram = np.zeros((d, d))
+    gram[np.ix_(live, live)] = q @ np.diag(s) @ q.T
+    assert DPCR().cip_tol == 0.0
+    proj, rank = row_space_projector(gram)  # the default: S > 0
+    u = np.zeros((d, len(live)))
+    u[live] = q
+    assert rank == len(live)
+    np.testing.assert_allclose(proj, u @ u.T, atol=1e-12)  # every live direction, the tiny ones included
+    assert np.all(proj[dead] == 0) and np.all(proj[:, dead] == 0)  # the dead channels exactly cut
+    proj_rank, rank_rank = row_space_projector(gram, tol="rank")  # numerical rank: S > 1e3 * 10 * 2.2e-16
+    assert rank_rank == int((s > 1e3 * d * np.finfo(float).eps).sum()) == 5
+    kept = u[:, s > 1e3 * d * np.finfo(float).eps]
+    np.testing.assert_allclose(proj_rank, kept @ kept.T, atol=1e-10)
+    assert row_space_projector(gram, tol=2e-4)[1] == 4  # S > 0.2
 
 
 def test_cip_removes_the_directions_a_low_rank_class_never_used():
@@ -121,13 +148,14 @@ def test_cip_removes_the_directions_a_low_rank_class_never_used():
     rng = np.random.default_rng(3)
     basis = rng.normal(size=(3, 10))
     x0 = np.abs(rng.normal(size=(50, 3))) @ basis  # class 0 lives in a 3-dim subspace
-    learner = DPCR(gamma=1.0, cip=True, class_norm=False).fit(class_statistics(x0, np.zeros(50, int)))
+    learner = DPCR(gamma=1.0, cip=True, cip_tol="rank", class_norm=False)
+    learner.fit(class_statistics(x0, np.zeros(50, int)))
     delta_src = x[y > 0]
     b = rng.normal(size=(10, 10)) + 2 * np.eye(10)
     drift = drift_statistics(delta_src, delta_src @ b)
     learner.partial_fit(class_statistics(delta_src @ b, y[y > 0]), drift)
     assert learner.cip_ranks_ == {0: 3}
-    proj = row_space_projector(x0.T @ x0)[0]
+    proj = row_space_projector(x0.T @ x0, tol="rank")[0]
     w = drift_map(drift) @ proj
     assert rel_err(learner.means_[0], x0.mean(axis=0) @ w) < 1e-9
     assert rel_err(learner.grams_[0], w.T @ x0.T @ x0 @ w) < 1e-9

@@ -95,7 +95,8 @@ class RunProgress:
         if self._progress is not None:
             self._progress.update(self._task, completed=min(row["round"], self.total), status=status)
         if self._progress is None or self._progress.disable:
-            self.console.print(f"[{self.label}] round {row['round']}/{self.total}  {status}", highlight=False, markup=False)
+            self.console.print(f"[{self.label}] round {row['round']}/{self.total}  {status}", highlight=False,
+                               markup=False, soft_wrap=True)
 
     def work(self, name: str, done: int, total: int, *, loss: float | None = None, fraction: float | None = None,
              **values: float) -> str | None:
@@ -128,7 +129,7 @@ class RunProgress:
         elif self._progress is not None and not self._progress.disable:
             self._progress.update(self._task, status=status)
         else:
-            self.console.print(f"[{self.label}] {status}", highlight=False, markup=False)
+            self.console.print(f"[{self.label}] {status}", highlight=False, markup=False, soft_wrap=True)
         return status
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -41,7 +41,16 @@ from fedsim.nn.training import arrays_to_state, evaluate
 __all__ = ["LogitEnsemble", "distill_on_data", "Generator", "reset_generator", "BatchNormStatistics",
            "augment", "synthesis_labels", "dense_generator_loss", "Synthesizer", "coboost_generator_loss",
            "reweight_ensemble", "CoBoostSynthesizer", "perturb_inputs", "distill_epoch", "seeded",
-           "OneShotDistillServer", "DataFreeServer"]
+           "OneShotDistillServer", "DataFreeServer", "work_reporter"]
+
+
+def work_reporter(ctx, name: str) -> Callable[..., Any] | None:  # noqa: ANN001 - a ServerContext
+    """``ctx.progress.work`` for the loop ``name`` (steps done / total, loss, time left on the run's progress
+    display), or None when the run shows no progress."""
+    progress = ctx.progress
+    if progress is None:
+        return None
+    return lambda done, total, **values: progress.work(name, done, total, **values)
 
 
 # ------------------------------------------------------------------------------------------------ teachers
@@ -107,13 +116,14 @@ def _distill_step(student: nn.Module, optimizer: torch.optim.Optimizer, x: torch
 def distill_on_data(student: nn.Module, x: torch.Tensor, teacher_logits: torch.Tensor, *, steps: int,
                     batch_size: int, lr: float, temperature: float = 1.0, schedule: str = "cosine",
                     clip_norm: float | None = 5.0, device: str | torch.device = "cpu",
-                    log_every: int = 100) -> list[dict[str, float]]:
+                    log_every: int = 100, report: Callable[..., Any] | None = None) -> list[dict[str, float]]:
     """FedDF's server loop: ``steps`` Adam steps on ``kl_distillation(student(x_b), teacher_logits_b)``, in place.
 
     Batches are drawn pass after pass over a fresh random order of ``x`` (the global RNG; wrap in ``seeded``). The
     teacher's logits are given (computed once: the inputs are not augmented, so they do not change). The student
     trains in train mode (its BatchNorm layers see the distillation data). Returns rows {step, loss, lr} every
-    ``log_every`` steps and at the last (the mean loss since the previous row).
+    ``log_every`` steps and at the last (the mean loss since the previous row). ``report(step, steps, loss=...)``
+    is called after every step (``work_reporter``: the run's progress display).
     """
     device = torch.device(device)
     student.to(device).train()
@@ -132,7 +142,10 @@ def distill_on_data(student: nn.Module, x: torch.Tensor, teacher_logits: torch.T
         lr_now = opt.param_groups[0]["lr"]
         if sched is not None:
             sched.step()
-        total, count = total + float(loss.detach()), count + 1
+        value = float(loss.detach())
+        total, count = total + value, count + 1
+        if report is not None:
+            report(step, steps, loss=value, lr=lr_now)
         if step % log_every == 0 or step == steps:
             rows.append({"step": step, "loss": total / count, "lr": lr_now})
             total, count = 0.0, 0
@@ -552,6 +565,9 @@ class DataFreeServer(OneShotDistillServer):
         opt = self.optimizer(student)
         sched = self.scheduler(opt)
         rows = []
+        report = work_reporter(ctx, f"synthesis + distillation epoch (x{synth.g_steps} generator steps)")
+        g = synth.g_steps  # epoch e costs about g generator steps + a pass over the e batches of the pool
+        cost = lambda e: e * g + e * (e + 1) / 2  # noqa: E731
         for epoch in range(1, p.epochs + 1):
             student.requires_grad_(False)  # the generator's steps need no gradient of the student's weights
             terms = synth.synthesize()
@@ -568,6 +584,9 @@ class DataFreeServer(OneShotDistillServer):
             if not np.allclose(weights, weights[0]):
                 row.update({f"w_{e.pid}": float(w) for e, w in zip(local, weights)})
             rows.append(row)
+            if report is not None:
+                report(epoch, p.epochs, loss=kd, g_loss=terms.get("loss", math.nan), pool=int(x.shape[0]),
+                       fraction=cost(epoch) / cost(p.epochs))
         ctx.save_table("distill.csv", pd.DataFrame(rows).fillna(1.0 / len(models)), index=False)
         extra = {"synthesized_images": int(x.shape[0]), "distill_loss": float(rows[-1]["kd_loss"])}
         return student, extra

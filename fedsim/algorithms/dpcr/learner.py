@@ -21,9 +21,13 @@ official code's order): for a class whose features span all d dimensions P_c = I
 class of lower rank the directions it never occupied, about which the task-level map (fitted on other classes'
 data) knows nothing reliable for this class, are cut off.
 
-The CIP tolerance (`cip_tol`): None (default) keeps eigenvalues > S_max * d * machine eps (numpy's matrix_rank
-rule, i.e. the numerical rank); a float t > 0 keeps eigenvalues > t * S_max; 0 keeps every eigenvalue > 0, which
-is the official code's test `S > 0`: in floating point almost nothing is exactly 0, so P_c is about the identity.
+The CIP tolerance (`cip_tol`): 0 (default) keeps every singular value S > 0, the official code's test
+(`get_projector_svd`: `torch.where(S > 0)`), the operator behind the paper's numbers. Exactly-zero singular values
+come from feature channels that are 0 for every sample of the class (dead ReLU channels): they are split off before
+the eigendecomposition, so they are dropped wherever they sit (LAPACK returns an exact 0 for them in some positions
+and a round-off value in others); round-off directions elsewhere are kept, so on a Gram without dead channels P_c
+is about the identity. "rank" keeps S > S_max * d * machine eps (numpy's matrix_rank rule, the numerical rank); a
+float t > 0 keeps S > t * S_max.
 
 All statistics are sums over samples, so per-client statistics summed on a server equal the centralized ones
 (federated DPCR, which none of the published systems has): clients upload per-class (n_c, mu_c, Phi_c) from
@@ -49,6 +53,7 @@ __all__ = [
     "drift_statistics",
     "drift_map",
     "row_space_projector",
+    "NUMERICAL_RANK",
     "encode_statistics",
     "decode_statistics",
 ]
@@ -90,26 +95,36 @@ def drift_map(stats: RidgeStatistics, eps: float = 1e-9) -> np.ndarray:
     return ridge_solve(stats.gram, stats.cross, eps)
 
 
-def row_space_projector(gram: Any, tol: float | None = None) -> tuple[np.ndarray, int]:
+#: ``cip_tol`` value for the numerical-rank tolerance (S > S_max * d * machine eps).
+NUMERICAL_RANK = "rank"
+
+
+def row_space_projector(gram: Any, tol: float | str = 0.0) -> tuple[np.ndarray, int]:
     """CIP's projector P = U U^T onto the row space of X_c from its Gram Phi_c = X_c^T X_c, and its rank.
 
     The singular values of the symmetric PSD Gram are the absolute values of its eigenvalues (``eigh``).
-    ``tol`` None: keep S > S_max * d * eps (numerical rank); ``tol`` > 0: keep S > tol * S_max; ``tol`` == 0:
-    keep S > 0 (the official code).
+    ``tol`` 0: keep S > 0 (the official code); ``"rank"``: keep S > S_max * d * eps (numerical rank); ``tol`` > 0:
+    keep S > tol * S_max. Channels whose Gram row is exactly 0 (Phi_jj = 0: x_j = 0 for every sample) have S = 0
+    exactly and are never kept; the eigendecomposition runs on the other channels.
     """
+    if isinstance(tol, str) and tol != NUMERICAL_RANK:
+        raise ValueError(f"cip_tol: {tol!r} is not allowed; use a number >= 0 or {NUMERICAL_RANK!r}")
     g = _np(gram)
     d = g.shape[0]
-    values, vectors = np.linalg.eigh((g + g.T) / 2.0)
+    live = np.flatnonzero(np.diagonal(g) != 0)
+    block = g[np.ix_(live, live)]
+    values, vectors = np.linalg.eigh((block + block.T) / 2.0)
     s = np.abs(values)
-    s_max = float(s.max()) if d else 0.0
-    if tol is None:
+    s_max = float(s.max()) if s.size else 0.0
+    if tol == NUMERICAL_RANK:
         threshold = s_max * d * np.finfo(np.float64).eps
     elif tol == 0:
         threshold = 0.0
     else:
         threshold = float(tol) * s_max
     keep = s > threshold
-    u = vectors[:, keep]
+    u = np.zeros((d, int(keep.sum())))
+    u[live] = vectors[:, keep]
     return u @ u.T, int(keep.sum())
 
 
@@ -124,7 +139,7 @@ class DPCR(BaseLearner):
     the ridge classifier on un-calibrated statistics. Fitted once a task has been learned (``coef_``).
     """
 
-    def __init__(self, gamma: float = 1.0, tssp: bool = True, cip: bool = True, cip_tol: float | None = None,
+    def __init__(self, gamma: float = 1.0, tssp: bool = True, cip: bool = True, cip_tol: float | str = 0.0,
                  class_norm: bool = True, tssp_eps: float = 1e-9) -> None:
         self.gamma = gamma
         self.tssp = tssp

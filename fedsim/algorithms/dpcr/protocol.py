@@ -27,6 +27,10 @@ from fedsim.params import Interval
 from fedsim.registry import StrategySpec, register_strategy
 
 STATS_PHASE = "dpcr-stats"
+#: ``strategy.cip_tol`` for the numerical-rank tolerance (the same word as ``fedsim.algorithms.dpcr.learner``'s,
+#: written here because the protocol imports no numerical code)
+NUMERICAL_RANK = "rank"
+_TOLERANCE = Interval(0, None)
 
 
 @dataclass
@@ -34,32 +38,34 @@ class DPCRParams(LwFParams):
     gamma: float = 100.0  # ridge regularization of the reconstruction
     tssp: bool = True  # task-wise shift projection
     cip: bool = True  # category-wise row-space projection (needs tssp)
-    cip_tol: float | None = None  # None: numerical rank (S > S_max d eps); t > 0: S > t S_max; 0: S > 0 (official)
+    # CIP tolerance: 0 = S > 0, the official code's operator (default); "rank" = numerical rank (S > S_max d eps);
+    # t > 0: S > t S_max
+    cip_tol: float | str = 0.0
     class_norm: bool = True  # unit-norm class vectors
     tssp_eps: float = 1e-9  # TSSP's ridge
     ablation: bool = False  # also evaluate the ablation classifiers and the LwF head on the same statistics
     # CIP tolerances to evaluate beside the main classifier on the same backbone and statistics (companions
     # "cip_tol_<t>": tssp + cip + class_norm with cip_tol = t); empty: none
-    cip_tol_sweep: list[float] = field(default_factory=list)
+    cip_tol_sweep: list[float | str] = field(default_factory=list)
 
-    _parameter_constraints = {"gamma": [Interval(0, None, closed="neither")], "cip_tol": [Interval(0, None), None],
-                              "tssp_eps": [Interval(0, None)]}
+    _parameter_constraints = {"gamma": [Interval(0, None, closed="neither")], "tssp_eps": [Interval(0, None)]}
 
     def check(self, path: str = "strategy") -> None:
         if self.cip and not self.tssp:
             raise ConfigError(f"{path}.cip: true needs {path}.tssp = true (CIP refines the TSSP map W_c = Delta P_c); "
                               f"set {path}.cip = false too, or use strategy.name = 'ridge-uncalibrated'")
-        tolerance = Interval(0, None)
-        for i, t in enumerate(self.cip_tol_sweep):
-            if not tolerance.accepts(t):
-                raise ConfigError(f"{path}.cip_tol_sweep[{i}]: {t!r} is out of range; {tolerance.describe()}")
+        for where, t in [("cip_tol", self.cip_tol)] + [(f"cip_tol_sweep[{i}]", t)
+                                                       for i, t in enumerate(self.cip_tol_sweep)]:
+            if not (_TOLERANCE.accepts(t) or t == NUMERICAL_RANK):
+                raise ConfigError(f"{path}.{where}: {t!r} is not allowed; {_TOLERANCE.describe()} "
+                                  f"(0 = the official S > 0) or {NUMERICAL_RANK!r} (the numerical rank)")
         if len(set(self.cip_tol_sweep)) != len(self.cip_tol_sweep):
             raise ConfigError(f"{path}.cip_tol_sweep: {self.cip_tol_sweep!r} lists a tolerance twice")
 
 
-def sweep_name(tol: float) -> str:
+def sweep_name(tol: float | str) -> str:
     """The companion name of CIP tolerance ``tol`` in a ``cip_tol_sweep`` (metrics column ``acc_<name>``)."""
-    return f"cip_tol_{tol:g}"
+    return f"cip_tol_{tol}" if isinstance(tol, str) else f"cip_tol_{tol:g}"
 
 
 @dataclass
