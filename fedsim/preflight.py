@@ -144,6 +144,7 @@ def check_data(config: ScenarioConfig) -> None:
     check_partition(config, n, present)
     if config.partition.kind == "natural":
         check_natural_partition(config, train)
+    check_plugin_partition(config, train)
     check_stream(config, present)
     check_factory_model(config, tuple(train.input_shape), train.num_classes)
     check_memory(config, tuple(train.input_shape), train.num_classes)
@@ -155,7 +156,17 @@ def check_natural_partition(config: ScenarioConfig, train: SplitSummary) -> None
     from fedsim.scenario import natural_groups
 
     natural_partition(natural_groups(train, config.partition.by, config.data.name), config.partition.num_clients,
-                      len(train))
+                      len(train), sample_groups=config.partition.sample_groups, seed=config.seed)
+
+
+def check_plugin_partition(config: ScenarioConfig, train: SplitSummary) -> None:
+    """A plugin's partition kind (``fedsim.data.register_partition``) runs on the training labels and returns
+    partition.num_clients disjoint index arrays (``ConfigError`` naming partition.kind or partition.params)."""
+    from fedsim.data.partition import PARTITIONERS, partition_indices
+
+    p = config.partition
+    if p.kind in PARTITIONERS:
+        partition_indices(train.labels, kind=p.kind, num_clients=p.num_clients, seed=config.seed, params=p.params)
 
 
 def check_factory_model(config: ScenarioConfig, input_shape: tuple, num_classes: int) -> None:

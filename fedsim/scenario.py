@@ -142,7 +142,7 @@ def _client_partition(config: ScenarioConfig) -> list[np.ndarray]:
     if p.kind == "natural":  # one client per value, over the whole split; the server's holdout removed after
         train = train_split(config)
         parts = partition_indices(train.labels, kind="natural", num_clients=p.num_clients, seed=config.seed,
-                                  groups=natural_groups(train, p.by, config.data.name))
+                                  groups=natural_groups(train, p.by, config.data.name), sample_groups=p.sample_groups)
         held = server_holdout(config)
         return [np.setdiff1d(part, held) for part in parts] if held.size else parts
     labels = train_split(config).labels
@@ -151,7 +151,7 @@ def _client_partition(config: ScenarioConfig) -> list[np.ndarray]:
     parts = partition_indices(
         labels if keep is None else labels[keep], kind=p.kind, num_clients=p.num_clients, seed=config.seed,
         alpha=p.alpha, classes_per_client=p.classes_per_client, quantity_alpha=p.quantity_alpha,
-        min_partition_size=p.min_partition_size, self_balancing=p.self_balancing,
+        min_partition_size=p.min_partition_size, self_balancing=p.self_balancing, params=p.params,
     )
     return parts if keep is None else [keep[part] for part in parts]
 

@@ -4,8 +4,10 @@ dataset, and the natural partition (one client per writer). Offline, on small fi
 from __future__ import annotations
 
 import json
+import re
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -418,3 +420,186 @@ def test_a_plugin_registers_a_dataset(tmp_path):
     finally:
         DATASETS.pop("tiny-plugin-data", None)
         catalog.DATASETS.pop("tiny-plugin-data", None)
+
+
+# ----------------------------------------------------------------------------- natural: a seeded subset
+def test_natural_partition_keeps_a_seeded_sample_of_the_groups(tmp_path):
+    from fedsim.data.partition import partition_indices
+    from fedsim.preflight import preflight
+    from fedsim.scenario import partition_for
+
+    groups = np.repeat(np.array([f"u{i:02d}" for i in range(12)]), 5)[::-1].copy()
+    labels = np.arange(60) % 3
+    full = partition_indices(labels, "natural", 12, seed=0, groups=groups)
+    kept = partition_indices(labels, "natural", 4, seed=7, groups=groups, sample_groups=True)
+    assert len(kept) == 4
+    chosen = [next(k for k, part in enumerate(full) if np.array_equal(part, p)) for p in kept]
+    assert chosen == sorted(chosen) and len(set(chosen)) == 4  # whole groups, in sorted order
+    expected = np.sort(np.random.default_rng(np.random.SeedSequence([7, 0x6A7C])).choice(12, 4, replace=False))
+    assert chosen == expected.tolist()  # the documented draw
+    again = partition_indices(labels, "natural", 4, seed=7, groups=groups, sample_groups=True)
+    assert all(np.array_equal(a, b) for a, b in zip(kept, again))
+    other = partition_indices(labels, "natural", 4, seed=8, groups=groups, sample_groups=True)
+    assert any(not np.array_equal(a, b) for a, b in zip(kept, other))
+    every = partition_indices(labels, "natural", 12, seed=3, groups=groups, sample_groups=True)
+    assert all(np.array_equal(a, b) for a, b in zip(every, full))  # all of them: the full partition
+    with pytest.raises(ConfigError, match=r"^partition\.num_clients: 13 clients, but partition\.by has only 12 "
+                                          r"distinct values .* at most 12"):
+        partition_indices(labels, "natural", 13, seed=0, groups=groups, sample_groups=True)
+    with pytest.raises(ConfigError, match=r"partition\.num_clients = 12, or keep a seeded sample of 4 of them with "
+                                          r"partition\.sample_groups = true"):
+        partition_indices(labels, "natural", 4, seed=0, groups=groups)
+    # through a scenario: the saved HF dataset's 5 writers, 3 of them kept
+    writers, _ = _saved_hf(tmp_path)
+    data = f'name = "hf"\npath = "{tmp_path / "hfdata"}"'
+    config = _scenario(tmp_path, data=data, model='name = "cnn"\nwidth = 8',
+                       partition='kind = "natural"\nby = "writer"\nnum_clients = 3\nsample_groups = true')
+    preflight(config)
+    parts = partition_for(config)
+    assert len(parts) == 3 and all(len(set(writers[p])) == 1 for p in parts)
+    assert len({writers[p][0] for p in parts}) == 3 and sum(map(len, parts)) < len(writers)
+    too_many = _scenario(tmp_path, data=data, model='name = "cnn"\nwidth = 8',
+                         partition='kind = "natural"\nby = "writer"\nnum_clients = 6\nsample_groups = true')
+    with pytest.raises(ConfigError, match=r"^partition\.num_clients: 6 clients, but partition\.by has only 5"):
+        preflight(too_many)
+    with pytest.raises(ConfigError, match=r"^partition\.sample_groups: only the natural partition samples"):
+        scenario_config('[partition]\nkind = "iid"\nsample_groups = true\n[strategy]\nname = "fedavg"\n', tmp_path)
+
+
+# ------------------------------------------------------------------------ partitions a plugin registers
+PARTITION_PLUGIN = '''
+"""A partition of one's own: contiguous blocks of the label-sorted samples (each client a few classes)."""
+import numpy as np
+
+from fedsim.data import register_partition
+
+
+def sorted_blocks(labels, num_clients, seed, reverse=False):
+    order = np.argsort(labels, kind="stable")
+    return np.array_split(order[::-1] if reverse else order, num_clients)
+
+
+def broken(labels, num_clients, seed):
+    return [np.arange(len(labels))] * num_clients  # every client holds everything
+
+
+register_partition("sorted-blocks", sorted_blocks, "contiguous blocks of the label-sorted samples")
+register_partition("overlapping", broken, "every client holds every sample (wrong on purpose)")
+'''
+
+
+@pytest.fixture
+def partition_plugin(tmp_path, monkeypatch):
+    """The plugin file above, in a directory outside the repository; registrations undone afterwards."""
+    from fedsim import catalog
+    from fedsim.data.partition import PARTITIONERS
+
+    folder = tmp_path / "elsewhere"
+    folder.mkdir()
+    path = folder / "byo_partition_plugin.py"
+    path.write_text(PARTITION_PLUGIN)
+    monkeypatch.delenv("FEDSIM_PLUGINS", raising=False)  # load_plugin records it there; restored after
+    yield path
+    for name in ("sorted-blocks", "overlapping"):
+        PARTITIONERS.pop(name, None)
+        catalog.PARTITIONS.pop(name, None)
+    sys.modules.pop("byo_partition_plugin", None)
+
+
+def test_a_plugin_registers_a_partition(tmp_path, capsys, partition_plugin):
+    from fedsim.data import register_partition
+    from fedsim.data.partition import partition_indices
+    from fedsim.registry import load_plugin
+    from fedsim.scenario import partition_for, train_split
+
+    text = BASE.format(rounds="rounds = 1", data='name = "digits"', strategy="fedavg", model='name = "mlp"\nwidth = 8',
+                       partition='kind = "sorted-blocks"\nnum_clients = 5\nparams = { reverse = true }')
+    code, err = _validate(tmp_path, capsys, text)  # before the plugin is loaded the name is unknown
+    assert code == 2 and "partition.kind: 'sorted-blocks' is not allowed; choose one of 'iid'" in err
+    load_plugin(partition_plugin)
+    code, err = _validate(tmp_path, capsys, text)
+    assert code == 0, err
+    config = scenario_config(text, tmp_path)
+    labels = train_split(config).labels
+    parts = partition_for(config)
+    order = np.argsort(labels, kind="stable")[::-1]
+    for got, want in zip(parts, np.array_split(order, 5)):
+        np.testing.assert_array_equal(got, np.sort(want))  # sorted, exactly the plugin's blocks
+    assert len(set(labels[parts[0]])) <= 3  # label-sorted: 287 samples span at most 3 of the ~144-sample classes
+    code, err = _validate(tmp_path, capsys, text.replace("reverse = true", "mirror = true"))
+    assert code == 2 and "partition.kind: 'sorted-blocks' (a plugin's partition, byo_partition_plugin) cannot be " \
+        "called with partition.params {'mirror': True}" in err
+    code, err = _validate(tmp_path, capsys, text.replace('"sorted-blocks"', '"overlapping"').replace(
+        "params = { reverse = true }", ""))
+    assert code == 2 and "client 1 holds a sample twice or one another client holds; the parts must be disjoint" in err
+    code, err = _validate(tmp_path, capsys, text.replace('"sorted-blocks"', '"iid"'))
+    assert code == 2 and "partition.params: {'reverse': True} is passed to a plugin's partition only" in err
+    with pytest.raises(ValueError, match="partition 'dirichlet' is already registered"):
+        register_partition("dirichlet", lambda labels, num_clients, seed: [], "again")
+    with pytest.raises(ConfigError, match=r"must return a list of partition\.num_clients = 3 index arrays, got 5"):
+        from fedsim.data.partition import PARTITIONERS
+
+        PARTITIONERS["sorted-blocks"] = lambda labels, num_clients, seed: [np.arange(1)] * 5
+        partition_indices(labels, "sorted-blocks", 3, seed=0)
+
+
+def test_a_plugin_partition_in_a_fresh_process(tmp_path, partition_plugin):
+    """`fedsim validate --plugin FILE` from another directory (torch-free): the plugin is imported before
+    partition.kind is checked, and validate runs its function on the training labels."""
+    import subprocess
+
+    from conftest import subprocess_env
+
+    scenario = tmp_path / "blocks.toml"
+    text = BASE.format(rounds="rounds = 1", data='name = "digits"', strategy="fedavg", model='name = "mlp"\nwidth = 8',
+                       partition='kind = "{kind}"\nnum_clients = 4')
+    env = subprocess_env(tmp_path, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env.pop("FEDSIM_PLUGINS", None)
+    outs = {}
+    for kind in ("sorted-blocks", "overlapping"):
+        scenario.write_text(text.replace("{kind}", kind))
+        outs[kind] = subprocess.run([sys.executable, "-m", "fedsim.cli", "validate", str(scenario), "--plugin",
+                                     str(partition_plugin)], capture_output=True, text=True, env=env, cwd=tmp_path,
+                                    timeout=300)
+    assert outs["sorted-blocks"].returncode == 0, outs["sorted-blocks"].stderr[-3000:]
+    assert outs["overlapping"].returncode == 2 and "the parts must be disjoint" in outs["overlapping"].stderr
+
+
+# --------------------------------------------------------------------- HF images of different sizes
+@pytest.mark.parametrize("form", ["pil", "lists"])
+def test_hf_images_of_different_sizes_are_refused_at_validate(tmp_path, form):
+    """A column of Image (PIL) or of nested lists whose rows differ in size: fedsim validate and loading both say
+    which column of which data, and the first row that differs, reading headers and list lengths only."""
+    from datasets import Dataset, DatasetDict
+    from datasets import Image as ImageFeature
+    from PIL import Image
+
+    from fedsim.data import clear_cache, describe_dataset, load_dataset
+    from fedsim.preflight import preflight
+
+    rng = np.random.default_rng(0)
+    if form == "pil":
+        images = [Image.fromarray(rng.integers(0, 255, (7 if i == 5 else 6, 6), dtype=np.uint8)) for i in range(12)]
+        train = Dataset.from_dict({"image": images, "label": [i % 3 for i in range(12)]}).cast_column(
+            "image", ImageFeature())
+        column, first, odd = "image", "1x6x6", "row 5 is 1x7x6 (rows unlike row 0: 1)"
+    else:
+        images = [rng.random((1, 5 if i == 5 else 4, 4)).tolist() for i in range(12)]
+        images[9][0][2] = images[9][0][2][:3]  # one row of its own is shorter: ragged
+        train = Dataset.from_dict({"img": images, "label": [i % 3 for i in range(12)]})
+        column, first, odd = "img", "1x4x4", "row 5 is 1x5x4 (rows unlike row 0: 2)"
+    DatasetDict({"train": train, "test": train.select(range(4))}).save_to_disk(str(tmp_path / "ragged"))
+    path = str(tmp_path / "ragged")
+    message = (rf"^data\.options\.image_column: '{column}' of data\.path '{path}' \(train\) holds inputs of different "
+               rf"sizes: row 0 is {first}, {re.escape(odd)}; fedsim stacks a split into one array, so resize them")
+    clear_cache()
+    with pytest.raises(ConfigError, match=message):
+        describe_dataset("hf", split="train", path=path)
+    with pytest.raises(ConfigError, match=message):
+        load_dataset("hf", split="train", path=path)
+    config = _scenario(tmp_path, data=f'name = "hf"\npath = "{path}"', model='name = "cnn"\nwidth = 8')
+    with pytest.raises(ConfigError, match=message):
+        preflight(config)
+    if form == "lists":
+        clear_cache()
+        describe_dataset("hf", split="test", path=path)  # the first four rows are alike: that split is fine

@@ -214,19 +214,21 @@ def test_via_plugin_file_from_another_directory(tmp_path):
     _completed(tmp_path / "run")
 
 
-def test_via_the_entry_point_the_pyproject_declares(tmp_path):
-    site = _entry_point_site(tmp_path)
-    pythonpath = os.pathsep.join([str(SRC), str(site)])
+def test_the_entry_point_the_pyproject_declares_validates_the_shipped_scenario(tmp_path):
+    """``fedsim validate`` (torch-free, so cheap) finds fedexp through the entry point alone; the inline run
+    through it is slow-marked below, the --plugin one above runs by default."""
+    pythonpath = os.pathsep.join([str(SRC), str(_entry_point_site(tmp_path))])
+    out = _fedsim(tmp_path, "validate", str(PACKAGE / "scenarios" / "fedexp-digits.toml"), pythonpath=pythonpath)
+    assert out.returncode == 0 and "fedexp: ok (fedexp, digits, 10 clients, 20 rounds)" in out.stdout, out.stderr
+
+
+@pytest.mark.slow
+def test_via_the_entry_point_inline(tmp_path):
+    pythonpath = os.pathsep.join([str(SRC), str(_entry_point_site(tmp_path))])
     run = _fedsim(tmp_path, "run", str(_scenario(tmp_path)), "--out", str(tmp_path / "run"), "--quiet",
                   pythonpath=pythonpath)
     assert run.returncode == 0, run.stderr[-3000:]
     _completed(tmp_path / "run")
-
-
-def test_the_shipped_scenario_validates():
-    out = _fedsim(REPO, "validate", str(PACKAGE / "scenarios" / "fedexp-digits.toml"), "--plugin", str(PLUGIN_FILE),
-                  cwd=REPO)
-    assert out.returncode == 0 and "fedexp: ok (fedexp, digits, 10 clients, 20 rounds)" in out.stdout, out.stderr
 
 
 @pytest.mark.slow
@@ -273,3 +275,117 @@ def test_pip_installs_the_package_offline(tmp_path):
     assert pip.returncode == 0, pip.stderr[-3000:]
     listed = _fedsim(tmp_path, "list", pythonpath=str(target))
     assert listed.returncode == 0 and "FedExP (Jhunjhunwala et al. 2023)" in listed.stdout, listed.stderr
+
+
+# -- the plugin files reach Ray workers on other nodes (issue #21) -----------------------------------------------
+def test_the_ray_runtime_env_carries_the_plugin_files(tmp_path, monkeypatch):
+    """FEDSIM_PLUGINS travels in the workers' env_vars (a cluster's nodes do not inherit this process's
+    environment), and joining a cluster the files travel as py_modules (its nodes may not have them)."""
+    from fedsim.engine import ray_session
+    from fedsim.registry import PLUGINS_ENV
+
+    monkeypatch.delenv(PLUGINS_ENV, raising=False)
+    bare = ray_session.worker_runtime_env("10.0.0.1:6379")
+    assert list(bare) == ["env_vars"] and list(bare["env_vars"]) == ["PYTHONPATH"]  # no plugins: nothing more
+    monkeypatch.setenv(PLUGINS_ENV, str(PLUGIN_FILE))
+    local = ray_session.worker_runtime_env(None)
+    assert local["env_vars"][PLUGINS_ENV] == str(PLUGIN_FILE) and "py_modules" not in local
+    joined = ray_session.worker_runtime_env("10.0.0.1:6379")
+    assert joined["env_vars"][PLUGINS_ENV] == str(PLUGIN_FILE) and joined["py_modules"] == [str(PLUGIN_FILE)]
+    assert joined["env_vars"]["PYTHONPATH"].split(os.pathsep)[:len(sys.path)] == sys.path
+
+    seen = {}
+
+    def joining(ray, args, timeout):  # noqa: ANN001, ANN202 -- ensure_ray's join, captured instead of run
+        seen.update(args)
+
+    monkeypatch.setattr(ray_session, "_join_within", joining)
+    config = scenario_config(TINY, tmp_path, "strategy.name=fedexp",
+                             'simulation.ray_address="10.0.0.1:6379"', "simulation.backend=ray")
+    import ray
+
+    if ray.is_initialized():
+        pytest.skip("a Ray is running in this process")
+    ray_session.ensure_ray(config)
+    assert seen["address"] == "10.0.0.1:6379" and seen["runtime_env"]["py_modules"] == [str(PLUGIN_FILE)]
+    assert seen["runtime_env"]["env_vars"][PLUGINS_ENV] == str(PLUGIN_FILE)
+
+
+WHERE_PLUGIN = '''
+"""Each client answers whether its worker imported this module from the file fedsim was given (1) or from a copy
+Ray shipped to the cluster (0)."""
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from flwr.app import MetricRecord, RecordDict
+
+from fedsim.registry import StrategySpec, register_strategy
+
+
+@dataclass
+class WhereParams:
+    pass
+
+
+class WhereServer:
+    def __init__(self, params):
+        self.params = params
+
+    def run(self, ctx):
+        replies = ctx.send(RecordDict(), round=1)
+        same = [int(r.content["where"]["same"]) for r in replies if r.ok]
+        ctx.log(1, accuracy=0.0)
+        ctx.summary(final_accuracy=0.0, answered=len(same), from_the_given_file=sum(same))
+
+
+class WhereClient:
+    def __init__(self, params):
+        self.params = params
+
+    def train(self, content, env):
+        given = Path(os.environ["FEDSIM_PLUGINS"]).resolve()
+        return RecordDict({"where": MetricRecord({"same": int(Path(__file__).resolve() == given)})})
+
+
+register_strategy(StrategySpec(name="where", params=WhereParams, server=WhereServer, client=WhereClient))
+'''
+
+JOIN_A_CLUSTER = """
+import json, sys
+from ray.cluster_utils import Cluster
+from fedsim.config import load_scenarios
+from fedsim.engine.runner import run_scenario
+from fedsim.registry import load_plugin
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+cluster.add_node(num_cpus=1)
+cluster.wait_for_nodes()
+try:
+    load_plugin(sys.argv[1])
+    config = load_scenarios(sys.argv[2], [f"simulation.ray_address={cluster.address!r}"])[0][1]
+    summary = run_scenario(config, sys.argv[3], show_progress=False)
+finally:
+    cluster.shutdown()
+print("RESULT " + json.dumps(summary))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_joined_cluster_gets_the_plugin_file_as_py_modules(tmp_path):
+    """A two-node ray.cluster_utils.Cluster joined by simulation.ray_address: every worker imports the plugin from
+    the copy Ray shipped (py_modules), not from the path given to --plugin (which a remote node would lack)."""
+    folder = tmp_path / "elsewhere"
+    folder.mkdir()
+    plugin = folder / "where_plugin.py"
+    plugin.write_text(WHERE_PLUGIN)
+    scenario = tmp_path / "where.toml"
+    scenario.write_text(inline_digits_scenario("where").replace('backend = "inline"', 'backend = "ray"\nnum_cpus = 1'))
+    env = subprocess_env(tmp_path, PYTHONPATH=str(REPO))
+    env.pop("FEDSIM_PLUGINS", None)
+    out = subprocess.run([sys.executable, "-c", JOIN_A_CLUSTER, str(plugin), str(scenario), str(tmp_path / "run")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert lines, out.stderr[-3000:]
+    summary = json.loads(lines[-1][len("RESULT "):])
+    assert summary["answered"] == 4 and summary["from_the_given_file"] == 0, summary

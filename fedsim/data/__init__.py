@@ -41,6 +41,7 @@ __all__ = [
     "describe_dataset",
     "load_dataset",
     "register_dataset",
+    "register_partition",
     "slice_indices",
     "read_idx",
     "write_idx",
@@ -94,6 +95,14 @@ def register_dataset(name: str, loader, description: str, options: dict[str, Any
         catalog.DATASETS[name] = description
     clear_cache()
     return info
+
+
+def register_partition(name: str, fn, description: str) -> None:  # noqa: ANN001
+    """Make ``name`` a ``partition.kind`` (a plugin's partition): ``fn(labels, num_clients=N, seed=S, **params)``
+    returns N disjoint index arrays; ``fedsim.data.partition.register_partition`` (imported here on use)."""
+    from .partition import register_partition as register
+
+    register(name, fn, description)
 
 
 def dataset_names() -> list[str]:

@@ -157,6 +157,62 @@ def _columns_of(ds, skip: set[str]) -> dict[str, np.ndarray]:  # noqa: ANN001
     return out
 
 
+def _image_sizes(ds, image_col: str) -> np.ndarray | None:  # noqa: ANN001
+    """Each row's input shape as a row of an (n, k) array, read without decoding: an ``Image`` column's headers
+    through PIL ((bands, H, W)), a column of nested lists from Arrow's list lengths (-1 where a row's own lists
+    differ in length); None for a column of another type (fixed-size arrays: one shape by construction)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from datasets import Image
+
+    if isinstance(ds.features[image_col], Image):
+        import io
+
+        from PIL import Image as PILImage
+
+        shapes = []
+        for cell in ds.cast_column(image_col, Image(decode=False))[image_col]:
+            source = io.BytesIO(cell["bytes"]) if cell.get("bytes") else cell["path"]
+            with PILImage.open(source) as img:
+                shapes.append((len(img.getbands()), img.size[1], img.size[0]))
+        return np.asarray(shapes, dtype=np.int64).reshape(len(shapes), 3)
+    column = ds.with_format("arrow")[image_col]
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    n = len(column)
+    owner = np.arange(n)  # the row each list of the current level belongs to
+    shapes = []
+    while pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        lengths = np.asarray(pc.list_value_length(column).fill_null(0), dtype=np.int64)
+        count = np.bincount(owner, minlength=n)
+        start = np.concatenate([[0], np.cumsum(count)[:-1]])
+        first = np.where(count > 0, lengths[np.minimum(start, max(len(lengths) - 1, 0))] if len(lengths) else 0, 0)
+        ragged = np.bincount(owner, weights=(lengths != first[owner]), minlength=n) > 0
+        shapes.append(np.where(ragged, -1, first))
+        owner = np.repeat(owner, lengths)
+        column = pc.list_flatten(column)
+    return np.stack(shapes, axis=1) if shapes else None
+
+
+def check_image_sizes(ds, image_col: str, split: str, what: str) -> None:  # noqa: ANN001
+    """Every input of the split has the first one's shape; else a ``ConfigError`` naming the column, the dataset
+    and the first row that differs (fedsim stacks a split into one array, so images of several sizes cannot
+    train). Reads headers and list lengths only, so ``fedsim validate`` refuses them too."""
+    shapes = _image_sizes(ds, image_col)
+    if shapes is None or len(shapes) == 0:
+        return
+    bad = np.flatnonzero((shapes != shapes[0]).any(axis=1) | (shapes == -1).any(axis=1))
+    if bad.size:
+        def text(s: np.ndarray) -> str:
+            return "ragged" if (s == -1).any() else "x".join(str(int(v)) for v in s)
+
+        row = int(bad[0])
+        raise ConfigError(f"data.options.image_column: {image_col!r} of {what} ({split}) holds inputs of different "
+                          f"sizes: row 0 is {text(shapes[0])}, row {row} is {text(shapes[row])} (rows unlike row 0: "
+                          f"{bad.size}); fedsim stacks a split into one array, so resize them to one size "
+                          "first (e.g. Dataset.map with PIL's Image.resize, then save_to_disk)")
+
+
 def _labels(ds, label_col: str, where: str) -> np.ndarray:  # noqa: ANN001
     return label_array(np.asarray(ds[label_col]), len(ds), where)
 
@@ -198,6 +254,7 @@ def _prepare(split: str, root: str | None, opts: dict) -> tuple:
     if shapes["train"] != shapes["test"]:
         raise ConfigError(f"data.options.image_column: {image_col!r} of {what} holds inputs of shape "
                           f"{shapes['train']} in the training split but {shapes['test']} in the test split")
+    check_image_sizes(ds[split], image_col, split, what)
     source_text = f"{path if path is not None else 'hf:' + str(hf_id)}[{split}]"
     cols = _columns_of(ds[split], {image_col, label_col})
     return ds[split], image_col, labels[split], classes, shapes[split], cols, source_text

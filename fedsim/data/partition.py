@@ -10,18 +10,75 @@ together covering every index (see ``shards`` for the one exception flwr-dataset
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 
 from fedsim.errors import ConfigError
 
-__all__ = ["ALL_PARTITIONS", "PARTITIONS", "natural_partition", "partition_indices", "partition_table", "describe_partition"]
+__all__ = ["ALL_PARTITIONS", "PARTITIONS", "PARTITIONERS", "natural_partition", "partition_indices", "partition_table",
+           "describe_partition", "register_partition"]
 
 from fedsim.catalog import PARTITIONS as ALL_PARTITIONS  # noqa: E402  (names and descriptions live in the catalog)
 
 #: the kinds drawn from the labels and the seed alone; "natural" (ALL_PARTITIONS) reads a column instead
 PARTITIONS: dict[str, str] = {k: v for k, v in ALL_PARTITIONS.items() if k != "natural"}
+
+#: the partitions plugins registered (``register_partition``): name -> fn(labels, num_clients, seed, **params)
+PARTITIONERS: dict[str, Callable[..., Sequence[np.ndarray]]] = {}
+
+
+def register_partition(name: str, fn: Callable[..., Sequence[np.ndarray]], description: str) -> None:
+    """Make ``name`` a ``partition.kind`` (a plugin's partition): ``fn(labels, num_clients=N, seed=S, **params)``
+    returns N integer index arrays into ``labels`` (the training labels the clients share, the server's holdout
+    removed), disjoint; ``params`` is the scenario's ``partition.params`` table. fedsim checks what ``fn`` returns
+    (``fedsim validate`` runs it on the training labels) and sorts each array. A name already taken (a built-in or
+    another plugin's) is refused with ``ValueError``; a non-callable ``fn`` with ``TypeError``."""
+    from fedsim import catalog
+
+    if not isinstance(name, str) or not name.strip() or name != name.strip():
+        raise ValueError(f"a partition name must be a non-empty string without surrounding spaces, got {name!r}")
+    if name in ALL_PARTITIONS:
+        raise ValueError(f"partition {name!r} is already registered")
+    if not callable(fn):
+        raise TypeError(f"partition {name!r}: fn must be a callable (labels, num_clients, seed, **params)")
+    PARTITIONERS[name] = fn
+    catalog.register_name("partitions", name, description)
+
+
+def _plugin_partition(kind: str, labels: np.ndarray, num_clients: int, seed: int, params: dict) -> list[np.ndarray]:
+    """``PARTITIONERS[kind]``'s result, checked: ``num_clients`` disjoint integer arrays of indices into labels."""
+    where = f"partition.kind: {kind!r} (a plugin's partition, {getattr(PARTITIONERS[kind], '__module__', '?')})"
+    try:
+        parts = PARTITIONERS[kind](labels, num_clients=num_clients, seed=seed, **params)
+    except ConfigError:
+        raise
+    except TypeError as err:
+        raise ConfigError(f"{where} cannot be called with partition.params {params!r}: {err}") from err
+    parts = list(parts) if isinstance(parts, (list, tuple)) else None
+    if parts is None or len(parts) != num_clients:
+        got = "not a list" if parts is None else f"{len(parts)} arrays"
+        raise ConfigError(f"{where} must return a list of partition.num_clients = {num_clients} index arrays, "
+                          f"got {got}")
+    n = labels.shape[0]
+    held = np.zeros(n, dtype=bool)
+    out = []
+    for k, part in enumerate(parts):
+        part = np.asarray(part)
+        if part.ndim != 1 or (part.size and part.dtype.kind not in "iu"):
+            raise ConfigError(f"{where}: client {k}'s indices must be a 1-D integer array, got dtype {part.dtype} "
+                              f"and shape {part.shape}")
+        part = np.sort(part.astype(np.int64, copy=False))
+        if part.size and (part[0] < 0 or part[-1] >= n):
+            raise ConfigError(f"{where}: client {k} holds index {int(part[0] if part[0] < 0 else part[-1])}, outside "
+                              f"the {n} training samples")
+        if part.size and (np.any(part[1:] == part[:-1]) or held[part].any()):
+            raise ConfigError(f"{where}: client {k} holds a sample twice or one another client holds; the parts must "
+                              "be disjoint")
+        held[part] = True
+        out.append(part)
+    return out
 
 
 def _check_positive_int(field: str, value: object, minimum: int = 1) -> int:
@@ -86,6 +143,8 @@ def partition_indices(
     min_partition_size: int = 0,
     self_balancing: bool = False,
     groups: np.ndarray | None = None,
+    sample_groups: bool = False,
+    params: dict | None = None,
 ) -> list[np.ndarray]:
     """Assign every sample index to one of ``num_clients`` clients; returns sorted int64 index arrays.
 
@@ -104,7 +163,11 @@ def partition_indices(
     ``natural`` (``groups``: each sample's natural client id, e.g. its writer; ``partition.by``): one client per
     distinct value, client k holding exactly the samples of the k-th value in sorted order (flwr-datasets'
     NaturalIdPartitioner, computed directly; tests check the equivalence); ``num_clients`` must equal the number
-    of distinct values. The seed plays no part.
+    of distinct values, or, with ``sample_groups``, be at most it: a seeded draw of ``num_clients`` values is kept
+    (client k the k-th kept value in sorted order) and the other values' samples belong to no client.
+
+    A plugin's kind (``register_partition``) calls its function with ``params`` (``partition.params``) and checks
+    the result.
 
     ``shards`` caveat (flwr-datasets' PathologicalPartitioner): a class that no client draws is left out, so its
     samples are assigned to nobody. With num_clients >= number of classes every class is drawn (the first class
@@ -120,7 +183,12 @@ def partition_indices(
     labels = labels.astype(np.int64, copy=False)
     n = labels.shape[0]
     if kind == "natural":
-        return natural_partition(groups, num_clients, n)
+        return natural_partition(groups, num_clients, n, sample_groups=sample_groups, seed=seed)
+    if kind in PARTITIONERS:
+        return _plugin_partition(kind, labels, num_clients, seed, dict(params or {}))
+    if params:
+        raise ConfigError(f"partition.params: {params!r} is passed to a plugin's partition only; the built-in kind "
+                          f"{kind!r} takes its settings as partition fields")
     classes = np.unique(labels)
     alpha = _check_positive_float("alpha", alpha)
     quantity_alpha = _check_positive_float("quantity_alpha", quantity_alpha)
@@ -199,9 +267,11 @@ def partition_indices(
     return parts
 
 
-def natural_partition(groups: np.ndarray | None, num_clients: int, n: int | None = None) -> list[np.ndarray]:
+def natural_partition(groups: np.ndarray | None, num_clients: int, n: int | None = None, *,
+                      sample_groups: bool = False, seed: int = 0) -> list[np.ndarray]:
     """One sorted index array per distinct value of ``groups`` (sorted values, as NaturalIdPartitioner numbers
-    them); ``num_clients`` must be their number."""
+    them); ``num_clients`` must be their number, or with ``sample_groups`` at most it: then ``num_clients`` values
+    drawn uniformly without replacement (seeded by ``seed``) are kept, in sorted order."""
     if groups is None:
         raise ConfigError("partition.by: the natural partition needs each sample's group (the column partition.by)")
     groups = np.asarray(groups)
@@ -213,13 +283,21 @@ def natural_partition(groups: np.ndarray | None, num_clients: int, n: int | None
     if groups.dtype.kind == "f" and not np.isfinite(groups).all():
         raise ConfigError("partition.by: the column holds NaN or infinite values; every sample needs a group")
     values, inverse = np.unique(groups, return_inverse=True)
-    if len(values) != num_clients:
+    if sample_groups and num_clients > len(values):
+        raise ConfigError(f"partition.num_clients: {num_clients} clients, but partition.by has only {len(values)} "
+                          f"distinct values in the training data; allowed: at most {len(values)}")
+    if not sample_groups and len(values) != num_clients:
         raise ConfigError(f"partition.num_clients: {num_clients}, but the natural partition makes one client per "
                           f"distinct value of partition.by, and the training data has {len(values)}; set "
-                          f"partition.num_clients = {len(values)}")
+                          f"partition.num_clients = {len(values)}, or keep a seeded sample of {num_clients} of them "
+                          "with partition.sample_groups = true")
     order = np.argsort(inverse, kind="stable").astype(np.int64)
     bounds = np.cumsum(np.bincount(inverse.reshape(-1), minlength=len(values)))[:-1]
-    return [np.sort(part) for part in np.split(order, bounds)]
+    parts = [np.sort(part) for part in np.split(order, bounds)]
+    if sample_groups and num_clients < len(values):
+        rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x6A7C]))
+        parts = [parts[k] for k in np.sort(rng.choice(len(values), size=num_clients, replace=False))]
+    return parts
 
 
 def _quantity_parts(order: np.ndarray, sizes: np.ndarray) -> list[np.ndarray]:

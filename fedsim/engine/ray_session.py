@@ -259,6 +259,27 @@ def ray_session() -> Iterator[dict[str, Any]]:
             shutdown_ray()
 
 
+def worker_runtime_env(address: str | None) -> dict[str, Any]:
+    """The Ray ``runtime_env`` of the workers: their PYTHONPATH is the driver's sys.path (as Flower's
+    RayBackend.init_ray), and the plugin files of this command (``--plugin``: ``FEDSIM_PLUGINS``) go with it, so a
+    worker's ``fedsim.registry.discover`` imports the same plugins. Joining a cluster (``address``), whose nodes
+    inherit nothing of this process's environment and may lack the files, the files also travel as ``py_modules``
+    (Ray uploads each to the cluster and puts it on the workers' path, where its module name finds it)."""
+    from fedsim.registry import PLUGINS_ENV, plugin_files
+
+    pythonpath = os.pathsep.join(sys.path)
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    env_vars = {"PYTHONPATH": pythonpath}
+    runtime_env: dict[str, Any] = {"env_vars": env_vars}
+    files = [str(path) for path in plugin_files().values() if path.is_file()]
+    if files:
+        env_vars[PLUGINS_ENV] = os.environ[PLUGINS_ENV]
+        if address:
+            runtime_env["py_modules"] = files
+    return runtime_env
+
+
 def ensure_ray(config: Any) -> dict[str, Any]:
     """Start (or join) Ray for ``config`` unless this session already did; the ``init_args`` Flower's backend gets
     (it finds Ray initialized and uses it as it is). Outside a session, the caller must ``shutdown_ray``."""
@@ -277,11 +298,7 @@ def ensure_ray(config: Any) -> dict[str, Any]:
         ray = _import_ray_with_token_auth()
     if ray.is_initialized():
         return init_args
-    # the workers' PYTHONPATH: the driver's sys.path (as Flower's RayBackend.init_ray), in runtime_env only
-    pythonpath = os.pathsep.join(sys.path)
-    if os.environ.get("PYTHONPATH"):
-        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
-    args = dict(init_args, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    args = dict(init_args, runtime_env=worker_runtime_env(address))
     added: dict[str, str] = {}
     if address:
         args["address"] = address
