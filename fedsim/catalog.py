@@ -40,7 +40,8 @@ PARTITIONS: dict[str, str] = {
     "quantity": "quantity skew: IID content, client sizes drawn from Dirichlet(quantity_alpha) over clients "
     "(SizePartitioner), at least min_partition_size each",
     "natural": "one client per distinct value of the training data's column partition.by (a writer, user, device; "
-    "NaturalIdPartitioner's order: sorted values), partition.num_clients = the number of values",
+    "NaturalIdPartitioner's order: sorted values), partition.num_clients = the number of values (or fewer with "
+    "sample_groups = true: a seeded draw of them)",
 }
 
 MODELS: dict[str, str] = {
