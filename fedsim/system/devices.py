@@ -86,9 +86,9 @@ class IntervalAvailability(Availability):
         self._extend(pid, t)
         spans = self.intervals.get(pid, [])
         i = max(bisect.bisect_right(self._starts.get(pid, []), t) - 1, 0)
-        for start, end in spans[i:]:
-            if end > t:
-                return start, end
+        for j in range(i, len(spans)):
+            if spans[j][1] > t:
+                return spans[j]
         return None
 
     def next_online(self, pid: int, t: float) -> float:
@@ -98,6 +98,10 @@ class IntervalAvailability(Availability):
     def online_until(self, pid: int, t: float) -> float:
         span = self._holding(pid, t)
         return t if span is None or span[0] > t else span[1]
+
+    def is_online(self, pid: int, t: float) -> bool:
+        span = self._holding(pid, t)
+        return span is not None and span[0] <= t < span[1]
 
 
 class MarkovAvailability(IntervalAvailability):
