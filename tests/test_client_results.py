@@ -107,3 +107,20 @@ def test_afl_clients_csv_is_the_engine_s(tmp_path):
     assert table["train_loss"].isna().all()  # statistics, no training loss
     assert table["bytes_up"].sum() == summary["bytes_up"]
     assert json.loads((tmp_path / "afl" / "summary.json").read_text())["answered_clients"] == len(answered)
+
+
+def test_clients_the_simulated_clock_drops_are_failed_rows(tmp_path):
+    """[system] deadline: the two slow phones answer (their bytes count) but miss the deadline; clients.csv marks
+    them failed, as metrics.csv counts them (issue #26's clock)."""
+    from test_system import digits, write_trace
+
+    from conftest import scenario_config
+
+    trace = write_trace(tmp_path)  # clients 0 and 3: 2-2.5 samples/s, about a minute of local training
+    config = scenario_config(digits(system=f'[system]\ntrace = "{trace}"\ndeadline_s = 20'), tmp_path)
+    summary = run_scenario(config, tmp_path / "deadline", show_progress=False)
+    table = pd.read_csv(tmp_path / "deadline" / "clients.csv")
+    sent = table[table["round"] == 1]
+    assert sent.loc[sent["failed"], "client"].tolist() == [0, 3] and not sent["silent"].any()
+    assert sent["failed"].sum() == summary["failed_client_rounds"] == 2
+    assert (sent["bytes_up"] > 0).all() and sent["bytes_up"].sum() == summary["bytes_up"]

@@ -185,6 +185,7 @@ class AccountingGrid(Grid):
             return
         acc = msg.content.metric_records[ACCOUNTING_KEY]
         self.ledger.replied(round_, _accounting_lists(acc))
+        msg.__dict__.setdefault("_fedsim", {})["round"] = round_  # for a drop by the simulated clock, later
         where = msg.content.config_records.get(NODE_KEY, {})
         for pid in acc["partition_ids"]:
             seen = self.placement.setdefault(int(pid), {"flower_node": msg.metadata.src_node_id, "hosts": set(),
@@ -210,9 +211,19 @@ class AccountingGrid(Grid):
         if self.clock is None:
             return self._iter_replies(messages, timeout=timeout)
         messages = list(messages)
-        return self.clock.exchange(messages, self._iter_replies(messages, timeout=timeout),
-                                   lambda m: self._selected_clients(m, m.metadata.dst_node_id), record_nbytes,
-                                   lambda m: sum(accounting_of(m)["client_bytes"]), self.traffic)
+        return self._ledger_drops(self.clock.exchange(
+            messages, self._iter_replies(messages, timeout=timeout),
+            lambda m: self._selected_clients(m, m.metadata.dst_node_id), record_nbytes,
+            lambda m: sum(accounting_of(m)["client_bytes"]), self.traffic))
+
+    def _ledger_drops(self, replies: Iterator[tuple[tuple, Message]]) -> Iterator[tuple[tuple, Message]]:
+        """clients.csv: a reply the clock turned into an error (deadline, offline, over-selected) after its
+        clients answered marks them failed (their bytes stay counted, as the traffic does)."""
+        for key, msg in replies:
+            seen = msg.__dict__.get("_fedsim", {})
+            if msg.has_error() and "round" in seen:
+                self.ledger.lost(seen["round"], accounting_of(msg)["partition_ids"])
+            yield key, msg
 
     def _iter_replies(self, messages: Iterable[Message], *, timeout: float | None = None
                       ) -> Iterator[tuple[tuple, Message]]:
