@@ -15,6 +15,7 @@ from fedsim.config import config_from_dict
 from fedsim.data.local_split import split_client, test_size
 from fedsim.engine.runner import run_scenario
 from fedsim.engine.server import AccountingGrid, ServerContext
+from fedsim.results.report import comparison_table, load_grouped
 from fedsim.results.rundir import RunRecorder
 from fedsim.scenario import _client_partition, local_test_partition, partition_for, train_split
 
@@ -141,3 +142,6 @@ def test_fedavg_with_local_test_splits(tmp_path):
         by_hand = [float((model(data.x[t]).argmax(1).numpy() == data.labels[t]).mean()) for t in test]
     np.testing.assert_allclose(last["local_accuracy"].to_numpy(), by_hand, atol=1e-12)
     assert json.loads((run / "summary.json").read_text())["local_accuracy_std"] == pytest.approx(np.std(by_hand))
+    table = comparison_table(load_grouped([run]))  # fedsim report's per-run table
+    assert table["local acc"].tolist() == [summary["local_accuracy"]]
+    assert table["worst local"].tolist() == [summary["worst_local_accuracy"]]
