@@ -95,6 +95,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if getattr(args, "tensorboard", False):
         args.set = [*args.set, "logging.tensorboard=true"]
+    if getattr(args, "mlflow", False):
+        args.set = [*args.set, "logging.mlflow=true"]
 
     if getattr(args, "seeds", None) or getattr(args, "sweep", None) or scenario_seeds(args.scenario):
         return _run_many(args)
@@ -349,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--tensorboard", action="store_true",
                      help="also log every metrics row as TensorBoard scalars in <run dir>/tensorboard/ (as "
                           "[logging] tensorboard = true; needs the tensorboard extra)")
+    run.add_argument("--mlflow", action="store_true",
+                     help="also track the run in MLflow: <run dir>/mlflow.db unless [logging] mlflow_tracking_uri "
+                          "names a store (as [logging] mlflow = true; needs the mlflow extra)")
     run.add_argument("--seeds", metavar="N|S1,S2,...",
                      help="run every variant once per seed: a count (5 = seeds 0..4) or a list (0,1,2); writes "
                           "OUT/<label>/seed-<s>/ (replaces the scenario's `seeds = [...]`)")

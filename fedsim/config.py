@@ -267,6 +267,11 @@ class LoggingConfig:
     """Experiment tracking beside the run files; changes no result (so config.json lists it only when set)."""
 
     tensorboard: bool = False  # every metrics.csv row also as TensorBoard scalars in run_dir/tensorboard/
+    # every metrics.csv row as MLflow metrics (step = round), the scenario as parameters, the summary at the end;
+    # store: run_dir/mlflow.db (SQLite) unless mlflow_tracking_uri names one (sqlite:///runs/all.db, http://...)
+    mlflow: bool = False
+    mlflow_tracking_uri: str | None = None
+    mlflow_experiment: str = "fedsim"
 
     def check(self, path: str) -> None:
         import importlib.util
@@ -274,6 +279,11 @@ class LoggingConfig:
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise ConfigError(f"{path}.tensorboard: true needs the tensorboard package, which is not installed; "
                               "pip install 'fedsim[tensorboard]' (or tensorboard), or leave it false")
+        if self.mlflow and importlib.util.find_spec("mlflow") is None:
+            raise ConfigError(f"{path}.mlflow: true needs the mlflow package, which is not installed; "
+                              "pip install 'fedsim[mlflow]', or leave it false")
+        if not str(self.mlflow_experiment).strip():
+            raise ConfigError(f"{path}.mlflow_experiment: an empty name; give a name, e.g. \"fedsim\"")
 
 
 @dataclass
@@ -374,8 +384,9 @@ class ScenarioConfig:
             elif value is None and f.name == "system":  # off: listed only when set, as logging
                 continue
             elif isinstance(value, LoggingConfig):  # tracking only: listed when set, so resume checks of earlier
-                if value != LoggingConfig():          # runs see the same configuration
-                    out[f.name] = dataclasses.asdict(value)
+                if value != LoggingConfig():          # runs see the same configuration (the fields set only)
+                    default = dataclasses.asdict(LoggingConfig())
+                    out[f.name] = {k: v for k, v in dataclasses.asdict(value).items() if v != default[k]}
             elif dataclasses.is_dataclass(value):
                 out[f.name] = dataclasses.asdict(value)
             else:

@@ -368,6 +368,8 @@ class RunRecorder:
         self._tb_writer: Any = None
         self._dir_lock: RunDirLock | None = None  # held from start() to close()
         self._config_entry: tuple[dict, dict] = ({}, {})  # write_config's arguments
+        self._mlflow: Any = None  # fedsim.results.tracking.MlflowTracker under logging.mlflow
+        self._last_summary: dict | None = None
 
     def _write(self, name: str, data: bytes | str, *, after_close: bool = False) -> Path:
         with self._lock:
@@ -403,6 +405,21 @@ class RunRecorder:
                 with contextlib.suppress(OSError):  # left where it holds files fedsim did not write
                     tb_dir.rmdir()
             self.write_config(config, **extra)
+            if (config.get("logging") or {}).get("mlflow"):
+                self._start_mlflow(config, extra)
+
+    def _start_mlflow(self, config: dict, extra: dict) -> None:
+        from fedsim.results.tracking import MLFLOW_DB, MlflowTracker
+
+        if not (config.get("logging") or {}).get("mlflow_tracking_uri"):
+            self._written.add(MLFLOW_DB)
+            record_written(self.run_dir, [MLFLOW_DB])  # the run's own store: replaced with the run
+        try:
+            self._mlflow = MlflowTracker(self.run_dir, config, label=extra.get("label"), seed=extra.get("seed"))
+        except Exception as exc:  # noqa: BLE001  (whatever MLflow raises for a store it cannot open)
+            uri = (config.get("logging") or {}).get("mlflow_tracking_uri") or str(self.run_dir / MLFLOW_DB)
+            raise FedsimError(f"logging.mlflow: cannot open the MLflow store {uri}: {type(exc).__name__}: "
+                              f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
 
     def write_config(self, config: dict, **extra: Any) -> None:
         self._config_entry = (config, dict(extra))  # rewritten with "saved_model" when the model is saved
@@ -419,6 +436,8 @@ class RunRecorder:
             self._write(METRICS_FILE, pd.DataFrame(self.rows).to_csv(index=False))
             if self._tensorboard:
                 self._log_scalars(self.rows[-1])
+            if self._mlflow is not None:
+                self._mlflow.log_row(self.rows[-1])
 
     def _log_scalars(self, row: dict) -> None:
         """One metrics row as TensorBoard scalars (numeric columns; step = the row's round)."""
@@ -445,6 +464,7 @@ class RunRecorder:
         self._write(name, text)
 
     def write_summary(self, summary: dict) -> None:
+        self._last_summary = summary
         self._write(SUMMARY_FILE, _json_text(summary), after_close=True)
 
     def save_model(self, obj: Any, architecture: dict | None = None) -> Path:
@@ -476,6 +496,10 @@ class RunRecorder:
             if self._tb_writer is not None:
                 self._tb_writer.close()
                 self._tb_writer = None
+            if self._mlflow is not None:
+                tracker, self._mlflow = self._mlflow, None
+                with contextlib.suppress(Exception):  # the run's files are written; tracking must not fail it
+                    tracker.finish(self._last_summary)
             if self._dir_lock is not None:
                 self._dir_lock.release()
 
