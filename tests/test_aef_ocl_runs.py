@@ -111,7 +111,7 @@ def test_metrics_rows_hold_prequential_accuracy_and_test_checkpoints(central_run
     saved = json.loads((root / "aef-ocl" / "summary.json").read_text())
     assert {"final_accuracy", "mean_class_accuracy", "per_class_accuracy", "samples_per_second"} <= set(saved)
     table = report([root], out_dir=tmp_path, show=False)  # fedsim report: table + accuracy over the stream
-    assert len(table) == 4 and (tmp_path / "accuracy_vs_round.png").stat().st_size > 0
+    assert len(table) == 4 and (tmp_path / "accuracy_vs_step.png").stat().st_size > 0  # stream steps
 
 
 def test_federated_global_weights_equal_the_centralized_learner_on_the_union(tmp_path):
