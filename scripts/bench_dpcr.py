@@ -171,8 +171,8 @@ def run_d512(args) -> int:  # noqa: ANN001
     print("| cip_tol | mean rank | last acc | avg inc acc |")
     print("|---|---|---|---|")
     sweep = summaries[("dpcr", seeds[0])].get("cip_tol_sweep", {})
-    rows = [("numerical rank (default)", "tssp_cip_cn", None)] + [(f"{v['cip_tol']:g}", k, k) for k, v in
-                                                                    sweep.items()]
+    rows = [("main learner (strategy.cip_tol; default 0 = S > 0)", "tssp_cip_cn", None)] + [
+        (v["cip_tol"] if isinstance(v["cip_tol"], str) else f"{v['cip_tol']:g}", k, k) for k, v in sweep.items()]
     rows.append(("no CIP (P_c = I)", "tssp_cn", None))
     for name, key, sweep_key in rows:
         comp = [summaries[("dpcr", s)]["companions"][key] for s in seeds]
