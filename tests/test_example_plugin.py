@@ -268,11 +268,16 @@ def test_with_fedsim_deploy(tmp_path, how):
 def test_pip_installs_the_package_offline(tmp_path):
     """``pip install --no-deps --no-build-isolation --target DIR examples/fedsim-fedexp``: the installed
     dist's entry point registers fedexp (nothing installed into the venv; DIR is the test's)."""
+    import shutil
+
+    source = tmp_path / "fedsim-fedexp"  # a copy: setuptools builds in the source tree (build/, *.egg-info)
+    shutil.copytree(PACKAGE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     target = tmp_path / "target"
     pip = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
-                          "--quiet", "--target", str(target), str(PACKAGE)], capture_output=True, text=True,
+                          "--quiet", "--target", str(target), str(source)], capture_output=True, text=True,
                          timeout=300, cwd=tmp_path, env=subprocess_env(tmp_path))
     assert pip.returncode == 0, pip.stderr[-3000:]
+    assert not (PACKAGE / "build").exists() and not list(PACKAGE.glob("src/*.egg-info"))
     listed = _fedsim(tmp_path, "list", pythonpath=str(target))
     assert listed.returncode == 0 and "FedExP (Jhunjhunwala et al. 2023)" in listed.stdout, listed.stderr
 
