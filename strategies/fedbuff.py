@@ -10,7 +10,8 @@ Delta_i (``protocol.server_step``), the version advances, and the model is evalu
 versions and the last) and logged at that simulated time. Every arrival, drop or failure frees a slot, and a new
 client, drawn (seeded) among those online and not training, starts at once with the current model (when none is
 online, when the first comes online). ``rounds`` counts server updates. A dropped client (deadline, offline) frees
-its slot when it is dropped (at the deadline, or when it went offline); a failed one at once.
+its slot when it is dropped (at the deadline, or when it went offline); a failed one at once, and it is not drawn
+again before the next server update (else a failing client could be redrawn forever at one instant).
 
 The client's real training runs when it starts (``ctx.send`` to that one client), which is exact: the model it
 receives is the model at its start time, since every earlier event has been processed. summary.json adds
@@ -63,35 +64,49 @@ class FedBuffServer:
             res = evaluate(net, test.x, test.y, batch_size=cfg.evaluation.batch_size, device=ctx.device)
             ctx.log(step, accuracy=res["accuracy"], loss=res["loss"], **ctx.client_accuracy(res["class_accuracy"]))
 
-        def start(t: float) -> None:
-            """Start one client at t (or schedule a start when the first comes online)."""
-            idle = [pid for pid in range(cfg.num_clients) if pid not in busy]
+        failed: set[int] = set()  # clients that failed since the last server update: not drawn again before it
+        waiting = [False]  # a START event is pending (nobody was online)
+
+        def start(t: float) -> bool:
+            """Start one client at t; False when none can start (a START is then scheduled for when one comes
+            online, if one ever does)."""
+            idle = [pid for pid in range(cfg.num_clients) if pid not in busy and pid not in failed]
             online = [pid for pid in idle if clock.fleet.availability.is_online(pid, t)]
             if not online:
                 later = min((clock.fleet.availability.next_online(pid, t) for pid in idle), default=float("inf"))
-                if later != float("inf"):
+                if later != float("inf") and not waiting[0]:
+                    waiting[0] = True
                     heapq.heappush(events, (later, START, next(order), -1, version, None))
-                return
+                return False
             rng = np.random.default_rng(ctx.derive_seed("fedbuff-sample", next(starts)))
             pid = int(online[int(rng.integers(len(online)))])
-            busy.add(pid)
             clock.start_at = t
             (answer,) = ctx.send(protocol.request(model, training), partitions=[pid], round=version + 1) or (None,)
             timing = clock.last.get(pid)
             if answer is not None and answer.ok and timing is not None:
+                busy.add(pid)
                 heapq.heappush(events, (timing.finish, ARRIVE, next(order), pid, version, answer.content))
-            else:  # failed (at once) or dropped (when it missed the deadline or went offline)
-                when = t if timing is None else min(timing.finish, clock.fleet.availability.online_until(pid, t),
-                                                    t + (clock.system.deadline_s or float("inf")))
+            elif timing is not None:  # dropped: busy until it missed the deadline or went offline
+                busy.add(pid)
+                when = min(timing.finish, clock.fleet.availability.online_until(pid, t),
+                           t + (clock.system.deadline_s or float("inf")))
                 heapq.heappush(events, (when, FREE, next(order), pid, version, None))
+            else:  # failed (injected or crashed): its slot is free at once
+                failed.add(pid)
+            return True
+
+        def fill(t: float) -> None:
+            while len(busy) < concurrency and start(t):
+                pass
 
         log(0)
-        for _ in range(concurrency):
-            start(0.0)
+        fill(0.0)
         while events and version < rounds:
             t, kind, _, pid, started, content = heapq.heappop(events)
             clock.now = max(clock.now, t)
             busy.discard(pid)
+            if kind == START:
+                waiting[0] = False
             if kind == ARRIVE:
                 buffer.append(protocol.parse_reply(content))
                 taus.append(version - started)
@@ -100,9 +115,10 @@ class FedBuffServer:
                     version += 1
                     seen_taus.extend(taus)
                     buffer, taus = [], []
+                    failed.clear()
                     log(version)
             if version < rounds:
-                start(clock.now)
+                fill(clock.now)
         arrays_to_state(net, model)
         ctx.save_model(net.cpu())
         ctx.summary(num_parameters=int(sum(q.numel() for q in net.parameters())), server_updates=version,
