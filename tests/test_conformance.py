@@ -109,6 +109,15 @@ def test_strategy_keeps_the_contract(name, tmp_path):
 
     # the saved model reproduces the reported accuracy
     assert accuracy_of_saved_model(tmp_path / "a", config) == pytest.approx(first["final_accuracy"], abs=1e-12)
+    # beside it, its state_dict loads with weights_only=True (issue #24); the scenario's network rebuilds from it
+    state = torch.load(tmp_path / "a" / "model_state.pt", weights_only=True)
+    pickled = torch.load(tmp_path / "a" / "model.pt", weights_only=False).state_dict()
+    assert state.keys() == pickled.keys() and all(torch.equal(state[k], v) for k, v in pickled.items())
+    saved = json.loads((tmp_path / "a" / "config.json").read_text())["saved_model"]
+    if saved["scenario_model"]:
+        from fedsim.results.rundir import load_model
+
+        assert type(load_model(tmp_path / "a")).__name__ == saved["module"].rsplit(".", 1)[-1]
 
     # one seed, identical metrics
     second, again = run(name, tmp_path / "b")

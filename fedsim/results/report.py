@@ -365,7 +365,7 @@ def _is_accuracy(key: str) -> bool:
 def paper_tables(stats: pd.DataFrame, labels: dict[str, str] | None = None) -> list[tuple[str, pd.DataFrame,
                                                                                         pd.DataFrame]]:
     """Per kind: (kind, cells, best) for a paper: rows = groups (their short legend label), columns = ``n`` and
-    each metric that has values (accuracies in %, bytes in one SI unit per column, seconds), cells "mean +- std"
+    each metric that has values (accuracies in %, bytes in an SI unit per cell, seconds), cells "mean +- std"
     (the mean alone for one run; ``{pm}`` stands for the plus-minus sign), ``best`` marks the best mean of each
     column (highest, or lowest for forgetting, bytes and seconds; ties all marked)."""
     labels = labels or {}
@@ -380,11 +380,12 @@ def paper_tables(stats: pd.DataFrame, labels: dict[str, str] | None = None) -> l
         best = pd.DataFrame({"n": [False] * len(part)}, index=index)
         for key in keys:
             means, stds = part[f"{key}_mean"].to_numpy(float), part[f"{key}_std"].to_numpy(float)
-            if key.startswith("bytes"):
-                top = float(pd.Series(means).max())
-                unit_i = 0 if top < 1000 else min(int(math.log10(top) // 3), len(figures.SI_UNITS) - 1)
-                scale, title, digits = 1000.0 ** unit_i, f"{STAT_TITLES.get(key, key)} ({figures.SI_UNITS[unit_i]})", 2
-            elif _is_accuracy(key):
+            if key.startswith("bytes"):  # each cell in its own SI unit: a column may span 490 B to 34 MB
+                cells[STAT_TITLES.get(key, key)] = [_bytes_cell(m, sd) for m, sd in zip(means, stds)]
+                sent = [m for m in means if m == m and m > 0]  # a run that sends nothing is not the best here
+                best[STAT_TITLES.get(key, key)] = [len(sent) > 1 and m == min(sent) for m in means]
+                continue
+            if _is_accuracy(key):
                 scale, title, digits = 0.01, f"{STAT_TITLES.get(key, key)} (%)", 2
             else:
                 scale, title, digits = 1.0, STAT_TITLES.get(key, key), 1
@@ -401,6 +402,16 @@ def paper_tables(stats: pd.DataFrame, labels: dict[str, str] | None = None) -> l
     return out
 
 
+def _bytes_cell(mean: float, std: float) -> str:
+    if mean != mean:
+        return "-"
+    unit = 0 if mean < 1000 else min(int(math.log10(mean) // 3), len(figures.SI_UNITS) - 1)
+    scale, name = 1000.0 ** unit, figures.SI_UNITS[unit]
+    digits = 0 if unit == 0 else 2
+    return (f"{mean / scale:.{digits}f} {name}" if std != std
+            else f"{mean / scale:.{digits}f} {{pm}} {std / scale:.{digits}f} {name}")
+
+
 def _caption(kind: str, stats: pd.DataFrame, pm: str) -> str:
     ns = sorted({int(n) for n in stats.loc[stats["kind"] == kind, "n"]} if kind in set(stats["kind"]) else set())
     over = "" if ns == [1] else f" over {ns[0]} seeds" if len(ns) == 1 else f" over {ns[0]}-{ns[-1]} seeds"
@@ -413,7 +424,6 @@ def latex_table(stats: pd.DataFrame, labels: dict[str, str] | None = None) -> st
     parts = ["% fedsim report --latex: needs \\usepackage{booktabs}"]
     for kind, cells, best in paper_tables(stats, labels):
         cells = cells.map(lambda c: c.replace("{pm}", "$\\pm$"))
-        cells.index.name = "method"
         styler = cells.style.apply(lambda _: best.replace({True: "textbf:--rwrap;", False: ""}), axis=None)
         styler = styler.format_index(escape="latex", axis=0).format_index(escape="latex", axis=1)
         parts.append(styler.to_latex(hrules=True, position_float="centering",

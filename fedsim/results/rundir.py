@@ -10,6 +10,8 @@ each round, so a killed run leaves complete files describing the rounds it finis
     run_dir/model.pt        the final model, pickled (torch.load(run_dir / "model.pt", weights_only=False); needs fedsim)
     run_dir/model_state.pt  the same model's state_dict (torch.load(..., weights_only=True) loads it; ``load_model``
                             rebuilds the module from it and config.json's "saved_model": class, model, input shape)
+    run_dir/tensorboard/    [logging] tensorboard: the metrics rows as TensorBoard scalars
+    run_dir/mlflow.db       [logging] mlflow without mlflow_tracking_uri: the run in MLflow (fedsim.results.tracking)
     run_dir/.fedsim-files   the names of the files fedsim wrote here (so it replaces only its own files)
 
 A run starts by invalidating the previous run in its directory: summary.json goes first (so a crash in between
