@@ -5,6 +5,7 @@
     up    STATS_KEY    ArrayRecord of the segment's statistics increments (``AEFOCL.statistics()``: gram packed as
                        its upper triangle, cross, count, pfg_count, pfg_mean, pfg_m2) and the prequential counts
                        per class (PREQ_KEYS)
+          METRICS_KEY  MetricRecord {num-examples}: the samples the segment held (Flower's key; clients.csv)
 
 Centralized mode sends no message. The server part is ``fedsim.strategies.aef_ocl``, the client part
 ``fedsim.clients.aef_ocl``; the learner both build is ``fedsim.algorithms.aef_ocl.learner.learner_for``.
@@ -15,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from fedsim.codec import from_record, to_record
 from fedsim.errors import ConfigError
@@ -27,6 +28,7 @@ MODEL_KEY = "aef.model"  # down: {"weights": W}
 SEGMENT_KEY = "aef.segment"  # down: {"start": first batch, "length": batches}
 STATS_KEY = "aef.stats"  # up: the learner's statistics() plus "preq_correct", "preq_total" (per class)
 PREQ_KEYS = ("preq_correct", "preq_total")
+METRICS_KEY = "aef.metrics"  # up: {"num-examples": the segment's samples}
 
 MODES = ("auto", "centralized", "federated")
 BALANCE_RULES = ("max", "mean")  # PFG's target count: the largest class count (paper) or the mean one
@@ -75,7 +77,8 @@ def segment_reply(statistics: dict[str, np.ndarray], correct: np.ndarray, total:
     """A client's (or a node's summed) answer: the statistics increments and the prequential counts per class."""
     arrays = dict(statistics)
     arrays.update(zip(PREQ_KEYS, (correct, total)))
-    return RecordDict({STATS_KEY: to_record(arrays)})
+    return RecordDict({STATS_KEY: to_record(arrays),
+                       METRICS_KEY: MetricRecord({"num-examples": int(np.asarray(total).sum())})})
 
 
 def parse_segment_reply(content: RecordDict) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
