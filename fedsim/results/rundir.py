@@ -59,7 +59,7 @@ MANIFEST_FILE = ".fedsim-files"
 LOCK_FILE = ".fedsim-lock"  # held (flock) by the fedsim run writing this directory
 TENSORBOARD_DIR = "tensorboard"  # event files of logging.tensorboard
 REPORT_FILES = ("report.csv", *FIGURE_FILES, "statistics.csv", "plan.json")  # what fedsim report writes
-RUN_FILES = (CONFIG_FILE, PARTITION_FILE, METRICS_FILE, SUMMARY_FILE, MODEL_FILE)
+RUN_FILES = (CONFIG_FILE, PARTITION_FILE, METRICS_FILE, SUMMARY_FILE, MODEL_FILE, MODEL_STATE_FILE)
 
 REQUIRED_SUMMARY_KEYS = (
     "strategy", "dataset", "num_clients", "final_accuracy", "wall_seconds", "bytes_up", "bytes_down", "seed",
@@ -384,21 +384,24 @@ class RunRecorder:
             atomic_write(path, data)
             return path
 
-    def start(self, config: dict, **extra: Any) -> None:
-        """Begin a run here: invalidate the previous run (its summary first, then its other files), write
-        config.json."""
+    def start(self, config: dict, keep: Iterable[str] = (), **extra: Any) -> None:
+        """Begin a run here: invalidate the previous run (its summary first, then its other files but ``keep``:
+        the checkpoint a resumed run continues from), write config.json."""
         with self._lock:
             if self._dir_lock is None:  # RunDirLocked (nothing touched) when another fedsim run writes here
                 self._dir_lock = lock_run_dir(self.run_dir)
                 weakref.finalize(self, self._dir_lock.release)
             previous = written_files(self.run_dir)
-            for name in [SUMMARY_FILE] + sorted(previous - {SUMMARY_FILE}):
+            kept = {n for n in keep if n in previous}
+            for name in [SUMMARY_FILE] + sorted(previous - {SUMMARY_FILE} - kept):
                 path = self.run_dir / name
                 if path.is_file() or path.is_symlink():
                     path.unlink()
             if (self.run_dir / MANIFEST_FILE).exists():
                 (self.run_dir / MANIFEST_FILE).unlink()
             self._written.clear()
+            if kept:
+                record_written(self.run_dir, kept)
             self._tensorboard = bool((config.get("logging") or {}).get("tensorboard"))
             tb_dir = self.run_dir / TENSORBOARD_DIR
             if TENSORBOARD_DIR in previous and tb_dir.is_dir():  # the previous run's event files, none other
@@ -440,6 +443,14 @@ class RunRecorder:
                 self._log_scalars(self.rows[-1])
             if self._mlflow is not None:
                 self._mlflow.log_row(self.rows[-1])
+
+    def restore_rows(self, rows: list[dict]) -> None:
+        """The metrics rows of the rounds a resumed run finished before (``fedsim.results.checkpoint``): written
+        to metrics.csv and the trackers, as ``append_metrics`` wrote them then."""
+        with self._lock:
+            self.rows = []
+            for row in rows:
+                self.append_metrics(row)
 
     def _log_scalars(self, row: dict) -> None:
         """One metrics row as TensorBoard scalars (numeric columns; step = the row's round)."""
