@@ -184,9 +184,9 @@ def unpack_class_statistics(arrays: dict[str, np.ndarray], num_classes: int, dim
 
 def class_statistics_reply(pid: int, stats: ClassStatistics, num_examples: int) -> RecordDict:
     """Client ``pid``'s reply in a recalibration round: its class statistics (``pack_class_statistics``) and its
-    example count."""
+    example count (train loss NaN: nothing is trained in this round, so clients.csv shows none)."""
     return RecordDict({f"{CLASSES_PREFIX}{pid}": to_record(pack_class_statistics(stats)),
-                       f"{META_PREFIX}{pid}": _meta(num_examples, 0.0)})
+                       f"{META_PREFIX}{pid}": _meta(num_examples, float("nan"))})
 
 
 def parse_class_statistics(contents: Iterable[RecordDict | None], num_classes: int, dim: int

@@ -152,7 +152,7 @@ def statistics_reply(pid: int, stats: RidgeStatistics, num_examples: int) -> Rec
 
     return RecordDict({
         f"{STATS_PREFIX}{pid}": to_record({"gram": pack_upper(stats.gram), "cross": stats.cross}),
-        f"{META_PREFIX}{pid}": MetricRecord({WEIGHT_KEY: int(num_examples), "train_loss": 0.0}),
+        f"{META_PREFIX}{pid}": MetricRecord({WEIGHT_KEY: int(num_examples), "train_loss": float("nan")}),  # no training
     })
 
 
