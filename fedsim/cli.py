@@ -112,6 +112,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # under --only, so a later --resume or report finds every variant where the full run puts it)
     single = len(every) == 1
     from fedsim.results import rundir as results
+    from fedsim.results.checkpoint import check_compatible as check_checkpoint
 
     _writable_dir(out)
     plan = []
@@ -120,6 +121,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         _hold(run_dir)  # from the checks to the end: another fedsim run into it is refused
         todo = results.check_run_dir(run_dir, config.to_dict(), resume=args.resume, overwrite=args.overwrite,
                                      label=None if single else label)
+        if todo and args.resume and not args.overwrite:  # its checkpoint must be of this configuration
+            check_checkpoint(run_dir, config.to_dict(), None if single else label)
         plan.append((label, config, run_dir, todo))
     if not single and not args.overwrite:  # the report files fedsim writes into --out beside the variants
         results.refuse_foreign_report_files(out)
@@ -142,7 +145,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             if not args.quiet:
                 print(f"[{i}/{len(plan)}] {label}: {config.strategy.name} on {config.data.name}, "
                       f"{config.num_clients} clients ({config.partition.kind}) -> {run_dir}", file=sys.stderr)
-            run_scenario(config, run_dir, label=label, show_progress=not args.quiet)
+            run_scenario(config, run_dir, label=label, show_progress=not args.quiet, resume=args.resume)
         try:
             report([out], out_dir=out, show=not args.quiet)
         except (FedsimError, OSError) as exc:  # the runs are complete; only the comparison is missing
@@ -167,6 +170,12 @@ def _run_many(args: argparse.Namespace) -> int:
         _hold(job.run_dir)
     todo = [results.check_run_dir(j.run_dir, j.config.to_dict(), resume=args.resume, overwrite=args.overwrite,
                                   label=j.name) for j in jobs]
+    if args.resume and not args.overwrite:  # an interrupted run's checkpoint must be of its configuration
+        from fedsim.results.checkpoint import check_compatible
+
+        for job, run in zip(jobs, todo):
+            if run:
+                check_compatible(job.run_dir, job.config.to_dict(), job.name)
     if not args.overwrite:
         results.refuse_foreign_report_files(out)
     from fedsim.engine.ray_session import ray_session
@@ -195,7 +204,8 @@ def _run_many(args: argparse.Namespace) -> int:
                       f"{job.config.num_clients} clients ({job.config.partition.kind}), seed {job.config.seed} "
                       f"-> {job.run_dir}", file=sys.stderr)
             try:
-                run_scenario(job.config, job.run_dir, label=job.label, show_progress=not args.quiet)
+                run_scenario(job.config, job.run_dir, label=job.label, show_progress=not args.quiet,
+                             resume=args.resume)
             except Exception as exc:  # noqa: BLE001 -- one seed failing must not lose the others
                 failed.append(job.name)
                 print(f"error: {job.name}: {exc}", file=sys.stderr)
@@ -344,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress display")
     run.add_argument("--resume", action="store_true",
                      help="with --out of an earlier (interrupted) run: skip the variants it completed with the same "
-                          "configuration, run the others again")
+                          "configuration, continue an interrupted one from its last finished round (model-rounds "
+                          "and FedAvg-family strategies; docs/run-files.md), run the others again")
     run.add_argument("--overwrite", action="store_true",
                      help="allow --out to hold a completed run of another configuration or files fedsim did not "
                           "write (fedsim replaces its own file names there and deletes nothing it did not write)")

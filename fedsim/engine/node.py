@@ -38,6 +38,7 @@ REDUCE_EVERY_BYTES = 256 * 2**20  # a grouped node combines its pending replies 
 EXAMPLES_METRIC = "num-examples"
 TRAIN_LOSS_METRIC = "train_loss"
 STATE_SEPARATOR = "/"  # context.state keys: "<partition id>/<the client part's own key>"
+STATE_OP = "client-state"  # a query's engine record: "get" / "set" the clients' states (fedsim.results.checkpoint)
 
 
 class ClientError(RuntimeError):
@@ -221,6 +222,8 @@ class NodeHandler:
     def __call__(self, kind: str, msg: Message, context: Context) -> Message:
         cfg = self.config
         group = self._group(context)
+        if kind == "query" and ENGINE_KEY in msg.content.config_records:  # a checkpoint's clients' states
+            return _client_states(msg, context, group)
         if kind == "query":  # discovery: which clients does this node serve
             return Message(RecordDict({ACCOUNTING_KEY: MetricRecord({"partition_ids": group})}), reply_to=msg)
 
@@ -283,6 +286,23 @@ class NodeHandler:
         )
         out[NODE_KEY] = where_running()
         return Message(out, reply_to=msg)
+
+
+def _client_states(msg: Message, context: Context, group: list[int]) -> Message:
+    """The query of a round checkpoint (``fedsim.results.checkpoint``): "get" answers the namespaces of this
+    node's clients in its ``Context.state``; "set" replaces them by those the message carries (a resumed run)."""
+    op = msg.content.config_records[ENGINE_KEY].get(STATE_OP)
+    prefixes = tuple(f"{pid}{STATE_SEPARATOR}" for pid in group)
+    if op == "get":
+        return Message(RecordDict({k: v for k, v in context.state.items() if k.startswith(prefixes)}), reply_to=msg)
+    if op != "set":
+        return Message(Error(code=CLIENT_FAILED, reason=f"unknown query {op!r}"), reply_to=msg)
+    for key in [k for k in context.state.keys() if k.startswith(prefixes)]:
+        del context.state[key]
+    for key, record in msg.content.items():
+        if key != ENGINE_KEY and key.startswith(prefixes):
+            context.state[key] = record
+    return Message(RecordDict(), reply_to=msg)
 
 
 def where_running() -> ConfigRecord:

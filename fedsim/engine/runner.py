@@ -29,7 +29,9 @@ from fedsim.engine.server import AccountingGrid, ServerContext
 from fedsim.engine.signals import Interrupted, register_run, unregister_run
 from fedsim.errors import FedsimError
 from fedsim.registry import get_strategy
-from fedsim.results.rundir import REQUIRED_SUMMARY_KEYS, RunRecorder
+from fedsim.results.checkpoint import CHECKPOINT_FILE, RoundCheckpoint
+from fedsim.results.checkpoint import load as load_checkpoint
+from fedsim.results.rundir import METRICS_FILE, REQUIRED_SUMMARY_KEYS, RunRecorder
 from fedsim.scenario import partition_for, test_split, train_split
 
 SERVER_STOP_WAIT = 10.0  # seconds the driver waits for the server part to stop after an interrupt
@@ -72,7 +74,7 @@ class _Run:
 
 
 def run_scenario(config: ScenarioConfig, out_dir: str | Path, *, label: str | None = None,
-                 show_progress: bool = True, grid: Grid | None = None) -> dict[str, Any]:
+                 show_progress: bool = True, grid: Grid | None = None, resume: bool = False) -> dict[str, Any]:
     """Run ``config`` and write its run directory ``out_dir``; return the summary.
 
     ``grid``: the Flower grid of a runtime that someone else started (``flwr run`` in simulation or on the
@@ -82,6 +84,10 @@ def run_scenario(config: ScenarioConfig, out_dir: str | Path, *, label: str | No
     The previous run in ``out_dir`` is invalidated first (``RunRecorder.start``). Interrupting (Ctrl-C, SIGTERM)
     keeps config.json, partition.csv, the finished rows of metrics.csv and writes a summary.json with
     ``status = "interrupted"``; a failure (data loading included) writes ``status = "failed"`` and ``error``.
+
+    ``resume``: continue from the round checkpoint an interrupted run of the same configuration left in
+    ``out_dir`` (``fedsim.results.checkpoint``; strategies whose server part sets ``resumes_mid_run``, runs
+    without ``[system]``); other runs start from the beginning, with a note saying so.
     """
     if not config.simulation.verbose:  # Flower's per-round INFO log and run_simulation's deprecation notice
         logging.getLogger("flwr").setLevel(logging.ERROR)
@@ -89,7 +95,8 @@ def run_scenario(config: ScenarioConfig, out_dir: str | Path, *, label: str | No
     spec = get_strategy(config.strategy.name)
     recorder = RunRecorder(out_dir)
     config_entry = dict(label=label, seed=config.seed)
-    recorder.start(config.to_dict(), **config_entry)
+    payload = _checkpoint_to_resume(config, spec, out_dir, label) if resume else None
+    recorder.start(config.to_dict(), keep=(CHECKPOINT_FILE,) if payload else (), **config_entry)
     run = _Run(config, spec, recorder, label)
     outcome = run.outcome
     register_run(run)
@@ -119,6 +126,7 @@ def run_scenario(config: ScenarioConfig, out_dir: str | Path, *, label: str | No
                 acc_grid = AccountingGrid(stoppable, config.num_nodes)
                 ctx = ServerContext(config, acc_grid, recorder, progress, partitions)
                 outcome["ctx"] = ctx
+                ctx.checkpoint = RoundCheckpoint(ctx, payload)
                 acc_grid.discover()
                 server.run(ctx)
             except BaseException as exc:  # surfaced after the simulation returns
@@ -155,6 +163,7 @@ def run_scenario(config: ScenarioConfig, out_dir: str | Path, *, label: str | No
             raise RunFailed(f"simulation: every client failed in every round ({grid.replies_failed} error "
                             f"replies, none answered), so {spec.name!r} learned nothing; first error: "
                             f"{lines[-1] if lines else '?'}")
+        outcome["ctx"].checkpoint.remove()  # completed: nothing to resume
     except KeyboardInterrupt as exc:
         status = "interrupted"
         run.stop.set()
@@ -177,6 +186,27 @@ def run_scenario(config: ScenarioConfig, out_dir: str | Path, *, label: str | No
     if missing:
         raise RunFailed(f"strategy {spec.name!r} did not report {', '.join(missing)} (call ctx.summary)")
     return summary
+
+
+def _checkpoint_to_resume(config: ScenarioConfig, spec, out_dir: str | Path, label: str | None) -> dict | None:  # noqa: ANN001
+    """The round checkpoint ``--resume`` continues from (``CheckpointMismatch`` for one of another configuration);
+    None, with a note on stderr, where the strategy or the scenario cannot resume mid-run."""
+    payload = load_checkpoint(out_dir, config.to_dict())
+    why = None
+    if not getattr(spec.server_class(), "resumes_mid_run", False):
+        why = f"strategy {spec.name!r} does not resume mid-run"
+    elif config.system is not None:
+        why = "a run with a [system] section (simulated clock) does not resume mid-run"
+    elif payload is None:
+        why = "the interrupted run finished no round"
+    if why is not None:
+        if payload is None and not (Path(out_dir) / METRICS_FILE).exists():
+            return None  # nothing was run there before
+        print(f"note: {label or spec.name}: {why}; running it again from the beginning", file=sys.stderr)
+        return None
+    print(f"{label or spec.name}: resuming after round {payload['round']} from {Path(out_dir) / CHECKPOINT_FILE}",
+          file=sys.stderr)
+    return payload
 
 
 def _error_text(exc: BaseException) -> str:

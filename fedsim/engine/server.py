@@ -15,6 +15,7 @@ from flwr.serverapp import Grid
 from fedsim.config import ScenarioConfig
 from fedsim.engine.accounting import ACCOUNTING_KEY, ENGINE_KEY, NODE_KEY, record_nbytes
 from fedsim.engine.clock import SimClock
+from fedsim.results.checkpoint import RoundCheckpoint
 from fedsim.results.client_metrics import LABEL_MIX_ACCURACY, LOCAL_ACCURACY, ClientLedger
 from fedsim.results.rundir import RunRecorder
 from fedsim.scenario import ScenarioView, resolve_device, scenario_streams, test_split, train_split
@@ -325,6 +326,7 @@ class ServerContext(ScenarioView):
         self._measured: dict[str, np.ndarray] = {}  # per-client accuracies for the next metrics row's clients.csv
         self._last_local: tuple[str, np.ndarray] | None = None  # (model fingerprint, its local accuracies)
         self.clock = grid.clock = SimClock.for_config(config, partitions)  # None without [system]
+        self.checkpoint = RoundCheckpoint(self)  # per-round checkpoints for --resume (the runner sets the one read)
 
     def start_clock(self) -> SimClock:
         """The run's simulated clock; a strategy that needs one (FedBuff) gets one with the default ``[system]``

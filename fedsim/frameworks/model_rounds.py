@@ -51,6 +51,8 @@ class ModelRoundsServer:
     module docstring, at least ``aggregate``.
     """
 
+    resumes_mid_run = True  # --resume continues from the last finished round (``fedsim.results.checkpoint``)
+
     def __init__(self, params: Any) -> None:
         self.params = params
 
@@ -94,6 +96,16 @@ class ModelRoundsServer:
         another iterate, such as an average of the last ones, returns it; the rounds continue from ``model``)."""
         return model
 
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What a round checkpoint keeps of this server (``fedsim.results.checkpoint``): every attribute but the
+        context (SCAFFOLD's c, FedDyn's h, FedNova's and the plugins' own), picklable; override for attributes
+        that are not."""
+        return {k: v for k, v in vars(self).items() if k != "ctx"}
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        """Back from ``checkpoint_state`` (after ``setup``, which set the context), for ``--resume``."""
+        vars(self).update(state)
+
     # -- the loop -------------------------------------------------------------------------------------------------
     def run(self, ctx: ServerContext) -> None:
         test = ctx.test_data()
@@ -114,9 +126,14 @@ class ModelRoundsServer:
             ctx.log(round_, accuracy=res["accuracy"], loss=res["loss"],
                     **ctx.client_accuracy(res["class_accuracy"], model=net), **extra)
 
-        log(0)
-        skipped = []
-        for round_ in range(1, rounds + 1):
+        resumed = ctx.checkpoint.resume()  # --resume: the state after the last round the interrupted run finished
+        if resumed is None:
+            log(0)
+            skipped, first = [], 1
+        else:
+            model, skipped, first = resumed["model"], list(resumed["skipped"]), resumed["round"] + 1
+            self.restore_state(resumed["server"])
+        for round_ in range(first, rounds + 1):
             self.round = round_
             replies = [r.content for r in ctx.send(self.request(model, round_), partitions=self.sample(ctx, round_),
                                                    round=round_) if r.ok]
@@ -125,6 +142,7 @@ class ModelRoundsServer:
             else:
                 skipped.append(round_)
             log(round_)
+            ctx.checkpoint.save(round_, {"model": model, "skipped": skipped, "server": self.checkpoint_state()})
         arrays_to_state(net, self.evaluation_model(model))
         ctx.save_model(net.cpu())
         ctx.summary(num_parameters=int(sum(p.numel() for p in net.parameters())),
