@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -38,17 +37,15 @@ RATE = {"fedavgm": "server_learning_rate", "fedadam": "eta", "fedyogi": "eta", "
 GRID = {  # log10 of the server rate: a 0.5-step stretch of the paper's grid around each default (2 shared cores)
     "fedavgm": [-1.0, -0.5, 0.0],
     "fedadam": [-2.5, -2.0, -1.5, -1.0],
-    "fedyogi": [-2.5, -2.0, -1.5, -1.0],
-    "fedadagrad": [-2.0, -1.5, -1.0, -0.5],
+    "fedyogi": [-2.5, -2.0, -1.5],
+    "fedadagrad": [-1.5, -1.0, -0.5],
 }
 
 
 def defaults() -> dict[str, float]:
-    """log10 of each optimizer's registered default server rate."""
-    from fedsim.registry import strategies
-
-    specs = strategies()
-    return {name: round(math.log10(getattr(specs[name].params(), key)), 6) for name, key in RATE.items()}
+    """log10 of Flower's default server rates, the "default" rows (fedsim's FedAdam default is now 10^-1.5, a grid
+    point: docs/results-fedopt.md)."""
+    return {"fedavgm": 0.0, "fedadam": -1.0, "fedyogi": -2.0, "fedadagrad": -1.0}
 
 
 def run_dir(out: Path, label: str, log_rate: float | None, seed: int) -> Path:
@@ -74,6 +71,20 @@ def run_one(out: Path, label: str, log_rate: float | None, seed: int) -> dict:
     return row
 
 
+def collect(out: Path) -> pd.DataFrame:
+    """Every completed run under ``out`` as a row (``--report-only``: the tables of what has run so far)."""
+    rows = []
+    for path in sorted(out.glob("*/*/seed-*/*/summary.json")):
+        s = json.loads(path.read_text())
+        if s.get("status") != "completed":
+            continue
+        rate = path.parts[-4]
+        rows.append({"method": path.parts[-5], "log10_rate": None if rate == "default" else float(rate[6:]),
+                     "seed": int(path.parts[-3][5:]), "final_accuracy": s["final_accuracy"],
+                     "best_accuracy": s["best_accuracy"], "wall_seconds": s["wall_seconds"]})
+    return pd.DataFrame(rows)
+
+
 def run_all(out: Path, jobs: list[tuple[str, float | None, int]], workers: int) -> list[dict]:
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(lambda j: run_one(out, *j), jobs))
@@ -81,6 +92,10 @@ def run_all(out: Path, jobs: list[tuple[str, float | None, int]], workers: int) 
 
 def mean_std(values: pd.Series) -> str:
     return f"{values.mean():.4f} ± {values.std(ddof=1):.4f}" if len(values) > 1 else f"{values.mean():.4f}"
+
+
+def _per_seed(sel: pd.DataFrame) -> str:
+    return ", ".join(f"{int(seed)}: {a:.4f}" for seed, a in zip(sel.seed, sel.final_accuracy))
 
 
 def tables(rows: pd.DataFrame, default: dict[str, float], best: dict[str, float], grid_seed: int) -> str:
@@ -95,18 +110,20 @@ def tables(rows: pd.DataFrame, default: dict[str, float], best: dict[str, float]
         for c in cols:
             hit = grid[(grid.method == name) & (grid.log10_rate == c)]
             cell = f"{hit.final_accuracy.iloc[0]:.4f}" if len(hit) else ""
-            cells.append(f"**{cell}**" if cell and c == best[name] else cell)
+            cells.append(f"**{cell}**" if cell and c == best.get(name) else cell)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "Summary over seeds (final test accuracy, mean ± std; per seed in order):", "",
+    lines += ["", "Summary over seeds (final test accuracy, mean ± std over the seeds run; seed: accuracy):", "",
               "| method | server rate | accuracy | per seed |", "|---|---|---|---|"]
-    fedavg = rows[rows.method == "fedavg"].sort_values("seed")
+    fedavg = rows[rows.method == "fedavg"].drop_duplicates("seed").sort_values("seed")
     lines.append(f"| fedavg | - | {mean_std(fedavg.final_accuracy)} | "
-                 f"{' / '.join(f'{a:.4f}' for a in fedavg.final_accuracy)} |")
+                 f"{_per_seed(fedavg)} |")
     for name in GRID:
-        for what, r in (("default", default[name]), ("tuned", best[name])):
+        tuned = best.get(name, default[name])
+        for what, r in ((("default = tuned" if tuned == default[name] else "default"), default[name]),
+                        *((("tuned", tuned),) if tuned != default[name] else ())):
             sel = rows[(rows.method == name) & (rows.log10_rate == r)].drop_duplicates("seed").sort_values("seed")
             lines.append(f"| {name} ({what}) | {10 ** r:.4g} (10^{r:g}) | {mean_std(sel.final_accuracy)} | "
-                         f"{' / '.join(f'{a:.4f}' for a in sel.final_accuracy)} |")
+                         f"{_per_seed(sel)} |")
     return "\n".join(lines)
 
 
@@ -116,12 +133,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--grid-seed", type=int, default=0)
     ap.add_argument("--jobs", type=int, default=3, help="runs at a time (each one process, one torch thread)")
+    ap.add_argument("--report-only", action="store_true", help="print the tables of the runs under --out, run none")
     args = ap.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     default = defaults()
     for name, r in default.items():  # the default is a grid point, so its grid-seed run is shared
         if r not in GRID[name]:
             GRID[name] = sorted([*GRID[name], r])
+    if args.report_only:
+        frame = collect(args.out)
+        grid = frame[frame.seed == args.grid_seed].dropna(subset=["log10_rate"])
+        best = {n: float(g.sort_values(["final_accuracy", "log10_rate"], ascending=[False, True]).log10_rate.iloc[0])
+                for n, g in grid.groupby("method")}
+        print(tables(frame, default, best, args.grid_seed))
+        return 0
     others = [s for s in seeds if s != args.grid_seed]
     grid_jobs = [("fedavg", None, args.grid_seed)] + [(n, r, args.grid_seed) for n in GRID for r in GRID[n]]
     # FedAvg and the defaults on the other seeds need no grid result: they run beside it
