@@ -22,10 +22,28 @@ def encode_array(a: np.ndarray) -> Array:
     a = np.require(np.asarray(a), requirements="C")
     if a.dtype.hasobject:
         raise TypeError("object arrays cannot travel in fedsim messages")
-    head = io.BytesIO()
-    np.lib.format.write_array_header_1_0(head, np.lib.format.header_data_from_array_1_0(a))
-    data = b"".join((head.getvalue(), memoryview(a.reshape(-1)).cast("B") if a.size else b""))
-    return Array(dtype=str(a.dtype), shape=tuple(int(s) for s in a.shape), stype="numpy.ndarray", data=data)
+    shape = tuple(int(s) for s in a.shape)
+    dtype_name, header = _header(a.dtype, shape)
+    data = b"".join((header, memoryview(a.reshape(-1)).cast("B") if a.size else b""))
+    return Array(dtype=dtype_name, shape=shape, stype="numpy.ndarray", data=data)
+
+
+_HEADERS: dict[tuple, tuple[str, bytes]] = {}
+
+
+def _header(dtype: np.dtype, shape: tuple[int, ...]) -> tuple[str, bytes]:
+    """(dtype name, .npy 1.0 header) of a C-ordered array, cached: a node serving thousands of clients encodes
+    the same few layouts over and over, and numpy's header writer and ``str(dtype)`` cost ~0.1 ms per array."""
+    key = (dtype, shape)
+    out = _HEADERS.get(key)
+    if out is None:
+        if len(_HEADERS) >= 4096:
+            _HEADERS.clear()
+        head = io.BytesIO()
+        np.lib.format.write_array_header_1_0(head, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                                    "fortran_order": False, "shape": shape})
+        out = _HEADERS[key] = (str(dtype), head.getvalue())
+    return out
 
 
 def decode_array(array: Array, writable: bool = False) -> np.ndarray:
