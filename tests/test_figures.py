@@ -215,3 +215,21 @@ def test_a_figure_the_runs_no_longer_call_for_is_removed(tree, tmp_path, capture
     report([tree / "fedavg"], out_dir=out, show=False)
     assert not (out / "accuracy_vs_step.svg").exists() and not (out / "task_accuracy.png").exists()
     assert (out / "accuracy_vs_round.pdf").exists() and (out / "notes.txt").read_text() == "mine"
+
+
+def test_runs_on_the_simulated_clock_get_accuracy_against_simulated_time(tmp_path, captured):
+    """Only runs with a [system] section (a filled sim_seconds column) are drawn, at the seeds' mean time."""
+    root = tmp_path / "runs"
+    for s in range(2):
+        _run(root / "fedbuff" / f"seed-{s}", "fedbuff", seed=s, acc=0.6)
+        metrics = pd.read_csv(root / "fedbuff" / f"seed-{s}" / "metrics.csv")
+        metrics["sim_seconds"] = [0.0, 10.0 + s, 20.0 + 3 * s]
+        metrics.to_csv(root / "fedbuff" / f"seed-{s}" / "metrics.csv", index=False)
+    _run(root / "fedavg" / "seed-0", "fedavg", acc=0.5)  # no clock: not in the simulated-time figure
+    report([root], out_dir=tmp_path / "rep", show=False)
+    assert "accuracy_vs_sim_time" in captured
+    ax = captured["accuracy_vs_sim_time"].axes[0]
+    lines = [ln for ln in ax.get_lines() if not ln.get_label().startswith("_")]
+    assert [ln.get_label() for ln in lines] == ["fedbuff"]
+    assert list(lines[0].get_xdata()) == [0.0, 10.5, 21.5]
+    assert ax.get_xlabel().startswith("simulated time (s")

@@ -2,7 +2,8 @@
 
 One figure per kind of run, each on its own x-axis: federated runs against rounds (``accuracy_vs_round``) and
 against the bytes the clients uploaded (``accuracy_vs_bytes``, federated runs only: a single learner's "upload"
-means nothing), online-stream runs against stream steps (``accuracy_vs_step``), class-incremental runs against
+means nothing) and, for runs with a ``[system]`` section, against simulated time (``accuracy_vs_sim_time``; the
+x of a round is its mean ``sim_seconds`` over seeds), online-stream runs against stream steps (``accuracy_vs_step``), class-incremental runs against
 tasks (``accuracy_per_task``) with their per-task accuracy matrices as heat maps (``task_accuracy``), and, for a
 sweep, the final accuracy against each swept value with 95% intervals (``sweep``). Each is written as PNG
 (``PNG_DPI``), PDF and SVG.
@@ -28,8 +29,8 @@ import pandas as pd
 FEDERATED, ONLINE, TASKS = "federated", "online", "class-incremental"
 FORMATS = ("png", "pdf", "svg")
 PNG_DPI = 200
-FIGURES = ("accuracy_vs_round", "accuracy_vs_bytes", "accuracy_vs_step", "accuracy_per_task", "task_accuracy",
-           "sweep")
+FIGURES = ("accuracy_vs_round", "accuracy_vs_bytes", "accuracy_vs_sim_time", "accuracy_vs_step", "accuracy_per_task",
+           "task_accuracy", "sweep")
 FIGURE_FILES = tuple(f"{name}.{ext}" for name in FIGURES for ext in FORMATS)
 
 # 12 colours that stay apart in print (Okabe-Ito's, which the common colour-vision deficiencies keep apart, less its
@@ -453,6 +454,9 @@ def plot_report(runs: list[dict], out_dir: Path, styles: dict[str, Style] | None
     written += plot_curves(fed, styles, out_dir, "accuracy_vs_bytes", x_key="bytes_up",
                            x_label="uploaded by all clients, cumulative (log scale)", band=band, log_x=True,
                            bytes_x=True)
+    timed = [r for r in fed if "sim_seconds" in r["metrics"] and r["metrics"]["sim_seconds"].notna().any()]
+    written += plot_curves(timed, styles, out_dir, "accuracy_vs_sim_time", x_key="sim_seconds",  # [system] runs
+                           x_label="simulated time (s; mean over seeds at each round)", band=band)
     written += plot_curves(online, styles, out_dir, "accuracy_vs_step", x_key="round", x_label=_stream_label(online),
                            band=band, integer_x=True)
     written += plot_curves(tasks, styles, out_dir, "accuracy_per_task", x_key="round", x_label="tasks learned",
