@@ -30,10 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from fedsim.engine.node import STATE_OP, STATE_SEPARATOR
 from fedsim.errors import FedsimError
 
-__all__ = ["CHECKPOINT_FILE", "STATE_OP", "CheckpointMismatch", "RoundCheckpoint", "load", "check_compatible",
+__all__ = ["CHECKPOINT_FILE", "CheckpointMismatch", "RoundCheckpoint", "load", "check_compatible",
            "config_key"]
 
 CHECKPOINT_FILE = "checkpoint.pkl"
@@ -139,6 +138,7 @@ class RoundCheckpoint:
         from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
         from fedsim.engine.accounting import ENGINE_KEY
+        from fedsim.engine.node import STATE_OP  # lazily: fedsim.engine.server imports this module
 
         grid = self.ctx.grid
         msgs = []
@@ -171,6 +171,8 @@ class RoundCheckpoint:
         proto = ProtoRecordDict()
         proto.ParseFromString(blob)
         states = recorddict_from_proto(proto)
+        from fedsim.engine.node import STATE_SEPARATOR
+
         contents = {}
         for node, clients in self.ctx.grid.node_clients.items():
             mine = {f"{pid}{STATE_SEPARATOR}" for pid in clients}
