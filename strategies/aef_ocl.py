@@ -87,7 +87,7 @@ class AEFOCLServer:
         learner.partial_fit(np.zeros((0, int(fmap.dim))), np.zeros(0, np.int64))
         evaluator = TestEvaluator(ctx, learner.transform)
         points = row_points(p, batches, train.labels)
-        run = OnlineRun(ctx, p, evaluator, total_rows=len(points))
+        run = OnlineRun(ctx, p, evaluator, total_rows=len(points), total_steps=len(batches))
         meter = PrequentialMeter(num_classes)
         balance_every = p.balance_every or p.eval_every
         predict_w = learner.coef_.copy()

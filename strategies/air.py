@@ -59,7 +59,7 @@ class AIRServer:
         fmap, buffer, transform, learner, evaluator = self._setup(ctx)
         batches = union_batches(streams, segment_length(p, streams, ctx.config.rounds))
         points = row_points(p, batches, train.labels)
-        run = OnlineRun(ctx, p, evaluator, total_rows=len(points))
+        run = OnlineRun(ctx, p, evaluator, total_rows=len(points), total_steps=len(batches))
         meter = PrequentialMeter(ctx.num_classes)
         refresh = p.refresh_every or p.eval_every
         weights = learner.coef_.copy()

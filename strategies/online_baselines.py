@@ -72,7 +72,7 @@ class OnlineSGDServer:
         head = nn.Linear(p.buffer_width, num_classes)
         evaluator = TestEvaluator(ctx, transform)
         points = row_points(p, batches, train.labels)
-        run = OnlineRun(ctx, p, evaluator, total_rows=len(points))
+        run = OnlineRun(ctx, p, evaluator, total_rows=len(points), total_steps=len(batches))
         meter = PrequentialMeter(num_classes)
 
         def predict(h: np.ndarray) -> np.ndarray:
@@ -113,7 +113,7 @@ class JointRidgeServer:
         train, fmap, buffer, batches = _stream(ctx, p)
         transform = _transform(buffer)
         evaluator = TestEvaluator(ctx, transform)
-        run = OnlineRun(ctx, p, evaluator, total_rows=1)
+        run = OnlineRun(ctx, p, evaluator, total_rows=1, total_steps=len(batches))
         t0 = time.perf_counter()
         idx = np.concatenate(batches)
         stats = RidgeStatistics.zeros(p.buffer_width, ctx.num_classes)

@@ -171,14 +171,17 @@ class OnlineRun:
     points (every `test_every` rows; `eval_at = "phases"` puts the rows where the official code evaluates).
     """
 
-    def __init__(self, ctx: ServerContext, params: OnlineParams, evaluator: TestEvaluator, total_rows: int) -> None:
+    def __init__(self, ctx: ServerContext, params: OnlineParams, evaluator: TestEvaluator, total_rows: int,
+                 total_steps: int | None = None) -> None:
+        """``total_steps``: the x of the last row (the stream's batches; the rounds of a federated stream, the
+        default ``total_rows``), so the progress line reads "step 97/252", not "97/10"."""
         self.ctx, self.params, self.evaluator = ctx, params, evaluator
         self.total_rows = total_rows
         self.rows = 0
         self.best = float("-inf")
         self.last_test: dict = {}
         self.seen_accuracies: list[float] = []
-        ctx.set_total_steps(total_rows)
+        ctx.set_total_steps(total_rows if total_steps is None else total_steps)
 
     def row(self, step: int, meter: PrequentialMeter | None, predict: Callable[[np.ndarray], np.ndarray],
             last: bool, seen: np.ndarray | None = None, **extra: Any) -> None:
