@@ -18,12 +18,15 @@ hook                                default
 ``summary_values()``                extra summary.json entries ({})
 ``evaluation_model(model)``         the model evaluated, logged and saved in place of the global one (``model``;
                                     FedExP's plugin: the mean of the last two)
+``checkpoint_state()``              what a round checkpoint keeps of the server (every attribute but ``ctx``);
+``restore_state(state)``            ``--resume`` puts it back after ``setup`` (``fedsim.results.checkpoint``)
 ==================================  =================================================================================
 
 The loop sets ``self.round`` (the round in progress, 0 before the first) before it calls ``request``, so later hooks
 of the same round can read it. Evaluation is FedAvg's: round 0 is the initial model, then every ``evaluation.every`` rounds and the last
 (on the test split, and with ``evaluation.mode`` "local" / "both" on every client's held-out data too); a round
-in which no client answered keeps the model and is listed in ``rounds_not_aggregated``. Models travel as
+in which no client answered keeps the model and is listed in ``rounds_not_aggregated``. After each round the loop
+saves a round checkpoint (``ctx.checkpoint``), from which ``fedsim run --resume`` continues an interrupted run. Models travel as
 ``dict[str, np.ndarray]`` state dicts (parameters and buffers); the wire form is
 ``fedsim.frameworks.model_rounds_protocol``. SCAFFOLD, FedDyn and FedNova are built on it (``strategies/``).
 """
