@@ -258,7 +258,8 @@ def test_ctrl_c_during_fedsim_deploy_stops_every_process_it_started(tmp_path):
 
     from fedsim.engine.processes import descendants, wait_gone
 
-    scenario = _write(tmp_path, SMALL_AFL.replace('name = "afl"', 'name = "fedavg"').replace("rounds = 1", "rounds = 5"))
+    # 200 rounds: on an idle machine 5 rounds finished within the 5 s the test waits before the SIGINT
+    scenario = _write(tmp_path, SMALL_AFL.replace('name = "afl"', 'name = "fedavg"').replace("rounds = 1", "rounds = 200"))
     proc = subprocess.Popen([sys.executable, "-m", "fedsim.cli", "deploy", str(scenario), "--nodes", "2", "--out",
                              str(tmp_path / "out")], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)

@@ -181,6 +181,7 @@ def test_partial_participation_samples_the_same_clients_in_every_run(tmp_path):
     config = scenario_config(TINY, tmp_path, "partition.num_clients=6", "strategy.fraction_train=0.5")
     server = ModelRoundsServer(config.strategy.params)
     view = ScenarioView(config)
+    view.clock = None  # what ServerContext holds without a [system] section (the sample hook reads it)
     rounds = [server.sample(view, r) for r in (1, 2, 3)]
     assert all(len(s) == 3 for s in rounds) and rounds == [server.sample(view, r) for r in (1, 2, 3)]
     assert len({tuple(s) for s in rounds}) > 1
