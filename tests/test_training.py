@@ -165,3 +165,17 @@ def test_set_torch_threads_returns_previous():
     finally:
         set_torch_threads(previous)
     assert set_torch_threads(None) == previous
+
+
+@pytest.mark.parametrize("n", [33, 65, 97, 32, 64, 1])
+def test_a_trailing_single_example_joins_the_previous_batch(n):
+    """Every index in exactly one batch, none of one example (n = 33: two chunks used to raise IndexError; n = 65:
+    three chunks used to drop the first batch and train the second twice)."""
+    from fedsim.nn.training import _batches
+
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    batches = _batches(perm, 32)
+    assert sorted(torch.cat(batches).tolist()) == list(range(n))
+    assert all(b.numel() > 1 for b in batches) or n == 1
+    assert [b.numel() for b in batches] == {33: [33], 65: [32, 33], 97: [32, 32, 33], 32: [32], 64: [32, 32],
+                                            1: [1]}[n]

@@ -45,7 +45,8 @@ def _batches(perm: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     """Index batches; a trailing batch of one example joins the previous one (BatchNorm cannot train on 1)."""
     chunks = list(torch.split(perm, batch_size))
     if len(chunks) > 1 and chunks[-1].numel() == 1:
-        chunks[-2] = torch.cat([chunks[-2], chunks.pop()])
+        last = chunks.pop()  # (not `chunks[-2] = cat([chunks[-2], chunks.pop()])`: the target index is taken
+        chunks[-1] = torch.cat([chunks[-1], last])  # after the pop, so 2 chunks raised and 3+ dropped a batch)
     return chunks
 
 
