@@ -112,7 +112,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # under --only, so a later --resume or report finds every variant where the full run puts it)
     single = len(every) == 1
     from fedsim.results import rundir as results
-    from fedsim.results.checkpoint import check_compatible as check_checkpoint
+    from fedsim.engine.checkpoint import check_compatible as check_checkpoint
 
     _writable_dir(out)
     plan = []
@@ -171,7 +171,7 @@ def _run_many(args: argparse.Namespace) -> int:
     todo = [results.check_run_dir(j.run_dir, j.config.to_dict(), resume=args.resume, overwrite=args.overwrite,
                                   label=j.name) for j in jobs]
     if args.resume and not args.overwrite:  # an interrupted run's checkpoint must be of its configuration
-        from fedsim.results.checkpoint import check_compatible
+        from fedsim.engine.checkpoint import check_compatible
 
         for job, run in zip(jobs, todo):
             if run:

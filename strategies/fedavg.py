@@ -326,7 +326,7 @@ class FedAvgServer:
     flower_strategy: type = FedAvg
     flower_params: tuple[str, ...] = ()
     trainable_only: bool = False  # a server optimizer: its Flower class takes the _TrainableOnly mixin
-    resumes_mid_run = True  # --resume continues from the last finished round (``fedsim.results.checkpoint``)
+    resumes_mid_run = True  # --resume continues from the last finished round (``fedsim.engine.checkpoint``)
 
     def __init__(self, params: protocol.FedAvgParams) -> None:
         self.params = params

@@ -1,5 +1,6 @@
 """Mid-run resume (issue #24): a run interrupted after round 2 of 4 and resumed with ``resume=True`` ends with
-exactly the metrics, clients.csv and model of the uninterrupted run (fedsim.results.checkpoint)."""
+exactly the metrics, clients.csv and model of the uninterrupted run (fedsim.engine.checkpoint), on the simulated
+clock of a [system] section too."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from fedsim.cli import main
 from fedsim.engine.runner import run_scenario
 from fedsim.errors import FedsimError
-from fedsim.results import checkpoint as ckpt
+from fedsim.engine import checkpoint as ckpt
 from fedsim.results.rundir import check_run_dir
 from tests.conftest import DIGITS, scenario_config
 
@@ -27,8 +28,22 @@ def _sets(strategy: str, *overrides: str) -> list[str]:
     return [*SETTINGS, f"strategy.name={strategy}", "strategy.fraction_train=0.5", *overrides]
 
 
-def _config(tmp_path, strategy: str, *overrides: str):
-    return scenario_config(DIGITS, tmp_path, *_sets(strategy, *overrides))
+# a [system] section whose clock matters in every round: clients go offline and come back (Markov availability),
+# miss the deadline (every round ends at it) and are over-selected (5 drawn among the online, the first 3 kept);
+# summary.json's time_to_accuracy is reached at 0.2 in round 2
+SYSTEM = """
+[system]
+availability = "markov"
+online_mean_s = 8.0
+offline_mean_s = 4.0
+deadline_s = 4.0
+over_selection = 1.5
+targets = [0.2, 0.99]
+"""
+
+
+def _config(tmp_path, strategy: str, *overrides: str, system: str = ""):
+    return scenario_config(DIGITS + system, tmp_path, *_sets(strategy, *overrides))
 
 
 def _cli(tmp_path, strategy: str, *args: str) -> int:
@@ -66,6 +81,8 @@ def _assert_same_run(resumed, full) -> None:  # noqa: ANN001
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (resumed, full))
     for key in ("status", "final_accuracy", "bytes_up", "bytes_down", "failed_client_rounds", "rounds"):
         assert sa[key] == sb[key], key
+    for key in ("sim_seconds", "dropped_clients", "time_to_accuracy"):  # [system] runs: the simulated clock's
+        assert sa.get(key) == sb.get(key), key
     assert not (resumed / ckpt.CHECKPOINT_FILE).exists()  # a completed run keeps no checkpoint
 
 
@@ -105,6 +122,48 @@ def test_resumed_run_equals_the_uninterrupted_one(tmp_path, monkeypatch, strateg
     run_scenario(config, full, show_progress=False)
     # FedAvg resumes through `fedsim run --resume` itself
     _assert_same_run(_interrupted_then_resumed(tmp_path, monkeypatch, config, via_cli=strategy == "fedavg"), full)
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "scaffold"])
+def test_resumed_system_run_equals_the_uninterrupted_one(tmp_path, monkeypatch, strategy):
+    """A run on the simulated clock ([system]): FedAvg (Flower's loop, the clock's over-selected node sampling)
+    and SCAFFOLD (the model-rounds loop) continue at the simulated time, dropped count and availability where the
+    interrupted run left them: sim_seconds, dropped_clients, clients.csv's failed marks and the model equal."""
+    config = _config(tmp_path, strategy, system=SYSTEM)
+    full = tmp_path / "full"
+    run_scenario(config, full, show_progress=False)
+    metrics = pd.read_csv(full / "metrics.csv")
+    summary = json.loads((full / "summary.json").read_text())
+    # the clock shapes this run: it moves every round, drops and discards clients, reaches a target mid-run
+    assert metrics["sim_seconds"].iloc[0] == 0 and (metrics["sim_seconds"].diff().iloc[1:] > 0).all()
+    assert summary["dropped_clients"] > summary["failed_client_rounds"] > 0  # over-selection discarded some
+    assert summary["time_to_accuracy"]["0.2"] is not None and summary["time_to_accuracy"]["0.99"] is None
+    _assert_same_run(_interrupted_then_resumed(tmp_path, monkeypatch, config), full)
+
+
+def test_clock_state_survives_a_checkpoint(tmp_path):
+    """SimClock.checkpoint_state / restore_state (pickled, as checkpoint.pkl holds it): a fresh clock of the same
+    configuration continues with the interrupted one's time, drops, timings and generated availability periods."""
+    import pickle
+
+    from fedsim.engine.clock import SimClock
+
+    config = _config(tmp_path, "fedavg", system=SYSTEM)
+    clock = SimClock.for_config(config)
+    clock.now, clock.dropped = 37.5, 4
+    clock.observe(0.5)
+    online = [clock.available(t) for t in (0.0, 20.0, 37.5)]  # generates periods up to 37.5 s
+    clock.last = {1: clock.timing(1, 37.5, 1000, 50.0, 1000)}
+    state = pickle.loads(pickle.dumps(clock.checkpoint_state()))
+    fresh = SimClock.for_config(config)
+    fresh.restore_state(state)
+    assert (fresh.now, fresh.dropped, fresh.last, fresh.summary()) == \
+        (clock.now, clock.dropped, clock.last, clock.summary())
+    assert fresh.summary()["time_to_accuracy"] == {"0.2": 37.5, "0.99": None}
+    assert fresh.fleet.availability.intervals == clock.fleet.availability.intervals
+    assert [fresh.available(t) for t in (0.0, 20.0, 37.5)] == online
+    assert [fresh.available(t) for t in (50.0, 90.0, 300.0)] == [clock.available(t) for t in (50.0, 90.0, 300.0)]
+    assert fresh.fleet.availability.intervals == clock.fleet.availability.intervals  # both drew the same later ones
 
 
 def test_resume_refuses_a_checkpoint_of_another_configuration(tmp_path, monkeypatch, capsys):

@@ -202,6 +202,22 @@ class SimClock:
                     end = max(end, t0 + self.system.deadline_s)
                 self.now = max(self.now, end)
 
+    # -- round checkpoints (fedsim.engine.checkpoint) -----------------------------------------------------------
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What a round checkpoint keeps of the clock: ``now``, the dropped count, the targets reached, the last
+        exchange's timings, the pending exchange settings and the availability's generated state (the fleet's
+        profiles are a function of the scenario and are rebuilt)."""
+        return {"now": self.now, "dropped": self.dropped, "reached": dict(self._reached), "last": dict(self.last),
+                "asynchronous": self.asynchronous, "start_at": self.start_at, "target": self._target,
+                "availability": self.fleet.availability.checkpoint_state()}
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        """Back from ``checkpoint_state`` (a resumed run's clock, built for the same configuration)."""
+        self.now, self.dropped = float(state["now"]), int(state["dropped"])
+        self._reached, self.last = dict(state["reached"]), dict(state["last"])
+        self.asynchronous, self.start_at, self._target = state["asynchronous"], state["start_at"], state["target"]
+        self.fleet.availability.restore_state(state["availability"])
+
     # -- results ------------------------------------------------------------------------------------------------
     def observe(self, accuracy: float) -> None:
         """Note an evaluated accuracy at ``now`` for the time-to-accuracy targets."""

@@ -38,7 +38,7 @@ REDUCE_EVERY_BYTES = 256 * 2**20  # a grouped node combines its pending replies 
 EXAMPLES_METRIC = "num-examples"
 TRAIN_LOSS_METRIC = "train_loss"
 STATE_SEPARATOR = "/"  # context.state keys: "<partition id>/<the client part's own key>"
-STATE_OP = "client-state"  # a query's engine record: "get" / "set" the clients' states (fedsim.results.checkpoint)
+STATE_OP = "client-state"  # a query's engine record: "get" / "set" the clients' states (fedsim.engine.checkpoint)
 
 
 class ClientError(RuntimeError):
@@ -289,7 +289,7 @@ class NodeHandler:
 
 
 def _client_states(msg: Message, context: Context, group: list[int]) -> Message:
-    """The query of a round checkpoint (``fedsim.results.checkpoint``): "get" answers the namespaces of this
+    """The query of a round checkpoint (``fedsim.engine.checkpoint``): "get" answers the namespaces of this
     node's clients in its ``Context.state``; "set" replaces them by those the message carries (a resumed run)."""
     op = msg.content.config_records[ENGINE_KEY].get(STATE_OP)
     prefixes = tuple(f"{pid}{STATE_SEPARATOR}" for pid in group)

@@ -21,6 +21,8 @@ from flwr.serverapp import Grid
 
 from fedsim import QUIET_ENV  # noqa: F401  (set in os.environ when fedsim is imported, before any flwr import)
 from fedsim.config import ScenarioConfig
+from fedsim.engine.checkpoint import CHECKPOINT_FILE, RoundCheckpoint
+from fedsim.engine.checkpoint import load as load_checkpoint
 from fedsim.engine.grid import StoppableGrid
 from fedsim.engine.node import build_client_app
 from fedsim.engine.progress import RunProgress
@@ -29,8 +31,6 @@ from fedsim.engine.server import AccountingGrid, ServerContext
 from fedsim.engine.signals import Interrupted, register_run, unregister_run
 from fedsim.errors import FedsimError
 from fedsim.registry import get_strategy
-from fedsim.results.checkpoint import CHECKPOINT_FILE, RoundCheckpoint
-from fedsim.results.checkpoint import load as load_checkpoint
 from fedsim.results.rundir import METRICS_FILE, REQUIRED_SUMMARY_KEYS, RunRecorder
 from fedsim.scenario import partition_for, test_split, train_split
 
@@ -86,8 +86,9 @@ def run_scenario(config: ScenarioConfig, out_dir: str | Path, *, label: str | No
     ``status = "interrupted"``; a failure (data loading included) writes ``status = "failed"`` and ``error``.
 
     ``resume``: continue from the round checkpoint an interrupted run of the same configuration left in
-    ``out_dir`` (``fedsim.results.checkpoint``; strategies whose server part sets ``resumes_mid_run``, runs
-    without ``[system]``); other runs start from the beginning, with a note saying so.
+    ``out_dir`` (``fedsim.engine.checkpoint``; strategies whose server part sets ``resumes_mid_run``, the
+    simulated clock of a ``[system]`` section included); other runs start from the beginning, with a note saying
+    so.
     """
     if not config.simulation.verbose:  # Flower's per-round INFO log and run_simulation's deprecation notice
         logging.getLogger("flwr").setLevel(logging.ERROR)
@@ -195,8 +196,6 @@ def _checkpoint_to_resume(config: ScenarioConfig, spec, out_dir: str | Path, lab
     why = None
     if not getattr(spec.server_class(), "resumes_mid_run", False):
         why = f"strategy {spec.name!r} does not resume mid-run"
-    elif config.system is not None:
-        why = "a run with a [system] section (simulated clock) does not resume mid-run"
     elif payload is None:
         why = "the interrupted run finished no round"
     if why is not None:

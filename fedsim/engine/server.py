@@ -14,8 +14,8 @@ from flwr.serverapp import Grid
 
 from fedsim.config import ScenarioConfig
 from fedsim.engine.accounting import ACCOUNTING_KEY, ENGINE_KEY, NODE_KEY, record_nbytes
+from fedsim.engine.checkpoint import RoundCheckpoint
 from fedsim.engine.clock import SimClock
-from fedsim.results.checkpoint import RoundCheckpoint
 from fedsim.results.client_metrics import LABEL_MIX_ACCURACY, LOCAL_ACCURACY, ClientLedger
 from fedsim.results.rundir import RunRecorder
 from fedsim.scenario import ScenarioView, resolve_device, scenario_streams, test_split, train_split

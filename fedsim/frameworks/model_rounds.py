@@ -19,7 +19,7 @@ hook                                default
 ``evaluation_model(model)``         the model evaluated, logged and saved in place of the global one (``model``;
                                     FedExP's plugin: the mean of the last two)
 ``checkpoint_state()``              what a round checkpoint keeps of the server (every attribute but ``ctx``);
-``restore_state(state)``            ``--resume`` puts it back after ``setup`` (``fedsim.results.checkpoint``)
+``restore_state(state)``            ``--resume`` puts it back after ``setup`` (``fedsim.engine.checkpoint``)
 ==================================  =================================================================================
 
 The loop sets ``self.round`` (the round in progress, 0 before the first) before it calls ``request``, so later hooks
@@ -54,7 +54,7 @@ class ModelRoundsServer:
     module docstring, at least ``aggregate``.
     """
 
-    resumes_mid_run = True  # --resume continues from the last finished round (``fedsim.results.checkpoint``)
+    resumes_mid_run = True  # --resume continues from the last finished round (``fedsim.engine.checkpoint``)
 
     def __init__(self, params: Any) -> None:
         self.params = params
@@ -100,7 +100,7 @@ class ModelRoundsServer:
         return model
 
     def checkpoint_state(self) -> dict[str, Any]:
-        """What a round checkpoint keeps of this server (``fedsim.results.checkpoint``): every attribute but the
+        """What a round checkpoint keeps of this server (``fedsim.engine.checkpoint``): every attribute but the
         context (SCAFFOLD's c, FedDyn's h, FedNova's and the plugins' own), picklable; override for attributes
         that are not."""
         return {k: v for k, v in vars(self).items() if k != "ctx"}

@@ -445,7 +445,7 @@ class RunRecorder:
                 self._mlflow.log_row(self.rows[-1])
 
     def restore_rows(self, rows: list[dict]) -> None:
-        """The metrics rows of the rounds a resumed run finished before (``fedsim.results.checkpoint``): written
+        """The metrics rows of the rounds a resumed run finished before (``fedsim.engine.checkpoint``): written
         to metrics.csv and the trackers, as ``append_metrics`` wrote them then."""
         with self._lock:
             self.rows = []

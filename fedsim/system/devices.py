@@ -60,6 +60,13 @@ class Availability:
     def is_online(self, pid: int, t: float) -> bool:
         return self.next_online(pid, t) == t and self.online_until(pid, t) > t
 
+    def checkpoint_state(self) -> Any:
+        """The state a round checkpoint keeps (None: the process has none beyond its construction)."""
+        return None
+
+    def restore_state(self, state: Any) -> None:
+        """Back from ``checkpoint_state``."""
+
 
 class AlwaysOnline(Availability):
     """Every client online at every time (``system.availability = "always"``)."""
@@ -134,6 +141,18 @@ class MarkovAvailability(IntervalAvailability):
                 self._starts[pid].append(end)
             end, online = end + length, not online
         self._state[pid] = (end, online)
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The periods generated so far and each client's generator state (a round checkpoint's)."""
+        return {"state": dict(self._state), "intervals": {pid: list(v) for pid, v in self.intervals.items()},
+                "rngs": {pid: rng.bit_generator.state for pid, rng in self._rngs.items()}}
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        self._state = dict(state["state"])
+        self.intervals = {pid: list(v) for pid, v in state["intervals"].items()}
+        self._starts = {pid: [s for s, _ in v] for pid, v in self.intervals.items()}
+        for pid, rng_state in state["rngs"].items():
+            self._rngs[pid].bit_generator.state = rng_state
 
 
 @dataclass

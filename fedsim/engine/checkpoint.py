@@ -23,14 +23,20 @@ pickle: load only checkpoints your own runs wrote.
 
 from __future__ import annotations
 
+import json
 import pickle
 import random
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.serde import ProtoRecordDict, recorddict_from_proto, recorddict_to_proto
 
+from fedsim.engine.accounting import ENGINE_KEY
+from fedsim.engine.node import STATE_OP, STATE_SEPARATOR
 from fedsim.errors import FedsimError
+from fedsim.results.rundir import _jsonable, atomic_write, record_written
 
 __all__ = ["CHECKPOINT_FILE", "CheckpointMismatch", "RoundCheckpoint", "load", "check_compatible",
            "config_key"]
@@ -45,10 +51,6 @@ class CheckpointMismatch(FedsimError):
 
 def config_key(config: dict) -> dict:
     """The configuration a checkpoint must match: the resolved scenario without its tracking settings."""
-    import json
-
-    from fedsim.results.rundir import _jsonable
-
     out = json.loads(json.dumps(_jsonable(config)))
     out.pop("logging", None)
     return out
@@ -135,11 +137,6 @@ class RoundCheckpoint:
 
     # -- client states, through the nodes --------------------------------------------------------------------
     def _query(self, nodes: list[int], op: str, contents: dict[int, Any] | None = None) -> list:
-        from flwr.app import ConfigRecord, Message, MessageType, RecordDict
-
-        from fedsim.engine.accounting import ENGINE_KEY
-        from fedsim.engine.node import STATE_OP  # lazily: fedsim.engine.server imports this module
-
         grid = self.ctx.grid
         msgs = []
         for node in nodes:
@@ -155,9 +152,6 @@ class RoundCheckpoint:
         return replies
 
     def _collect_client_states(self) -> bytes:
-        from flwr.app import RecordDict
-        from flwr.common.serde import recorddict_to_proto
-
         states = RecordDict()
         for msg in self._query(list(self.ctx.grid.node_clients), "get"):
             for key, record in msg.content.items():
@@ -165,14 +159,9 @@ class RoundCheckpoint:
         return recorddict_to_proto(states).SerializeToString()
 
     def _restore_client_states(self, blob: bytes) -> None:
-        from flwr.app import RecordDict
-        from flwr.common.serde import ProtoRecordDict, recorddict_from_proto
-
         proto = ProtoRecordDict()
         proto.ParseFromString(blob)
         states = recorddict_from_proto(proto)
-        from fedsim.engine.node import STATE_SEPARATOR
-
         contents = {}
         for node, clients in self.ctx.grid.node_clients.items():
             mine = {f"{pid}{STATE_SEPARATOR}" for pid in clients}
@@ -188,7 +177,8 @@ class RoundCheckpoint:
                 "exchanges": ctx.exchanges, "extra_summary": dict(ctx.extra_summary),
                 "last_step_bytes": ctx._last_step_bytes, "ctx_rng": ctx.rng.getstate(), "rng": _rng_states(),
                 "replies": {k: getattr(inner, k) for k in ("replies_ok", "replies_failed", "first_error")
-                            if hasattr(inner, k)}}
+                            if hasattr(inner, k)},
+                "clock": None if ctx.clock is None else ctx.clock.checkpoint_state()}
 
     def _restore_engine(self, state: dict) -> None:
         ctx, grid = self.ctx, self.ctx.grid
@@ -200,6 +190,8 @@ class RoundCheckpoint:
         ctx.rng.setstate(state["ctx_rng"])
         for key, value in state["replies"].items():
             setattr(grid.inner, key, value)
+        if state["clock"] is not None:  # [system]: the simulated clock where the interrupted run left it
+            ctx.clock.restore_state(state["clock"])
         ctx.recorder.restore_rows(state["rows"])
         ctx._write_clients()
         if ctx.progress is not None:
@@ -221,8 +213,6 @@ class RoundCheckpoint:
     def save(self, round_: int, state: dict) -> None:
         """Checkpoint the run after ``round_`` finished (its metrics row logged): ``state`` is what the strategy
         needs to continue (picklable: arrays, dicts, numbers)."""
-        from fedsim.results.rundir import atomic_write, record_written
-
         if not self.saved:
             record_written(self.ctx.run_dir, [CHECKPOINT_FILE])  # fedsim's own file: replaced with the run
         payload = {"format": FORMAT, "config": config_key(self.ctx.config.to_dict()), "round": int(round_),
