@@ -238,12 +238,17 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     def _terminate(signum: int, frame: object) -> None:  # SIGTERM as Ctrl-C: the federation is stopped on the way out
         raise Interrupted(signum)
 
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    # Both installed explicitly, as `fedsim run` does: started as a background job of a non-interactive shell (a CI
+    # runner, `cmd &` in a script) the process inherits SIGINT ignored, and Python then keeps it ignored, so a Ctrl-C
+    # or `kill -INT` would leave the federation running to its end
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _terminate),
+                signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler)}
     try:
         results = deploy(args.scenario, args.nodes, out, overrides=args.set, only=args.only,
                          verbose=args.verbose, timeout=args.timeout, resume=args.resume, overwrite=args.overwrite)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
     for label, run_dir, summary in results:
         print(f"{label or summary.get('label')}: {summary.get('status')}, final accuracy "
               f"{summary.get('final_accuracy')}, {summary.get('bytes_up', 0) / 1e6:.1f} MB up -> {run_dir}",
