@@ -441,3 +441,31 @@ def test_sigterm_mid_run_leaves_an_interrupted_run_with_its_rows(tmp_path):
             proc.kill()
             proc.communicate(timeout=30)
         _kill_seen(seen)
+
+
+@pytest.mark.slow  # a SuperLink, 2 SuperNodes and flwr run: about 4 min at load average 12 on the 2-core machine
+def test_flwr_run_stream_shows_fedsims_round_lines(tmp_path):
+    """``fedsim deploy --verbose`` shows ``flwr run --stream``'s output: the ServerApp's round lines (fedsim's
+    progress through Flower's logger, ``fedsim.engine.progress.to_flower_log``) reach it, one per logged round, with
+    the accuracy metrics.csv holds. (The fast check of ``to_flower_log`` itself: tests/test_report_outputs.py.)"""
+    import re
+
+    from tests.conftest import DIGITS
+
+    text = DIGITS.replace("num_clients = 6", "num_clients = 2").replace("width = 16", "width = 8")
+    scenario = _write(tmp_path, text.replace("epochs = 3", "epochs = 1"))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "fedsim.cli", "deploy", str(scenario), "--nodes", "2", "--out",
+                             str(out), "--verbose"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=540)
+    finally:  # also when the test fails: nothing it started stays behind (its processes die with it)
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)
+    assert proc.returncode == 0, log[-3000:]
+    lines = re.findall(r"\[fedsim fedavg\] round (\d+)/2  acc (\d\.\d{4}) \(worst client \d\.\d{4}\)  up ", log)
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert [int(r) for r, _ in lines] == list(metrics["round"]) == [0, 1, 2], log[-3000:]
+    assert [acc for _, acc in lines] == [f"{a:.4f}" for a in metrics["accuracy"]]
