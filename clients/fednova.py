@@ -20,7 +20,7 @@ from flwr.app import RecordDict
 from fedsim.algorithms.fednova import protocol
 from fedsim.engine import ClientEnv
 from fedsim.frameworks.model_rounds_protocol import momentum_steps
-from fedsim.nn.training import arrays_to_state, state_to_arrays, train_epochs
+from fedsim.nn.training import train_from
 
 
 class FedNovaClient:
@@ -29,21 +29,12 @@ class FedNovaClient:
 
     def train(self, content: RecordDict, env: ClientEnv) -> RecordDict:
         x, training = protocol.parse_request(content)
-        model = arrays_to_state(env.initial_model(), x)
-        names = {n for n, p in model.named_parameters() if p.requires_grad}
         data = env.train_data()
-        stats = train_epochs(model, data.x, data.y, **training.train_kwargs(), seed=env.seed, device=env.device)
-        y = state_to_arrays(model)
-        steps = int(stats["steps"])
-        norm = momentum_steps(steps, training.momentum)
-        update = {}
-        for key in y:
-            if key in names:
-                diff = np.asarray(x[key], dtype=np.float64) - np.asarray(y[key], dtype=np.float64)
-                update[key] = (diff / norm if norm > 0 else np.zeros_like(diff)).astype(np.asarray(y[key]).dtype)
-        buffers = {k: v for k, v in y.items() if k not in names}
-        return protocol.reply(update, buffers, len(data), 1, float(stats["loss"]), steps, norm)
+        run = train_from(env.initial_model(), x, data.x, data.y, seed=env.seed, device=env.device,
+                         **training.train_kwargs())
+        norm = momentum_steps(run.steps, training.momentum)
+        update = {k: d / norm if norm > 0 else np.zeros_like(d) for k, d in run.start_minus_end().items()}
+        return protocol.reply(run.in_model_dtypes(update), run.buffers(), run.num_examples, 1, run.loss, run.steps,
+                              norm)
 
-    @staticmethod
-    def reduce(replies: list[RecordDict]) -> RecordDict:
-        return protocol.combine(replies)
+    reduce = staticmethod(protocol.combine)

@@ -52,7 +52,7 @@ class FedBuffServer:
         busy: set[int] = set()
         starts = itertools.count()
         version = 0
-        buffer: list[protocol.Update] = []
+        buffer: list[protocol.UpdateReply] = []
         taus: list[int] = []
         seen_taus: list[int] = []
 

@@ -51,8 +51,8 @@ class FedNovaServer(ModelRoundsServer):
 
     def aggregate(self, model: dict[str, np.ndarray], replies: list[RecordDict]) -> dict[str, np.ndarray]:
         merged = protocol.merge([protocol.parse_reply(r) for r in replies])
-        self.tau_eff[self.round] = merged.norm
-        return nova_step(model, merged.update, merged.buffers, self.parameters, merged.norm)
+        self.tau_eff[self.round] = merged.extra[protocol.NORM_KEY]
+        return nova_step(model, merged.update, merged.buffers, self.parameters, merged.extra[protocol.NORM_KEY])
 
     def round_metrics(self, round_: int) -> dict[str, Any]:
         return {"tau_eff": self.tau_eff[round_]} if round_ in self.tau_eff else {}

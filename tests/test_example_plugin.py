@@ -56,7 +56,7 @@ def test_the_server_step_by_hand():
     x = {"w": np.array([2.0, -1.0])}
     # p = (1/4, 3/4): Delta = 1/4 (3, 1) + 3/4 (-1, 1) = (0, 1); sum p ||Delta_i||^2 = 10/4 + 3 * 2/4 = 4
     merged = protocol.merge([protocol.parse_reply(_reply([3.0, 1.0], 1)), protocol.parse_reply(_reply([-1.0, 1.0], 3))])
-    assert np.array_equal(merged.update["w"], [0.0, 1.0]) and merged.sq_norm == 4.0
+    assert np.array_equal(merged.update["w"], [0.0, 1.0]) and merged.extra[protocol.SQ_NORM_KEY] == 4.0
     new, eta = fedexp_step(x, merged, ["w"], epsilon=0.25)
     assert eta == 4.0 / (2 * (1.0 + 0.25))  # 1.6: the updates partly cancel, so the server extrapolates
     assert np.array_equal(new["w"], [2.0, -1.0 + 1.6])
@@ -82,7 +82,7 @@ def test_replies_combine_exactly():
     flat = protocol.merge([protocol.parse_reply(r) for r in replies])
     nested = protocol.merge([protocol.parse_reply(protocol.combine(replies[:2])), protocol.parse_reply(replies[2])])
     assert np.allclose(nested.update["w"], flat.update["w"], rtol=0, atol=1e-15)
-    assert nested.sq_norm == pytest.approx(flat.sq_norm, rel=1e-15) and nested.clients == 3
+    assert nested.extra[protocol.SQ_NORM_KEY] == pytest.approx(flat.extra[protocol.SQ_NORM_KEY], rel=1e-15) and nested.clients == 3
     assert nested.num_examples == flat.num_examples == 8
 
 

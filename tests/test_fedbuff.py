@@ -61,12 +61,12 @@ def test_server_step_by_hand():
     rng = np.random.default_rng(0)
     x = {"w": rng.standard_normal((3, 4)).astype(np.float32), "bn.mean": np.zeros(4, np.float32),
          "bn.count": np.array(7, np.int64)}
-    updates = [protocol.Update({"w": rng.standard_normal((3, 4)).astype(np.float32)},
-                               {"bn.mean": np.full(4, float(i), np.float32), "bn.count": np.array(8 + i, np.int64)},
-                               10, 0.0) for i in range(3)]
+    updates = [protocol.UpdateReply({"w": rng.standard_normal((3, 4)).astype(np.float32)},
+                                    {"bn.mean": np.full(4, float(i), np.float32), "bn.count": np.array(8 + i, np.int64)},
+                                    10, 1, 0.0) for i in range(3)]
     taus, lr = [0, 1, 3], 0.7
     out = protocol.server_step(x, updates, taus, lr)
-    step = sum(np.asarray(u.delta["w"], np.float64) / math.sqrt(1 + t) for u, t in zip(updates, taus)) / 3
+    step = sum(np.asarray(u.update["w"], np.float64) / math.sqrt(1 + t) for u, t in zip(updates, taus)) / 3
     np.testing.assert_array_equal(out["w"], (x["w"].astype(np.float64) - lr * step).astype(np.float32))
     np.testing.assert_array_equal(out["bn.mean"], np.full(4, 1.0, np.float32))  # plain mean of the buffers
     assert out["bn.count"].dtype == np.int64 and int(out["bn.count"]) == 9
@@ -83,7 +83,7 @@ def test_one_update_of_fresh_clients_is_the_mean_of_their_models(tmp_path):
     for pid, indices in enumerate(partition_for(config)):
         env = ClientEnv(config, pid, 1, indices)
         reply = protocol.parse_reply(FedBuffClient(config.strategy.params).train(protocol.request(x0, training), env))
-        locals_.append({k: x0[k].astype(np.float64) - np.asarray(v, np.float64) for k, v in reply.delta.items()})
+        locals_.append({k: x0[k].astype(np.float64) - np.asarray(v, np.float64) for k, v in reply.update.items()})
     saved = torch.load(tmp_path / "run" / "model.pt", weights_only=False).state_dict()
     for key in locals_[0]:
         np.testing.assert_allclose(saved[key].numpy(), np.mean([m[key] for m in locals_], axis=0), atol=1e-6)

@@ -106,7 +106,8 @@ def test_the_server_step_by_hand():
     assert server.tau_eff == {1: 5.0}
     assert out["w"].tolist() == [10.0 - 5.0 * (0.25 * 1.0 + 0.75 * -1.0)] and out["w"].dtype == np.float32
     merged = protocol.parse_reply(protocol.combine(replies))  # one node's pre-combined reply: the same means
-    assert (merged.num_examples, merged.clients, merged.norm, merged.steps) == (4, 2, 5.0, 5.0)
+    assert (merged.num_examples, merged.clients, merged.extra[protocol.NORM_KEY],
+            merged.extra[protocol.STEPS_KEY]) == (4, 2, 5.0, 5.0)
 
 
 def test_fednova_refuses_adam(tmp_path):

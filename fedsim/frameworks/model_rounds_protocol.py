@@ -6,6 +6,13 @@
     up    ARRAYS_KEY   ArrayRecord: the client's model (or what the algorithm sends in its place)
           METRICS_KEY  MetricRecord {num-examples, train_loss[, clients]}
 
+or, for the algorithms whose clients send what local training moved instead of the model (FedNova, FedBuff,
+plug-ins such as FedExP; ``update_reply``):
+
+    up    UPDATE_KEY   ArrayRecord: the update on the trainable parameters (its sign and scale the algorithm's)
+          BUFFERS_KEY  ArrayRecord: the buffers (BatchNorm statistics), which SGD does not move
+          METRICS_KEY  MetricRecord {num-examples, clients, train_loss, <the algorithm's per-client numbers>}
+
 The keys are the defaults of Flower's ``flwr.serverapp.strategy.FedAvg`` (``arrayrecord_key``,
 ``configrecord_key``, ``weighted_by_key``), so Flower's own strategies and fedsim's model-rounds loop
 (``fedsim.frameworks.model_rounds``) speak the same messages. Everything a client needs for a round travels in the
@@ -19,18 +26,21 @@ byzantine clients of ``simulation.byzantine_fraction`` rewrite it). This module 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
+from fedsim.averaging import average_factors, weighted_average
 from fedsim.codec import from_record, to_record
 
 __all__ = ["ARRAYS_KEY", "CONFIG_KEY", "METRICS_KEY", "WEIGHT_KEY", "LOSS_KEY", "CLIENTS_KEY", "LocalTraining",
            "ModelReply", "model_request", "parse_model_request", "model_reply", "parse_model_reply", "reply_weight",
-           "finite", "momentum_steps", "ArraysCodec", "MODEL_CODEC"]
+           "finite", "momentum_steps", "ArraysCodec", "MODEL_CODEC", "UPDATE_KEY", "BUFFERS_KEY", "training_request",
+           "parse_training_request", "UpdateReply", "update_reply", "parse_update_reply", "merge_update_replies",
+           "combine_update_replies"]
 
 ARRAYS_KEY = "arrays"  # Flower FedAvg's arrayrecord_key
 CONFIG_KEY = "config"  # Flower FedAvg's configrecord_key
@@ -38,6 +48,8 @@ METRICS_KEY = "metrics"  # the reply's MetricRecord
 WEIGHT_KEY = "num-examples"  # Flower FedAvg's weighted_by_key
 LOSS_KEY = "train_loss"  # Flower's QFedAvg train_loss_key
 CLIENTS_KEY = "clients"  # how many clients a (pre-combined) reply covers
+UPDATE_KEY = "update"  # an update reply's ArrayRecord of the trainable parameters
+BUFFERS_KEY = "buffers"  # an update reply's ArrayRecord of the buffers
 
 _PREFIX = "local-"  # LocalTraining's keys in the train ConfigRecord: local-epochs, local-lr, ...
 
@@ -150,6 +162,65 @@ def parse_model_reply(content: RecordDict) -> ModelReply:
     metrics = content[METRICS_KEY]
     return ModelReply(from_record(content[ARRAYS_KEY]), int(metrics[WEIGHT_KEY]), float(metrics[LOSS_KEY]),
                       int(metrics.get(CLIENTS_KEY, 1)))
+
+
+def training_request(model: Mapping[str, np.ndarray], training: LocalTraining) -> RecordDict:
+    """The server's message of a round of local training: the global model and ``training``."""
+    return model_request(model, training.to_config())
+
+
+def parse_training_request(content: RecordDict) -> tuple[dict[str, np.ndarray], LocalTraining]:
+    """(the global model as read-only views, the local training to run) of a ``training_request``."""
+    model, config = parse_model_request(content)
+    return model, LocalTraining.from_config(config)
+
+
+@dataclass
+class UpdateReply:
+    """A parsed ``update_reply``: example-weighted means over the clients it covers of the update, the buffers,
+    the training loss and the algorithm's per-client numbers (``extra``: FedNova's steps and norm, ...)."""
+
+    update: dict[str, np.ndarray]
+    buffers: dict[str, np.ndarray]
+    num_examples: int
+    clients: int
+    loss: float
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def update_reply(update: Mapping[str, np.ndarray], buffers: Mapping[str, np.ndarray], num_examples: int,
+                 loss: float, *, clients: int = 1, extra: Mapping[str, float] | None = None) -> RecordDict:
+    """A client's (or a node's combined) update: see the module docstring. A loss that is not finite is sent as 0."""
+    values: dict[str, int | float] = {WEIGHT_KEY: int(num_examples), CLIENTS_KEY: int(clients), LOSS_KEY: finite(loss)}
+    values.update({key: float(value) for key, value in (extra or {}).items()})
+    return RecordDict({UPDATE_KEY: to_record(dict(update)), BUFFERS_KEY: to_record(dict(buffers)),
+                       METRICS_KEY: MetricRecord(values)})
+
+
+def parse_update_reply(content: RecordDict, extra: Sequence[str] = ()) -> UpdateReply:
+    """An ``update_reply`` with the per-client numbers named in ``extra`` (a missing one is a KeyError)."""
+    metrics = content[METRICS_KEY]
+    return UpdateReply(from_record(content[UPDATE_KEY]), from_record(content[BUFFERS_KEY]), int(metrics[WEIGHT_KEY]),
+                       int(metrics[CLIENTS_KEY]), float(metrics[LOSS_KEY]),
+                       {key: float(metrics[key]) for key in extra})
+
+
+def merge_update_replies(parsed: Sequence[UpdateReply]) -> UpdateReply:
+    """Replies as one: every field the example-weighted mean (p_i = n_i / sum n), so merging is exact (merging
+    merged replies equals merging their clients'); examples and clients add up."""
+    weights = [r.num_examples for r in parsed]
+    f = average_factors(len(parsed), weights)
+    update = weighted_average([r.update for r in parsed], weights)
+    buffers = weighted_average([r.buffers for r in parsed], weights) if parsed[0].buffers else {}
+    extra = {key: float(sum(w * r.extra[key] for w, r in zip(f, parsed))) for key in parsed[0].extra}
+    return UpdateReply(update, buffers, sum(weights), sum(r.clients for r in parsed),
+                       float(sum(w * r.loss for w, r in zip(f, parsed))), extra)
+
+
+def combine_update_replies(replies: list[RecordDict], extra: Sequence[str] = ()) -> RecordDict:
+    """A node's ``reduce`` for update replies: its clients' replies as one (``merge_update_replies``)."""
+    m = merge_update_replies([parse_update_reply(r, extra) for r in replies])
+    return update_reply(m.update, m.buffers, m.num_examples, m.loss, clients=m.clients, extra=m.extra)
 
 
 def reply_weight(content: RecordDict) -> tuple[float, float]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,8 @@ from fedsim.errors import ConfigError
 
 __all__ = [
     "train_epochs",
+    "LocalRun",
+    "train_from",
     "evaluate",
     "predict_logits",
     "per_class_accuracy",
@@ -160,6 +163,48 @@ def train_epochs(
                 seen += idx.numel()
             last_loss = total / seen
     return {"loss": last_loss, "num_examples": n, "steps": steps}
+
+
+@dataclass(frozen=True)
+class LocalRun:
+    """One run of local training from a received model: where it started and ended, which arrays SGD moved (the
+    trainable parameters) and which it did not (buffers such as BatchNorm statistics), its loss and step count."""
+
+    start: Mapping[str, np.ndarray]
+    end: dict[str, np.ndarray]
+    trainable: frozenset[str]
+    num_examples: int
+    loss: float
+    steps: int
+
+    def start_minus_end(self) -> dict[str, np.ndarray]:
+        """x - y on the trainable parameters, in float64 (FedNova's and FedBuff's update)."""
+        return {k: np.asarray(self.start[k], dtype=np.float64) - np.asarray(v, dtype=np.float64)
+                for k, v in self.end.items() if k in self.trainable}
+
+    def end_minus_start(self) -> dict[str, np.ndarray]:
+        """y - x on the trainable parameters, in float64 (FedExP's update)."""
+        return {k: np.asarray(v, dtype=np.float64) - np.asarray(self.start[k], dtype=np.float64)
+                for k, v in self.end.items() if k in self.trainable}
+
+    def in_model_dtypes(self, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``arrays`` cast to the dtype each has in the model (an update travels in the model's precision)."""
+        return {k: np.asarray(v).astype(self.end[k].dtype) for k, v in arrays.items()}
+
+    def buffers(self) -> dict[str, np.ndarray]:
+        """The arrays SGD does not move, as they ended."""
+        return {k: v for k, v in self.end.items() if k not in self.trainable}
+
+
+def train_from(model: nn.Module, start: Mapping[str, np.ndarray], x: Any, y: Any, *, seed: int,
+               device: str | torch.device = "cpu", **train_kwargs: Any) -> LocalRun:
+    """Load ``start`` into ``model`` and ``train_epochs`` on (x, y): the part every update-sending client shares
+    (FedNova, FedBuff, FedExP); ``train_kwargs`` are ``LocalTraining.train_kwargs()`` and ``train_epochs``'s own."""
+    arrays_to_state(model, start)
+    trainable = frozenset(n for n, p in model.named_parameters() if p.requires_grad)
+    stats = train_epochs(model, x, y, seed=seed, device=device, **train_kwargs)
+    return LocalRun(start, state_to_arrays(model), trainable, int(stats["num_examples"]), float(stats["loss"]),
+                    int(stats["steps"]))
 
 
 @contextlib.contextmanager

@@ -5,7 +5,7 @@ arXiv 2106.06639): the messages, the staleness weight and the buffered server st
           CONFIG_KEY   ConfigRecord: the local training (``LocalTraining``: epochs, batch size, lr, ...)
     up    UPDATE_KEY   ArrayRecord: Delta_i = x - y_i on the trainable parameters (y_i: the client's trained model)
           BUFFERS_KEY  ArrayRecord: y_i's buffers (BatchNorm running statistics)
-          METRICS_KEY  MetricRecord {num-examples, train_loss}
+          METRICS_KEY  MetricRecord {num-examples, clients, train_loss} (``update_reply``, one client per reply)
 
 Server (the paper's Algorithm 1): each arriving update, computed from the model of version v_i, is weighted by
 s(tau_i) = 1 / sqrt(1 + tau_i), tau_i = (server version at arrival) - v_i, and summed into a buffer; after K
@@ -21,25 +21,25 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import MetricRecord, RecordDict
+from flwr.app import RecordDict
 
 from fedsim.averaging import weighted_average
-from fedsim.codec import from_record, to_record
 from fedsim.errors import ConfigError
 from fedsim.frameworks.model_rounds_protocol import (
-    LOSS_KEY,
-    METRICS_KEY,
-    WEIGHT_KEY,
-    LocalTraining,
-    finite,
-    model_request,
-    parse_model_request,
+    BUFFERS_KEY,
+    UPDATE_KEY,
+    UpdateReply,
+    parse_training_request,
+    parse_update_reply,
+    training_request,
+    update_reply,
 )
 from fedsim.params import Interval, Options
 from fedsim.registry import StrategySpec, register_strategy
 
-UPDATE_KEY = "update"
-BUFFERS_KEY = "buffers"
+__all__ = ["UPDATE_KEY", "BUFFERS_KEY", "STALENESS", "FedBuffParams", "staleness_weight", "request", "parse_request",
+           "reply", "parse_reply", "server_step", "UpdateReply"]
+
 STALENESS = ("sqrt", "none")
 
 
@@ -59,16 +59,6 @@ class FedBuffParams:
                               "staleness": [Options(STALENESS)]}
 
 
-@dataclass
-class Update:
-    """A parsed reply: Delta_i (trainable parameters), the client's buffers, its examples and training loss."""
-
-    delta: dict[str, np.ndarray]
-    buffers: dict[str, np.ndarray]
-    num_examples: int
-    loss: float
-
-
 def staleness_weight(tau: int, kind: str = "sqrt") -> float:
     """s(tau): 1 / sqrt(1 + tau) (FedBuff's polynomial staleness scaling), or 1."""
     if tau < 0:
@@ -76,36 +66,28 @@ def staleness_weight(tau: int, kind: str = "sqrt") -> float:
     return 1.0 / math.sqrt(1.0 + tau) if kind == "sqrt" else 1.0
 
 
-def request(model: dict[str, np.ndarray], training: LocalTraining) -> RecordDict:
-    return model_request(model, training.to_config())
-
-
-def parse_request(content: RecordDict) -> tuple[dict[str, np.ndarray], LocalTraining]:
-    model, config = parse_model_request(content)
-    return model, LocalTraining.from_config(config)
+request = training_request  # the global model x and the round's local training
+parse_request = parse_training_request  # (x as read-only views, the local training to run)
 
 
 def reply(delta: dict[str, np.ndarray], buffers: dict[str, np.ndarray], num_examples: int,
           loss: float) -> RecordDict:
-    return RecordDict({UPDATE_KEY: to_record(delta), BUFFERS_KEY: to_record(buffers),
-                       METRICS_KEY: MetricRecord({WEIGHT_KEY: int(num_examples), LOSS_KEY: finite(loss)})})
+    """A client's Delta_i, buffers, examples and training loss."""
+    return update_reply(delta, buffers, num_examples, loss)
 
 
-def parse_reply(content: RecordDict) -> Update:
-    metrics = content[METRICS_KEY]
-    return Update(from_record(content[UPDATE_KEY]), from_record(content[BUFFERS_KEY]), int(metrics[WEIGHT_KEY]),
-                  float(metrics[LOSS_KEY]))
+parse_reply = parse_update_reply  # its ``update`` is Delta_i
 
 
-def server_step(model: dict[str, np.ndarray], updates: Sequence[Update], staleness: Sequence[int],
+def server_step(model: dict[str, np.ndarray], updates: Sequence[UpdateReply], staleness: Sequence[int],
                 server_lr: float, kind: str = "sqrt") -> dict[str, np.ndarray]:
     """x - eta_g * (1/K) sum_i s(tau_i) Delta_i on the trainable parameters (float64, back in their dtype); the
     buffers the plain mean of the updates' (integer counters rounded)."""
     weights = [staleness_weight(int(t), kind) for t in staleness]
     out = dict(model)
-    for key in updates[0].delta:
+    for key in updates[0].update:
         x = np.asarray(model[key], dtype=np.float64)
-        step = sum(w * np.asarray(u.delta[key], dtype=np.float64) for w, u in zip(weights, updates)) / len(updates)
+        step = sum(w * np.asarray(u.update[key], dtype=np.float64) for w, u in zip(weights, updates)) / len(updates)
         out[key] = (x - server_lr * step).astype(np.asarray(model[key]).dtype)
     if updates[0].buffers:
         mean = weighted_average([u.buffers for u in updates])

@@ -23,30 +23,29 @@ the client part ``fedsim.clients.fednova``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import MetricRecord, RecordDict
+from flwr.app import RecordDict
 
 from fedsim.algorithms.fedavg.protocol import FedAvgParams
-from fedsim.averaging import average_factors, weighted_average
-from fedsim.codec import from_record, to_record
 from fedsim.errors import ConfigError
 from fedsim.frameworks.model_rounds_protocol import (
-    CLIENTS_KEY,
-    LOSS_KEY,
-    METRICS_KEY,
-    WEIGHT_KEY,
-    LocalTraining,
-    finite,
-    model_request,
-    parse_model_request,
+    BUFFERS_KEY,
+    UPDATE_KEY,
+    UpdateReply,
+    combine_update_replies,
+    merge_update_replies,
+    parse_training_request,
+    parse_update_reply,
+    training_request,
+    update_reply,
 )
 from fedsim.registry import StrategySpec, register_strategy
 
-UPDATE_KEY = "update"
-BUFFERS_KEY = "buffers"
+__all__ = ["UPDATE_KEY", "BUFFERS_KEY", "STEPS_KEY", "NORM_KEY", "FedNovaParams", "request", "parse_request", "reply",
+           "parse_reply", "merge", "combine"]
+
 STEPS_KEY = "steps"  # tau_i (example-weighted mean over the reply's clients)
 NORM_KEY = "norm"  # ||a_i||_1 (example-weighted mean over the reply's clients)
 
@@ -56,60 +55,28 @@ class FedNovaParams(FedAvgParams):
     """FedNova's server: FedAvg's client sampling (``fraction_train``); the local steps come from ``[client]``."""
 
 
-@dataclass
-class Reply:
-    """A parsed reply: example-weighted means over its clients of d_i, the buffers, tau_i and ||a_i||_1."""
+EXTRA = (STEPS_KEY, NORM_KEY)
 
-    update: dict[str, np.ndarray]
-    buffers: dict[str, np.ndarray]
-    num_examples: int
-    clients: int
-    loss: float
-    steps: float
-    norm: float
-
-
-def request(model: dict[str, np.ndarray], training: LocalTraining) -> RecordDict:
-    """The server's message: the global model x and the round's local training."""
-    return model_request(model, training.to_config())
-
-
-def parse_request(content: RecordDict) -> tuple[dict[str, np.ndarray], LocalTraining]:
-    """(x as read-only views, the local training to run)."""
-    model, config = parse_model_request(content)
-    return model, LocalTraining.from_config(config)
+request = training_request  # the global model x and the round's local training
+parse_request = parse_training_request  # (x as read-only views, the local training to run)
 
 
 def reply(update: dict[str, np.ndarray], buffers: dict[str, np.ndarray], num_examples: int, clients: int,
           loss: float, steps: float, norm: float) -> RecordDict:
-    return RecordDict({UPDATE_KEY: to_record(update), BUFFERS_KEY: to_record(buffers),
-                       METRICS_KEY: MetricRecord({WEIGHT_KEY: int(num_examples), CLIENTS_KEY: int(clients),
-                                                  LOSS_KEY: finite(loss), STEPS_KEY: float(steps),
-                                                  NORM_KEY: float(norm)})})
+    return update_reply(update, buffers, num_examples, loss, clients=clients, extra={STEPS_KEY: steps, NORM_KEY: norm})
 
 
-def parse_reply(content: RecordDict) -> Reply:
-    metrics = content[METRICS_KEY]
-    return Reply(from_record(content[UPDATE_KEY]), from_record(content[BUFFERS_KEY]), int(metrics[WEIGHT_KEY]),
-                 int(metrics[CLIENTS_KEY]), float(metrics[LOSS_KEY]), float(metrics[STEPS_KEY]),
-                 float(metrics[NORM_KEY]))
+def parse_reply(content: RecordDict) -> UpdateReply:
+    """The reply; ``extra`` holds tau_i (``STEPS_KEY``) and ||a_i||_1 (``NORM_KEY``)."""
+    return parse_update_reply(content, EXTRA)
 
 
-def merge(parsed: Sequence[Reply]) -> Reply:
-    """Replies as one: every field the example-weighted mean (p_i = n_i / sum n), so merging is exact."""
-    weights = [r.num_examples for r in parsed]
-    f = average_factors(len(parsed), weights)
-    update = weighted_average([r.update for r in parsed], weights)
-    buffers = weighted_average([r.buffers for r in parsed], weights) if parsed[0].buffers else {}
-    return Reply(update, buffers, sum(weights), sum(r.clients for r in parsed),
-                 float(sum(w * r.loss for w, r in zip(f, parsed))), float(sum(w * r.steps for w, r in zip(f, parsed))),
-                 float(sum(w * r.norm for w, r in zip(f, parsed))))
+merge = merge_update_replies  # replies as one: every field the example-weighted mean, so merging is exact
 
 
 def combine(replies: list[RecordDict]) -> RecordDict:
     """A node's ``reduce``: its clients' replies as one reply."""
-    m = merge([parse_reply(r) for r in replies])
-    return reply(m.update, m.buffers, m.num_examples, m.clients, m.loss, m.steps, m.norm)
+    return combine_update_replies(replies, EXTRA)
 
 
 def _check(config) -> None:  # noqa: ANN001

@@ -9,11 +9,10 @@ weight 0. Messages: ``fedsim_fedexp.protocol``.
 
 from __future__ import annotations
 
-import numpy as np
 from flwr.app import RecordDict
 
 from fedsim.engine import ClientEnv
-from fedsim.nn.training import arrays_to_state, state_to_arrays, train_epochs
+from fedsim.nn.training import train_from
 from fedsim_fedexp import protocol
 
 
@@ -23,17 +22,11 @@ class FedExPClient:
 
     def train(self, content: RecordDict, env: ClientEnv) -> RecordDict:
         x, training = protocol.parse_request(content)
-        model = arrays_to_state(env.initial_model(), x)
-        names = {n for n, p in model.named_parameters() if p.requires_grad}
         data = env.train_data()
-        stats = train_epochs(model, data.x, data.y, **training.train_kwargs(), seed=env.seed, device=env.device)
-        y = state_to_arrays(model)
-        diffs = {k: np.asarray(y[k], dtype=np.float64) - np.asarray(x[k], dtype=np.float64) for k in y if k in names}
-        update = {k: d.astype(np.asarray(y[k]).dtype) for k, d in diffs.items()}
-        buffers = {k: v for k, v in y.items() if k not in names}
-        return protocol.reply(update, buffers, len(data), 1, float(stats["loss"]),
+        run = train_from(env.initial_model(), x, data.x, data.y, seed=env.seed, device=env.device,
+                         **training.train_kwargs())
+        diffs = run.end_minus_start()
+        return protocol.reply(run.in_model_dtypes(diffs), run.buffers(), run.num_examples, 1, run.loss,
                               protocol.squared_norm(diffs, list(diffs)))
 
-    @staticmethod
-    def reduce(replies: list[RecordDict]) -> RecordDict:
-        return protocol.combine(replies)
+    reduce = staticmethod(protocol.combine)

@@ -28,27 +28,27 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import MetricRecord, RecordDict
+from flwr.app import RecordDict
 
 from fedsim.algorithms.fedavg.protocol import FedAvgParams
-from fedsim.averaging import average_factors, weighted_average
-from fedsim.codec import from_record, to_record
 from fedsim.errors import ConfigError
 from fedsim.frameworks.model_rounds_protocol import (
-    CLIENTS_KEY,
-    LOSS_KEY,
-    METRICS_KEY,
-    WEIGHT_KEY,
-    LocalTraining,
-    finite,
-    model_request,
-    parse_model_request,
+    BUFFERS_KEY,
+    UPDATE_KEY,
+    UpdateReply,
+    combine_update_replies,
+    merge_update_replies,
+    parse_training_request,
+    parse_update_reply,
+    training_request,
+    update_reply,
 )
 from fedsim.params import Interval, Options
 from fedsim.registry import StrategySpec, register_strategy
 
-UPDATE_KEY = "update"
-BUFFERS_KEY = "buffers"
+__all__ = ["UPDATE_KEY", "BUFFERS_KEY", "SQ_NORM_KEY", "FedExPParams", "request", "parse_request", "reply",
+           "parse_reply", "merge", "combine", "squared_norm", "server_step_size", "UpdateReply"]
+
 SQ_NORM_KEY = "sq_norm"  # ||Delta_i||^2 (example-weighted mean over the reply's clients)
 
 
@@ -70,57 +70,26 @@ class FedExPParams(FedAvgParams):
                               "average_last_two": [Options((True, False))]}
 
 
-@dataclass
-class Reply:
-    """A parsed reply: example-weighted means over its clients of Delta_i, the buffers and ||Delta_i||^2."""
-
-    update: dict[str, np.ndarray]
-    buffers: dict[str, np.ndarray]
-    num_examples: int
-    clients: int
-    loss: float
-    sq_norm: float
-
-
-def request(model: dict[str, np.ndarray], training: LocalTraining) -> RecordDict:
-    """The server's message: the global model x and the round's local training."""
-    return model_request(model, training.to_config())
-
-
-def parse_request(content: RecordDict) -> tuple[dict[str, np.ndarray], LocalTraining]:
-    """(x as read-only views, the local training to run)."""
-    model, config = parse_model_request(content)
-    return model, LocalTraining.from_config(config)
+request = training_request  # the global model x and the round's local training
+parse_request = parse_training_request  # (x as read-only views, the local training to run)
 
 
 def reply(update: dict[str, np.ndarray], buffers: dict[str, np.ndarray], num_examples: int, clients: int,
           loss: float, sq_norm: float) -> RecordDict:
-    return RecordDict({UPDATE_KEY: to_record(update), BUFFERS_KEY: to_record(buffers),
-                       METRICS_KEY: MetricRecord({WEIGHT_KEY: int(num_examples), CLIENTS_KEY: int(clients),
-                                                  LOSS_KEY: finite(loss), SQ_NORM_KEY: float(sq_norm)})})
+    return update_reply(update, buffers, num_examples, loss, clients=clients, extra={SQ_NORM_KEY: sq_norm})
 
 
-def parse_reply(content: RecordDict) -> Reply:
-    metrics = content[METRICS_KEY]
-    return Reply(from_record(content[UPDATE_KEY]), from_record(content[BUFFERS_KEY]), int(metrics[WEIGHT_KEY]),
-                 int(metrics[CLIENTS_KEY]), float(metrics[LOSS_KEY]), float(metrics[SQ_NORM_KEY]))
+def parse_reply(content: RecordDict) -> UpdateReply:
+    """The reply; ``extra[SQ_NORM_KEY]`` is the example-weighted mean of ||Delta_i||^2."""
+    return parse_update_reply(content, (SQ_NORM_KEY,))
 
 
-def merge(parsed: Sequence[Reply]) -> Reply:
-    """Replies as one: every field the example-weighted mean (p_i = n_i / sum n), so merging is exact."""
-    weights = [r.num_examples for r in parsed]
-    f = average_factors(len(parsed), weights)
-    update = weighted_average([r.update for r in parsed], weights)
-    buffers = weighted_average([r.buffers for r in parsed], weights) if parsed[0].buffers else {}
-    return Reply(update, buffers, sum(weights), sum(r.clients for r in parsed),
-                 float(sum(w * r.loss for w, r in zip(f, parsed))),
-                 float(sum(w * r.sq_norm for w, r in zip(f, parsed))))
+merge = merge_update_replies  # replies as one: every field the example-weighted mean, so merging is exact
 
 
 def combine(replies: list[RecordDict]) -> RecordDict:
     """A node's ``reduce``: its clients' replies as one reply."""
-    m = merge([parse_reply(r) for r in replies])
-    return reply(m.update, m.buffers, m.num_examples, m.clients, m.loss, m.sq_norm)
+    return combine_update_replies(replies, (SQ_NORM_KEY,))
 
 
 def squared_norm(arrays: dict[str, np.ndarray], keys: Sequence[str]) -> float:

@@ -30,10 +30,10 @@ from fedsim.frameworks.model_rounds import ModelRoundsServer
 from fedsim_fedexp import protocol
 
 
-def fedexp_step(model: dict[str, np.ndarray], merged: protocol.Reply, parameters: list[str],
+def fedexp_step(model: dict[str, np.ndarray], merged: protocol.UpdateReply, parameters: list[str],
                 epsilon: float) -> tuple[dict[str, np.ndarray], float]:
     """(x + eta_g * Delta on the trainable parameters, back in their dtype, the buffers of ``merged``; eta_g)."""
-    eta_g = protocol.server_step_size(merged.sq_norm, protocol.squared_norm(merged.update, parameters), epsilon)
+    eta_g = protocol.server_step_size(merged.extra[protocol.SQ_NORM_KEY], protocol.squared_norm(merged.update, parameters), epsilon)
     out = dict(merged.buffers)
     for key in parameters:
         x = np.asarray(model[key], dtype=np.float64)
