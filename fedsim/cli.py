@@ -227,10 +227,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     from fedsim.deploy import deploy
     from fedsim.engine.signals import Interrupted
 
-    from fedsim.config import load_scenarios, select_variants
-
-    # the parts as the SuperNodes will serve them (a node of several clients needs reduce), before anything starts
-    _check_parts(select_variants(load_scenarios(args.scenario, args.set), args.only), args.nodes)
+    # fedsim.deploy checks the parts as the SuperNodes will serve them (a node of several clients needs reduce)
+    # before anything starts, on the one load of the scenario
     out = _out_dir(args)
     _writable_dir(out)
     _WATCHED.append((out, True))  # fedsim.deploy locks its run directories (out or out/<label>) itself
@@ -261,20 +259,10 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def _check_parts(loaded: list, nodes: int | None = None) -> None:
-    """Every variant's parts against their contracts, before anything starts (torch-free: fedsim.registry reads
-    the parts' source); with ``nodes``, for ``fedsim deploy --nodes``. Errors name the variant."""
-    from fedsim.errors import ConfigError
-    from fedsim.registry import check_nodes, check_parts, get_strategy
+    """``fedsim.registry.check_variants``, imported on use (the CLI starts without the registry)."""
+    from fedsim.registry import check_variants
 
-    for label, config in loaded:
-        spec = get_strategy(config.strategy.name)
-        try:
-            if nodes is None:
-                check_parts(spec, config.simulation.clients_per_node)
-            else:
-                check_nodes(spec, config.num_clients, nodes)
-        except ConfigError as exc:
-            raise ConfigError(f"variant {label!r}: {exc}" if len(loaded) > 1 else str(exc)) from None
+    check_variants(loaded, nodes)
 
 
 def _print_notes(notes: list[str]) -> None:

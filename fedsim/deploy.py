@@ -518,6 +518,7 @@ def _deploy(scenario: str | Path, nodes: int, out: str | Path, overrides: list[s
     federation starts when nothing is left to run)."""
     from fedsim.config import load_scenarios, select_variants
     from fedsim.flower_app import for_nodes, join_overrides
+    from fedsim.registry import check_variants
     from fedsim.results import rundir as results_dir
 
     every = load_scenarios(scenario, overrides)  # a bad scenario fails here, before anything starts
@@ -525,6 +526,7 @@ def _deploy(scenario: str | Path, nodes: int, out: str | Path, overrides: list[s
     single = len(every) == 1
     out = Path(out).resolve()
     nodes = federation.nodes if federation is not None else int(nodes)
+    check_variants(variants, nodes)  # the parts as the SuperNodes will serve them (several clients: reduce)
     plan = []
     for label, config in variants:
         run_dir = out if single else out / label

@@ -353,6 +353,21 @@ def check_nodes(spec: StrategySpec, num_clients: int, nodes: int) -> None:
     check_parts(spec, per_node)
 
 
+def check_variants(loaded: list, nodes: int | None = None) -> None:
+    """Every (label, config) variant's parts against their contracts, before anything starts (torch-free: the
+    parts' source is read, not imported); with ``nodes``, for a deployment on that many SuperNodes
+    (``check_nodes``). A ``ConfigError`` names the variant where there are several."""
+    for label, config in loaded:
+        spec = get_strategy(config.strategy.name)
+        try:
+            if nodes is None:
+                check_parts(spec, config.simulation.clients_per_node)
+            else:
+                check_nodes(spec, config.num_clients, nodes)
+        except ConfigError as exc:
+            raise ConfigError(f"variant {label!r}: {exc}" if len(loaded) > 1 else str(exc)) from None
+
+
 # -- plugins ----------------------------------------------------------------------------------------------------
 def plugin_files() -> dict[str, Path]:
     """The plugin files of this process and its parent (``FEDSIM_PLUGINS``): module name -> path."""
