@@ -243,11 +243,13 @@ def _run(tree, out):
     return summary, torch.load(out / "model.pt", weights_only=False)
 
 
-@pytest.mark.parametrize("name", ["acil", "ds-al"])
-def test_federated_equals_centralized_end_to_end(name, tmp_path):
-    """Same (initial) backbone: 3 Dirichlet clients' summed statistics give the 1-client classifier (1e-8)."""
-    central, m1 = _run(_tree(name, 1), tmp_path / "one")
-    federated, m3 = _run(_tree(name, 3), tmp_path / "three")
+@pytest.mark.parametrize("name, generalized", [("acil", False), ("ds-al", False), ("g-acil", True)])
+def test_federated_equals_centralized_end_to_end(name, generalized, tmp_path):
+    """Same (initial) backbone: 3 Dirichlet clients' summed statistics give the 1-client classifier (1e-8); G-ACIL
+    on the generalized stream, where classes recur and each client takes its partition's part of a task's indices."""
+    extra = {"stream__generalized": True} if generalized else {}
+    central, m1 = _run(_tree(name, 1, **extra), tmp_path / "one")
+    federated, m3 = _run(_tree(name, 3, **extra), tmp_path / "three")
     for i in range(len(m1.activations)):
         _close(getattr(m3, f"weights_{i}").numpy(), getattr(m1, f"weights_{i}").numpy())
     assert federated["final_accuracy"] == central["final_accuracy"]
