@@ -200,3 +200,15 @@ backend = "inline"
 [strategy]
 name = "{strategy}"
 """
+
+
+# FedAvg for 2 rounds over 2 IID clients of the digits set, a width-8 cnn trained one local epoch, inline: the
+# scenario of the run-file and tracking tests (tests/test_report_outputs.py, test_tracking.py, test_tensorboard.py)
+DIGITS_FEDAVG_2 = inline_digits_scenario("fedavg", clients=2).replace("rounds = 1", "rounds = 2") + """\
+[model]
+name = "cnn"
+width = 8
+[client]
+epochs = 1
+lr = 0.05
+"""

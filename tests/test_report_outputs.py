@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import inline_digits_scenario
+from conftest import DIGITS_FEDAVG_2, inline_digits_scenario
 
 from fedsim.config import load_scenario
 from fedsim.engine.progress import to_flower_log
@@ -20,25 +20,6 @@ from fedsim.errors import FedsimError
 from fedsim.results.rundir import load_model
 from fedsim.scenario import test_split
 
-FEDAVG = """
-seed = 0
-rounds = 2
-[data]
-name = "digits"
-[partition]
-kind = "iid"
-num_clients = 2
-[model]
-name = "cnn"
-width = 8
-[client]
-epochs = 1
-lr = 0.05
-[simulation]
-backend = "inline"
-[strategy]
-name = "fedavg"
-"""
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +27,7 @@ def fedavg_run(tmp_path_factory):
     """One FedAvg run (digits, 2 clients, 2 rounds, inline) with the round lines sent to Flower's logger while
     fedsim keeps "flwr" at ERROR, as run_scenario does."""
     tmp = tmp_path_factory.mktemp("fedavg")
-    (tmp / "s.toml").write_text(FEDAVG)
+    (tmp / "s.toml").write_text(DIGITS_FEDAVG_2)
     config = load_scenario(tmp / "s.toml")
     records: list[logging.LogRecord] = []
 

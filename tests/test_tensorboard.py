@@ -7,29 +7,11 @@ import json
 
 import pandas as pd
 import pytest
+from conftest import DIGITS_FEDAVG_2
 
 from fedsim.cli import main
 from fedsim.config import load_scenario
 
-SCENARIO = """
-seed = 0
-rounds = 2
-[data]
-name = "digits"
-[partition]
-kind = "iid"
-num_clients = 2
-[model]
-name = "cnn"
-width = 8
-[client]
-epochs = 1
-lr = 0.05
-[simulation]
-backend = "inline"
-[strategy]
-name = "fedavg"
-"""
 
 
 def _scalars(run_dir):
@@ -45,7 +27,7 @@ def _scalars(run_dir):
 def test_tensorboard_event_file_holds_every_metrics_row(tmp_path):
     pytest.importorskip("tensorboard")
     scenario = tmp_path / "s.toml"
-    scenario.write_text(SCENARIO + "[logging]\ntensorboard = true\n")
+    scenario.write_text(DIGITS_FEDAVG_2 + "[logging]\ntensorboard = true\n")
     out = tmp_path / "run"
     assert main(["run", str(scenario), "--out", str(out), "--quiet"]) == 0
     metrics = pd.read_csv(out / "metrics.csv")
@@ -62,7 +44,7 @@ def test_tensorboard_event_file_holds_every_metrics_row(tmp_path):
 def test_cli_flag_and_off_by_default(tmp_path):
     pytest.importorskip("tensorboard")
     scenario = tmp_path / "s.toml"
-    scenario.write_text(SCENARIO)
+    scenario.write_text(DIGITS_FEDAVG_2)
     config = load_scenario(scenario)
     assert config.logging.tensorboard is False and "logging" not in config.to_dict()  # config.json unchanged
     assert main(["run", str(scenario), "--out", str(tmp_path / "off"), "--quiet", "--set", "rounds=1"]) == 0
@@ -82,7 +64,7 @@ def test_missing_package_is_a_field_error(tmp_path, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
     scenario = tmp_path / "s.toml"
-    scenario.write_text(SCENARIO + "[logging]\ntensorboard = true\n")
+    scenario.write_text(DIGITS_FEDAVG_2 + "[logging]\ntensorboard = true\n")
     from fedsim.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"logging\.tensorboard: true needs the tensorboard package"):

@@ -9,30 +9,12 @@ import json
 
 import pandas as pd
 import pytest
+from conftest import DIGITS_FEDAVG_2
 
 from fedsim.cli import main
 from fedsim.config import load_scenario
 from fedsim.errors import ConfigError
 
-SCENARIO = """
-seed = 3
-rounds = 2
-[data]
-name = "digits"
-[partition]
-kind = "iid"
-num_clients = 2
-[model]
-name = "cnn"
-width = 8
-[client]
-epochs = 1
-lr = 0.05
-[simulation]
-backend = "inline"
-[strategy]
-name = "fedavg"
-"""
 
 
 def _read(uri: str, experiment: str = "fedsim"):
@@ -47,9 +29,9 @@ def _read(uri: str, experiment: str = "fedsim"):
 def test_mlflow_holds_every_metrics_row_params_and_summary(tmp_path):
     pytest.importorskip("mlflow")
     scenario = tmp_path / "s.toml"
-    scenario.write_text(SCENARIO + "[logging]\nmlflow = true\n")
+    scenario.write_text(DIGITS_FEDAVG_2 + "[logging]\nmlflow = true\n")
     out = tmp_path / "run"
-    assert main(["run", str(scenario), "--out", str(out), "--quiet"]) == 0
+    assert main(["run", str(scenario), "--out", str(out), "--quiet", "--set", "seed=3"]) == 0
     metrics = pd.read_csv(out / "metrics.csv")
     summary = json.loads((out / "summary.json").read_text())
     client, runs = _read(f"sqlite:///{out / 'mlflow.db'}")
@@ -71,7 +53,7 @@ def test_mlflow_holds_every_metrics_row_params_and_summary(tmp_path):
 def test_a_new_run_in_the_same_directory_replaces_its_store(tmp_path):
     pytest.importorskip("mlflow")
     scenario = tmp_path / "s.toml"
-    scenario.write_text(SCENARIO.replace("rounds = 2", "rounds = 1") + "[logging]\nmlflow = true\n")
+    scenario.write_text(DIGITS_FEDAVG_2.replace("rounds = 2", "rounds = 1") + "[logging]\nmlflow = true\n")
     out = tmp_path / "run"
     assert main(["run", str(scenario), "--out", str(out), "--quiet"]) == 0
     _read(f"sqlite:///{out / 'mlflow.db'}")  # this process holds the first store open, as a notebook would
@@ -86,8 +68,8 @@ def test_a_named_store_collects_runs_and_the_flag_turns_it_on(tmp_path):
     pytest.importorskip("mlflow")
     scenario = tmp_path / "s.toml"
     store = tmp_path / "all.db"
-    scenario.write_text(SCENARIO.replace("rounds = 2", "rounds = 1") + f"[logging]\nmlflow_tracking_uri = "
-                        f"\"sqlite:///{store}\"\nmlflow_experiment = \"paper\"\n")
+    scenario.write_text(DIGITS_FEDAVG_2.replace("rounds = 2", "rounds = 1") + f"[logging]\n"
+                        f"mlflow_tracking_uri = \"sqlite:///{store}\"\nmlflow_experiment = \"paper\"\n")
     assert main(["run", str(scenario), "--out", str(tmp_path / "off"), "--quiet"]) == 0
     assert not store.exists() and not (tmp_path / "off" / "mlflow.db").exists()  # mlflow is off by default
     for name in ("a", "b"):
@@ -103,10 +85,10 @@ def test_missing_package_is_a_field_error(tmp_path, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
     scenario = tmp_path / "s.toml"
-    scenario.write_text(SCENARIO + "[logging]\nmlflow = true\n")
+    scenario.write_text(DIGITS_FEDAVG_2 + "[logging]\nmlflow = true\n")
     with pytest.raises(ConfigError, match=r"logging\.mlflow: true needs the mlflow package.*fedsim\[mlflow\]"):
         load_scenario(scenario)
-    scenario.write_text(SCENARIO + "[logging]\nmlflow_experiment = \" \"\n")
+    scenario.write_text(DIGITS_FEDAVG_2 + "[logging]\nmlflow_experiment = \" \"\n")
     monkeypatch.undo()
     with pytest.raises(ConfigError, match=r"logging\.mlflow_experiment: an empty name"):
         load_scenario(scenario)
