@@ -114,7 +114,15 @@ def test_crashing_clients_are_left_out(tmp_path, monkeypatch):
             raise RuntimeError("disk full")
         return real_train(self, content, env)
 
+    real_group = fedsim.clients.afl.AFLClient.train_group
+
+    def flaky_group(self, content, envs):  # the batched path fails on the same data, the node falls back
+        if {3, 4, 17} & {e.partition_id for e in envs}:
+            raise RuntimeError("disk full")
+        return real_group(self, content, envs)
+
     monkeypatch.setattr(fedsim.clients.afl.AFLClient, "train", flaky)
+    monkeypatch.setattr(fedsim.clients.afl.AFLClient, "train_group", flaky_group)
     config, summary, w, table = run(tmp_path, "crash", "simulation.clients_per_node=4")
     assert summary["dropped_client_ids"] == [3, 4, 17] and summary["failed_client_rounds"] == 3
     keep = [k for k in range(24) if k not in (3, 4, 17)]
@@ -155,14 +163,19 @@ def test_every_client_failing_is_a_clear_error(tmp_path, monkeypatch):
         raise RuntimeError("no backbone")
 
     monkeypatch.setattr(fedsim.clients.afl.AFLClient, "train", broken)
+    monkeypatch.setattr(fedsim.clients.afl.AFLClient, "train_group", lambda self, content, envs: broken(self, content,
+                                                                                                        envs[0]))
     with pytest.raises((AllClientsFailed, RunFailed), match="none of the 24 clients answered"):
         run(tmp_path, "none")
 
 
 @pytest.mark.parametrize("upload", ["statistics", "solution"])
 def test_nodes_fold_early_beyond_the_memory_bound(tmp_path, monkeypatch, upload):
-    """With a tiny REDUCE_EVERY_BYTES a node folds after every reply (memory of two replies): same weights."""
+    """With a tiny REDUCE_EVERY_BYTES a node folds after every reply (memory of two replies): same weights. (The
+    per-client loop: without the batched train_group hook, which folds in one pass and holds no replies.)"""
     import fedsim.engine.node as engine_node
+
+    monkeypatch.delattr(fedsim.clients.afl.AFLClient, "train_group")
 
     _, _, w_all_at_once, t1 = run(tmp_path, "once", f"strategy.upload={upload}", "simulation.clients_per_node=12")
     monkeypatch.setattr(engine_node, "REDUCE_EVERY_BYTES", 1)

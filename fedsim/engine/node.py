@@ -18,6 +18,7 @@ import os
 import socket
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -114,6 +115,19 @@ def reported_metrics(reply: RecordDict) -> tuple[int, float]:
         if loss != loss and isinstance(record.get(TRAIN_LOSS_METRIC), (int, float)):
             loss = float(record[TRAIN_LOSS_METRIC])
     return examples, (float("nan") if examples == 0 else loss)
+
+
+@dataclass
+class GroupReply:
+    """What a client part's optional ``train_group(content, envs)`` hook answers for all the clients of a node at
+    once (``fedsim.engine.parts.ClientPart``): ``content``, the group's combined reply (what ``reduce`` of their
+    own replies would give), and per client, in the order of ``envs``, the bytes of the reply it would have sent
+    alone (``record_nbytes``), the examples and the train loss it reports (NaN for none)."""
+
+    content: RecordDict
+    client_bytes: list[int]
+    client_examples: list[int]
+    client_train_loss: list[float]
 
 
 def concatenate_replies(replies: list[RecordDict]) -> RecordDict:
@@ -246,6 +260,11 @@ class NodeHandler:
         codec = self.spec.model_codec_object() if byzantine else None
         device = resolve_device(cfg.simulation.device)
 
+        if kind == "train" and hasattr(client, "train_group") and not byzantine.intersection(group):
+            batched = self._train_group(client, content, context, group, failing, round_, device)
+            if batched is not None:
+                return Message(batched, reply_to=msg)
+
         replies: list[RecordDict] = []
         served, failed, sizes, reasons = [], [], [], []
         examples, losses = [], []  # per served client, from its own reply (reduce would merge them)
@@ -286,6 +305,39 @@ class NodeHandler:
         )
         out[NODE_KEY] = where_running()
         return Message(out, reply_to=msg)
+
+    # ---- batched clients (issue #26) ------------------------------------------------------------------------
+    def _train_group(self, client: Any, content: RecordDict, context: Context, group: list[int],
+                     failing: frozenset[int], round_: int, device: str) -> RecordDict | None:
+        """The node's reply from the client part's ``train_group(content, envs)`` over every client of the group
+        that is not an injected failure, with the same accounting as the per-client loop (per-client bytes,
+        examples, losses; injected failures listed). None (the per-client loop then runs) where the part declines
+        (returns None), no client is left, or the hook raises: the loop then attributes a crash to the client
+        that crashes. States are stored only after the hook returned."""
+        served = [pid for pid in group if pid not in failing]
+        if not served:
+            return None
+        envs = [ClientEnv(self.config, pid, round_, self._indices(pid), device, client_state(context.state, pid))
+                for pid in served]
+        try:
+            result = client.train_group(content, envs)
+        except Exception:  # noqa: BLE001 - the per-client loop accounts it client by client
+            return None
+        if result is None:
+            return None
+        if not (len(result.client_bytes) == len(result.client_examples) == len(result.client_train_loss)
+                == len(served)):
+            raise ClientError(f"train_group answered for {len(result.client_bytes)} clients, not {len(served)}")
+        for env in envs:
+            store_client_state(context.state, env.partition_id, env.state)
+        out = result.content
+        out[ACCOUNTING_KEY] = MetricRecord(
+            {"partition_ids": served, "failed_ids": [pid for pid in group if pid in failing],
+             "client_bytes": [int(b) for b in result.client_bytes],
+             "client_examples": [int(n) for n in result.client_examples],
+             "client_train_loss": [float(v) for v in result.client_train_loss]})
+        out[NODE_KEY] = where_running()
+        return out
 
 
 def _client_states(msg: Message, context: Context, group: list[int]) -> Message:

@@ -56,6 +56,12 @@ class ClientPart(Protocol):
       ``fedsim.engine.ClientEnv`` (its partition, seed, device and ``env.state``, kept between messages). A message
       of another type (``evaluate``) goes to the hook of that name, where the part has one.
     - optional ``reduce(replies) -> RecordDict`` (a static method; see ``ReducibleClientPart``).
+    - optional ``train_group(content, envs) -> fedsim.engine.node.GroupReply | None``: a train message for all
+      the clients of a node at once (``envs``, one per client, injected failures left out; not used while a
+      byzantine client is in the group): the combined reply ``reduce`` would make of their replies, and each
+      client's bytes, examples and train loss as if it had answered alone. None, or an exception, makes the node
+      serve the clients one by one with ``train`` (so a crash is still attributed to its client); leave
+      ``env.state`` untouched unless returning a reply.
     """
 
     def __init__(self, params: Any) -> None: ...

@@ -47,6 +47,8 @@ __all__ = [
     "AFLLearner",
     "client_statistics",
     "client_upload",
+    "client_form",
+    "group_upload",
     "factor_is_smaller",
     "encode_reply",
     "reduce_replies",
@@ -127,6 +129,59 @@ def client_upload(x: Any, y: Any, feature_map: Any, num_classes: int, upload: st
         return {"factor": r, "cross": cross, "count": np.array([n], dtype=np.int64)}
     stats = client_statistics(x, y, feature_map, num_classes, batch_size=batch_size)
     return encode_reply(stats, "statistics" if upload == "auto" else upload, gamma)
+
+
+def client_form(rows: int, dim: int, upload: str) -> tuple[str, int]:
+    """(reply kind, rows of its first array) that `client_upload` sends for a client of `rows` rows in the raw
+    forms: ("factor", min(rows, d)) or ("statistics", d (d + 1) / 2 packed entries). `upload` "solution" has no
+    such shape rule (it is computed per client) and is refused."""
+    if upload == "factor" or (upload == "auto" and factor_is_smaller(rows, dim)):
+        return "factor", min(int(rows), int(dim))
+    if upload in ("auto", "statistics"):
+        return "statistics", int(dim) * (int(dim) + 1) // 2
+    raise ValueError(f"client_form: upload must be one of ('auto', 'statistics', 'factor'), got {upload!r}")
+
+
+def group_upload(data: Any, indices: Iterable[Any], feature_map: Any, num_classes: int, upload: str,
+                 batch_size: int = 1024) -> dict[str, np.ndarray]:
+    """The combined raw statistics of a group of clients (a node serving many), in one pass over all their rows.
+
+    `data` is the training split (a `fedsim.data.LabeledData`), `indices` every client's row indices. The feature
+    map runs over the concatenated rows `batch_size` at a time (it is row-wise, and computes in float64 for the
+    identity and random maps, so a row's features do not depend on its batch) and C = X^T X, Q = X^T Y are
+    accumulated by syrk: the sums `reduce_replies` would make of the clients' own uploads, up to float64
+    round-off, without one forward, one QR and one record per client. The reply is a "factor" (the R of a QR of
+    the group's features) when every client would have sent a factor (`client_form`) and the group's rows stay
+    below the size of a packed Gram, as `reduce_replies` would stack them; else "statistics" (the packed Gram).
+    Raw forms only ("auto", "statistics", "factor"): the paper's "solution" is a per-client solve.
+    """
+    import torch
+
+    if upload not in ("auto", "statistics", "factor"):
+        raise ValueError(f"group_upload: upload must be one of ('auto', 'statistics', 'factor'), got {upload!r}")
+    parts = [np.asarray(i, dtype=np.int64).reshape(-1) for i in indices]
+    dim = int(feature_map.dim)
+    rows = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    n = int(rows.size)
+    stack = (all(client_form(p.size, dim, upload)[0] == "factor" for p in parts)
+             and factor_is_smaller(n, dim))
+    cross = np.zeros((dim, num_classes))
+    stats = None if stack else RidgeStatistics.zeros(dim, num_classes)
+    feats_all = []
+    for start in range(0, n, batch_size):
+        batch = data.subset(rows[start:start + batch_size])
+        feats = feature_map(batch.x, dtype=torch.float64)
+        feats = np.asarray(feats.detach().cpu().numpy() if hasattr(feats, "detach") else feats, np.float64)
+        if stack:
+            feats_all.append(feats)
+            cross += feats.T @ _one_hot(batch.y, num_classes)
+        else:
+            stats.update(feats, batch.y, num_classes)
+    count = np.array([n], dtype=np.int64)
+    if stack:
+        r = gram_factor(np.vstack(feats_all)) if feats_all else np.zeros((0, dim))
+        return {"factor": r, "cross": cross, "count": count}
+    return {"gram": pack_upper(stats.gram), "cross": stats.cross, "count": count}
 
 
 def _one_hot(y: Any, num_classes: int) -> np.ndarray:
