@@ -16,12 +16,15 @@ again before the next server update (else a failing client could be redrawn fore
 The client's real training runs when it starts (``ctx.send`` to that one client), which is exact: the model it
 receives is the model at its start time, since every earlier event has been processed. summary.json adds
 ``mean_staleness`` and ``max_staleness`` over the aggregated updates. Messages: ``fedsim.algorithms.fedbuff.protocol``.
+
+After each server update the run checkpoints (``ctx.checkpoint``, ``fedsim.engine.checkpoint``) the model, the
+pending events (the replies of the clients still in flight included), the buffer, the busy and failed clients and
+the event and draw counters; the engine adds the clock, so ``fedsim run --resume`` continues after the last update.
 """
 
 from __future__ import annotations
 
 import heapq
-import itertools
 
 import numpy as np
 
@@ -34,6 +37,8 @@ ARRIVE, FREE, START = 0, 1, 2  # event kinds (at equal times: arrivals first, th
 
 
 class FedBuffServer:
+    resumes_mid_run = True  # --resume continues after the last server update (``fedsim.engine.checkpoint``)
+
     def __init__(self, params: protocol.FedBuffParams) -> None:
         self.params = params
 
@@ -48,9 +53,8 @@ class FedBuffServer:
         every, rounds = cfg.evaluation.every, cfg.rounds
         ctx.set_total_steps(rounds)
         events: list[tuple] = []
-        order = itertools.count()
+        count = {"order": 0, "starts": 0}  # events pushed (ties in the heap), clients started (their draws)
         busy: set[int] = set()
-        starts = itertools.count()
         version = 0
         buffer: list[protocol.UpdateReply] = []
         taus: list[int] = []
@@ -76,21 +80,21 @@ class FedBuffServer:
                 later = min((clock.fleet.availability.next_online(pid, t) for pid in idle), default=float("inf"))
                 if later != float("inf") and not waiting[0]:
                     waiting[0] = True
-                    heapq.heappush(events, (later, START, next(order), -1, version, None))
+                    heapq.heappush(events, (later, START, _tick(count, "order"), -1, version, None))
                 return False
-            rng = np.random.default_rng(ctx.derive_seed("fedbuff-sample", next(starts)))
+            rng = np.random.default_rng(ctx.derive_seed("fedbuff-sample", _tick(count, "starts")))
             pid = int(online[int(rng.integers(len(online)))])
             clock.start_at = t
             (answer,) = ctx.send(protocol.request(model, training), partitions=[pid], round=version + 1) or (None,)
             timing = clock.last.get(pid)
             if answer is not None and answer.ok and timing is not None:
                 busy.add(pid)
-                heapq.heappush(events, (timing.finish, ARRIVE, next(order), pid, version, answer.content))
+                heapq.heappush(events, (timing.finish, ARRIVE, _tick(count, "order"), pid, version, answer.content))
             elif timing is not None:  # dropped: busy until it missed the deadline or went offline
                 busy.add(pid)
                 when = min(timing.finish, clock.fleet.availability.online_until(pid, t),
                            t + (clock.system.deadline_s or float("inf")))
-                heapq.heappush(events, (when, FREE, next(order), pid, version, None))
+                heapq.heappush(events, (when, FREE, _tick(count, "order"), pid, version, None))
             else:  # failed (injected or crashed): its slot is free at once
                 failed.add(pid)
             return True
@@ -99,8 +103,19 @@ class FedBuffServer:
             while len(busy) < concurrency and start(t):
                 pass
 
-        log(0)
-        fill(0.0)
+        resumed = ctx.checkpoint.resume()  # --resume: the state after the interrupted run's last server update
+        if resumed is None:
+            log(0)
+            fill(0.0)
+        else:
+            model, version, events = resumed["model"], resumed["round"], resumed["events"]
+            buffer, taus, seen_taus = resumed["buffer"], resumed["taus"], resumed["seen_taus"]
+            busy.update(resumed["busy"])
+            failed.update(resumed["failed"])
+            waiting[0] = resumed["waiting"]
+            count.update(resumed["count"])
+            if version < rounds:  # what followed that update's checkpoint
+                fill(clock.now)
         while events and version < rounds:
             t, kind, _, pid, started, content = heapq.heappop(events)
             clock.now = max(clock.now, t)
@@ -117,6 +132,9 @@ class FedBuffServer:
                     buffer, taus = [], []
                     failed.clear()
                     log(version)
+                    ctx.checkpoint.save(version, {"model": model, "events": events, "buffer": buffer, "taus": taus,
+                                                  "seen_taus": seen_taus, "busy": busy, "failed": failed,
+                                                  "waiting": waiting[0], "count": count})
             if version < rounds:
                 fill(clock.now)
         arrays_to_state(net, model)
@@ -124,3 +142,9 @@ class FedBuffServer:
         ctx.summary(num_parameters=int(sum(q.numel() for q in net.parameters())), server_updates=version,
                     mean_staleness=float(np.mean(seen_taus)) if seen_taus else 0.0,
                     max_staleness=int(max(seen_taus, default=0)))
+
+
+def _tick(counter: dict[str, int], name: str) -> int:
+    """The next value of ``counter[name]`` (0, 1, ...), a checkpointable ``itertools.count``."""
+    counter[name] += 1
+    return counter[name] - 1

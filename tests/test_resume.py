@@ -141,6 +141,23 @@ def test_resumed_system_run_equals_the_uninterrupted_one(tmp_path, monkeypatch, 
     _assert_same_run(_interrupted_then_resumed(tmp_path, monkeypatch, config), full)
 
 
+def test_resumed_fedbuff_run_equals_the_uninterrupted_one(tmp_path, monkeypatch):
+    """FedBuff's event loop on the simulated clock, interrupted after its second server update: the clients in
+    flight (their replies held in the checkpoint's events), the buffer, the staleness so far and the draw counter
+    carry over, so the updates, their times and the model equal the uninterrupted run's."""
+    system = SYSTEM.replace("over_selection = 1.5\n", "")  # FedBuff keeps every arrival
+    config = scenario_config(DIGITS + system, tmp_path, *SETTINGS, "strategy.name=fedbuff", "strategy.buffer_size=2",
+                             "strategy.concurrency=3")
+    full = tmp_path / "full"
+    run_scenario(config, full, show_progress=False)
+    summary = json.loads((full / "summary.json").read_text())
+    assert summary["server_updates"] == 4 and summary["max_staleness"] > 0 and summary["dropped_clients"] > 0
+    resumed = _interrupted_then_resumed(tmp_path, monkeypatch, config)
+    _assert_same_run(resumed, full)
+    again = json.loads((resumed / "summary.json").read_text())
+    assert (again["mean_staleness"], again["max_staleness"]) == (summary["mean_staleness"], summary["max_staleness"])
+
+
 def test_clock_state_survives_a_checkpoint(tmp_path):
     """SimClock.checkpoint_state / restore_state (pickled, as checkpoint.pkl holds it): a fresh clock of the same
     configuration continues with the interrupted one's time, drops, timings and generated availability periods."""
@@ -186,7 +203,8 @@ def test_resume_refuses_a_checkpoint_of_another_configuration(tmp_path, monkeypa
 
 
 def test_a_strategy_without_checkpoints_runs_again_with_a_note(tmp_path, capsys):
-    """FedBuff (an event loop, no rounds to checkpoint) says it starts from the beginning."""
+    """A strategy whose server part does not set ``resumes_mid_run`` (AFL, one-shot, ...) says it starts from the
+    beginning."""
     config = _config(tmp_path, "fedavg")
     run_dir = tmp_path / "run"
     (run_dir).mkdir()
@@ -194,14 +212,14 @@ def test_a_strategy_without_checkpoints_runs_again_with_a_note(tmp_path, capsys)
     from fedsim.engine import runner
 
     class _Spec:
-        name = "fedbuff"
+        name = "afl"
 
         @staticmethod
         def server_class():
             return object
 
     assert runner._checkpoint_to_resume(config, _Spec, run_dir, None) is None
-    assert "strategy 'fedbuff' does not resume mid-run; running it again from the beginning" in \
+    assert "strategy 'afl' does not resume mid-run; running it again from the beginning" in \
         capsys.readouterr().err
 
 
