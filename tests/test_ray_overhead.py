@@ -1,0 +1,137 @@
+"""fedsim.engine.ray_backend against the per-message and per-poll costs of Flower's Ray simulation (issue #26): its
+poller of the link state (`_add_messages_to_queue`) against Flower's own, and the ClientApp pickled once
+(`PickledOnce`)."""
+from __future__ import annotations
+
+import threading
+from queue import Queue
+
+import pytest
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.server.superlink.fleet.vce import vce_api
+from flwr.server.superlink.linkstate import LinkStateFactory
+from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.proto.task_pb2 import Task  # pylint: disable=E0611
+from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
+from flwr.supercore.object_store import ObjectStoreFactory
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+from flwr.superlink.federation import NoOpFederationManager
+from flwr.superlink.grid import InMemoryGrid
+
+from fedsim.engine.ray_backend import _add_messages_to_queue, _one_scan_per_poll
+
+
+@pytest.fixture(autouse=True)
+def _task_identity(monkeypatch):
+    """What flwr.simulation.run_simulation sets before its grid pushes messages (restored afterwards)."""
+    for name, value in (("_task_id", 1), ("_run_id", 7), ("_node_id", SUPERLINK_NODE_ID)):
+        monkeypatch.setattr(TaskIdentity, name, value, raising=False)
+
+
+class _OnePoll(threading.Event):
+    """A stop event that is set by the poller's first wait: the poller runs exactly one poll."""
+
+    def wait(self, timeout=None):  # noqa: ANN001, ANN201
+        self.set()
+        return True
+
+
+def _federation(num_nodes: int, targets: list[int]):
+    """Flower's in-memory link state with ``num_nodes`` nodes and one message pushed, through Flower's grid, to
+    the node at each position of ``targets`` (a position may repeat)."""
+    factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
+    mapping = vce_api._register_nodes(num_nodes, factory)
+    state = factory.state()
+    run = Run.create_empty(run_id=7)  # as flwr.simulation.run_simulation._main_loop registers its run
+    run.primary_task_id, run.federation_id = 11, NOOP_FEDERATION_ID
+    state.run_ids[run.run_id] = RunRecord(run=run)
+    state.task_store[11] = Task(task_id=11, run_id=run.run_id)
+    grid = InMemoryGrid(state_factory=factory)
+    grid.set_run(run)
+    nodes = list(mapping)
+    msgs = [Message(RecordDict({"c": ConfigRecord({"i": i})}), nodes[t], MessageType.TRAIN)
+            for i, t in enumerate(targets)]
+    ids = list(grid.push_messages(msgs))
+    assert all(ids) and len(state.message_ins_store) == len(targets)
+    return factory, mapping, ids
+
+
+def _one_poll(poller, factory, mapping) -> list[str]:  # noqa: ANN001
+    queue: Queue = Queue()
+    poller(factory.state(), queue, mapping, _OnePoll())
+    out = []
+    while not queue.empty():
+        out.append(queue.get().metadata.message_id)
+    return out
+
+
+@pytest.mark.parametrize("targets", [[3, 0, 41, 7, 7, 19, 3, 3], [], [5], list(range(60))])
+def test_one_poll_queues_what_flowers_poller_queues(targets):
+    """The same messages, in the same order, marked delivered alike (each node's first one only), then the same
+    for the next poll."""
+    flower = _federation(60, targets)
+    ours = _federation(60, targets)
+    order = {mid: k for k, mid in enumerate(flower[2])}  # the same pushes give the same positions, other ids
+    position = {mid: k for k, mid in enumerate(ours[2])}
+    polls = []
+    for _ in range(4):  # a node with several messages gets one per poll
+        got_flower = [order[m] for m in _one_poll(vce_api.add_messages_to_queue, flower[0], flower[1])]
+        got_ours = [position[m] for m in _one_poll(_add_messages_to_queue, ours[0], ours[1])]
+        assert got_ours == got_flower
+        pending = lambda f, ids: sorted(ids.index(m) for m, msg in f[0].state().message_ins_store.items()  # noqa: E731
+                                        if msg.metadata.delivered_at == "")
+        assert pending(ours, ours[2]) == pending(flower, flower[2])
+        polls.append(len(got_ours))
+    assert polls[0] == len(set(targets)) and sum(polls) == len(targets)  # node 3's third message in the 3rd poll
+
+
+def test_the_poller_is_flowers_again_after_the_run():
+    original = vce_api.add_messages_to_queue
+    with _one_scan_per_poll():
+        assert vce_api.add_messages_to_queue is not original
+        assert vce_api.add_messages_to_queue.func is _add_messages_to_queue
+    assert vce_api.add_messages_to_queue is original
+
+
+def test_another_link_state_gets_flowers_poller():
+    calls = []
+    _add_messages_to_queue(object(), Queue(), {}, _OnePoll(), flower_poller=lambda *a: calls.append(a))
+    assert len(calls) == 1
+    with pytest.raises(TypeError, match="not Flower's in-memory link state"):
+        _add_messages_to_queue(object(), Queue(), {}, _OnePoll())
+
+
+class _CountsPickles:
+    """A stand-in ClientApp that counts how often it is pickled and answers its call's arguments."""
+
+    pickled = 0
+
+    def __call__(self, message, context):  # noqa: ANN001, ANN204
+        return ("answered", message, context)
+
+    def __reduce__(self):  # noqa: ANN204
+        type(self).pickled += 1
+        return _CountsPickles, ()
+
+
+def test_the_client_app_is_pickled_once_and_unpickled_once_per_process(monkeypatch):
+    """Flower's Ray backend pickles the app with every message: PickledOnce pickles it the first time only, and
+    unpickling in a process where the token was seen gives that process's app back."""
+    from ray import cloudpickle
+
+    from fedsim.engine import ray_backend
+
+    monkeypatch.setattr(ray_backend, "_UNPICKLED", {})
+    _CountsPickles.pickled = 0
+    shipped = ray_backend.PickledOnce(_CountsPickles())
+    load = lambda: shipped  # noqa: E731  (Flower's app_fn: a closure over the app, pickled per message)
+    blobs = [cloudpickle.dumps(load) for _ in range(5)]
+    assert _CountsPickles.pickled == 1
+    apps = [cloudpickle.loads(b)() for b in blobs]
+    assert all(a is apps[0] for a in apps) and apps[0] is not shipped and apps[0].token == shipped.token
+    assert isinstance(apps[0].app, _CountsPickles)
+    assert apps[0](message="m", context="c") == ("answered", "m", "c")
+    other = cloudpickle.loads(cloudpickle.dumps(ray_backend.PickledOnce(_CountsPickles())))
+    assert other is not apps[0] and len(ray_backend._UNPICKLED) == 2  # another run's app: its own token
