@@ -237,16 +237,28 @@ def _noted(pids) -> set[int]:  # noqa: ANN001
 
 
 def _kill_seen(seen: set[int]) -> None:
-    """SIGKILL to what a test saw and is still that process (also when the test fails; a reused PID is spared)."""
+    """SIGKILL to what a test saw and is still that process (also when the test fails; a reused PID is spared).
+    fedsim's watchdog among them is left to finish first: after a kill -9 of fedsim deploy it sweeps what carries
+    the federation's token, also what the test never saw (a ServerApp started after its last look); killed at once,
+    it left such a ServerApp running."""
     import os
     import signal
 
-    from fedsim.engine.processes import start_time
+    from fedsim.engine.processes import start_time, wait_gone
 
+    ours = [pid for pid in seen if start_time(pid) is not None and start_time(pid) == _START_TIMES.get(pid)]
+    wait_gone([pid for pid in ours if "--watchdog" in _cmdline_of(pid)], 20, poll=0.1)
     for pid in seen:
         if start_time(pid) is not None and start_time(pid) == _START_TIMES.get(pid):
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def _cmdline_of(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def test_ctrl_c_during_fedsim_deploy_stops_every_process_it_started(tmp_path):
