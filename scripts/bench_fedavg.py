@@ -3,9 +3,9 @@
 Both sides run the same thing: full Fashion-MNIST, Dirichlet(alpha) over N clients (the scenario's partition),
 the scenario's CNN from the same initial weights, `client.epochs` local epochs of SGD per round with the same
 batch size, learning rate, momentum and per-client seeds (`fedsim.engine.node.ClientEnv.seed`), example-weighted
-averaging, test evaluation of the initial model and after every round. The bare loop is plain PyTorch in one process (`fedsim.nn.training`
-loops, no Flower, no Ray, no serialization); fedsim runs in a fresh process through Flower's Ray backend (Ray
-start-up included in `fedsim_s`; `fedsim_rounds_s` is the rounds alone).
+averaging, test evaluation of the initial model and after every round. The bare loop is plain PyTorch in one
+process (`fedsim.nn.training` loops, no Flower, no Ray, no serialization); fedsim runs in a fresh process through
+Flower's Ray backend (Ray start-up included in `fedsim_s`; `fedsim_rounds_s` is the rounds alone).
 
     python scripts/bench_fedavg.py                       # 20 clients, 5 rounds, alpha 0.1
     python scripts/bench_fedavg.py --clients 20 --rounds 5 --max-train 12000 --backend inline
@@ -471,9 +471,11 @@ def main() -> None:
     if bare is not None:
         same = fedsim_sampled(out / "fedsim", args.rounds) == bare["sampled"]
         row.update({"cpu_ratio": round(cost["tree_cpu_s"] / bare_cost["rusage_cpu_s"], 3),
-                    "ratio": round(wall / bare["bare_s"], 3), "rounds_ratio": round(fed["rounds_s"] / bare["bare_s"], 3),
+                    "ratio": round(wall / bare["bare_s"], 3),
+                    "rounds_ratio": round(fed["rounds_s"] / bare["bare_s"], 3),
                     "bare_accuracy": round(bare["accuracy"], 4),
-                    "max_accuracy_gap": round(max(abs(a - b) for a, b in zip(bare["accuracies"], fed["accuracies"])), 4),
+                    "max_accuracy_gap": round(max(abs(a - b) for a, b in zip(bare["accuracies"],
+                                                                              fed["accuracies"])), 4),
                     "same_clients": same})
     if args.system:
         print("fedsim with a default [system] section ...", file=sys.stderr, flush=True)

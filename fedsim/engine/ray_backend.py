@@ -2,7 +2,10 @@
 
 Starting, joining and stopping Ray itself is ``fedsim.engine.ray_session``'s (one Ray for a whole ``fedsim run``);
 this module asks it for a Ray, takes SIGINT/SIGTERM back from ``ray.init`` and hands the apps to
-``flwr.simulation.run_simulation``.
+``flwr.simulation.run_simulation``, with two costs of Flower's Ray simulation that grow with the number of
+clients taken out (issue #26, docs/performance.md): the ClientApp is pickled once per run, not once per message
+(``PickledOnce``), and Flower's poller scans its link state once per poll, not once per node
+(``_one_scan_per_poll``).
 """
 
 from __future__ import annotations
@@ -63,8 +66,8 @@ def run_on_ray(config: ScenarioConfig, client_app: Any, server_main: Callable[[A
         backend_config = {"client_resources": client_resources(config), "init_args": init_args}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            run_simulation(server_app=server_app, client_app=PickledOnce(client_app), num_supernodes=config.num_nodes,
-                           backend_name="ray", backend_config=backend_config,
+            run_simulation(server_app=server_app, client_app=PickledOnce(client_app),
+                           num_supernodes=config.num_nodes, backend_name="ray", backend_config=backend_config,
                            verbose_logging=bool(config.simulation.verbose))
 
 
