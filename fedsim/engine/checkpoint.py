@@ -129,6 +129,7 @@ class RoundCheckpoint:
         self.payload = payload
         self.path = Path(ctx.run_dir) / CHECKPOINT_FILE
         self.saved = False
+        self._states = RecordDict()  # every client's state as last collected ("<pid>/<key>" -> record)
 
     @property
     def round(self) -> int:
@@ -152,16 +153,24 @@ class RoundCheckpoint:
         return replies
 
     def _collect_client_states(self) -> bytes:
-        states = RecordDict()
-        for msg in self._query(list(self.ctx.grid.node_clients), "get"):
-            for key, record in msg.content.items():
-                states[key] = record
-        return recorddict_to_proto(states).SerializeToString()
+        """Every client's state: asked again only of the nodes whose states may have changed since the last
+        checkpoint (``AccountingGrid.take_state_changed``); the others' are the ones collected before."""
+        grid = self.ctx.grid
+        nodes = sorted(n for n in grid.take_state_changed() if n in grid.node_clients)
+        if nodes:
+            asked = {f"{pid}{STATE_SEPARATOR}" for n in nodes for pid in grid.node_clients[n]}
+            for key in [k for k in self._states.keys() if k[:k.find(STATE_SEPARATOR) + 1] in asked]:
+                del self._states[key]
+            for msg in self._query(nodes, "get"):
+                for key, record in msg.content.items():
+                    self._states[key] = record
+        return recorddict_to_proto(self._states).SerializeToString()
 
     def _restore_client_states(self, blob: bytes) -> None:
         proto = ProtoRecordDict()
         proto.ParseFromString(blob)
         states = recorddict_from_proto(proto)
+        self._states = RecordDict(dict(states.items()))
         contents = {}
         for node, clients in self.ctx.grid.node_clients.items():
             mine = {f"{pid}{STATE_SEPARATOR}" for pid in clients}

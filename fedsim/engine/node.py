@@ -27,7 +27,7 @@ from flwr.app.error import Error
 from flwr.clientapp import ClientApp
 
 from fedsim.config import ScenarioConfig
-from fedsim.engine.accounting import ACCOUNTING_KEY, CLIENT_FAILED, ENGINE_KEY, NODE_KEY, failing_clients, \
+from fedsim.engine.accounting import ACCOUNTING_KEY, CLIENT_FAILED, ENGINE_KEY, HOLDS_STATE, NODE_KEY, failing_clients, \
     node_group, record_nbytes
 from fedsim.registry import get_strategy
 from fedsim.scenario import ScenarioView, client_stream, derive_seed, partition_for, resolve_device, train_split
@@ -301,7 +301,7 @@ class NodeHandler:
         out = replies[0] if len(replies) == 1 else client_cls.reduce(replies)
         out[ACCOUNTING_KEY] = MetricRecord(
             {"partition_ids": served, "failed_ids": failed, "client_bytes": sizes, "client_examples": examples,
-             "client_train_loss": losses}
+             "client_train_loss": losses, HOLDS_STATE: _holds_state(context)}
         )
         out[NODE_KEY] = where_running()
         return Message(out, reply_to=msg)
@@ -335,9 +335,15 @@ class NodeHandler:
             {"partition_ids": served, "failed_ids": [pid for pid in group if pid in failing],
              "client_bytes": [int(b) for b in result.client_bytes],
              "client_examples": [int(n) for n in result.client_examples],
-             "client_train_loss": [float(v) for v in result.client_train_loss]})
+             "client_train_loss": [float(v) for v in result.client_train_loss], HOLDS_STATE: _holds_state(context)})
         out[NODE_KEY] = where_running()
         return out
+
+
+def _holds_state(context: Context) -> int:
+    """1 where any client of this node keeps a state (``ClientEnv.state``), else 0: a round checkpoint asks only
+    such nodes for their clients' states (FedAvg's 1,000 nodes held none and were queried every round)."""
+    return int(any(STATE_SEPARATOR in key for key in context.state.keys()))
 
 
 def _client_states(msg: Message, context: Context, group: list[int]) -> Message:

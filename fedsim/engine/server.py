@@ -13,7 +13,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedsim.config import ScenarioConfig
-from fedsim.engine.accounting import ACCOUNTING_KEY, ENGINE_KEY, NODE_KEY, record_nbytes
+from fedsim.engine.accounting import ACCOUNTING_KEY, ENGINE_KEY, HOLDS_STATE, NODE_KEY, record_nbytes
 from fedsim.engine.checkpoint import RoundCheckpoint
 from fedsim.engine.clock import SimClock
 from fedsim.results.client_metrics import LABEL_MIX_ACCURACY, LOCAL_ACCURACY, ClientLedger
@@ -100,6 +100,8 @@ class AccountingGrid(Grid):
         self.traffic = Traffic()
         self.node_clients: dict[int, list[int]] = {}  # node id -> virtual clients it serves
         self._sent: dict[str, tuple[int, int]] = {}  # message id -> (node id, content bytes)
+        self.state_changed: set[int] = set()  # nodes that answered holding a client state (or failed) since the
+        # last round checkpoint (fedsim.engine.checkpoint asks these, and those with a reply outstanding)
         self._sent_to: dict[str, tuple[int, list[int]]] = {}  # message id -> (round, the clients it was sent to)
         self.ledger = ClientLedger()  # clients.csv's rows: per round and client, what was sent and answered
         self.placement: dict[int, dict] = {}  # client -> Flower node, host, Ray nodes that ran it, replies
@@ -160,6 +162,13 @@ class AccountingGrid(Grid):
             self.ledger.sent(_round_of(msg), clients, size)
         return ids
 
+    def take_state_changed(self) -> set[int]:
+        """The nodes whose clients' states may have changed since the last call: those that answered holding one
+        (or failed), and those with a reply outstanding; the record starts again empty."""
+        nodes = self.state_changed | {node for node, _ in self._sent.values()}
+        self.state_changed = set()
+        return nodes
+
     def _selected_clients(self, msg: Message, node: int) -> list[int]:
         clients = self.node_clients.get(node, [])
         if msg.has_content() and ENGINE_KEY in msg.content.config_records:
@@ -181,10 +190,13 @@ class AccountingGrid(Grid):
         round_, clients = self._sent_to.pop(msg.metadata.reply_to_message_id, (_round_of(msg), None))
         if msg.has_error() or ACCOUNTING_KEY not in msg.content:
             node = msg.metadata.src_node_id
+            self.state_changed.add(node)  # unknown: a checkpoint asks it
             self.traffic.failed += len(self.node_clients.get(node, [])) or 1
             self.ledger.lost(round_, self.node_clients.get(node, []) if clients is None else clients)
             return
         acc = msg.content.metric_records[ACCOUNTING_KEY]
+        if acc.get(HOLDS_STATE, 1):
+            self.state_changed.add(msg.metadata.src_node_id)
         self.ledger.replied(round_, _accounting_lists(acc))
         msg.__dict__.setdefault("_fedsim", {})["round"] = round_  # for a drop by the simulated clock, later
         where = msg.content.config_records.get(NODE_KEY, {})
