@@ -18,10 +18,25 @@ from flwr.serverapp import Grid
 
 from fedsim.engine.signals import Interrupted
 
-__all__ = ["StoppableGrid"]
+__all__ = ["WrappedGrid", "StoppableGrid"]
 
 
-class StoppableGrid(Grid):
+class WrappedGrid(Grid):
+    """A Flower ``Grid`` around another (``inner``): the run plumbing Flower requires, passed through. fedsim's
+    grids (``StoppableGrid``, ``fedsim.engine.server.AccountingGrid``) add their behaviour on top."""
+
+    def __init__(self, inner: Grid) -> None:
+        self.inner = inner
+
+    def set_run(self, run) -> None:  # noqa: ANN001
+        self.inner.set_run(run)
+
+    @property
+    def run(self):  # noqa: ANN201
+        return self.inner.run
+
+
+class StoppableGrid(WrappedGrid):
     """Flower's grid as the server part sees it, with a stop switch: once ``stop`` is set (an interrupt), the
     next call raises ``Interrupted`` in the server thread, so the server part ends within one poll instead of
     waiting ``simulation.timeout`` for replies that will never come. Also notes how the latest batch of messages
@@ -30,7 +45,7 @@ class StoppableGrid(Grid):
     POLL = 0.05
 
     def __init__(self, inner: Grid, stop: threading.Event, signum: list[int]) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.stop = stop
         self._signum = signum
         # the latest batch of messages pushed, and how their replies went (to explain "every client failed")
@@ -45,13 +60,6 @@ class StoppableGrid(Grid):
     def _check(self) -> None:
         if self.stop.is_set():
             raise Interrupted(self._signum[0] if self._signum else signal.SIGINT)
-
-    def set_run(self, run) -> None:  # noqa: ANN001
-        self.inner.set_run(run)
-
-    @property
-    def run(self):  # noqa: ANN201
-        return self.inner.run
 
     def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # noqa: ANN001, ANN201
         return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)

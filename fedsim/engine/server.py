@@ -16,6 +16,7 @@ from fedsim.config import ScenarioConfig
 from fedsim.engine.accounting import ACCOUNTING_KEY, ENGINE_KEY, HOLDS_STATE, NODE_KEY, record_nbytes
 from fedsim.engine.checkpoint import RoundCheckpoint
 from fedsim.engine.clock import SimClock
+from fedsim.engine.grid import WrappedGrid
 from fedsim.results.client_metrics import LABEL_MIX_ACCURACY, LOCAL_ACCURACY, ClientLedger
 from fedsim.results.rundir import RunRecorder
 from fedsim.scenario import ScenarioView, resolve_device, scenario_streams, test_split, train_split
@@ -83,7 +84,7 @@ class Reply:
         return self.content is not None
 
 
-class AccountingGrid(Grid):
+class AccountingGrid(WrappedGrid):
     """A Flower ``Grid`` that counts every byte and sorts replies, wrapping the real one.
 
     Flower's own strategies (FedAvg, FedProx, ...) run on it unchanged: it strips fedsim's accounting record from
@@ -95,7 +96,7 @@ class AccountingGrid(Grid):
     ready_at: float | None = None  # when discover() ended (time.time())
 
     def __init__(self, inner: Grid, num_nodes: int) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.num_nodes = num_nodes
         self.traffic = Traffic()
         self.node_clients: dict[int, list[int]] = {}  # node id -> virtual clients it serves
@@ -106,14 +107,7 @@ class AccountingGrid(Grid):
         self.ledger = ClientLedger()  # clients.csv's rows: per round and client, what was sent and answered
         self.placement: dict[int, dict] = {}  # client -> Flower node, host, Ray nodes that ran it, replies
 
-    # -- plumbing Flower's Grid requires ------------------------------------------------------------------
-    def set_run(self, run) -> None:  # noqa: ANN001
-        self.inner.set_run(run)
-
-    @property
-    def run(self):  # noqa: ANN201
-        return self.inner.run
-
+    # -- plumbing Flower's Grid requires (set_run, run: WrappedGrid) -------------------------------------------
     def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # noqa: ANN001, ANN201
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
