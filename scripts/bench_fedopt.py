@@ -36,7 +36,7 @@ FEDSIM = [sys.executable, "-m", "fedsim.cli"]
 RATE = {"fedavgm": "server_learning_rate", "fedadam": "eta", "fedyogi": "eta", "fedadagrad": "eta"}
 GRID = {  # log10 of the server rate: a 0.5-step stretch of the paper's grid around each default (2 shared cores)
     "fedavgm": [-1.0, -0.5, 0.0],
-    "fedadam": [-2.5, -2.0, -1.5, -1.0],
+    "fedadam": [-2.5, -2.0, -1.5, -1.0, -0.5],
     "fedyogi": [-2.5, -2.0, -1.5],
     "fedadagrad": [-1.5, -1.0, -0.5],
 }
