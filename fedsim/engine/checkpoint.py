@@ -117,6 +117,12 @@ def _set_rng_states(states: dict) -> None:
     torch.set_rng_state(states["torch"])
 
 
+def _keys_of(states: RecordDict, clients: list[int]) -> list[str]:
+    """The keys of ``states`` ("<pid>/<key>", ``STATE_SEPARATOR``) that belong to ``clients``."""
+    prefixes = {f"{pid}{STATE_SEPARATOR}" for pid in clients}
+    return [k for k in states.keys() if k[:k.find(STATE_SEPARATOR) + 1] in prefixes]
+
+
 class RoundCheckpoint:
     """The checkpoint of one run (``ctx.checkpoint``): ``resume()`` once before the first round, ``save`` after
     each finished round.
@@ -158,8 +164,7 @@ class RoundCheckpoint:
         grid = self.ctx.grid
         nodes = sorted(n for n in grid.take_state_changed() if n in grid.node_clients)
         if nodes:
-            asked = {f"{pid}{STATE_SEPARATOR}" for n in nodes for pid in grid.node_clients[n]}
-            for key in [k for k in self._states.keys() if k[:k.find(STATE_SEPARATOR) + 1] in asked]:
+            for key in _keys_of(self._states, [pid for n in nodes for pid in grid.node_clients[n]]):
                 del self._states[key]
             for msg in self._query(nodes, "get"):
                 for key, record in msg.content.items():
@@ -173,9 +178,7 @@ class RoundCheckpoint:
         self._states = RecordDict(dict(states.items()))
         contents = {}
         for node, clients in self.ctx.grid.node_clients.items():
-            mine = {f"{pid}{STATE_SEPARATOR}" for pid in clients}
-            contents[node] = RecordDict({k: v for k, v in states.items()
-                                         if k[:k.find(STATE_SEPARATOR) + 1] in mine})
+            contents[node] = RecordDict({k: states[k] for k in _keys_of(states, clients)})
         self._query(list(contents), "set", contents)
 
     # -- the engine's state ---------------------------------------------------------------------------------

@@ -299,12 +299,7 @@ class NodeHandler:
             reason = "; ".join(reasons) or "no client selected on this node"
             return Message(Error(code=CLIENT_FAILED, reason=reason), reply_to=msg)
         out = replies[0] if len(replies) == 1 else client_cls.reduce(replies)
-        out[ACCOUNTING_KEY] = MetricRecord(
-            {"partition_ids": served, "failed_ids": failed, "client_bytes": sizes, "client_examples": examples,
-             "client_train_loss": losses, HOLDS_STATE: _holds_state(context)}
-        )
-        out[NODE_KEY] = where_running()
-        return Message(out, reply_to=msg)
+        return Message(_accounted(out, context, served, failed, sizes, examples, losses), reply_to=msg)
 
     # ---- batched clients (issue #26) ------------------------------------------------------------------------
     def _train_group(self, client: Any, content: RecordDict, context: Context, group: list[int],
@@ -330,14 +325,20 @@ class NodeHandler:
             raise ClientError(f"train_group answered for {len(result.client_bytes)} clients, not {len(served)}")
         for env in envs:
             store_client_state(context.state, env.partition_id, env.state)
-        out = result.content
-        out[ACCOUNTING_KEY] = MetricRecord(
-            {"partition_ids": served, "failed_ids": [pid for pid in group if pid in failing],
-             "client_bytes": [int(b) for b in result.client_bytes],
-             "client_examples": [int(n) for n in result.client_examples],
-             "client_train_loss": [float(v) for v in result.client_train_loss], HOLDS_STATE: _holds_state(context)})
-        out[NODE_KEY] = where_running()
-        return out
+        return _accounted(result.content, context, served, [pid for pid in group if pid in failing],
+                          [int(b) for b in result.client_bytes], [int(n) for n in result.client_examples],
+                          [float(v) for v in result.client_train_loss])
+
+
+def _accounted(out: RecordDict, context: Context, served: list[int], failed: list[int], sizes: list[int],
+               examples: list[int], losses: list[float]) -> RecordDict:
+    """``out`` with the node's accounting record (per served client: bytes, examples, train loss; the failed
+    clients; whether the node holds a client state) and where it ran: what the server's grid reads and strips."""
+    out[ACCOUNTING_KEY] = MetricRecord(
+        {"partition_ids": served, "failed_ids": failed, "client_bytes": sizes, "client_examples": examples,
+         "client_train_loss": losses, HOLDS_STATE: _holds_state(context)})
+    out[NODE_KEY] = where_running()
+    return out
 
 
 def _holds_state(context: Context) -> int:
