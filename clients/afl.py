@@ -11,10 +11,12 @@ triangle. No gradients, no learning rate, no epochs. An empty client answers wit
 per forward pass come in the request. Messages: `fedsim.algorithms.afl.protocol`.
 
 A node serving many clients (`simulation.clients_per_node`) answers for all of them at once (`train_group`, the
-engine's batched hook): one forward over all their rows, their summed statistics by syrk, one record, instead of
-one forward, one QR and one record per client then decoded again by `reduce`. Each client's bytes are still those
-of the reply it would have sent alone (its form depends only on its number of rows), injected failures and byzantine
-clients are handled by the engine as before, and a crash falls back to the per-client path. The paper's
+engine's batched hook): for small clients (each sending a factor) one forward over all their rows, their summed
+statistics by syrk, one record, instead of one forward, one QR and one record per client then decoded again by
+`reduce`; for a group holding a client that sends its Gram, the clients' own uploads summed as `reduce` sums them
+(bit for bit), without a record per client. Each client's bytes are still those of the reply it would have sent
+alone, computed from its form's shapes (its form depends only on its number of rows), injected failures and
+byzantine clients are handled by the engine as before, and a crash falls back to the per-client path. The paper's
 "solution" upload (a solve per client) keeps the per-client path.
 """
 
@@ -23,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import MetricRecord, RecordDict
 
-from fedsim.codec import to_record
+from fedsim.codec import array_item_nbytes
 from fedsim.engine import ClientEnv
 from fedsim.engine.accounting import record_nbytes
 from fedsim.engine.node import GroupReply
@@ -46,18 +48,28 @@ class AFLClient:
         return protocol.reply(arrays, int(arrays["count"][0]))
 
     def train_group(self, content: RecordDict, envs: list[ClientEnv]) -> GroupReply | None:
-        """All the clients of a node in one pass (raw-statistics uploads; None for "solution"): the combined reply
-        `reduce` would make of theirs (to float64 round-off), each client's bytes as if it had sent alone."""
+        """All the clients of a node at once (raw-statistics uploads; None for "solution"): the combined reply
+        `reduce` would make of theirs, each client's bytes as if it had sent alone (from the shapes). A group of
+        small clients (every one sending a factor) goes through one forward over all their rows (`group_upload`:
+        equal to float64 round-off); a group holding a client that sends its Gram sums the clients' own uploads,
+        bit for bit `reduce`'s result, without encoding, counting and decoding a record per client."""
         gamma, upload, batch_size = protocol.parse_request(content)
         if upload == "solution" or not envs:
             return None
         env = envs[0]
         fmap, num_classes = env.feature_map(), env.num_classes
         dim = int(fmap.dim)
-        arrays = group_upload(train_split(env.config), (e.indices for e in envs), fmap, num_classes, upload,
-                              batch_size=batch_size)
         counts = [int(e.indices.size) for e in envs]
-        sizes = [reply_nbytes(*client_form(n, dim, upload), dim, num_classes, n) for n in counts]
+        forms = [client_form(n, dim, upload) for n in counts]
+        if any(kind == "statistics" for kind, _ in forms):
+            # a client sending its Gram costs a d x d syrk whichever way: sum the clients' own uploads in order,
+            # exactly as `reduce` of their replies does (bit for bit), without a record per client
+            arrays = reduce_replies(client_upload(d.x, d.y, fmap, num_classes, upload, gamma, batch_size=batch_size)
+                                    for d in (e.train_data() for e in envs))
+        else:  # small clients: one forward over all their rows, no QR per client
+            arrays = group_upload(train_split(env.config), (e.indices for e in envs), fmap, num_classes, upload,
+                                  batch_size=batch_size)
+        sizes = [reply_nbytes(kind, rows, dim, num_classes, n) for (kind, rows), n in zip(forms, counts)]
         return GroupReply(protocol.reply(arrays, int(arrays["count"][0])), sizes, counts,
                           [float("nan")] * len(envs))
 
@@ -75,17 +87,20 @@ _METRICS_NBYTES: dict[int, int] = {}
 
 def reply_nbytes(kind: str, rows: int, dim: int, num_classes: int, num_examples: int) -> int:
     """`record_nbytes` of the reply `train` sends for a client whose upload has this form (`client_form`): the
-    arrays' item by layout (zeros of the same dtypes and shapes: the size depends on nothing else) plus the metrics
-    item by its number of examples (a varint), cached. Equal to `record_nbytes(train(...))` (tested)."""
+    arrays' item from their dtypes and shapes alone (`fedsim.codec.array_item_nbytes`: no array is built, so a
+    d (d + 1) / 2 Gram or a rows x d factor costs nothing to count) plus the metrics item by its number of
+    examples (a varint), cached. Equal to `record_nbytes(train(...))` (tested)."""
     key = (kind, int(rows), int(dim), int(num_classes))
     arrays = _ARRAYS_NBYTES.get(key)
     if arrays is None:
-        first = {"factor": np.zeros((rows, dim)), "statistics": np.zeros(rows)}[kind]
-        layout = {("gram" if kind == "statistics" else "factor"): first, "cross": np.zeros((dim, num_classes)),
-                  "count": np.zeros(1, np.int64)}
+        if kind not in ("factor", "statistics"):
+            raise ValueError(f"reply_nbytes: kind must be 'factor' or 'statistics', got {kind!r}")
+        f64 = np.dtype(np.float64)
+        first = ("factor", (f64, (int(rows), int(dim)))) if kind == "factor" else ("gram", (f64, (int(rows),)))
+        layout = dict([first, ("cross", (f64, (int(dim), int(num_classes)))), ("count", (np.dtype(np.int64), (1,)))])
         if len(_ARRAYS_NBYTES) >= 4096:
             _ARRAYS_NBYTES.clear()
-        arrays = _ARRAYS_NBYTES[key] = record_nbytes(RecordDict({protocol.ARRAYS_KEY: to_record(layout)}))
+        arrays = _ARRAYS_NBYTES[key] = array_item_nbytes(protocol.ARRAYS_KEY, layout)
     metrics = _METRICS_NBYTES.get(int(num_examples))
     if metrics is None:
         if len(_METRICS_NBYTES) >= 65536:

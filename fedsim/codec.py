@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
-__all__ = ["to_record", "from_record", "encode_array", "decode_array"]
+__all__ = ["to_record", "from_record", "encode_array", "decode_array", "encoded_nbytes", "array_item_nbytes"]
 
 
 def encode_array(a: np.ndarray) -> Array:
@@ -69,3 +69,45 @@ def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
 def from_record(record: ArrayRecord, writable: bool = False) -> dict[str, np.ndarray]:
     """The record's arrays by key, in order: read-only views (``writable=True``: copies)."""
     return {k: decode_array(v, writable) for k, v in record.items()}
+
+
+def encoded_nbytes(dtype: np.dtype, shape: tuple[int, ...]) -> int:
+    """Bytes of the ``.npy`` data ``encode_array`` writes for a C-ordered array of ``dtype`` and ``shape``."""
+    dtype = np.dtype(dtype)
+    shape = tuple(int(s) for s in shape)
+    return len(_header(dtype, shape)[1]) + dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+
+
+def array_item_nbytes(key: str, layout: Mapping[str, tuple[np.dtype, tuple[int, ...]]]) -> int:
+    """The wire size of ``RecordDict({key: to_record(arrays)})`` (Flower's protobuf, what
+    ``fedsim.engine.accounting.record_nbytes`` counts) for arrays of these (dtype, shape), in order, from the
+    layout alone: no array is built. Each length-delimited field is tag + varint(length) + length, nested from
+    the array's data up to the record dict; the fields without data are sized by protobuf itself."""
+    from flwr.proto.recorddict_pb2 import Array as ProtoArray
+    from flwr.proto.recorddict_pb2 import ArrayRecord as ProtoArrayRecord
+    from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+
+    items = 0
+    for name, (dtype, shape) in layout.items():
+        dtype = np.dtype(dtype)
+        shape = tuple(int(s) for s in shape)
+        head = ProtoArray(dtype=_header(dtype, shape)[0], shape=shape, stype="numpy.ndarray").ByteSize()
+        array = head + _field(ProtoArray.DATA_FIELD_NUMBER, encoded_nbytes(dtype, shape))
+        item = ProtoArrayRecord.Item(key=name).ByteSize() + _field(ProtoArrayRecord.Item.VALUE_FIELD_NUMBER, array,
+                                                                   always=True)
+        items += _field(ProtoArrayRecord.ITEMS_FIELD_NUMBER, item, always=True)
+    entry = ProtoRecordDict.Item(key=key).ByteSize() + _field(ProtoRecordDict.Item.ARRAY_RECORD_FIELD_NUMBER, items,
+                                                              always=True)
+    return _field(ProtoRecordDict.ITEMS_FIELD_NUMBER, entry, always=True)
+
+
+def _varint_nbytes(value: int) -> int:
+    return max(1, (int(value).bit_length() + 6) // 7)
+
+
+def _field(number: int, length: int, always: bool = False) -> int:
+    """Size of a length-delimited protobuf field of `length` bytes (an empty bytes field is left out; a set
+    sub-message is always written)."""
+    if length == 0 and not always:
+        return 0
+    return _varint_nbytes(number << 3 | 2) + _varint_nbytes(length) + length

@@ -185,3 +185,40 @@ def test_a_crash_in_the_group_falls_back_to_the_per_client_path(tmp_path, monkey
     _, w_ref, t_ref = run(tmp_path, "reference", "simulation.clients_per_node=4")
     assert rel_err(w, w_ref) < 1e-10
     pd.testing.assert_frame_equal(table, t_ref)
+
+
+def test_reply_nbytes_at_the_scenario_dimension_counts_without_building_the_form():
+    """At d = 2048 (scenarios/afl-fmnist.toml) a Gram-form client's count is the size of its real 16.8 MB reply;
+    the count builds no array (it once built a zeros(d (d + 1) / 2, d) factor, 32 GiB, for every Gram client: the
+    batched path then raised MemoryError and the node fell back to the per-client loop, computing twice)."""
+    dim, n = 2048, 6000
+    kind, rows = client_form(n, dim, "auto")
+    assert (kind, rows) == ("statistics", dim * (dim + 1) // 2)
+    arrays = {"gram": np.zeros(rows), "cross": np.zeros((dim, C)), "count": np.array([n], np.int64)}
+    assert reply_nbytes(kind, rows, dim, C, n) == record_nbytes(protocol.reply(arrays, n))
+    kind, rows = client_form(1000, dim, "auto")
+    arrays = {"factor": np.ones((rows, dim)), "cross": np.zeros((dim, C)), "count": np.array([1000], np.int64)}
+    assert reply_nbytes(kind, rows, dim, C, 1000) == record_nbytes(protocol.reply(arrays, 1000))
+    with pytest.raises(ValueError, match="kind must be"):
+        reply_nbytes("solution", 3, dim, C, 3)
+
+
+@pytest.mark.parametrize("upload", ["auto", "statistics"])
+def test_a_group_holding_a_gram_client_is_bit_for_bit_the_reduced_replies(tmp_path, upload):
+    """A group with a client above d / 2 rows (a Gram upload) answers exactly what `reduce` of the clients' own
+    replies gives (same arrays, bit for bit), as the per-client loop does; so does a group of one such client."""
+    config = scenario_config(BASE, tmp_path, f"strategy.upload={upload}")
+    sizes = [len(p) for p in partition_for(config)]
+    gram_pid = next(i for i, n in enumerate(sizes) if not factor_is_smaller(n, D))
+    request = protocol.request(config.strategy.params)
+    client = AFLClient(config.strategy.params)
+    for pids in (list(range(16)), [gram_pid], sorted({0, gram_pid, 15})):
+        singles = [client.train(request, env) for env in envs_of(config, pids)]
+        expected = singles[0] if len(singles) == 1 else AFLClient.reduce(singles)
+        grouped = client.train_group(request, envs_of(config, pids))
+        got, n_got = protocol.parse_reply(grouped.content)
+        want, n_want = protocol.parse_reply(expected)
+        assert n_got == n_want and list(got) == list(want)
+        for key in want:
+            assert got[key].dtype == want[key].dtype and np.array_equal(got[key], want[key]), (pids, key)
+        assert grouped.client_bytes == [record_nbytes(r) for r in singles]
