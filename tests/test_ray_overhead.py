@@ -131,7 +131,58 @@ def test_the_client_app_is_pickled_once_and_unpickled_once_per_process(monkeypat
     assert _CountsPickles.pickled == 1
     apps = [cloudpickle.loads(b)() for b in blobs]
     assert all(a is apps[0] for a in apps) and apps[0] is not shipped and apps[0].token == shipped.token
-    assert isinstance(apps[0].app, _CountsPickles)
     assert apps[0](message="m", context="c") == ("answered", "m", "c")
+    assert isinstance(apps[0].app, _CountsPickles)  # unpickled at the first call, kept for the later ones
     other = cloudpickle.loads(cloudpickle.dumps(ray_backend.PickledOnce(_CountsPickles())))
     assert other is not apps[0] and len(ray_backend._UNPICKLED) == 2  # another run's app: its own token
+
+
+class _Big(_CountsPickles):
+    """A stand-in app whose pickle is large (as fedsim's, with every client's partition indices inside)."""
+
+    def __init__(self) -> None:
+        self.payload = bytes(200_000)
+
+    def __reduce__(self):  # noqa: ANN204
+        type(self).pickled += 1
+        return _Big._rebuilt, (self.payload,)
+
+    @staticmethod
+    def _rebuilt(payload):  # noqa: ANN001, ANN205
+        app = _Big.__new__(_Big)
+        app.payload = payload
+        return app
+
+
+def test_with_ray_up_the_app_travels_as_one_object_store_reference(monkeypatch):
+    """Where Ray is up, the app's bytes go into the object store once and each message carries only the
+    reference: the per-message pickle is small, the store holds one object, and an actor fetches it once."""
+    from ray import cloudpickle
+
+    from fedsim.engine import ray_backend
+
+    store: dict[int, bytes] = {}
+    fetched: list[int] = []
+
+    def put(blob):  # noqa: ANN001, ANN202
+        store[len(store)] = blob
+        return len(store) - 1
+
+    def get(ref):  # noqa: ANN001, ANN202
+        fetched.append(ref)
+        return store[ref]
+
+    monkeypatch.setattr(ray_backend, "_UNPICKLED", {})
+    monkeypatch.setattr(ray_backend, "_put", put)
+    monkeypatch.setattr(ray_backend, "_get", get)
+    _Big.pickled = 0
+    shipped = ray_backend.PickledOnce(_Big())
+    load = lambda: shipped  # noqa: E731
+    blobs = [cloudpickle.dumps(load) for _ in range(5)]
+    assert _Big.pickled == 1 and len(store) == 1 and len(store[0]) > 200_000
+    assert max(len(b) for b in blobs) < 5_000  # the reference, not the 200 KB
+    apps = [cloudpickle.loads(b)() for b in blobs]
+    assert all(a is apps[0] for a in apps) and fetched == []
+    assert apps[0](message="m", context="c") == ("answered", "m", "c")
+    assert apps[1](message="n", context="d") == ("answered", "n", "d")
+    assert fetched == [0] and apps[0].app.payload == bytes(200_000)

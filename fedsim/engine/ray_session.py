@@ -109,13 +109,16 @@ def _loopback_stays_loopback(active: bool) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _private_node_patches(active: bool) -> Iterator[None]:
+def _private_node_patches(active: bool, log_to_driver: bool = True) -> Iterator[None]:
     """What ``ray.init`` of the private Ray does differently (private Ray API, each patch skipped where this Ray
     version lacks it):
 
     - no dashboard process: with ``include_dashboard=False`` Ray still starts ``dashboard.py`` with its
       UsageStatsHead module, which sends cloud-metadata requests (169.254.169.254, ``metadata.google.internal``);
       ``Node.start_api_server`` leaves the URL empty as the minimal install does and starts nothing;
+    - no autoscaler monitor (``monitor.py``: a one-machine Ray has nothing to scale; ``ray start --no-monitor``
+      does the same) and, unless the workers' output is shown (``log_to_driver``), no log monitor: two Python
+      processes that poll Ray for the whole run (issue #26: CPU a bare loop does not spend);
     - the folders the driver creates in its temp dir (session, logs, sockets, runtime_resources) are 0700, not
       Ray's 0777 without the sticky bit;
     - SIGTERM stays fedsim's where a Python handler is installed (``fedsim run``): ``ray.init`` replaces the handler (``sys.exit(15)``, later ``sys.exit(1)``) and the
@@ -147,6 +150,9 @@ def _private_node_patches(active: bool) -> Iterator[None]:
         os.makedirs(os.path.expanduser(directory_path), mode=0o700, exist_ok=True)
 
     patch(getattr(node_mod, "Node", None), "start_api_server", start_api_server)
+    patch(getattr(node_mod, "Node", None), "start_monitor", lambda self: None)
+    if not log_to_driver:
+        patch(getattr(node_mod, "Node", None), "start_log_monitor", lambda self: None)
     patch(node_mod, "try_to_create_directory", private_directory)
     if callable(signal.getsignal(signal.SIGTERM)):  # someone (fedsim run) handles SIGTERM: Ray must not take it
         patch(utils, "set_sigterm_handler", lambda handler: None)
@@ -315,7 +321,7 @@ def ensure_ray(config: Any) -> dict[str, Any]:
         args["_temp_dir"] = _make_temp_dir()
         _become_subreaper()
     try:
-        with _loopback_stays_loopback(not address), _private_node_patches(not address):
+        with _loopback_stays_loopback(not address), _private_node_patches(not address, init_args["log_to_driver"]):
             if address:
                 _join_within(ray, args, RAY_JOIN_TIMEOUT)
             else:

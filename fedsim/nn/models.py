@@ -11,7 +11,6 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torchvision.models.resnet import BasicBlock
 
 from fedsim.errors import ConfigError
 
@@ -172,6 +171,15 @@ def _build_cnn(input_shape: Sequence[int], num_classes: int, width: int) -> Bloc
                     out_channels=channels)
 
 
+def basic_block(inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> nn.Module:
+    """torchvision's ResNet ``BasicBlock``, imported here rather than at module import: importing torchvision (and
+    the torch._dynamo it pulls in) costs about 1.3 s of CPU per process, paid by every Ray actor and SuperNode
+    even when the scenario's model is not a ResNet (issue #26)."""
+    from torchvision.models.resnet import BasicBlock
+
+    return BasicBlock(inplanes, planes, stride=stride, downsample=downsample)
+
+
 def _build_resnet18(input_shape: Sequence[int], num_classes: int, width: int) -> BlockNet:
     c, _, _ = _image_shape("resnet18", input_shape)
     stem = nn.Sequential(OrderedDict(conv=nn.Conv2d(c, width, 3, stride=1, padding=1, bias=False),
@@ -186,7 +194,7 @@ def _build_resnet18(input_shape: Sequence[int], num_classes: int, width: int) ->
             down = None
             if s != 1 or inplanes != planes:
                 down = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride=s, bias=False), nn.BatchNorm2d(planes))
-            blocks.append((f"layer{layer}.{j}", BasicBlock(inplanes, planes, stride=s, downsample=down)))
+            blocks.append((f"layer{layer}.{j}", basic_block(inplanes, planes, stride=s, downsample=down)))
             out_channels.append(planes)
             inplanes = planes
     # blocks: 0 stem | 1-2 layer1 | 3-4 layer2 | 5-6 layer3 | 7-8 layer4
