@@ -41,10 +41,18 @@ def distillation_inputs(config) -> torch.Tensor:  # noqa: ANN001
     from fedsim.data import load_dataset
 
     data = load_dataset(p.dataset, split=p.dataset_split, root=config.data.root)
-    if tuple(data.input_shape) != shape:
-        raise ConfigError(f"strategy.dataset: {p.dataset!r} has images of shape {tuple(data.input_shape)}, the "
-                          f"scenario's model takes {shape}; choose a dataset of that shape")
     x = data.x
+    if tuple(data.input_shape) != shape:
+        if not p.dataset_resize:
+            raise ConfigError(f"strategy.dataset: {p.dataset!r} has images of shape {tuple(data.input_shape)}, the "
+                              f"scenario's model takes {shape}; choose a dataset of that shape or set "
+                              f"strategy.dataset_resize = true")
+        from fedsim.data.resize import resize_images
+
+        try:
+            x = resize_images(x, shape)
+        except ValueError as exc:
+            raise ConfigError(f"strategy.dataset_resize: {p.dataset!r} {exc}") from None
     if p.dataset_size is not None and p.dataset_size < len(data):
         keep = np.sort(np.random.default_rng(derive_seed(config.seed, "feddf-dataset")).permutation(len(data))
                        [:p.dataset_size])

@@ -212,3 +212,39 @@ def test_feddf_beats_random_guessing_on_fmnist_and_is_deterministic(tmp_path):
     b = torch.load(tmp_path / "b" / "model.pt", weights_only=False).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert first["distill_examples"] == 150 and first["server_seconds"] > 0
+
+
+# ------------------------------------------------------------------------------------------ out-of-domain set
+def test_an_out_of_domain_set_of_another_shape_is_refused_by_name_or_resized_on_request():
+    """FedDF's paper distils on another dataset; offline here the one at hand is scikit-learn's 8 x 8 digits for a
+    28 x 28 Fashion-MNIST model: refused with the field named unless ``strategy.dataset_resize`` asks for it, then
+    every image is brought to the scenario's shape with its range kept."""
+    from fedsim.data import load_dataset
+    from strategies.feddf import distillation_inputs
+
+    ood = {"distill_data": "dataset", "dataset": "digits", "name": "feddf"}
+    config = config_from_dict(tree(FMNIST, strategy=ood))
+    with pytest.raises(ConfigError, match=r"^strategy\.dataset: 'digits' has images of shape \(1, 8, 8\), the "
+                                          r"scenario's model takes \(1, 28, 28\); .* strategy\.dataset_resize = true"):
+        distillation_inputs(config)
+    config = config_from_dict(tree(FMNIST, strategy={**ood, "dataset_resize": True}))
+    x = distillation_inputs(config)
+    digits = load_dataset("digits", split="train").x
+    assert tuple(x.shape) == (len(digits), 1, 28, 28) and x.dtype == torch.float32
+    assert float(x.min()) >= float(digits.min()) and float(x.max()) <= float(digits.max())
+    # a bilinear resampling keeps each image's mean within a few percent of its range
+    np.testing.assert_allclose(x.mean(dim=(1, 2, 3)), digits.mean(dim=(1, 2, 3)), atol=0.03)
+
+
+def test_resize_images_channels_and_constant_images():
+    from fedsim.data.resize import resize_images
+
+    flat = torch.full((2, 1, 8, 8), 0.25)
+    out = resize_images(flat, (3, 28, 28))
+    assert tuple(out.shape) == (2, 3, 28, 28) and torch.equal(out, torch.full_like(out, 0.25))
+    rgb = torch.rand(2, 3, 32, 32)
+    gray = resize_images(rgb, (1, 32, 32))
+    torch.testing.assert_close(gray, rgb.mean(dim=1, keepdim=True))
+    assert tuple(resize_images(rgb, (1, 16, 16)).shape) == (2, 1, 16, 16)
+    with pytest.raises(ValueError, match=r"cannot bring 3-channel images to 2 channels"):
+        resize_images(rgb, (2, 16, 16))

@@ -53,6 +53,7 @@ class FedDFParams:
     dataset: str | None = None  # distill_data = "dataset": a dataset name (the images' shape must be the scenario's)
     dataset_split: str = "train"
     dataset_size: int | None = None  # at most this many of its images (a seeded draw); unset: all
+    dataset_resize: bool = False  # bring that dataset's images to the scenario's shape (bilinear; 1 <-> C channels)
     steps: int = 10000  # distillation batches (official total_n_server_pseudo_batches)
     batch_size: int = 128
     lr: float = 1e-3  # Adam
