@@ -186,3 +186,61 @@ def test_with_ray_up_the_app_travels_as_one_object_store_reference(monkeypatch):
     assert apps[0](message="m", context="c") == ("answered", "m", "c")
     assert apps[1](message="n", context="d") == ("answered", "n", "d")
     assert fetched == [0] and apps[0].app.payload == bytes(200_000)
+
+
+class _Nodes:
+    """A stand-in for Flower's grid: its nodes, and the query messages it was asked to send (each node answers the
+    clients it serves, as fedsim's node handler does)."""
+
+    def __init__(self, groups: dict[int, list[int]]) -> None:
+        self.groups = groups
+        self.sent: list = []
+
+    def get_node_ids(self):  # noqa: ANN201
+        return list(self.groups)
+
+    def send_and_receive(self, messages, timeout=None):  # noqa: ANN001, ANN201
+        from flwr.app import Message, MetricRecord, RecordDict
+
+        from fedsim.engine.accounting import ACCOUNTING_KEY
+
+        out = []
+        for msg in messages:
+            self.sent.append(msg)
+            node = msg.metadata.dst_node_id
+            reply = Message(RecordDict({ACCOUNTING_KEY: MetricRecord({"partition_ids": self.groups[node]})}),
+                            reply_to=msg)
+            out.append(reply)
+        return out
+
+
+def test_discovery_takes_the_nodes_clients_from_the_engine_without_a_message():
+    """Where the simulation engine says which partition each node has (Flower's nodes_mapping), discovery sends
+    no query message and finds the same clients per node as the queries do; a node serving no client is left out;
+    where the engine's nodes are not the grid's, the nodes are asked."""
+    from fedsim.engine.server import AccountingGrid
+
+    groups = {17: [0, 1], 5: [2, 3], 99: [4], 42: []}
+    asked = AccountingGrid(_Nodes(groups), num_nodes=4)
+    asked.discover()
+    assert len(asked.inner.sent) == 4
+    told = AccountingGrid(_Nodes(groups), num_nodes=4)
+    calls = iter([None, None, groups])  # the engine registers its nodes a little later
+    told.discover(known=lambda: next(calls))
+    assert told.inner.sent == [] and told.node_clients == asked.node_clients == {17: [0, 1], 5: [2, 3], 99: [4]}
+    other = AccountingGrid(_Nodes(groups), num_nodes=4)
+    other.discover(known=lambda: {1: [0], 2: [1]})
+    assert len(other.inner.sent) == 4 and other.node_clients == asked.node_clients
+
+
+def test_the_runner_derives_each_nodes_clients_as_the_node_does():
+    from fedsim.config import config_from_dict
+    from fedsim.engine.accounting import node_group
+    from fedsim.engine.runner import _node_groups
+
+    config = config_from_dict({"data": {"name": "digits"}, "partition": {"kind": "iid", "num_clients": 7},
+                               "simulation": {"clients_per_node": 3}, "strategy": {"name": "fedavg"}})
+    assert _node_groups(lambda: None, config) is None
+    groups = _node_groups(lambda: {11: 0, 12: 1, 13: 2}, config)
+    assert groups == {11: [0, 1, 2], 12: [3, 4, 5], 13: [6]}
+    assert groups[12] == node_group(1, config.simulation.clients_per_node, config.num_clients)

@@ -49,7 +49,7 @@ def client_resources(config: ScenarioConfig) -> dict[str, float]:
 def run_on_ray(config: ScenarioConfig, client_app: Any, server_main: Callable[[Any], None]) -> None:
     """Flower's simulation engine with the Ray backend; configuration travels inside the apps. Ray comes from the
     command's ``ray_session`` (one Ray for all variants) or, called alone, from a session of this run's own.
-    ``server_main(grid)`` is the server part's loop."""
+    ``server_main(grid, node_partitions)`` is the server part's loop (``node_partitions``: see there)."""
     from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
@@ -59,8 +59,9 @@ def run_on_ray(config: ScenarioConfig, client_app: Any, server_main: Callable[[A
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        server_main(grid)
+        server_main(grid, node_partitions)
 
+    _NODE_PARTITIONS.clear()
     with ray_session(), _one_scan_per_poll():
         init_args = _init_ray(config) or {}
         backend_config = {"client_resources": client_resources(config), "init_args": init_args}
@@ -69,6 +70,16 @@ def run_on_ray(config: ScenarioConfig, client_app: Any, server_main: Callable[[A
             run_simulation(server_app=server_app, client_app=PickledOnce(client_app),
                            num_supernodes=config.num_nodes, backend_name="ray", backend_config=backend_config,
                            verbose_logging=bool(config.simulation.verbose))
+
+
+_NODE_PARTITIONS: dict[int, int] = {}  # the running simulation's node id -> partition id (Flower's nodes_mapping)
+
+
+def node_partitions() -> dict[int, int] | None:
+    """Each node's ``partition-id`` in the simulation running now, as Flower's engine assigned it (its
+    ``nodes_mapping``, which becomes each node's ``node_config``): the server then knows which clients each node
+    serves without asking every node (``AccountingGrid.discover``). None until the engine has registered them."""
+    return dict(_NODE_PARTITIONS) or None
 
 
 def _init_ray(config: ScenarioConfig) -> dict[str, Any]:
@@ -108,6 +119,8 @@ def _add_messages_to_queue(state: Any, queue: Queue, nodes_mapping: dict[int, in
     order of ``nodes_mapping``; every stored message is checked once per poll (expired ones dropped, as
     ``get_message_ins`` does). A link state other than Flower's in-memory one (without the attributes read
     here) gets ``flower_poller``, Flower's own."""
+    _NODE_PARTITIONS.clear()
+    _NODE_PARTITIONS.update({int(node): int(pid) for node, pid in nodes_mapping.items()})
     store, lock = getattr(state, "message_ins_store", None), getattr(state, "lock", None)
     check = getattr(state, "_check_stored_messages", None)
     if not isinstance(store, dict) or lock is None or check is None:

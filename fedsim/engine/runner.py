@@ -9,11 +9,13 @@ module keeps the run and its summary.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from flwr.serverapp import Grid
 
 from fedsim import QUIET_ENV  # noqa: F401  (set in os.environ when fedsim is imported, before any flwr import)
 from fedsim.config import ScenarioConfig
+from fedsim.engine.accounting import node_group
 from fedsim.engine.checkpoint import CHECKPOINT_FILE, RoundCheckpoint
 from fedsim.engine.checkpoint import load as load_checkpoint
 from fedsim.engine.grid import StoppableGrid
@@ -73,6 +76,17 @@ class _Run:
             self.recorder.write_summary(self.summary("interrupted"))
 
 
+def _node_groups(node_partitions: Callable[[], dict[int, int] | None], config: ScenarioConfig
+                 ) -> dict[int, list[int]] | None:
+    """Node id -> the clients it serves, from each node's partition id as the simulation engine assigned it: what
+    each node's handler derives itself (``fedsim.engine.node.NodeHandler._group``)."""
+    partitions = node_partitions()
+    if partitions is None:
+        return None
+    sim = config.simulation
+    return {node: node_group(pid, sim.clients_per_node, config.num_clients) for node, pid in partitions.items()}
+
+
 def run_scenario(config: ScenarioConfig, out_dir: str | Path, *, label: str | None = None,
                  show_progress: bool = True, grid: Grid | None = None, resume: bool = False) -> dict[str, Any]:
     """Run ``config`` and write its run directory ``out_dir``; return the summary.
@@ -120,7 +134,7 @@ def run_scenario(config: ScenarioConfig, out_dir: str | Path, *, label: str | No
         progress = RunProgress(label or config.strategy.name, total=config.rounds, enabled=show_progress)
         server = spec.server_class()(config.strategy.params)
 
-        def server_main(grid: Grid) -> None:
+        def server_main(grid: Grid, node_partitions: Callable[[], dict[int, int] | None] | None = None) -> None:
             try:
                 stoppable = StoppableGrid(grid, run.stop, run.signum)
                 outcome["grid"] = stoppable
@@ -128,7 +142,8 @@ def run_scenario(config: ScenarioConfig, out_dir: str | Path, *, label: str | No
                 ctx = ServerContext(config, acc_grid, recorder, progress, partitions)
                 outcome["ctx"] = ctx
                 ctx.checkpoint = RoundCheckpoint(ctx, payload)
-                acc_grid.discover()
+                acc_grid.discover(known=None if node_partitions is None else
+                                  functools.partial(_node_groups, node_partitions, config))
                 server.run(ctx)
             except BaseException as exc:  # surfaced after the simulation returns
                 outcome["error"] = exc
