@@ -4,6 +4,7 @@ poller of the link state (`_add_messages_to_queue`) against Flower's own, and th
 from __future__ import annotations
 
 import threading
+import time
 from queue import Queue
 
 import pytest
@@ -231,6 +232,11 @@ def test_discovery_takes_the_nodes_clients_from_the_engine_without_a_message():
     other = AccountingGrid(_Nodes(groups), num_nodes=4)
     other.discover(known=lambda: {1: [0], 2: [1]})
     assert len(other.inner.sent) == 4 and other.node_clients == asked.node_clients
+    silent = AccountingGrid(_Nodes(groups), num_nodes=4)  # an engine that never says: the nodes are asked
+    started = time.monotonic()
+    silent.discover(known=lambda: None, grace=0.2, timeout=600)
+    assert time.monotonic() - started < 5
+    assert len(silent.inner.sent) == 4 and silent.node_clients == asked.node_clients
 
 
 def test_the_runner_derives_each_nodes_clients_as_the_node_does():

@@ -22,6 +22,9 @@ from fedsim.results.rundir import RunRecorder
 from fedsim.scenario import ScenarioView, resolve_device, scenario_streams, test_split, train_split
 
 DISCOVERY_TIMEOUT = 600.0
+# Once every node has registered, discovery waits at most this long for the engine to say which clients each node
+# serves before it asks the nodes instead (an engine that never says must not cost the whole DISCOVERY_TIMEOUT).
+KNOWN_GRACE = 5.0
 # While replies are outstanding the grid pulls every REPLY_POLL_MIN s, doubling to REPLY_POLL_MAX while none
 # arrives: a pull of Flower's in-memory link state checks every pending message (expiry, federation), and pulling
 # every 10 ms cost the driver ~5 ms a pull at 100 messages in flight (issue #26); a reply waits at most 0.1 s more.
@@ -122,19 +125,24 @@ class AccountingGrid(WrappedGrid):
 
     # -- discovery ------------------------------------------------------------------------------------------
     def discover(self, timeout: float = DISCOVERY_TIMEOUT,
-                 known: Callable[[], dict[int, list[int]] | None] | None = None) -> None:
+                 known: Callable[[], dict[int, list[int]] | None] | None = None,
+                 grace: float = KNOWN_GRACE) -> None:
         """Find out which virtual clients each node serves (node ids are random in Flower's simulation): from
         ``known()`` where the engine that started the nodes can say (node id -> its clients; None until it can),
-        else by asking every node with a query message (1,000 messages through Ray at 1,000 nodes, issue #26)."""
+        else by asking every node with a query message (1,000 messages through Ray at 1,000 nodes, issue #26);
+        ``known()`` gets ``grace`` seconds after the last node registered before the nodes are asked."""
         deadline = time.time() + timeout
+        all_up_at = None  # when every node had registered
         while True:
             nodes = sorted(self.inner.get_node_ids())
             groups = known() if known is not None else None
-            if len(nodes) >= self.num_nodes and (known is None or groups is not None):
-                break
-            if time.time() > deadline:
-                if len(nodes) >= self.num_nodes:
-                    break  # the engine never said: ask the nodes
+            if len(nodes) >= self.num_nodes:
+                if known is None or groups is not None:
+                    break
+                all_up_at = all_up_at or time.time()
+                if time.time() - all_up_at > grace:
+                    break  # the engine has not said: ask the nodes
+            elif time.time() > deadline:
                 raise TimeoutError(f"only {len(nodes)} of {self.num_nodes} nodes started")
             time.sleep(0.05)
         if groups is not None and set(groups) == set(nodes):
