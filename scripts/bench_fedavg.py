@@ -185,14 +185,14 @@ class TreeCPU:
             if pid in table:
                 key = (pid, table[pid][1])
                 self.seen[key] = max(self.seen.get(key, 0.0), table[pid][2])
-                if key not in self.names and pid == self.root:
+                if pid == self.root:
                     self.names[key] = "driver"
-                elif key not in self.names:
+                else:  # read at every sample: a child is "python" between fork and exec (the raylet)
                     try:
                         with open(f"/proc/{pid}/comm") as f:
                             self.names[key] = f.read().strip()
                     except OSError:
-                        self.names[key] = "?"
+                        self.names.setdefault(key, "?")
 
     def _loop(self) -> None:
         while not self._stop.wait(self.every):
@@ -465,7 +465,7 @@ def main() -> None:
                 "fedsim_driver_cpu_s": round(fed["driver_cpu_s"], 2),
                 "fedsim_ray_workers_cpu_s": round(sum(v for k, v in cost["tree_by_name"].items()
                                                       if k not in ("driver", "raylet", "gcs_server")), 2),
-                "fedsim_cpu_by_process": dict(list(cost["tree_by_name"].items())[:6]),
+                "fedsim_cpu_by_process": dict(list(cost["tree_by_name"].items())[:10]),
                 "server_peak_rss_mb": round(fed["peak_rss_mb"], 1),
                 "fedsim_accuracy": round(fed["summary"]["final_accuracy"], 4)})
     if bare is not None:

@@ -20,6 +20,7 @@ import pytest
 from conftest import AFL_DIGITS, subprocess_env
 
 from fedsim.deploy import free_port
+from fedsim.engine.ray_session import DIRECT_CALL_BYTES
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = Path(sys.executable).with_name("ray")
@@ -160,7 +161,9 @@ def test_a_plain_run_does_not_join_a_cluster_started_with_ray_start(tmp_path):
                 if shutil.which("ss"):
                     ss = subprocess.run(["ss", "-Htlnp"], capture_output=True, text=True).stdout
                     ports = [ln.split()[3] for ln in ss.splitlines() if f"pid={{gcs}}," in ln]
-                print("RESULT " + json.dumps({{"gcs": ctx.gcs_address, "nodes": len(ray.nodes()), "listen": ports}}))
+                system = ray._private.worker._global_node._ray_params._system_config or {{}}
+                print("RESULT " + json.dumps({{"gcs": ctx.gcs_address, "nodes": len(ray.nodes()), "listen": ports,
+                                              "direct": system.get("max_direct_call_object_size")}}))
         """)
         (tmp_path / "s.toml").write_text(THREE_VARIANTS.split("[[variants]]")[0])
         out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -170,6 +173,7 @@ def test_a_plain_run_does_not_join_a_cluster_started_with_ray_start(tmp_path):
         seen = json.loads(lines[-1][len("RESULT "):])
         assert not seen["gcs"].endswith(f":{port}")  # its own Ray, not the stranger's
         assert seen["nodes"] == 1
+        assert seen["direct"] == DIRECT_CALL_BYTES  # a model per client travels in the call, not via the raylet
         assert seen["gcs"].startswith("127.0.0.1:")  # node IP 127.0.0.1 ...
         assert seen["listen"] is None or seen["listen"] and all("127.0.0.1" in a for a in seen["listen"])  # ... GCS on loopback only
     finally:
