@@ -104,22 +104,36 @@ def sampled_clients(config, per_round: int | None) -> list[list[int]]:  # noqa: 
     return [sorted(rng.sample(range(n), per_round)) for _ in range(config.rounds)]
 
 
+def train_client(config, view, train, indices, pid: int, round_: int, global_state):  # noqa: ANN001, ANN201
+    """One client's local training as the bare loop does it (the work of fedsim's SGD client): a fresh initial
+    model loaded with ``global_state``, ``client.epochs`` of SGD on the client's rows with its per-round seed."""
+    from fedsim.engine.node import ClientEnv
+    from fedsim.nn.training import arrays_to_state, train_epochs
+
+    c = config.client
+    local = view.initial_model()
+    arrays_to_state(local, global_state)
+    data = train.subset(indices)
+    train_epochs(local, data.x, data.y, epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, momentum=c.momentum,
+                 weight_decay=c.weight_decay, optimizer=c.optimizer,
+                 seed=ClientEnv(config, pid, round_, indices).seed)
+    return local
+
+
 def bare_loop(config, per_round: int | None = None) -> dict:  # noqa: ANN001
     """FedAvg in plain PyTorch: the same model, partition, sampled clients, seeds, epochs, averaging and
     evaluation."""
     import torch
 
     from fedsim.averaging import weighted_average
-    from fedsim.engine.node import ClientEnv
     from fedsim.scenario import ScenarioView, partition_for, test_split, train_split
-    from fedsim.nn.training import arrays_to_state, evaluate, state_to_arrays, train_epochs
+    from fedsim.nn.training import arrays_to_state, evaluate, state_to_arrays
 
     torch.set_num_threads(1)
     train, test = train_split(config), test_split(config)
     parts = partition_for(config)
     view = ScenarioView(config)
     model = view.initial_model()
-    c = config.client
     chosen = sampled_clients(config, per_round)
     t0, c0 = time.perf_counter(), time.process_time()
     bs = config.evaluation.batch_size
@@ -129,15 +143,8 @@ def bare_loop(config, per_round: int | None = None) -> dict:  # noqa: ANN001
         global_state = state_to_arrays(model)
         states, weights = [], []
         for pid in chosen[r - 1]:
-            idx = parts[pid]
-            env = ClientEnv(config, pid, r, idx)
-            local = view.initial_model()
-            arrays_to_state(local, global_state)
-            data = train.subset(idx)
-            train_epochs(local, data.x, data.y, epochs=c.epochs, batch_size=c.batch_size, lr=c.lr,
-                         momentum=c.momentum, weight_decay=c.weight_decay, optimizer=c.optimizer, seed=env.seed)
-            states.append(state_to_arrays(local))
-            weights.append(len(idx))
+            states.append(state_to_arrays(train_client(config, view, train, parts[pid], pid, r, global_state)))
+            weights.append(len(parts[pid]))
         arrays_to_state(model, weighted_average(states, weights))
         accuracies.append(evaluate(model, test.x, test.y, batch_size=bs)["accuracy"])
     return {"bare_s": time.perf_counter() - t0, "bare_loop_cpu_s": time.process_time() - c0,
