@@ -6,7 +6,8 @@ refuses more partitions than samples; 40,000 of the 100,000 clients are then emp
 depend on the partition anyway):
 
 - AFL end to end through Flower + Ray (`scenarios/afl-fmnist.toml`, in a fresh process each): wall time
-  (`wall_s`: Ray start + the round + evaluation; `round_s`: the round and evaluation only), server (driver) peak
+  (`wall_s`: Ray start + the round + evaluation; `round_s`: the round and evaluation only; `process_s`: the
+  whole child process, interpreter start, imports, data loading and Ray shutdown included), server (driver) peak
   RSS, bytes uploaded (`bytes_up_mb`, with the scenario's upload form: "auto" = the smaller exact form per client)
   against what the packed Gram of every client would be (`packed_up_mb`), test accuracy. One Flower node serves
   ceil(N / --nodes) clients (`simulation.clients_per_node`); bytes and failures are still counted per client.
@@ -263,7 +264,7 @@ def main() -> None:
         bare = min(bare_runs.values(), key=lambda b: b["bare_s"])  # the faster threading: the conservative ratio
         row = {
             "clients": n, "nodes": math.ceil(n / per_node), "wall_s": s["wall_seconds"],
-            "round_s": afl["rounds"]["elapsed_seconds"][-1],
+            "round_s": afl["rounds"]["elapsed_seconds"][-1], "process_s": round(afl["process_s"], 2),
             **{f"bare_{t}thr_s": round(b["bare_s"], 2) for t, b in bare_runs.items()},
             "bare_s": round(bare["bare_s"], 2),
             "ratio": round(s["wall_seconds"] / bare["bare_s"], 2),

@@ -193,6 +193,58 @@ def test_a_plain_run_does_not_join_a_cluster_started_with_ray_start(tmp_path):
     assert not [p for p in members if _alive(p)]
 
 
+PRESTARTED = textwrap.dedent("""
+    import json, os, sys, time
+    os.environ["PYTHONPATH"] = "/before/fedsim"
+    from fedsim.config import load_scenarios
+    from fedsim.engine.ray_session import ensure_ray, ray_session
+    config = load_scenarios(sys.argv[1])[0][1]
+    with ray_session():
+        ensure_ray(config)
+        import ray
+        after = {k: os.environ.get(k) for k in ("PYTHONPATH", "RAY_AUTH_TOKEN")}
+        raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+        def workers():
+            kids = [int(p) for p in os.listdir("/proc") if p.isdigit() and os.path.exists(f"/proc/{p}/stat")
+                    and open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1] == str(raylet)]
+            return {p for p in kids if open(f"/proc/{p}/comm").read().startswith("ray::IDLE")}
+        deadline = time.monotonic() + 60
+        while len(workers()) < 2 and time.monotonic() < deadline:  # Ray prestarts one per CPU for the driver
+            time.sleep(0.1)
+        prestarted = workers()
+
+        @ray.remote(num_cpus=1)
+        class Probe:
+            def where(self):
+                return os.getpid(), os.environ.get("PYTHONPATH", "")
+
+        probes = [Probe.remote() for _ in range(2)]
+        seen = ray.get([p.where.remote() for p in probes])
+        print("RESULT " + json.dumps({"prestarted": sorted(prestarted), "actors": sorted(s[0] for s in seen),
+                                      "paths": [s[1] for s in seen], "sys_path": sys.path, "after": after}))
+""")
+
+
+@pytest.mark.ray
+def test_the_actors_run_in_the_workers_ray_prestarted_and_see_the_drivers_path(tmp_path):
+    """The private Ray takes the workers' PYTHONPATH from the environment it starts in, not from a runtime env:
+    the two workers Ray prestarts for the driver become the actors (no fresh process per actor), each actor's
+    PYTHONPATH is the driver's sys.path and its own PYTHONPATH, and the driver's environment is as before."""
+    (tmp_path / "s.toml").write_text(THREE_VARIANTS.split("[[variants]]")[0])
+    out = subprocess.run([sys.executable, "-c", PRESTARTED, str(tmp_path / "s.toml")], cwd=ROOT,
+                         env=_env(tmp_path), capture_output=True,
+                         text=True, timeout=300)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert lines, out.stderr[-3000:]
+    seen = json.loads(lines[-1][len("RESULT "):])
+    assert len(seen["prestarted"]) >= 2
+    assert set(seen["actors"]) <= set(seen["prestarted"]), seen
+    for path in seen["paths"]:
+        entries = path.split(os.pathsep)
+        assert entries[:len(seen["sys_path"])] == seen["sys_path"] and "/before/fedsim" in entries
+    assert seen["after"] == {"PYTHONPATH": "/before/fedsim", "RAY_AUTH_TOKEN": None}
+
+
 MULTINODE = textwrap.dedent("""
     import json, sys
     import pandas as pd

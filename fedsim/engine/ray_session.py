@@ -273,9 +273,11 @@ def ray_session() -> Iterator[dict[str, Any]]:
 def worker_runtime_env(address: str | None) -> dict[str, Any]:
     """The Ray ``runtime_env`` of the workers: their PYTHONPATH is the driver's sys.path (as Flower's
     RayBackend.init_ray), and the plugin files of this command (``--plugin``: ``FEDSIM_PLUGINS``) go with it, so a
-    worker's ``fedsim.registry.discover`` imports the same plugins. Joining a cluster (``address``), whose nodes
-    inherit nothing of this process's environment and may lack the files, the files also travel as ``py_modules``
-    (Ray uploads each to the cluster and puts it on the workers' path, where its module name finds it)."""
+    worker's ``fedsim.registry.discover`` imports the same plugins. The private Ray (``ensure_ray``) sets the
+    ``env_vars`` in the environment its processes start in instead, and the workers inherit them. Joining a
+    cluster (``address``), whose nodes inherit nothing of this process's environment and may lack the files, the
+    files also travel as ``py_modules`` (Ray uploads each to the cluster and puts it on the workers' path, where
+    its module name finds it)."""
     from fedsim.registry import PLUGINS_ENV, plugin_files
 
     pythonpath = os.pathsep.join(sys.path)
@@ -309,17 +311,26 @@ def ensure_ray(config: Any) -> dict[str, Any]:
         ray = _import_ray_with_token_auth()
     if ray.is_initialized():
         return init_args
-    args = dict(init_args, runtime_env=worker_runtime_env(address))
-    added: dict[str, str] = {}
+    runtime_env = worker_runtime_env(address)
+    args = dict(init_args, runtime_env=runtime_env)
+    restore: dict[str, str | None] = {}  # variables set for Ray's start: their values before (None: unset)
     if address:
         args["address"] = address
     else:
         args.update(address="local", _node_ip_address="127.0.0.1",
                     _system_config={"max_direct_call_object_size": DIRECT_CALL_BYTES})
+        # The private node's processes inherit this environment: the workers' variables go there for the start
+        # and the runtime env stays empty. A runtime env of their own makes Ray leave the workers it prestarts
+        # for the driver idle (they do not match it) and start every actor afresh through an extra setup process.
+        inherited = dict(runtime_env.pop("env_vars"))
         if auth_mode() == "token":  # this session's secret; Ray's processes inherit it while they start
             for key, value in (("RAY_AUTH_MODE", "token"), ("RAY_AUTH_TOKEN", _TOKEN)):
                 if key not in os.environ:
-                    os.environ[key] = added[key] = value
+                    inherited[key] = value
+        for key, value in inherited.items():
+            if os.environ.get(key) != value:
+                restore[key] = os.environ.get(key)
+                os.environ[key] = value
     before: set[int] = set()
     if not address:  # what runs below this process before the private Ray starts (not Ray's: left alone at the end)
         before = set(descendants(os.getpid()))
@@ -345,8 +356,11 @@ def ensure_ray(config: Any) -> dict[str, Any]:
             raise
         raise error from None
     finally:
-        for key in added:
-            os.environ.pop(key, None)
+        for key, value in restore.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     if not address:  # the top folder stays 0700 whatever Ray did to it
         with contextlib.suppress(OSError):
             os.chmod(args["_temp_dir"], 0o700)
