@@ -197,17 +197,22 @@ PRESTARTED = textwrap.dedent("""
     import json, os, sys, time
     os.environ["PYTHONPATH"] = "/before/fedsim"
     from fedsim.config import load_scenarios
+    from fedsim.engine.processes import descendants
     from fedsim.engine.ray_session import ensure_ray, ray_session
     config = load_scenarios(sys.argv[1])[0][1]
     with ray_session():
         ensure_ray(config)
         import ray
         after = {k: os.environ.get(k) for k in ("PYTHONPATH", "RAY_AUTH_TOKEN")}
-        raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
-        def workers():
-            kids = [int(p) for p in os.listdir("/proc") if p.isdigit() and os.path.exists(f"/proc/{p}/stat")
-                    and open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1] == str(raylet)]
-            return {p for p in kids if open(f"/proc/{p}/comm").read().startswith("ray::IDLE")}
+        def workers():  # Ray's idle workers below this driver
+            idle = set()
+            for pid in descendants(os.getpid()):
+                try:
+                    if open(f"/proc/{pid}/comm").read().startswith("ray::IDLE"):
+                        idle.add(pid)
+                except OSError:  # gone meanwhile
+                    pass
+            return idle
         deadline = time.monotonic() + 60
         while len(workers()) < 2 and time.monotonic() < deadline:  # Ray prestarts one per CPU for the driver
             time.sleep(0.1)
@@ -232,8 +237,7 @@ def test_the_actors_run_in_the_workers_ray_prestarted_and_see_the_drivers_path(t
     PYTHONPATH is the driver's sys.path and its own PYTHONPATH, and the driver's environment is as before."""
     (tmp_path / "s.toml").write_text(THREE_VARIANTS.split("[[variants]]")[0])
     out = subprocess.run([sys.executable, "-c", PRESTARTED, str(tmp_path / "s.toml")], cwd=ROOT,
-                         env=_env(tmp_path), capture_output=True,
-                         text=True, timeout=300)
+                         env=_env(tmp_path), capture_output=True, text=True, timeout=300)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
     assert lines, out.stderr[-3000:]
     seen = json.loads(lines[-1][len("RESULT "):])
