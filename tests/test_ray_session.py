@@ -20,7 +20,7 @@ import pytest
 from conftest import AFL_DIGITS, subprocess_env
 
 from fedsim.deploy import free_port
-from fedsim.engine.ray_session import DIRECT_CALL_BYTES
+from fedsim.engine.ray_session import DIRECT_CALL_BYTES, PRIVATE_SYSTEM_CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = Path(sys.executable).with_name("ray")
@@ -163,7 +163,8 @@ def test_a_plain_run_does_not_join_a_cluster_started_with_ray_start(tmp_path):
                     ports = [ln.split()[3] for ln in ss.splitlines() if f"pid={{gcs}}," in ln]
                 system = ray._private.worker._global_node._ray_params._system_config or {{}}
                 print("RESULT " + json.dumps({{"gcs": ctx.gcs_address, "nodes": len(ray.nodes()), "listen": ports,
-                                              "direct": system.get("max_direct_call_object_size")}}))
+                                              "direct": system.get("max_direct_call_object_size"),
+                                              "system": system}}))
         """)
         (tmp_path / "s.toml").write_text(THREE_VARIANTS.split("[[variants]]")[0])
         out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -174,6 +175,8 @@ def test_a_plain_run_does_not_join_a_cluster_started_with_ray_start(tmp_path):
         assert not seen["gcs"].endswith(f":{port}")  # its own Ray, not the stranger's
         assert seen["nodes"] == 1
         assert seen["direct"] == DIRECT_CALL_BYTES  # a model per client travels in the call, not via the raylet
+        assert PRIVATE_SYSTEM_CONFIG.items() <= seen["system"].items()  # no per-task events, loop stats, metrics
+        assert seen["system"]["task_events_report_interval_ms"] == 0 and not seen["system"]["enable_metrics_collection"]
         assert seen["gcs"].startswith("127.0.0.1:")  # node IP 127.0.0.1 ...
         assert seen["listen"] is None or seen["listen"] and all("127.0.0.1" in a for a in seen["listen"])  # ... GCS on loopback only
     finally:
@@ -348,3 +351,87 @@ def test_gpus_per_client_are_left_to_a_cluster_named_by_ray_address(tmp_path, mo
         client_resources(config)
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     assert client_resources(config) == {"num_cpus": 1.0, "num_gpus": 0.5}
+
+
+LIGHT_ACTOR = textwrap.dedent("""
+    import json, sys
+    from fedsim.config import load_scenarios
+    from fedsim.engine.ray_backend import _light_actors
+    from fedsim.engine.ray_session import ensure_ray, ray_session
+    config = load_scenarios(sys.argv[1])[0][1]
+    with ray_session():
+        ensure_ray(config)  # before anything imports Ray (its auth mode is read at import)
+        import ray
+        from flwr.clientapp.client_app import ClientAppException
+        from flwr.server.superlink.fleet.vce.backend import raybackend
+        flower_actor = raybackend.ClientAppActor
+        with _light_actors():
+            actor_class = raybackend.ClientAppActor
+            actor = actor_class.options(num_cpus=1).remote()
+        restored = raybackend.ClientAppActor is flower_actor
+
+        def app(message, context):  # what the worker has imported when the first message arrives
+            import sys
+            heavy = ("flwr.simulation", "sqlalchemy", "fastapi", "flwr.cli")
+            return {"heavy": sorted(m for m in sys.modules if any(m == h or m.startswith(h + ".") for h in heavy)),
+                    "message": message}
+
+        def broken(message, context):
+            raise RuntimeError("client failed: " + message)
+
+        cid, reply, context = ray.get(actor.run.remote(lambda: app, "m1", "7", {"state": 1}))
+        try:
+            ray.get(actor.run.remote(lambda: broken, "m2", "8", {}))
+            error = None
+        except ClientAppException as ex:  # what Flower's engine catches and turns into an error reply
+            error = str(ex)
+        print("RESULT " + json.dumps({"class": actor_class.__module__, "restored": restored, "cid": cid,
+                                      "reply": reply, "context": context, "error": error}))
+""")
+
+
+@pytest.mark.ray
+def test_the_actors_are_flowers_client_app_actor_without_flwr_simulation_in_the_worker(tmp_path):
+    """Flower's Ray backend gets fedsim's NodeActor while a run is on (Flower's actor restored afterwards): it
+    answers as Flower's does (cid, reply, context; a client's exception as ClientAppException) and its worker
+    has not imported flwr.simulation, the link state's SQLAlchemy, FastAPI or flwr.cli."""
+    (tmp_path / "s.toml").write_text(THREE_VARIANTS.split("[[variants]]")[0])
+    out = subprocess.run([sys.executable, "-c", LIGHT_ACTOR, str(tmp_path / "s.toml")], cwd=ROOT,
+                         env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert lines, out.stderr[-3000:]
+    seen = json.loads(lines[-1][len("RESULT "):])
+    assert seen["class"] == "fedsim.engine.ray_actor" and seen["restored"]
+    assert seen["cid"] == "7" and seen["context"] == {"state": 1}
+    assert seen["reply"] == {"heavy": [], "message": "m1"}
+    assert seen["error"] is not None and "client failed: m2" in seen["error"]
+
+
+EARLY_RAY = textwrap.dedent("""
+    import json, sys, warnings
+    import ray  # as a plugin importing Ray at import time would: before fedsim starts its Ray
+    from fedsim.config import load_scenarios
+    from fedsim.engine.ray_session import auth_mode, ensure_ray, ray_session
+    config = load_scenarios(sys.argv[1])[0][1]
+    with warnings.catch_warnings(record=True) as caught, ray_session():
+        warnings.simplefilter("always")
+        ensure_ray(config)
+        mode = auth_mode()
+    print("RESULT " + json.dumps({"auth": mode, "warnings": [str(w.message) for w in caught
+                                                            if issubclass(w.category, RuntimeWarning)]}))
+""")
+
+
+@pytest.mark.ray
+def test_ray_imported_before_fedsim_starts_it_is_a_warning_that_says_what_to_set(tmp_path):
+    """Ray reads RAY_AUTH_MODE at its first import: imported earlier, the private Ray has no token
+    authentication, and fedsim says so (instead of running a reachable GCS silently)."""
+    (tmp_path / "s.toml").write_text(THREE_VARIANTS.split("[[variants]]")[0])
+    out = subprocess.run([sys.executable, "-c", EARLY_RAY, str(tmp_path / "s.toml")], cwd=ROOT,
+                         env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert lines, out.stderr[-3000:]
+    seen = json.loads(lines[-1][len("RESULT "):])
+    assert seen["auth"] == "disabled"
+    assert len(seen["warnings"]) == 1 and "WITHOUT token authentication" in seen["warnings"][0]
+    assert "RAY_AUTH_MODE=token" in seen["warnings"][0]

@@ -5,7 +5,8 @@ this module asks it for a Ray, takes SIGINT/SIGTERM back from ``ray.init`` and h
 ``flwr.simulation.run_simulation``, with two costs of Flower's Ray simulation that grow with the number of
 clients taken out (issue #26, docs/performance.md): the ClientApp is pickled once per run, not once per message
 (``PickledOnce``), and Flower's poller scans its link state once per poll, not once per node
-(``_one_scan_per_poll``).
+(``_one_scan_per_poll``); and the actors are ``fedsim.engine.ray_actor.NodeActor``, Flower's actor without the
+import of ``flwr.simulation`` in each worker (``_light_actors``).
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def run_on_ray(config: ScenarioConfig, client_app: Any, server_main: Callable[[A
     with ray_session(), _one_scan_per_poll():
         init_args = _init_ray(config) or {}
         backend_config = {"client_resources": client_resources(config), "init_args": init_args}
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _light_actors():  # after Ray's start: importing Ray reads its auth mode
             warnings.simplefilter("ignore")
             run_simulation(server_app=server_app, client_app=PickledOnce(client_app),
                            num_supernodes=config.num_nodes, backend_name="ray", backend_config=backend_config,
@@ -90,6 +91,25 @@ def _init_ray(config: ScenarioConfig) -> dict[str, Any]:
     init_args = ensure_ray(config)
     install_signal_handlers()
     return init_args
+
+
+@contextlib.contextmanager
+def _light_actors() -> Iterator[None]:
+    """Flower's Ray backend with ``fedsim.engine.ray_actor.NodeActor`` as its actor class (Flower's restored
+    afterwards): the same calls, but a worker imports the actor's module without ``flwr/simulation/__init__.py``
+    (SQLAlchemy, FastAPI, ``flwr.cli``: 1.2-1.6 CPU-s per actor that none of its calls needs). Entered only
+    once fedsim's Ray is up: this imports Ray, and Ray reads ``RAY_AUTH_MODE`` when first imported
+    (``fedsim.engine.ray_session._import_ray_with_token_auth``)."""
+    from flwr.server.superlink.fleet.vce.backend import raybackend
+
+    from fedsim.engine.ray_actor import NodeActor
+
+    original = raybackend.ClientAppActor
+    raybackend.ClientAppActor = NodeActor
+    try:
+        yield
+    finally:
+        raybackend.ClientAppActor = original
 
 
 @contextlib.contextmanager

@@ -29,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -43,6 +44,20 @@ _TOKEN = secrets.token_hex(32)  # one per process: Ray caches the token it read 
 # process (14.5 CPU-s of 245 at 1,000 clients x 20 rounds, issue #26; 0.55 s instead of 3.0-3.8 s over 5 rounds).
 # Larger uploads (AFL's Gram statistics) still use the object store. Only for the private Ray fedsim starts.
 DIRECT_CALL_BYTES = 4 * 2**20
+# The private Ray's system settings: the direct-call size above, and none of Ray's per-task bookkeeping that only
+# its dashboard and state API read (neither runs in a private node: no dashboard, and fedsim never lists tasks):
+# task status and profile events batched to the GCS each second, per-handler event-loop statistics and the
+# OpenCensus metrics every process records and exports to the node's agent. Each costs some CPU per task in the
+# driver and the actors; measured, the saving is small and near this 2-core machine's noise: a 400 KB argument and
+# result through an actor took 0.96x and 1.035x the process tree's CPU of Ray's defaults in two invocations of
+# ``python scripts/bench_ray_task.py`` (6 and 3 repeats, about 5 and 2.7 ms per call; issue #26).
+PRIVATE_SYSTEM_CONFIG: dict[str, Any] = {
+    "max_direct_call_object_size": DIRECT_CALL_BYTES,
+    "task_events_report_interval_ms": 0,  # 0: no task events recorded or sent
+    "enable_timeline": False,  # no per-task profile events
+    "event_stats": False,  # no timing of every event-loop handler
+    "enable_metrics_collection": False,  # no metrics recorded, none exported to the agent
+}
 
 
 def ray_address(config: Any) -> str | None:
@@ -52,7 +67,8 @@ def ray_address(config: Any) -> str | None:
 
 def _import_ray_with_token_auth() -> Any:
     """Import Ray with token authentication on, unless the user chose a mode. Ray reads ``RAY_AUTH_MODE`` once, at
-    import: when something imported Ray before (without it), this session runs without authentication."""
+    import: when something imported Ray before (without it), this session runs without authentication, and a
+    RuntimeWarning says so (with what to set)."""
     if "ray" not in sys.modules and "RAY_AUTH_MODE" not in os.environ:
         os.environ["RAY_AUTH_MODE"] = "token"
         try:
@@ -62,6 +78,12 @@ def _import_ray_with_token_auth() -> Any:
         return ray
     import ray
 
+    if "RAY_AUTH_MODE" not in os.environ and auth_mode() != "token":
+        warnings.warn(
+            "fedsim's private Ray starts WITHOUT token authentication: Ray was imported before fedsim started it "
+            "(by a plugin or the calling code), and Ray reads RAY_AUTH_MODE only when first imported; another "
+            "local user could then reach its GCS port on 127.0.0.1. Set RAY_AUTH_MODE=token in the environment, or "
+            "import Ray only after fedsim has started it", RuntimeWarning, stacklevel=3)
     return ray
 
 
@@ -318,7 +340,7 @@ def ensure_ray(config: Any) -> dict[str, Any]:
         args["address"] = address
     else:
         args.update(address="local", _node_ip_address="127.0.0.1",
-                    _system_config={"max_direct_call_object_size": DIRECT_CALL_BYTES})
+                    _system_config=dict(PRIVATE_SYSTEM_CONFIG))
         # The private node's processes inherit this environment: the workers' variables go there for the start
         # and the runtime env stays empty. A runtime env of their own makes Ray leave the workers it prestarts
         # for the driver idle (they do not match it) and start every actor afresh through an extra setup process.
