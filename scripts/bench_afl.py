@@ -25,6 +25,10 @@ depend on the partition anyway):
     python scripts/bench_afl.py --with-10000          # adds N = 10000
     python scripts/bench_afl.py --clients 100 1000 10000 100000 --skip-fedavg --bare-threads 1
     python scripts/bench_afl.py --clients 100 --nodes 100 --skip-fedavg   # one client per Flower node
+    python scripts/bench_afl.py --clients 10 --nodes 10 --skip-fedavg --bare-threads 1   # issue #26's 10 clients
+
+At 10 clients the issue's figure takes fedsim's default grouping, one client per node (`--nodes 10`): 4 nodes
+of 3, 3, 3 and 1 Dirichlet clients give the two actors uneven shares (one idled ~3 s at the end of the round).
 
 Targets (issue #3): ratio <= 1.5 at 1000 clients; server peak RSS at 10000 clients within 20% of that at 100.
 Targets (issue #14): at 10000 clients wall time <= 60 s and bytes up >= 10x below the packed form; at 100000
