@@ -125,6 +125,8 @@ def test_fmnist_5x2_dpcr_beats_lwf_and_the_uncalibrated_ridge(tmp_path):
     assert (tmp_path / "report" / "accuracy_per_task.png").stat().st_size > 0
 
 
+# slow: ~45 s of the 2-core CI; DPCR against LwF on Fashion-MNIST stays in the default run
+@pytest.mark.slow
 def test_baselines_run_on_the_same_stream_and_lwf_matches_dpcr_backbone(tmp_path):
     """Small slice (400 images per task): every baseline runs; ``lwf`` trains exactly DPCR's backbone.
 

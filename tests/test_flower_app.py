@@ -395,6 +395,8 @@ def test_deploy_applies_fedsim_runs_run_directory_rules_before_starting_anything
         deploy_mod.deploy(scenario, 3, same)
 
 
+# slow: ~60 s of the 2-core CI; the deployment-engine equality test above stays in the default run
+@pytest.mark.slow
 def test_clients_that_do_not_split_evenly_over_the_supernodes(tmp_path):
     """3 SuperNodes for 4 clients (the issue's IndexError): blocks of 2, so the third node serves none and the
     server leaves it out; the run completes and equals fedsim's own simulation with those blocks (AFL to 1e-9)."""
