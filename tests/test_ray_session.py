@@ -66,6 +66,16 @@ def _env(tmp_path: Path) -> dict[str, str]:
     return subprocess_env(tmp_path, RAY_TMPDIR=_SHORT_DIRS[-1])
 
 
+def _script_result(tmp_path: Path, code: str) -> dict:
+    """Run ``code`` in a fresh process on the one-variant scenario (its path is argv[1]); its RESULT line."""
+    (tmp_path / "s.toml").write_text(THREE_VARIANTS.split("[[variants]]")[0])
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "s.toml")], cwd=ROOT,
+                         env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert lines, out.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
 def _descendants(root: int) -> set[int]:
     children: dict[int, list[int]] = {}
     for d in Path("/proc").iterdir():
@@ -238,12 +248,7 @@ def test_the_actors_run_in_the_workers_ray_prestarted_and_see_the_drivers_path(t
     """The private Ray takes the workers' PYTHONPATH from the environment it starts in, not from a runtime env:
     the two workers Ray prestarts for the driver become the actors (no fresh process per actor), each actor's
     PYTHONPATH is the driver's sys.path and its own PYTHONPATH, and the driver's environment is as before."""
-    (tmp_path / "s.toml").write_text(THREE_VARIANTS.split("[[variants]]")[0])
-    out = subprocess.run([sys.executable, "-c", PRESTARTED, str(tmp_path / "s.toml")], cwd=ROOT,
-                         env=_env(tmp_path), capture_output=True, text=True, timeout=300)
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert lines, out.stderr[-3000:]
-    seen = json.loads(lines[-1][len("RESULT "):])
+    seen = _script_result(tmp_path, PRESTARTED)
     assert len(seen["prestarted"]) >= 2
     assert set(seen["actors"]) <= set(seen["prestarted"]), seen
     for path in seen["paths"]:
@@ -395,12 +400,7 @@ def test_the_actors_are_flowers_client_app_actor_without_flwr_simulation_in_the_
     """Flower's Ray backend gets fedsim's NodeActor while a run is on (Flower's actor restored afterwards): it
     answers as Flower's does (cid, reply, context; a client's exception as ClientAppException) and its worker
     has not imported flwr.simulation, the link state's SQLAlchemy, FastAPI or flwr.cli."""
-    (tmp_path / "s.toml").write_text(THREE_VARIANTS.split("[[variants]]")[0])
-    out = subprocess.run([sys.executable, "-c", LIGHT_ACTOR, str(tmp_path / "s.toml")], cwd=ROOT,
-                         env=_env(tmp_path), capture_output=True, text=True, timeout=300)
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert lines, out.stderr[-3000:]
-    seen = json.loads(lines[-1][len("RESULT "):])
+    seen = _script_result(tmp_path, LIGHT_ACTOR)
     assert seen["class"] == "fedsim.engine.ray_actor" and seen["restored"]
     assert seen["cid"] == "7" and seen["context"] == {"state": 1}
     assert seen["reply"] == {"heavy": [], "message": "m1"}
@@ -426,12 +426,7 @@ EARLY_RAY = textwrap.dedent("""
 def test_ray_imported_before_fedsim_starts_it_is_a_warning_that_says_what_to_set(tmp_path):
     """Ray reads RAY_AUTH_MODE at its first import: imported earlier, the private Ray has no token
     authentication, and fedsim says so (instead of running a reachable GCS silently)."""
-    (tmp_path / "s.toml").write_text(THREE_VARIANTS.split("[[variants]]")[0])
-    out = subprocess.run([sys.executable, "-c", EARLY_RAY, str(tmp_path / "s.toml")], cwd=ROOT,
-                         env=_env(tmp_path), capture_output=True, text=True, timeout=300)
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert lines, out.stderr[-3000:]
-    seen = json.loads(lines[-1][len("RESULT "):])
+    seen = _script_result(tmp_path, EARLY_RAY)
     assert seen["auth"] == "disabled"
     assert len(seen["warnings"]) == 1 and "WITHOUT token authentication" in seen["warnings"][0]
     assert "RAY_AUTH_MODE=token" in seen["warnings"][0]
