@@ -416,6 +416,9 @@ def test_clients_that_do_not_split_evenly_over_the_supernodes(tmp_path):
     assert summary["final_accuracy"] == pytest.approx(ref["final_accuracy"], abs=1e-9)
 
 
+# slow: ~65 s of the 2-core CI (a round of fedavg over 2 SuperNodes first); the default run keeps the SIGINT case
+# (test_ctrl_c_during_fedsim_deploy_stops_every_process_it_started) and tests/test_deploy_security.py's kill -9
+@pytest.mark.slow
 def test_sigterm_mid_run_leaves_an_interrupted_run_with_its_rows(tmp_path):
     """SIGTERM to ``fedsim deploy`` after a round: exit 143, summary.json says interrupted, metrics.csv keeps
     the rows written so far, and every process it started is gone."""
