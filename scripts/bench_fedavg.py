@@ -69,6 +69,7 @@ momentum = 0.9
 [simulation]
 backend = "{backend}"
 num_cpus = {client_cpus}
+clients_per_node = {clients_per_node}
 [strategy]
 name = "fedavg"
 {fraction}
@@ -78,7 +79,7 @@ name = "fedavg"
 def scenario_text(args: argparse.Namespace) -> str:
     return SCENARIO.format(seed=args.seed, rounds=args.rounds, clients=args.clients, alpha=args.alpha,
                            width=args.width, epochs=args.epochs, backend=args.backend,
-                           client_cpus=args.client_cpus,
+                           client_cpus=args.client_cpus, clients_per_node=args.clients_per_node,
                            max_train=f"max_train = {args.max_train}" if args.max_train else "",
                            fraction=f"fraction_train = {fraction_for(args.clients, args.per_round)!r}"
                            if args.per_round else "")
@@ -429,6 +430,8 @@ def main() -> None:
     parser.add_argument("--client-cpus", type=float, default=1.0,
                         help="simulation.num_cpus: CPUs Ray reserves per client (1.5 on 2 cores: one actor, one "
                              "torch thread, no two trainings at once)")
+    parser.add_argument("--clients-per-node", type=int, default=1,
+                        help="fedsim's simulation.clients_per_node (>1: one message per node, clients still sampled)")
     parser.add_argument("--system", action="store_true", help="also run fedsim with a default [system] section")
     parser.add_argument("--skip-bare", action="store_true", help="fedsim only (e.g. for its memory at a size)")
     parser.add_argument("--profile", default=None,

@@ -203,6 +203,16 @@ class _TrainableOnly:
                             else Array(averaged[k]) for k in order}), metrics
 
 
+def _strategy_grid(ctx: ServerContext):  # noqa: ANN202
+    """The grid Flower's strategy runs on: client-addressed where a node serves several clients (it samples
+    clients, the paper's protocol, and pays Flower's per-message costs once per node; fedsim.engine.client_grid)."""
+    if ctx.config.simulation.clients_per_node > 1 and getattr(ctx.grid, "clock", None) is None:
+        from fedsim.engine.client_grid import ClientAddressedGrid
+
+        return ClientAddressedGrid(ctx.grid)
+    return ctx.grid
+
+
 class _NodesView:
     """The grid as a Flower strategy's sampling sees it: exactly ``nodes``."""
 
@@ -407,7 +417,7 @@ class FedAvgServer:
             return res
 
         result = looped.start(
-            grid=ctx.grid, initial_arrays=initial, num_rounds=rounds - looped.done,
+            grid=_strategy_grid(ctx), initial_arrays=initial, num_rounds=rounds - looped.done,
             timeout=ctx.config.simulation.timeout,
             train_config=ConfigRecord({**protocol.LocalTraining.from_settings(ctx.config.client).to_config(),
                                        **self.train_config(ctx)}),

@@ -27,8 +27,8 @@ from flwr.app.error import Error
 from flwr.clientapp import ClientApp
 
 from fedsim.config import ScenarioConfig
-from fedsim.engine.accounting import ACCOUNTING_KEY, CLIENT_FAILED, ENGINE_KEY, HOLDS_STATE, NODE_KEY, failing_clients, \
-    node_group, record_nbytes
+from fedsim.engine.accounting import ACCOUNTING_KEY, CLIENT_FAILED, ENGINE_KEY, HOLDS_STATE, NODE_KEY, PER_CLIENT, \
+    failing_clients, node_group, record_nbytes
 from fedsim.registry import get_strategy
 from fedsim.scenario import ScenarioView, client_stream, derive_seed, partition_for, resolve_device, train_split
 
@@ -142,6 +142,16 @@ def concatenate_replies(replies: list[RecordDict]) -> RecordDict:
     return out
 
 
+def side_by_side(partition_ids: list[int], replies: list[RecordDict]) -> RecordDict:
+    """One node reply holding each client's own reply under ``<partition id>/<key>`` (``PER_CLIENT`` requests:
+    ``fedsim.engine.client_grid`` splits it back into one reply per client)."""
+    out = RecordDict()
+    for pid, reply in zip(partition_ids, replies):
+        for key, value in reply.items():
+            out[f"{pid}{STATE_SEPARATOR}{key}"] = value
+    return out
+
+
 BYZANTINE_DEFAULT_SCALE = {"sign-flip": 1.0, "scale": 10.0}
 
 
@@ -244,6 +254,7 @@ class NodeHandler:
         engine = msg.content.config_records.get(ENGINE_KEY, ConfigRecord())
         round_ = int(engine.get("round", _flower_round(msg.content)))
         selected = engine.get("partitions")
+        per_client = bool(engine.get(PER_CLIENT, 0))  # the clients' replies side by side, not reduced
         if selected is not None:
             wanted = set(int(p) for p in selected)
             group = [p for p in group if p in wanted]
@@ -260,7 +271,8 @@ class NodeHandler:
         codec = self.spec.model_codec_object() if byzantine else None
         device = resolve_device(cfg.simulation.device)
 
-        if kind == "train" and hasattr(client, "train_group") and not byzantine.intersection(group):
+        if kind == "train" and not per_client and hasattr(client, "train_group") \
+                and not byzantine.intersection(group):
             batched = self._train_group(client, content, context, group, failing, round_, device)
             if batched is not None:
                 return Message(batched, reply_to=msg)
@@ -292,13 +304,16 @@ class NodeHandler:
             losses.append(loss)
             replies.append(reply)
             pending_bytes += sizes[-1]
-            if len(replies) > 1 and pending_bytes > REDUCE_EVERY_BYTES:  # bound the node's memory: fold early
+            if not per_client and len(replies) > 1 and pending_bytes > REDUCE_EVERY_BYTES:  # bound memory: fold
                 replies = [client_cls.reduce(replies)]
                 pending_bytes = max(sizes)
         if not replies:  # an error reply, as Flower makes for a crashed ClientApp, without a logged traceback
             reason = "; ".join(reasons) or "no client selected on this node"
             return Message(Error(code=CLIENT_FAILED, reason=reason), reply_to=msg)
-        out = replies[0] if len(replies) == 1 else client_cls.reduce(replies)
+        if per_client:
+            out = side_by_side(served, replies)
+        else:
+            out = replies[0] if len(replies) == 1 else client_cls.reduce(replies)
         return Message(_accounted(out, context, served, failed, sizes, examples, losses), reply_to=msg)
 
     # ---- batched clients (issue #26) ------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedsim.config import ScenarioConfig
-from fedsim.engine.accounting import ACCOUNTING_KEY, ENGINE_KEY, HOLDS_STATE, NODE_KEY, record_nbytes
+from fedsim.engine.accounting import ACCOUNTING_KEY, ENGINE_KEY, HOLDS_STATE, NODE_KEY, PER_CLIENT, record_nbytes
 from fedsim.engine.checkpoint import RoundCheckpoint
 from fedsim.engine.clock import SimClock
 from fedsim.engine.grid import WrappedGrid
@@ -166,7 +166,7 @@ class AccountingGrid(WrappedGrid):
     # -- accounting -----------------------------------------------------------------------------------------
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
-        sizes = [record_nbytes(m.content) if m.has_content() else 0 for m in messages]
+        sizes = [_client_nbytes(m.content) if m.has_content() else 0 for m in messages]
         ids = list(self.inner.push_messages(messages))
         for msg, size, mid in zip(messages, sizes, ids):
             node = msg.metadata.dst_node_id
@@ -291,6 +291,15 @@ class AccountingGrid(WrappedGrid):
     def _sort_key(self, msg: Message) -> tuple:
         clients = self.node_clients.get(msg.metadata.src_node_id) or [1 << 30]
         return (clients[0], msg.metadata.src_node_id)
+
+
+def _client_nbytes(content: RecordDict) -> int:
+    """Bytes of a message as each client it carries would receive it: a per-client request (one message for the
+    clients a Flower strategy addressed one by one, fedsim.engine.client_grid) without its engine record."""
+    engine = content.config_records.get(ENGINE_KEY)
+    if engine is not None and engine.get(PER_CLIENT):
+        return record_nbytes(RecordDict({k: v for k, v in content.items() if k != ENGINE_KEY}))
+    return record_nbytes(content)
 
 
 def placement_table(grid: "AccountingGrid"):  # noqa: ANN201
