@@ -244,7 +244,7 @@ def test_a_round_checkpoint_asks_only_the_nodes_whose_client_state_may_have_chan
     """FedAvg's clients keep no state: no node is asked for one (at 1,000 clients the checkpoint's 1,000
     queries a round cost 16% of the run's CPU). SCAFFOLD's keep their c_i: each checkpoint asks exactly the nodes
     trained in that round (half of them), and still holds the state of every client trained so far."""
-    from fedsim.engine.node import STATE_SEPARATOR
+    from fedsim.engine.accounting import CLIENT_SEPARATOR
 
     asked: list[set[int]] = []
     trained: list[set[int]] = []
@@ -263,7 +263,7 @@ def test_a_round_checkpoint_asks_only_the_nodes_whose_client_state_may_have_chan
         blob = collect(self)
         proto = ckpt.ProtoRecordDict()
         proto.ParseFromString(blob)
-        held = {int(k.split(STATE_SEPARATOR)[0]) for k in ckpt.recorddict_from_proto(proto).keys()}
+        held = {int(k.split(CLIENT_SEPARATOR)[0]) for k in ckpt.recorddict_from_proto(proto).keys()}
         assert held == (set(selected["client"]) if stateful else set())
         return blob
 

@@ -13,6 +13,7 @@ from fedsim.scenario import derive_seed
 ENGINE_KEY = "fedsim"  # ConfigRecord the server adds to every message: round, selected partitions
 ACCOUNTING_KEY = "fedsim.accounting"  # MetricRecord the node adds to every reply; stripped by the server
 PER_CLIENT = "per_client"  # the engine record's flag: answer with each client's own reply (no reduce)
+CLIENT_SEPARATOR = "/"  # per-client keys, in a node's state and in per-client replies: "<partition id>/<key>"
 HOLDS_STATE = "holds_state"  # the accounting record's flag: the node keeps a client state (round checkpoints)
 NODE_KEY = "fedsim.node"  # ConfigRecord the node adds to every reply: host and Ray node that ran it; stripped
 CLIENT_FAILED = 9001  # error code of a reply whose clients all failed (injected or crashed)

@@ -33,8 +33,8 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.serde import ProtoRecordDict, recorddict_from_proto, recorddict_to_proto
 
-from fedsim.engine.accounting import ENGINE_KEY
-from fedsim.engine.node import STATE_OP, STATE_SEPARATOR
+from fedsim.engine.accounting import CLIENT_SEPARATOR, ENGINE_KEY
+from fedsim.engine.node import STATE_OP
 from fedsim.errors import FedsimError
 from fedsim.results.rundir import _jsonable, atomic_write, record_written
 
@@ -118,9 +118,9 @@ def _set_rng_states(states: dict) -> None:
 
 
 def _keys_of(states: RecordDict, clients: list[int]) -> list[str]:
-    """The keys of ``states`` ("<pid>/<key>", ``STATE_SEPARATOR``) that belong to ``clients``."""
-    prefixes = {f"{pid}{STATE_SEPARATOR}" for pid in clients}
-    return [k for k in states.keys() if k[:k.find(STATE_SEPARATOR) + 1] in prefixes]
+    """The keys of ``states`` ("<pid>/<key>", ``CLIENT_SEPARATOR``) that belong to ``clients``."""
+    prefixes = {f"{pid}{CLIENT_SEPARATOR}" for pid in clients}
+    return [k for k in states.keys() if k[:k.find(CLIENT_SEPARATOR) + 1] in prefixes]
 
 
 class RoundCheckpoint:

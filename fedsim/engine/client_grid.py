@@ -17,13 +17,12 @@ from collections.abc import Iterable
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.app.error import Error
 
-from fedsim.engine.accounting import CLIENT_FAILED, ENGINE_KEY, PER_CLIENT
+from fedsim.engine.accounting import CLIENT_FAILED, CLIENT_SEPARATOR, ENGINE_KEY, PER_CLIENT
 from fedsim.engine.grid import WrappedGrid
 
 __all__ = ["ClientAddressedGrid", "VIRTUAL_BASE"]
 
 VIRTUAL_BASE = 1 << 40  # virtual node id = VIRTUAL_BASE + partition id
-SEPARATOR = "/"  # fedsim.engine.node.side_by_side's key prefix: "<partition id>/<key>"
 
 
 class ClientAddressedGrid(WrappedGrid):
@@ -32,9 +31,6 @@ class ClientAddressedGrid(WrappedGrid):
     def __init__(self, inner) -> None:  # noqa: ANN001
         super().__init__(inner)
         self.node_of = {int(pid): node for node, pids in inner.node_clients.items() for pid in pids}
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # noqa: ANN001, ANN201
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> list[int]:
         return [VIRTUAL_BASE + pid for pid in sorted(self.node_of)]
@@ -95,7 +91,7 @@ def _split(reply: Message, items: list[tuple[int, Message]]) -> list[tuple[int, 
                 for pid, msg in items]
     own: dict[int, RecordDict] = {}
     for key, value in reply.content.items():
-        pid, sep, rest = key.partition(SEPARATOR)
+        pid, sep, rest = key.partition(CLIENT_SEPARATOR)
         if not sep or not pid.isdigit():
             raise ValueError(f"a per-client node reply holds a record {key!r} without a '<partition id>/' prefix")
         own.setdefault(int(pid), RecordDict())[rest] = value

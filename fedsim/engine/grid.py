@@ -35,6 +35,10 @@ class WrappedGrid(Grid):
     def run(self):  # noqa: ANN201
         return self.inner.run
 
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # noqa: ANN001, ANN201
+        """A plain Flower message; the run id and the source node are set by the grid that sends it."""
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
 
 class StoppableGrid(WrappedGrid):
     """Flower's grid as the server part sees it, with a stop switch: once ``stop`` is set (an interrupt), the

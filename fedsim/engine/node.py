@@ -27,7 +27,7 @@ from flwr.app.error import Error
 from flwr.clientapp import ClientApp
 
 from fedsim.config import ScenarioConfig
-from fedsim.engine.accounting import ACCOUNTING_KEY, CLIENT_FAILED, ENGINE_KEY, HOLDS_STATE, NODE_KEY, PER_CLIENT, \
+from fedsim.engine.accounting import ACCOUNTING_KEY, CLIENT_FAILED, CLIENT_SEPARATOR, ENGINE_KEY, HOLDS_STATE, NODE_KEY, PER_CLIENT, \
     failing_clients, node_group, record_nbytes
 from fedsim.registry import get_strategy
 from fedsim.scenario import ScenarioView, client_stream, derive_seed, partition_for, resolve_device, train_split
@@ -38,7 +38,6 @@ REDUCE_EVERY_BYTES = 256 * 2**20  # a grouped node combines its pending replies 
 # fedsim.frameworks.model_rounds_protocol's WEIGHT_KEY and LOSS_KEY follow
 EXAMPLES_METRIC = "num-examples"
 TRAIN_LOSS_METRIC = "train_loss"
-STATE_SEPARATOR = "/"  # context.state keys: "<partition id>/<the client part's own key>"
 STATE_OP = "client-state"  # a query's engine record: "get" / "set" the clients' states (fedsim.engine.checkpoint)
 
 
@@ -91,13 +90,13 @@ def _cached_stream(config: ScenarioConfig, pid: int, indices: np.ndarray):  # no
 
 def client_state(context_state: RecordDict, pid: int) -> RecordDict:
     """Client ``pid``'s own state, out of the node's Flower context (records shared, not copied)."""
-    prefix = f"{pid}{STATE_SEPARATOR}"
+    prefix = f"{pid}{CLIENT_SEPARATOR}"
     return RecordDict({k[len(prefix):]: v for k, v in context_state.items() if k.startswith(prefix)})
 
 
 def store_client_state(context_state: RecordDict, pid: int, state: RecordDict) -> None:
     """Replace client ``pid``'s namespace in the node's context with ``state``."""
-    prefix = f"{pid}{STATE_SEPARATOR}"
+    prefix = f"{pid}{CLIENT_SEPARATOR}"
     for key in [k for k in context_state.keys() if k.startswith(prefix)]:
         del context_state[key]
     for key, record in state.items():
@@ -148,7 +147,7 @@ def side_by_side(partition_ids: list[int], replies: list[RecordDict]) -> RecordD
     out = RecordDict()
     for pid, reply in zip(partition_ids, replies):
         for key, value in reply.items():
-            out[f"{pid}{STATE_SEPARATOR}{key}"] = value
+            out[f"{pid}{CLIENT_SEPARATOR}{key}"] = value
     return out
 
 
@@ -359,14 +358,14 @@ def _accounted(out: RecordDict, context: Context, served: list[int], failed: lis
 def _holds_state(context: Context) -> int:
     """1 where any client of this node keeps a state (``ClientEnv.state``), else 0: a round checkpoint asks only
     such nodes for their clients' states (FedAvg's 1,000 nodes held none and were queried every round)."""
-    return int(any(STATE_SEPARATOR in key for key in context.state.keys()))
+    return int(any(CLIENT_SEPARATOR in key for key in context.state.keys()))
 
 
 def _client_states(msg: Message, context: Context, group: list[int]) -> Message:
     """The query of a round checkpoint (``fedsim.engine.checkpoint``): "get" answers the namespaces of this
     node's clients in its ``Context.state``; "set" replaces them by those the message carries (a resumed run)."""
     op = msg.content.config_records[ENGINE_KEY].get(STATE_OP)
-    prefixes = tuple(f"{pid}{STATE_SEPARATOR}" for pid in group)
+    prefixes = tuple(f"{pid}{CLIENT_SEPARATOR}" for pid in group)
     if op == "get":
         return Message(RecordDict({k: v for k, v in context.state.items() if k.startswith(prefixes)}), reply_to=msg)
     if op != "set":

@@ -115,9 +115,6 @@ class AccountingGrid(WrappedGrid):
         self.placement: dict[int, dict] = {}  # client -> Flower node, host, Ray nodes that ran it, replies
 
     # -- plumbing Flower's Grid requires (set_run, run: WrappedGrid) -------------------------------------------
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # noqa: ANN001, ANN201
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
-
     def get_node_ids(self) -> list[int]:
         if self.node_clients:
             return sorted(self.node_clients, key=lambda n: self.node_clients[n][0])
