@@ -14,7 +14,8 @@ from collections.abc import Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
-__all__ = ["to_record", "from_record", "encode_array", "decode_array", "encoded_nbytes", "array_item_nbytes"]
+__all__ = ["to_record", "from_record", "encode_array", "decode_array", "encoded_nbytes", "array_item_nbytes",
+           "HeaderCachedArray", "cache_headers"]
 
 
 def encode_array(a: np.ndarray) -> Array:
@@ -53,7 +54,7 @@ def decode_array(array: Array, writable: bool = False) -> np.ndarray:
     shape, fortran, dtype, offset = _layout(array.data)
     flat = np.frombuffer(array.data, dtype=dtype, count=int(np.prod(shape)), offset=offset)
     out = flat.reshape(shape, order="F" if fortran else "C")
-    return out.copy() if writable else out
+    return out.copy(order="K") if writable else out  # K: a Fortran-ordered array stays so, as np.load gives it
 
 
 _NPY_MAGIC = b"\x93NUMPY"
@@ -87,6 +88,25 @@ def _layout(data: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
             _LAYOUTS.clear()
         _LAYOUTS[key] = out
     return out
+
+
+class HeaderCachedArray(Array):
+    """An ``Array`` whose ``numpy()`` reads its .npy header through ``_layout``'s cache: the same writable array
+    ``Array.numpy()`` (``np.load``) returns, without numpy's ``ast.literal_eval`` of the header on every call.
+    Flower's aggregation decodes every array of every reply (FedAvg at 1,000 clients: 2,000 a round)."""
+
+    def numpy(self) -> np.ndarray:  # noqa: D102
+        return decode_array(self, writable=True)
+
+
+def cache_headers(record: ArrayRecord) -> None:
+    """Swap the record's numpy ``Array``s, in place, for ``HeaderCachedArray``s over the same bytes (no copy), so
+    that code reading them with ``Array.numpy()`` (Flower's strategies) decodes each through the header cache."""
+    for key in list(record.keys()):
+        array = record[key]
+        if type(array) is Array and array.stype == "numpy.ndarray":
+            record[key] = HeaderCachedArray(dtype=array.dtype, shape=tuple(array.shape), stype=array.stype,
+                                            data=array.data)
 
 
 def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:

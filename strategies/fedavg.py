@@ -78,7 +78,7 @@ from flwr.serverapp.strategy import (
 )
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from fedsim.codec import from_record, to_record
+from fedsim.codec import cache_headers, from_record, to_record
 from fedsim.engine import ServerContext
 from fedsim.engine.node import byzantine_summary
 from fedsim.algorithms.fedavg import protocol
@@ -127,6 +127,8 @@ class _FloatCounters:
         replies = list(replies)
         for msg in replies:
             if msg.has_content():
+                for record in msg.content.array_records.values():  # Flower decodes each array: header cached
+                    cache_headers(record)
                 _integer_arrays_as_float(msg.content)
         return super().aggregate_train(server_round, replies)
 

@@ -59,3 +59,38 @@ def test_object_arrays_and_broken_headers_are_refused_every_time():
     for _ in range(2):
         with pytest.raises(ValueError):
             codec.decode_array(broken)
+
+
+def test_header_cached_arrays_give_flowers_numpy_and_flowers_average_bitwise():
+    """Flower's aggregation reads every reply array with Array.numpy(): after cache_headers it gets the same
+    writable arrays (dtype, order, values) and the same weighted average, bit for bit, from the same bytes."""
+    from flwr.app import ArrayRecord, MetricRecord, RecordDict
+    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+    rng = np.random.default_rng(0)
+    layouts = {"w": ((4, 3), np.float32, "C"), "v": ((3, 5), np.float64, "F"), "n": ((), np.int64, "C")}
+
+    def replies() -> list[RecordDict]:
+        out = []
+        for i in range(7):
+            arrays = {k: Array(np.asarray(rng.standard_normal(shape) * 10, dtype=dtype, order=order))
+                      for k, (shape, dtype, order) in layouts.items()}
+            out.append(RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord({"n": 3 + i})}))
+        return out
+
+    rng = np.random.default_rng(0)
+    plain = replies()
+    rng = np.random.default_rng(0)
+    cached = replies()
+    for reply in cached:
+        before = {k: a.data for k, a in reply["arrays"].items()}
+        codec.cache_headers(reply["arrays"])
+        assert all(type(a) is codec.HeaderCachedArray and a.data is before[k] for k, a in reply["arrays"].items())
+    for a, b in zip(plain, cached):
+        for key in layouts:
+            want, got = a["arrays"][key].numpy(), b["arrays"][key].numpy()
+            assert got.dtype == want.dtype and got.shape == want.shape and got.flags.writeable
+            assert got.flags.f_contiguous == want.flags.f_contiguous and np.array_equal(got, want)
+    ref, out = aggregate_arrayrecords(plain, "n"), aggregate_arrayrecords(cached, "n")
+    assert list(ref.keys()) == list(out.keys())
+    assert all(ref[k].data == out[k].data for k in ref)  # the same .npy bytes: bitwise the same average
