@@ -230,6 +230,13 @@ PRESTARTED = textwrap.dedent("""
         while len(workers()) < 2 and time.monotonic() < deadline:  # Ray prestarts one per CPU for the driver
             time.sleep(0.1)
         prestarted = workers()
+        below = {}  # what ran below the driver meanwhile, to explain a run where Ray prestarted none
+        for pid in descendants(os.getpid()):
+            try:
+                below[pid] = open(f"/proc/{pid}/comm").read().strip()
+            except OSError:
+                pass
+        waited = round(60 - (deadline - time.monotonic()), 1)
 
         @ray.remote(num_cpus=1)
         class Probe:
@@ -239,7 +246,8 @@ PRESTARTED = textwrap.dedent("""
         probes = [Probe.remote() for _ in range(2)]
         seen = ray.get([p.where.remote() for p in probes])
         print("RESULT " + json.dumps({"prestarted": sorted(prestarted), "actors": sorted(s[0] for s in seen),
-                                      "paths": [s[1] for s in seen], "sys_path": sys.path, "after": after}))
+                                      "paths": [s[1] for s in seen], "sys_path": sys.path, "after": after,
+                                      "below": below, "waited_s": waited}))
 """)
 
 
@@ -249,7 +257,7 @@ def test_the_actors_run_in_the_workers_ray_prestarted_and_see_the_drivers_path(t
     the two workers Ray prestarts for the driver become the actors (no fresh process per actor), each actor's
     PYTHONPATH is the driver's sys.path and its own PYTHONPATH, and the driver's environment is as before."""
     seen = _script_result(tmp_path, PRESTARTED)
-    assert len(seen["prestarted"]) >= 2
+    assert len(seen["prestarted"]) >= 2, {k: seen[k] for k in ("below", "waited_s", "actors")}
     assert set(seen["actors"]) <= set(seen["prestarted"]), seen
     for path in seen["paths"]:
         entries = path.split(os.pathsep)
