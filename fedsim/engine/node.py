@@ -27,8 +27,8 @@ from flwr.app.error import Error
 from flwr.clientapp import ClientApp
 
 from fedsim.config import ScenarioConfig
-from fedsim.engine.accounting import ACCOUNTING_KEY, CLIENT_FAILED, CLIENT_SEPARATOR, ENGINE_KEY, HOLDS_STATE, NODE_KEY, PER_CLIENT, \
-    failing_clients, node_group, record_nbytes
+from fedsim.engine.accounting import ACCOUNTING_KEY, CLIENT_FAILED, CLIENT_SEPARATOR, ENGINE_KEY, HOLDS_STATE, \
+    NODE_KEY, PER_CLIENT, failing_clients, node_group, record_nbytes
 from fedsim.registry import get_strategy
 from fedsim.scenario import ScenarioView, client_stream, derive_seed, partition_for, resolve_device, train_split
 
