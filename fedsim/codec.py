@@ -9,6 +9,7 @@ Object arrays are refused: a message can never make the receiver unpickle anythi
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -52,7 +53,7 @@ def decode_array(array: Array, writable: bool = False) -> np.ndarray:
     if array.stype != "numpy.ndarray":
         raise TypeError(f"unsupported array serialization {array.stype!r} (expected numpy.ndarray)")
     shape, fortran, dtype, offset = _layout(array.data)
-    flat = np.frombuffer(array.data, dtype=dtype, count=int(np.prod(shape)), offset=offset)
+    flat = np.frombuffer(array.data, dtype=dtype, count=math.prod(shape), offset=offset)  # np.prod: 5 us more
     out = flat.reshape(shape, order="F" if fortran else "C")
     return out.copy(order="K") if writable else out  # K: a Fortran-ordered array stays so, as np.load gives it
 

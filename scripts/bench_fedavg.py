@@ -27,6 +27,8 @@ Both sides run as fresh processes, so the figures compare like with like:
   actors), sampled from /proc every 0.2 s per process (the last sample of each process; a process that ends loses
   at most 0.2 s), cross-checked by `getrusage(RUSAGE_CHILDREN)` (`fedsim_rusage_cpu_s`: counts only the processes
   that were reaped by their parents);
+- `bare_eval_cpu_s` / `fedsim_driver_eval_cpu_s`: the CPU of the test evaluations on each side (the same work),
+  `bare_train_cpu_s` the bare loop's client trainings (thread CPU inside the functions), to tell what is left;
 - `cpu_ratio` = fedsim_cpu_s / bare_cpu_s (issue #26: <= 1.2), `ratio` = wall / bare loop wall (issue #14);
 - `server_peak_rss_mb`: the driver's peak resident memory (VmHWM; Ray's processes excluded).
 `--system` runs fedsim a second time with a `[system]` section of defaults (the simulated clock,
@@ -130,6 +132,8 @@ def bare_loop(config, per_round: int | None = None) -> dict:  # noqa: ANN001
     from fedsim.scenario import ScenarioView, partition_for, test_split, train_split
     from fedsim.nn.training import arrays_to_state, evaluate, state_to_arrays
 
+    evaluate = counted("evaluate", evaluate)
+    train_one = counted("train", train_client)
     torch.set_num_threads(1)
     train, test = train_split(config), test_split(config)
     parts = partition_for(config)
@@ -144,7 +148,7 @@ def bare_loop(config, per_round: int | None = None) -> dict:  # noqa: ANN001
         global_state = state_to_arrays(model)
         states, weights = [], []
         for pid in chosen[r - 1]:
-            states.append(state_to_arrays(train_client(config, view, train, parts[pid], pid, r, global_state)))
+            states.append(state_to_arrays(train_one(config, view, train, parts[pid], pid, r, global_state)))
             weights.append(len(parts[pid]))
         arrays_to_state(model, weighted_average(states, weights))
         accuracies.append(evaluate(model, test.x, test.y, batch_size=bs)["accuracy"])
@@ -265,11 +269,29 @@ def peak_rss_mb() -> float:
     return float("nan")
 
 
+CPU_OF: dict[str, float] = {}  # name -> CPU s of the calling thread inside the counted function (``counted``)
+
+
+def counted(name: str, fn):  # noqa: ANN001, ANN201
+    """``fn`` adding its calling thread's CPU time to ``CPU_OF[name]``: the evaluation's share of each side's
+    CPU (both evaluate the same model on the same 10,000 images), so that what is left can be compared."""
+
+    def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        start = time.thread_time()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            CPU_OF[name] = CPU_OF.get(name, 0.0) + time.thread_time() - start
+
+    return wrapper
+
+
 def bare_child(path: str, per_round: str) -> None:
     from fedsim.config import load_scenario
 
     result = bare_loop(load_scenario(path), int(per_round) or None)
     result["peak_rss_mb"] = peak_rss_mb()
+    result["cpu_of"] = CPU_OF
     print("RESULT " + json.dumps(result))
 
 
@@ -332,6 +354,7 @@ class StackSampler:
                     frame = frame.f_back
 
     def _sample_tasks(self) -> None:
+        python_names = {str(t.native_id): t.name for t in threading.enumerate()}  # Python threads by their tid
         for task in os.listdir("/proc/self/task"):
             try:
                 with open(f"/proc/self/task/{task}/stat") as f:
@@ -339,6 +362,7 @@ class StackSampler:
             except OSError:
                 continue
             name, fields = stat.split("(", 1)[1].rsplit(")", 1)[0], stat.rsplit(")", 1)[1].split()
+            name = python_names.get(task, name) if task not in self.tasks else self.tasks[task][0]
             self.tasks[task] = (name, (int(fields[11]) + int(fields[12])) / _TICK)
 
     def stop(self) -> str:
@@ -360,7 +384,7 @@ class StackSampler:
         native: dict[str, float] = {}  # every thread of the process (Ray's C++ threads too), by its OS name
         for name, cpu_s in self.tasks.values():
             native[name] = native.get(name, 0.0) + cpu_s
-        lines.append("every thread's CPU s by OS name (last sample, 1 s apart): " + json.dumps(
+        lines.append("every thread's CPU s by Python name or else OS name (last sample, 1 s apart): " + json.dumps(
             {k: round(v, 2) for k, v in sorted(native.items(), key=lambda kv: -kv[1])}))
         total = sum(self.self_counts.values()) or 1
         lines.append(f"\nself (top of a busy stack), {total} samples:")
@@ -403,6 +427,9 @@ def child(path: str, out: str) -> None:
 
     if os.environ.get("BENCH_FEDAVG_NO_STATE_QUERY"):  # --what-if-no-state-query: a diagnostic, not fedsim
         _skip_client_state_query()
+    import fedsim.strategies.fedavg as fedavg_server
+
+    fedavg_server.evaluate = counted("evaluate", fedavg_server.evaluate)  # the central evaluation
     profile = os.environ.get("BENCH_FEDAVG_PROFILE")  # --profile: a sampling profile of the driver's threads
     sampler = StackSampler() if profile else None
     summary = run_scenario(load_scenario(path), out, show_progress=False)
@@ -411,7 +438,8 @@ def child(path: str, out: str) -> None:
     metrics = load_run(out)["metrics"]
     print("RESULT " + json.dumps({"summary": summary, "accuracies": list(metrics["accuracy"])[1:],
                                   "rounds_s": float(metrics["elapsed_seconds"].iloc[-1]),
-                                  "peak_rss_mb": peak_rss_mb(), "driver_cpu_s": time.process_time()},
+                                  "peak_rss_mb": peak_rss_mb(), "driver_cpu_s": time.process_time(),
+                                  "cpu_of": CPU_OF},
                                  default=str))
 
 
@@ -469,7 +497,9 @@ def main() -> None:
         bare, bare_cost = run_child(["--bare-child", str(path), str(args.per_round or 0)], "bare loop")
         row.update({"bare_loop_s": round(bare["bare_s"], 2), "bare_loop_cpu_s": round(bare["bare_loop_cpu_s"], 2),
                     "bare_process_s": round(bare_cost["process_s"], 2),
-                    "bare_cpu_s": round(bare_cost["rusage_cpu_s"], 2)})
+                    "bare_cpu_s": round(bare_cost["rusage_cpu_s"], 2),
+                    "bare_eval_cpu_s": round(bare["cpu_of"].get("evaluate", 0.0), 2),
+                    "bare_train_cpu_s": round(bare["cpu_of"].get("train", 0.0), 2)})
     print(f"fedsim ({args.backend}) ...", file=sys.stderr, flush=True)
     fed, cost = run_fedsim(path, out / "fedsim", args.profile)
     wall = fed["summary"]["wall_seconds"]
@@ -477,6 +507,7 @@ def main() -> None:
                 "fedsim_process_s": round(cost["process_s"], 2), "fedsim_cpu_s": round(cost["tree_cpu_s"], 2),
                 "fedsim_rusage_cpu_s": round(cost["rusage_cpu_s"], 2),
                 "fedsim_driver_cpu_s": round(fed["driver_cpu_s"], 2),
+                "fedsim_driver_eval_cpu_s": round(fed["cpu_of"].get("evaluate", 0.0), 2),
                 "fedsim_ray_workers_cpu_s": round(sum(v for k, v in cost["tree_by_name"].items()
                                                       if k not in ("driver", "raylet", "gcs_server")), 2),
                 "fedsim_cpu_by_process": dict(list(cost["tree_by_name"].items())[:10]),

@@ -67,9 +67,10 @@ def _env(tmp_path: Path) -> dict[str, str]:
 
 
 def _script_result(tmp_path: Path, code: str) -> dict:
-    """Run ``code`` in a fresh process on the one-variant scenario (its path is argv[1]); its RESULT line."""
+    """Run ``code`` in a fresh process on the one-variant scenario (its path is argv[1], ``tmp_path`` argv[2]);
+    its RESULT line."""
     (tmp_path / "s.toml").write_text(THREE_VARIANTS.split("[[variants]]")[0])
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "s.toml")], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "s.toml"), str(tmp_path)], cwd=ROOT,
                          env=_env(tmp_path), capture_output=True, text=True, timeout=300)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
     assert lines, out.stderr[-3000:]
@@ -398,8 +399,31 @@ LIGHT_ACTOR = textwrap.dedent("""
             error = None
         except ClientAppException as ex:  # what Flower's engine catches and turns into an error reply
             error = str(ex)
+
+        def probes(message, context):  # an exit handler, and an object only the interpreter's teardown frees
+            import atexit, os, sys, types
+            atexit.register(lambda: open(message + "/handler", "w").write("ran"))
+            class Probe:
+                def __init__(self, path, opener=open):
+                    self.path, self.opener = path, opener
+                def __del__(self):
+                    with self.opener(self.path, "w") as f:
+                        f.write("ran")
+            module = types.ModuleType("fedsim_probe")
+            module.probe = Probe(message + "/teardown")
+            sys.modules["fedsim_probe"] = module
+            return os.getpid()
+
+        _, pid, _ = ray.get(actor.run.remote(lambda: probes, sys.argv[2], "9", {}))
+        actor.terminate.remote()  # as Flower's pool ends a simulation
+        import time
+        from fedsim.engine.processes import alive
+        deadline = time.time() + 60
+        while alive(pid) and time.time() < deadline:
+            time.sleep(0.05)
         print("RESULT " + json.dumps({"class": actor_class.__module__, "restored": restored, "cid": cid,
-                                      "reply": reply, "context": context, "error": error}))
+                                      "reply": reply, "context": context, "error": error,
+                                      "actor_gone": not alive(pid)}))
 """)
 
 
@@ -407,9 +431,13 @@ LIGHT_ACTOR = textwrap.dedent("""
 def test_the_actors_are_flowers_client_app_actor_without_flwr_simulation_in_the_worker(tmp_path):
     """Flower's Ray backend gets fedsim's NodeActor while a run is on (Flower's actor restored afterwards): it
     answers as Flower's does (cid, reply, context; a client's exception as ClientAppException) and its worker
-    has not imported flwr.simulation, the link state's SQLAlchemy, FastAPI or flwr.cli."""
+    has not imported flwr.simulation, the link state's SQLAlchemy, FastAPI or flwr.cli; terminated, it runs its
+    exit handlers and leaves without the interpreter's teardown."""
     seen = _script_result(tmp_path, LIGHT_ACTOR)
     assert seen["class"] == "fedsim.engine.ray_actor" and seen["restored"]
+    # terminate: the actor's exit handlers run, the interpreter's teardown does not (exit_after_handlers)
+    assert seen["actor_gone"] and (tmp_path / "handler").read_text() == "ran"
+    assert not (tmp_path / "teardown").exists()
     assert seen["cid"] == "7" and seen["context"] == {"state": 1}
     assert seen["reply"] == {"heavy": [], "message": "m1"}
     assert seen["error"] is not None and "client failed: m2" in seen["error"]

@@ -18,6 +18,8 @@ from typing import Any
 import ray
 from flwr.clientapp.client_app import ClientAppException, LoadClientAppError
 
+from fedsim.engine.processes import exit_after_handlers
+
 __all__ = ["NodeActor"]
 
 
@@ -41,5 +43,7 @@ class NodeActor:
         return cid, out_message, context
 
     def terminate(self) -> None:
-        """Leave the actor's process (Flower's pool calls this when the simulation ends)."""
+        """Leave the actor's process (Flower's pool calls this when the simulation ends): Ray's intended exit,
+        every exit handler, then no interpreter teardown (``fedsim.engine.processes.exit_after_handlers``)."""
+        exit_after_handlers()
         ray.actor.exit_actor()
