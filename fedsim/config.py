@@ -224,7 +224,7 @@ class SimulationConfig:
     backend: str = "ray"  # "ray" (Flower's simulation engine) | "inline" (same apps, in-process, for debugging)
     num_cpus: float = 1.0  # per client (Ray actor)
     num_gpus: float | None = None  # per client; None = 0 where no GPU is visible, else 1 / clients per GPU
-    clients_per_node: int = 1  # >1: one Flower node serves a group of clients (needs a reducible client part)
+    clients_per_node: int = 1  # >1: one Flower node serves a group of clients (StrategySpec.groups_clients)
     failure_rate: float = 0.0  # fraction of clients that fail in each round (seeded)
     timeout: float = 3600.0  # seconds to wait for replies in a round
     ray_address: str | None = None  # join an existing Ray cluster ("auto" or "ray://host:port")
@@ -609,10 +609,10 @@ def _cross_checks(config: ScenarioConfig, spec: StrategySpec) -> None:
         raise ConfigError(f"simulation.byzantine_fraction: {sim.byzantine_fraction} needs a strategy whose clients "
                           f"send model updates (the gradient strategies: fedavg, fedprox, krum, ...); {name!r} does "
                           "not, so byzantine clients would change nothing: use 0")
-    if sim.clients_per_node > 1 and not spec.reducible:
+    if sim.clients_per_node > 1 and not spec.groups_clients:
         raise ConfigError(
             f"simulation.clients_per_node: {sim.clients_per_node} needs a strategy whose client part can "
-            f"combine replies (has `reduce`); {name!r} has none, so use 1"
+            f"combine replies (has `reduce`) or whose server addresses each client; {name!r} has neither, so use 1"
         )
 
 

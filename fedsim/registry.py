@@ -126,7 +126,10 @@ class StrategySpec:
     static partition). ``fixed_rounds(params)``: the number of rounds the algorithm defines (one-shot: 1; FuseFL:
     its stages); a scenario that sets another number is refused, one that sets none gets it. ``single_client``: the
     strategy runs on one client holding all the data (centralized upper bound). ``reducible``: the client part has
-    an associative ``reduce``, so one node may serve several clients. ``check(config)``: cross-field rules.
+    an associative ``reduce``, so one node may serve several clients. ``client_addressed``: the server part runs a
+    Flower strategy on ``fedsim.engine.client_grid`` wherever a node serves several clients, so each client's
+    message gets that client's own reply and nothing is reduced: a node may serve several clients without
+    ``reduce`` (the robust rules, q-FedAvg, DP). ``check(config)``: cross-field rules.
 
     What the engine needs to know of an algorithm is declared here, never probed on its parameters:
 
@@ -148,6 +151,7 @@ class StrategySpec:
     fixed_rounds: Callable[[Any], int] | None = None
     single_client: bool = False
     reducible: bool = False
+    client_addressed: bool = False
     model_codec: Any = None
     server_holdout: Callable[[Any], float] | None = None
     check: Callable[[Any], None] | None = None
@@ -157,6 +161,17 @@ class StrategySpec:
             raise ValueError(f"StrategySpec.kind must be one of {STRATEGY_KINDS}, got {self.kind!r}")
         if self.stream not in STREAM_KINDS:
             raise ValueError(f"StrategySpec.stream must be one of {STREAM_KINDS}, got {self.stream!r}")
+
+    @property
+    def groups_clients(self) -> bool:
+        """One node may serve several clients (``simulation.clients_per_node > 1``): their replies are reduced,
+        or each is addressed and answered on its own."""
+        return self.reducible or self.client_addressed
+
+    def needs_reduce(self, clients_per_node: int) -> bool:
+        """The client part must have ``reduce``: declared reducible, or a node combines several clients' replies
+        (it serves several and the server does not address them one by one)."""
+        return self.reducible or (clients_per_node > 1 and not self.client_addressed)
 
     @property
     def model_replies(self) -> bool:
@@ -308,17 +323,18 @@ def _hooks_of(target: Any) -> tuple[Any, frozenset[str] | None]:
 
 def check_parts(spec: StrategySpec, clients_per_node: int = 1) -> None:
     """Check ``spec``'s parts before a run, without importing what is not imported yet (no torch): the server part
-    has ``run``, the client part ``train``, and ``reduce`` where the spec declares ``reducible`` or a node serves
-    several clients (``clients_per_node > 1``). A part named by import path is read from its source; one whose
+    has ``run``, the client part ``train``, and ``reduce`` where the spec declares ``reducible`` or a node combines
+    several clients' replies (``StrategySpec.needs_reduce``). A part named by import path is read from its source; one whose
     hooks cannot be told from it is checked when the engine builds it. Raises ``ConfigError`` naming
     ``strategy.name``."""
     def refuse(exc: Exception) -> None:
         raise ConfigError(f"strategy.name: {spec.name!r}: {exc}") from None
 
-    if clients_per_node > 1 and not spec.reducible:
+    if clients_per_node > 1 and not spec.groups_clients:
         refuse(PartContractError(
             f"a node serving {clients_per_node} clients needs a client part that combines their replies (declared "
-            "reducible=True, with reduce(replies)); this strategy's is not, so one client per node"))
+            "reducible=True, with reduce(replies)) or a server that addresses each client (client_addressed=True); "
+            "this strategy has neither, so one client per node"))
     server, server_hooks = _hooks_of(spec.server)
     try:
         if server is not None:
@@ -328,12 +344,12 @@ def check_parts(spec: StrategySpec, clients_per_node: int = 1) -> None:
                                     "(ServerPart, fedsim.engine.parts)")
         client, client_hooks = _hooks_of(spec.client)
         if client is not None:
-            check_client_part(client, spec.name, spec.reducible or clients_per_node > 1)
+            check_client_part(client, spec.name, spec.needs_reduce(clients_per_node))
         elif client_hooks is not None:
             if "train" not in client_hooks:
                 raise PartContractError(f"strategy {spec.name!r}: client part {spec.client} has no train(content, "
                                         "env) hook (ClientPart, fedsim.engine.parts)")
-            if (spec.reducible or clients_per_node > 1) and "reduce" not in client_hooks:
+            if spec.needs_reduce(clients_per_node) and "reduce" not in client_hooks:
                 raise PartContractError(f"strategy {spec.name!r}: client part {spec.client} has no reduce(replies) "
                                         "hook, but the spec declares reducible=True (ReducibleClientPart, "
                                         "fedsim.engine.parts)")
@@ -343,13 +359,15 @@ def check_parts(spec: StrategySpec, clients_per_node: int = 1) -> None:
 
 def check_nodes(spec: StrategySpec, num_clients: int, nodes: int) -> None:
     """``fedsim deploy --nodes nodes``: each SuperNode serves ceil(num_clients / nodes) clients, so more than one
-    needs a reducible client part; a ``ConfigError`` saying which ``--nodes`` works otherwise."""
+    needs a strategy that groups clients (``StrategySpec.groups_clients``); a ``ConfigError`` saying which
+    ``--nodes`` works otherwise."""
     per_node = -(-int(num_clients) // max(1, int(nodes)))
-    if per_node > 1 and not spec.reducible:
+    if per_node > 1 and not spec.groups_clients:
         raise ConfigError(
             f"--nodes {nodes}: {num_clients} clients on {nodes} SuperNodes puts {per_node} clients on a node, which "
-            f"needs a client part that combines their replies (reducible=True, with reduce); {spec.name!r} has "
-            f"none: use --nodes {num_clients} (one client per SuperNode)")
+            f"needs a client part that combines their replies (reducible=True, with reduce) or a server that "
+            f"addresses each client; {spec.name!r} has neither: use --nodes {num_clients} (one client per "
+            "SuperNode)")
     check_parts(spec, per_node)
 
 

@@ -30,6 +30,9 @@ Both sides run as fresh processes, so the figures compare like with like:
 - `bare_eval_cpu_s` / `fedsim_driver_eval_cpu_s`: the CPU of the test evaluations on each side (the same work),
   `bare_train_cpu_s` the bare loop's client trainings (thread CPU inside the functions), to tell what is left;
 - `cpu_ratio` = fedsim_cpu_s / bare_cpu_s (issue #26: <= 1.2), `ratio` = wall / bare loop wall (issue #14);
+- `eval_cpu_drift` = fedsim_driver_eval_cpu_s / bare_eval_cpu_s: the same evaluations, so 1.0 where the host ran
+  both phases at one speed (this 2-core host drifted by up to 20% between them), and `cpu_ratio_drift_corrected`
+  = cpu_ratio / eval_cpu_drift, which assumes the drift slowed all work alike (a cross-check, not the target);
 - `server_peak_rss_mb`: the driver's peak resident memory (VmHWM; Ray's processes excluded).
 `--system` runs fedsim a second time with a `[system]` section of defaults (the simulated clock,
 fedsim.engine.clock) and reports `clock_overhead` = its wall time / the run without it - 1 (issue #26: < 5%);
@@ -515,7 +518,11 @@ def main() -> None:
                 "fedsim_accuracy": round(fed["summary"]["final_accuracy"], 4)})
     if bare is not None:
         same = fedsim_sampled(out / "fedsim", args.rounds) == bare["sampled"]
+        # the evaluations are the same work on both sides: their CPU says how fast the host ran each phase
+        drift = fed["cpu_of"].get("evaluate", 0.0) / max(bare["cpu_of"].get("evaluate", 0.0), 1e-9)
         row.update({"cpu_ratio": round(cost["tree_cpu_s"] / bare_cost["rusage_cpu_s"], 3),
+                    "eval_cpu_drift": round(drift, 3),
+                    "cpu_ratio_drift_corrected": round(cost["tree_cpu_s"] / bare_cost["rusage_cpu_s"] / drift, 3),
                     "ratio": round(wall / bare["bare_s"], 3),
                     "rounds_ratio": round(fed["rounds_s"] / bare["bare_s"], 3),
                     "bare_accuracy": round(bare["accuracy"], 4),

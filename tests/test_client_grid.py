@@ -1,5 +1,6 @@
 """Flower's strategies on nodes serving several clients (fedsim.engine.client_grid): clients are sampled, not
-nodes, and the run is the one with a node per client, bit for bit."""
+nodes, and the run is the one with a node per client, bit for bit, also for the strategies whose client part has
+no reduce (each client's reply reaches the aggregation as it was sent)."""
 
 import pandas as pd
 import pytest
@@ -19,7 +20,8 @@ def _run(tmp_path, label, *overrides):  # noqa: ANN001, ANN202
             pd.read_csv(tmp_path / label / "clients.csv"))
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "fedprox"])
+# reducible (a node could pre-average) and not (the robust rules, q-FedAvg, DP: each client's own reply counts)
+@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "krum", "fedmedian", "qfedavg", "fedavg-dp-client"])
 def test_grouped_nodes_sample_clients_and_equal_one_node_per_client(tmp_path, strategy):
     ref, ref_metrics, ref_clients = _run(tmp_path, "single", f"strategy.name={strategy!r}")
     summary, metrics, clients = _run(tmp_path, "grouped", f"strategy.name={strategy!r}",

@@ -139,6 +139,14 @@ def test_grouping_needs_a_reducible_client(scenario):
     assert config.num_nodes == 2
 
 
+def test_strategies_without_reduce_group_clients_where_the_server_addresses_each(scenario):
+    config = load_scenario(scenario, ["strategy.name='krum'", "simulation.clients_per_node=2"])
+    assert config.num_nodes == 2  # Krum's clients answer one by one (fedsim.engine.client_grid), never reduced
+    with pytest.raises(ConfigError, match=r"^simulation.clients_per_node: 2 needs a strategy whose client part can "
+                                          r"combine replies .* or whose server addresses each client; 'fedbuff'"):
+        load_scenario(scenario, ["strategy.name='fedbuff'", "simulation.clients_per_node=2"])
+
+
 def test_centralized_forces_one_client(scenario):
     config = load_scenario(scenario, ["strategy.name=centralized"])
     assert config.num_clients == 1 and config.partition.kind == "iid"

@@ -145,3 +145,18 @@ def test_the_server_holdout_is_declared_on_the_spec(tmp_path):
     other = scenario_config(DIGITS, tmp_path, "strategy.name=feddf", "rounds=1", "strategy.distill_data=dataset",
                             "strategy.dataset=digits", filename="dataset.toml")
     assert server_holdout_fraction(other) == 0.0
+
+
+def test_grouped_nodes_need_reduce_unless_the_server_addresses_each_client():
+    """check_parts with a node serving 4 clients: a client part without reduce is refused, naming both ways out,
+    unless the spec is client_addressed (its server answers each client on its own: no reduce is ever called)."""
+    from fedsim.errors import ConfigError
+    from fedsim.registry import check_parts
+
+    plain = replace(_spec(), client="tests_no_such_module:_Client")  # parts by path: read from source if any
+    with pytest.raises(ConfigError, match=r"combines their replies .* or a server that addresses each client"):
+        check_parts(plain, 4)
+    addressed = replace(plain, client_addressed=True)
+    assert addressed.groups_clients and not addressed.needs_reduce(4)
+    check_parts(addressed, 4)
+    assert get_strategy("krum").groups_clients and not get_strategy("krum").reducible

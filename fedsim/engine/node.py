@@ -303,7 +303,8 @@ class NodeHandler:
             losses.append(loss)
             replies.append(reply)
             pending_bytes += sizes[-1]
-            if not per_client and len(replies) > 1 and pending_bytes > REDUCE_EVERY_BYTES:  # bound memory: fold
+            if not per_client and len(replies) > 1 and pending_bytes > REDUCE_EVERY_BYTES \
+                    and getattr(client_cls, "reduce", None) is not None:  # bound memory: fold
                 replies = [client_cls.reduce(replies)]
                 pending_bytes = max(sizes)
         if not replies:  # an error reply, as Flower makes for a crashed ClientApp, without a logged traceback
@@ -311,8 +312,14 @@ class NodeHandler:
             return Message(Error(code=CLIENT_FAILED, reason=reason), reply_to=msg)
         if per_client:
             out = side_by_side(served, replies)
+        elif len(replies) == 1:
+            out = replies[0]
+        elif getattr(client_cls, "reduce", None) is None:  # a client-addressed strategy sent a node-wide request
+            raise ClientError(f"strategy {cfg.strategy.name!r}: a node serving {len(group)} clients got one request "
+                              "for all of them, but its client part has no reduce; its server must address each "
+                              "client (fedsim.engine.client_grid)")
         else:
-            out = replies[0] if len(replies) == 1 else client_cls.reduce(replies)
+            out = client_cls.reduce(replies)
         return Message(_accounted(out, context, served, failed, sizes, examples, losses), reply_to=msg)
 
     # ---- batched clients (issue #26) ------------------------------------------------------------------------

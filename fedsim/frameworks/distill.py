@@ -19,10 +19,9 @@ seed gives one result on the CPU and the caller's RNG is untouched.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,6 +31,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from fedsim.averaging import weighted_average
+from fedsim.nn.seeding import seeded
 from fedsim.frameworks import oneshot_protocol
 from fedsim.frameworks.oneshot_protocol import LocalModel
 from fedsim.nn.losses import kl_distillation
@@ -80,16 +80,6 @@ class LogitEnsemble(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.combine(self.member_logits(x))
-
-
-@contextlib.contextmanager
-def seeded(seed: int, device: str | torch.device = "cpu") -> Iterator[None]:
-    """torch's global RNG forked and seeded for the duration (CUDA's too when ``device`` is a GPU)."""
-    device = torch.device(device)
-    devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(int(seed))
-        yield
 
 
 def _batches(n: int, batch_size: int) -> list[torch.Tensor]:

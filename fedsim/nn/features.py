@@ -29,6 +29,7 @@ from torch import nn
 
 from fedsim.catalog import BUFFER_INITS
 from fedsim.errors import ConfigError, DataUnavailableError
+from fedsim.nn.seeding import seeded
 
 __all__ = ["BufferLayer", "FeatureMap", "buffer_layer", "build_feature_map", "FEATURE_MAPS", "ACTIVATIONS"]
 
@@ -262,8 +263,7 @@ def _torchvision_map(name: str, input_shape: tuple[int, ...], seed: int, weights
         preset = w.transforms()
         size = int(getattr(preset, "crop_size", [224])[0])
         mean, std = tuple(getattr(preset, "mean", mean)), tuple(getattr(preset, "std", std))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         backbone = torchvision.models.get_model(name, weights=w)
     backbone = _strip_classifier(backbone).eval()
     module = nn.Sequential(_ImagePreprocess(size, mean, std), backbone)

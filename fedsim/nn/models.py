@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from fedsim.errors import ConfigError
+from fedsim.nn.seeding import seeded
 
 __all__ = ["BlockNet", "CosineLinear", "MODELS", "as_block_net", "build_model", "is_factory_name", "num_parameters",
            "resolve_factory", "use_cosine_classifier"]
@@ -125,8 +126,7 @@ def use_cosine_classifier(net: BlockNet, seed: int = 0) -> BlockNet:
     The caller's torch RNG is untouched (forked), so every process builds the same head from the same seed.
     """
     fc = net.head.fc
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         net.head.fc = CosineLinear(fc.in_features, fc.out_features)
     return net
 
@@ -245,8 +245,7 @@ def build_model(
         raise ConfigError(f"model: num_classes must be >= 1, got {num_classes}")
     if is_factory_name(name):
         factory = resolve_factory(name)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded(seed):
             return _call_factory(name, factory, tuple(int(s) for s in input_shape), int(num_classes), params or {})
     if name not in _BUILDERS:
         raise ConfigError(f"model.name: unknown model {name!r}; allowed: {', '.join(MODELS)}, or a factory "
@@ -258,8 +257,7 @@ def build_model(
     width = default_width if width is None else int(width)
     if width < 1:
         raise ConfigError(f"model.width: {width!r} is out of range; it must be >= 1")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         return builder(tuple(input_shape), num_classes, width)
 
 

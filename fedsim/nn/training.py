@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from fedsim.errors import ConfigError
+from fedsim.nn.seeding import seeded
 
 __all__ = [
     "train_epochs",
@@ -137,11 +138,9 @@ def train_epochs(
     criterion = loss_fn or nn.functional.cross_entropy
     prox = _global_reference(model, global_params) if proximal_mu > 0 else []
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    rng_devices = [device.index or 0] if device.type == "cuda" else []
     steps, last_loss = 0, math.nan
     _set_train_mode(model)
-    with torch.random.fork_rng(devices=rng_devices):
-        torch.manual_seed(int(seed))
+    with seeded(seed, device):
         for _ in range(epochs):
             total, seen = 0.0, 0
             for idx in _batches(torch.randperm(n, generator=gen), batch_size):

@@ -246,9 +246,9 @@ def _check_trainable(config) -> None:  # noqa: ANN001
 
 
 def sampled_clients(config) -> int:  # noqa: ANN001
-    """Clients a round samples, as Flower's FedAvg.configure_train counts them: max(int(nodes * fraction), 1),
-    one client per node (the robust and DP strategies are not reducible, so a node serves one client)."""
-    return max(int(config.num_nodes * config.strategy.params.fraction_train), 1)
+    """Clients a round samples, as Flower's FedAvg.configure_train counts them: max(int(N * fraction), 1) over
+    the grid's N node ids, one per client also where a node serves several (fedsim.engine.client_grid)."""
+    return max(int(config.num_clients * config.strategy.params.fraction_train), 1)
 
 
 def _check_krum(config) -> None:  # noqa: ANN001
@@ -278,8 +278,11 @@ _SERVERS = "fedsim.strategies.fedavg"
 def _register(name: str, params: type, server: str, description: str, *, reducible: bool,
               check=_check_trainable, **extra) -> None:  # noqa: ANN001
     client = "fedsim.clients.sgd:" + ("SGDClient" if reducible else "PerClientSGDClient")
+    # client_addressed: FedAvgServer runs Flower's strategy on the client-addressed grid wherever a node serves
+    # several clients (strategies/fedavg.py, _strategy_grid), so the non-reducible rules group clients too
     register_strategy(StrategySpec(name=name, params=params, server=f"{_SERVERS}:{server}", client=client,
-                                   check=check, reducible=reducible, model_codec=MODEL_CODEC, description=description,
+                                   check=check, reducible=reducible, client_addressed=True, model_codec=MODEL_CODEC,
+                                   description=description,
                                    **extra))
 
 
