@@ -32,7 +32,7 @@ def _scenario():  # noqa: ANN202
     from fedsim.config import config_from_dict
 
     args = argparse.Namespace(seed=0, rounds=1, clients=1000, alpha=0.3, width=16, epochs=1, backend="inline",
-                              client_cpus=1.0, max_train=None, per_round=None)
+                              client_cpus=1.0, max_train=None, per_round=None, clients_per_node=1)
     return bench_fedavg, config_from_dict(tomllib.loads(bench_fedavg.scenario_text(args)))
 
 
