@@ -324,8 +324,8 @@ def _hooks_of(target: Any) -> tuple[Any, frozenset[str] | None]:
 def check_parts(spec: StrategySpec, clients_per_node: int = 1) -> None:
     """Check ``spec``'s parts before a run, without importing what is not imported yet (no torch): the server part
     has ``run``, the client part ``train``, and ``reduce`` where the spec declares ``reducible`` or a node combines
-    several clients' replies (``StrategySpec.needs_reduce``). A part named by import path is read from its source; one whose
-    hooks cannot be told from it is checked when the engine builds it. Raises ``ConfigError`` naming
+    several clients' replies (``StrategySpec.needs_reduce``). A part named by import path is read from its source;
+    one whose hooks cannot be told from it is checked when the engine builds it. Raises ``ConfigError`` naming
     ``strategy.name``."""
     def refuse(exc: Exception) -> None:
         raise ConfigError(f"strategy.name: {spec.name!r}: {exc}") from None
