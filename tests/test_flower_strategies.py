@@ -235,7 +235,7 @@ def test_clip_update_bounds_the_norm_and_keeps_small_updates():
     (["strategy.name=qfedavg", "strategy.loss=mean"], "strategy.loss"),
     (["strategy.name=fedavg-dp-server", "strategy.clipping_norm=0"], "strategy.clipping_norm"),
     (["strategy.name=fedavg-dp-client", "strategy.noise_multiplier=-1"], "strategy.noise_multiplier"),
-    (["strategy.name=fedmedian", "simulation.clients_per_node=2"], "simulation.clients_per_node"),
+    (["strategy.name=fedbuff", "simulation.clients_per_node=2"], "simulation.clients_per_node"),
 ])
 def test_invalid_parameters_are_refused_naming_the_field(tmp_path, overrides, field):
     with pytest.raises(ConfigError, match=rf"^{field}:"):
