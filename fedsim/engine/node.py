@@ -276,6 +276,7 @@ class NodeHandler:
             if batched is not None:
                 return Message(batched, reply_to=msg)
 
+        reduce = getattr(client_cls, "reduce", None)  # None: a part whose replies are never combined
         replies: list[RecordDict] = []
         served, failed, sizes, reasons = [], [], [], []
         examples, losses = [], []  # per served client, from its own reply (reduce would merge them)
@@ -304,8 +305,8 @@ class NodeHandler:
             replies.append(reply)
             pending_bytes += sizes[-1]
             if not per_client and len(replies) > 1 and pending_bytes > REDUCE_EVERY_BYTES \
-                    and getattr(client_cls, "reduce", None) is not None:  # bound memory: fold
-                replies = [client_cls.reduce(replies)]
+                    and reduce is not None:  # bound memory: fold
+                replies = [reduce(replies)]
                 pending_bytes = max(sizes)
         if not replies:  # an error reply, as Flower makes for a crashed ClientApp, without a logged traceback
             reason = "; ".join(reasons) or "no client selected on this node"
@@ -314,12 +315,12 @@ class NodeHandler:
             out = side_by_side(served, replies)
         elif len(replies) == 1:
             out = replies[0]
-        elif getattr(client_cls, "reduce", None) is None:  # a client-addressed strategy sent a node-wide request
+        elif reduce is None:  # a client-addressed strategy sent a node-wide request
             raise ClientError(f"strategy {cfg.strategy.name!r}: a node serving {len(group)} clients got one request "
                               "for all of them, but its client part has no reduce; its server must address each "
                               "client (fedsim.engine.client_grid)")
         else:
-            out = client_cls.reduce(replies)
+            out = reduce(replies)
         return Message(_accounted(out, context, served, failed, sizes, examples, losses), reply_to=msg)
 
     # ---- batched clients (issue #26) ------------------------------------------------------------------------
