@@ -57,21 +57,26 @@ def train_clients(clients: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=150)
+    parser.add_argument("--repeats", type=int, default=2, help="plain / one-actor pairs, interleaved")
     args = parser.parse_args()
     from fedsim.engine.ray_session import ensure_ray, ray_session
 
-    out = {"clients": args.clients - 1, "plain_cpu_s": [train_clients(args.clients) for _ in range(2)]}
+    out: dict = {"clients": args.clients - 1, "plain_cpu_s": [], "one_actor_cpu_s": []}
     with ray_session():
         ensure_ray(_scenario()[1])
         import ray
 
         trainer = ray.remote(num_cpus=1)(_Trainer)
         one = trainer.remote()
-        out["one_actor_cpu_s"] = [ray.get(one.run.remote(args.clients)) for _ in range(2)]
+        ray.get(one.run.remote(2))  # started and warm
+        for _ in range(args.repeats):  # interleaved, so that a drift of the host's speed hits both sides alike
+            out["plain_cpu_s"].append(train_clients(args.clients))
+            out["one_actor_cpu_s"].append(ray.get(one.run.remote(args.clients)))
         ray.kill(one)
         pair = [trainer.remote(), trainer.remote()]
         ray.get([a.run.remote(2) for a in pair])  # both started and warm
         out["two_actors_at_once_cpu_s"] = ray.get([a.run.remote(args.clients) for a in pair])
+    out["one_actor_over_plain"] = round(sum(out["one_actor_cpu_s"]) / sum(out["plain_cpu_s"]), 3)
     print(json.dumps(out))
 
 

@@ -33,6 +33,12 @@ Both sides run as fresh processes, so the figures compare like with like:
 - `eval_cpu_drift` = fedsim_driver_eval_cpu_s / bare_eval_cpu_s: the same evaluations, so 1.0 where the host ran
   both phases at one speed (this 2-core host drifted by up to 20% between them), and `cpu_ratio_drift_corrected`
   = cpu_ratio / eval_cpu_drift, which assumes the drift slowed all work alike (a cross-check, not the target);
+  the evaluations run in different processes on the two sides (after 100 trainings in the bare process, alone in
+  fedsim's driver), so the process, not only the host, can make them differ;
+- `calibration_cpu_s`: three calibrations of the host's speed, each the same fixed work (40 of the bare loop's
+  client trainings and one evaluation) in a fresh process of its own, before the bare loop, between the two
+  sides and after fedsim; `host_drift` = (between + after) / (before + between) and `cpu_ratio_calibrated` =
+  cpu_ratio / host_drift (`--no-calibration` skips them: about 30 s of wall time);
 - `server_peak_rss_mb`: the driver's peak resident memory (VmHWM; Ray's processes excluded).
 `--system` runs fedsim a second time with a `[system]` section of defaults (the simulated clock,
 fedsim.engine.clock) and reports `clock_overhead` = its wall time / the run without it - 1 (issue #26: < 5%);
@@ -298,6 +304,49 @@ def bare_child(path: str, per_round: str) -> None:
     print("RESULT " + json.dumps(result))
 
 
+CALIBRATION_CLIENTS = 40  # client trainings of a calibration, then one evaluation: ~7 CPU-s here
+
+
+def calibration_child(path: str) -> None:
+    """The host's speed now: the thread CPU of a fixed piece of both sides' work (the bare loop's training of
+    clients 0..CALIBRATION_CLIENTS-1 from the initial model, then one test evaluation) in a fresh process, the
+    same in every calibration, imports and data loading outside the figure."""
+    import torch
+
+    from fedsim.config import load_scenario
+    from fedsim.nn.training import evaluate, state_to_arrays
+    from fedsim.scenario import ScenarioView, partition_for, test_split, train_split
+
+    config = load_scenario(path)
+    torch.set_num_threads(1)
+    train, test, parts, view = train_split(config), test_split(config), partition_for(config), ScenarioView(config)
+    model = view.initial_model()
+    start = state_to_arrays(model)
+    train_client(config, view, train, parts[0], 0, 1, start)  # warm-up: torch's first optimizer, the allocator
+    t0 = time.thread_time()
+    for pid in range(CALIBRATION_CLIENTS):
+        train_client(config, view, train, parts[pid % len(parts)], pid, 1, start)
+    evaluate(model, test.x, test.y, batch_size=config.evaluation.batch_size)
+    print("RESULT " + json.dumps({"cpu_s": time.thread_time() - t0}))
+
+
+def calibrate(path: Path) -> float:
+    """CPU seconds of one ``calibration_child`` (a fresh process)."""
+    return run_child(["--calibration-child", str(path)], "calibration")[0]["cpu_s"]
+
+
+def _calibrated(cpu_ratio: float, calibrations: list[float]) -> dict:
+    """The calibrations (before the bare loop, between the sides, after fedsim), ``host_drift`` = the host's
+    speed around fedsim's phase over that around the bare loop's ((between + after) / (before + between): > 1
+    where the same work cost more CPU during fedsim's phase) and ``cpu_ratio_calibrated`` = cpu_ratio / drift."""
+    if len(calibrations) != 3:
+        return {}
+    before, between, after = calibrations
+    drift = (between + after) / (before + between)
+    return {"calibration_cpu_s": [round(c, 3) for c in calibrations], "host_drift": round(drift, 3),
+            "cpu_ratio_calibrated": round(cpu_ratio / drift, 3)}
+
+
 def fedsim_sampled(out: Path, rounds: int) -> list[list[int]]:
     """The clients fedsim sent a train message to in each round (its clients.csv)."""
     import pandas as pd
@@ -470,7 +519,10 @@ def main() -> None:
     parser.add_argument("--what-if-no-state-query", action="store_true",
                         help="diagnostic: fedsim's round checkpoint skips querying every node for client states")
     parser.add_argument("--out", default="runs/bench-fedavg")
+    parser.add_argument("--no-calibration", action="store_true",
+                        help="skip the three calibrations of the host's speed (before, between and after the sides)")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--calibration-child", help=argparse.SUPPRESS)
     parser.add_argument("--bare-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -478,6 +530,9 @@ def main() -> None:
         return
     if args.bare_child:
         bare_child(*args.bare_child)
+        return
+    if args.calibration_child:
+        calibration_child(args.calibration_child)
         return
     if args.what_if_no_state_query:
         os.environ["BENCH_FEDAVG_NO_STATE_QUERY"] = "1"
@@ -494,6 +549,8 @@ def main() -> None:
     row: dict = {"clients": args.clients, "per_round": args.per_round or args.clients, "rounds": args.rounds,
                  "backend": args.backend}
     bare = None
+    calibrating = not args.skip_bare and not args.no_calibration
+    calibrations = [calibrate(path)] if calibrating else []
     if not args.skip_bare:
         print(f"bare PyTorch loop: {args.clients} clients, {args.per_round or args.clients} per round, "
               f"{args.rounds} rounds ...", file=sys.stderr, flush=True)
@@ -503,8 +560,12 @@ def main() -> None:
                     "bare_cpu_s": round(bare_cost["rusage_cpu_s"], 2),
                     "bare_eval_cpu_s": round(bare["cpu_of"].get("evaluate", 0.0), 2),
                     "bare_train_cpu_s": round(bare["cpu_of"].get("train", 0.0), 2)})
+    if calibrating:
+        calibrations.append(calibrate(path))
     print(f"fedsim ({args.backend}) ...", file=sys.stderr, flush=True)
     fed, cost = run_fedsim(path, out / "fedsim", args.profile)
+    if calibrating:
+        calibrations.append(calibrate(path))
     wall = fed["summary"]["wall_seconds"]
     row.update({"fedsim_s": round(wall, 2), "fedsim_rounds_s": round(fed["rounds_s"], 2),
                 "fedsim_process_s": round(cost["process_s"], 2), "fedsim_cpu_s": round(cost["tree_cpu_s"], 2),
@@ -523,6 +584,7 @@ def main() -> None:
         cpu_ratio = cost["tree_cpu_s"] / bare_cost["rusage_cpu_s"]
         row.update({"cpu_ratio": round(cpu_ratio, 3), "eval_cpu_drift": round(drift, 3),
                     "cpu_ratio_drift_corrected": round(cpu_ratio / drift, 3),
+                    **_calibrated(cpu_ratio, calibrations),
                     "ratio": round(wall / bare["bare_s"], 3),
                     "rounds_ratio": round(fed["rounds_s"] / bare["bare_s"], 3),
                     "bare_accuracy": round(bare["accuracy"], 4),
