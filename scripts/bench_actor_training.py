@@ -6,7 +6,7 @@ Fashion-MNIST, 1,000 Dirichlet(0.3) clients, cnn width 16, 1 epoch) from the ini
 bare-loop step (``bench_fedavg.train_client``), one torch thread, after one warm-up client; the figure is the CPU
 time of the training thread.
 
-    python scripts/bench_actor_training.py --clients 150
+    python scripts/bench_actor_training.py --clients 150 --repeats 4   # plain and one actor interleaved
 """
 
 from __future__ import annotations
