@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from queue import Queue
+from queue import Empty, Queue
 
 import pytest
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
@@ -21,7 +21,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.federation import NoOpFederationManager
 from flwr.superlink.grid import InMemoryGrid
 
-from fedsim.engine.ray_backend import _add_messages_to_queue, _one_scan_per_poll
+from fedsim.engine.ray_backend import _add_messages_to_queue, _ClosableQueue, _one_scan_per_poll
 
 
 @pytest.fixture(autouse=True)
@@ -94,6 +94,77 @@ def test_the_poller_is_flowers_again_after_the_run():
         assert vce_api.add_messages_to_queue is not original
         assert vce_api.add_messages_to_queue.func is _add_messages_to_queue
     assert vce_api.add_messages_to_queue is original
+
+
+def test_a_closed_queue_wakes_a_waiting_get_and_keeps_its_items():
+    queue = _ClosableQueue()
+    woke = []
+
+    def wait() -> None:
+        try:
+            queue.get(timeout=60)
+        except Empty:
+            woke.append(time.monotonic())
+
+    waiter = threading.Thread(target=wait, daemon=True)
+    waiter.start()
+    time.sleep(0.05)  # let it wait (a get that starts after the close raises at once, too)
+    queue.close()
+    waiter.join(timeout=20)
+    assert not waiter.is_alive() and len(woke) == 1  # woken by the close, not by its 60 s timeout
+    queue.put("late")
+    assert queue.get(timeout=60) == "late"  # what is there is still handed out
+    with pytest.raises(Empty):
+        queue.get(timeout=60)  # closed and empty: at once
+    open_queue = _ClosableQueue()
+    with pytest.raises(Empty):
+        open_queue.get(timeout=0.01)  # an open queue still times out as a Queue does
+    open_queue.put(1)
+    assert open_queue.get(block=False) == 1
+
+
+class _IdleBackend:
+    """A Flower simulation backend with two workers and no message to process."""
+
+    num_workers = 2
+
+    def build(self, app_fn) -> None:  # noqa: ANN001
+        pass
+
+    def terminate(self) -> None:
+        pass
+
+
+def test_flowers_threads_leave_as_soon_as_the_run_stops(monkeypatch):
+    """Flower's run_api (two workers, the poller, the reply injector, all waiting on empty queues) returns once
+    the stop is set, without waiting for the threads' get timeouts (here stretched to 60 s: without the close the
+    threads would sit there a minute), and closes only queues of a stopped run."""
+    from flwr.server.superlink.fleet.vce.metrics import VceMetrics
+
+    factory, mapping, _ = _federation(2, [])
+    created: list[_ClosableQueue] = []
+
+    class _LongWaits(_ClosableQueue):
+        def __init__(self) -> None:
+            super().__init__()
+            created.append(self)
+
+        def get(self, block: bool = True, timeout: float | None = None):  # noqa: ANN201
+            return super().get(block, None if timeout is None else 60.0)
+
+    f_stop = threading.Event()
+    with _one_scan_per_poll():
+        monkeypatch.setattr(vce_api, "Queue", _LongWaits)
+        runner = threading.Thread(target=vce_api.run_api, args=(None, _IdleBackend, mapping, factory, {}, f_stop,
+                                                                VceMetrics()), daemon=True)
+        runner.start()
+        time.sleep(0.3)  # the threads are waiting on their queues
+        assert runner.is_alive() and len(created) == 2 and not any(q.closed for q in created)
+        f_stop.set()
+        runner.join(timeout=30)
+    assert not runner.is_alive()
+    assert all(q.closed for q in created)
+    assert vce_api.Queue is Queue and vce_api.put_message_into_state.__module__ == vce_api.__name__
 
 
 def test_another_link_state_gets_flowers_poller():
