@@ -26,6 +26,7 @@ depend on the partition anyway):
     python scripts/bench_afl.py --clients 100 1000 10000 100000 --skip-fedavg --bare-threads 1
     python scripts/bench_afl.py --clients 100 --nodes 100 --skip-fedavg   # one client per Flower node
     python scripts/bench_afl.py --clients 10 --nodes 10 --skip-fedavg --bare-threads 1   # issue #26's 10 clients
+    python scripts/bench_afl.py --clients 10 --nodes 10 --skip-fedavg --bare-threads 1 --repeats 5   # with spread
 
 At 10 clients the issue's figure takes fedsim's default grouping, one client per node (`--nodes 10`): 4 nodes
 of 3, 3, 3 and 1 Dirichlet clients give the two actors uneven shares (one idled ~3 s at the end of the round).
@@ -34,8 +35,10 @@ Targets (issue #3): ratio <= 1.5 at 1000 clients; server peak RSS at 10000 clien
 Targets (issue #14): at 10000 clients wall time <= 60 s and bytes up >= 10x below the packed form; at 100000
 clients the run completes with server peak RSS within 1.2x of the 100-client run and the same accuracy.
 Targets (issue #26): at 100000 clients wall time <= 3x the physical floor (`wall_to_floor`); at 10 clients
-ratio <= 1.5. Each row records the load average before and after the fedsim run and after the bare loop, and the
-memory available (the machine is shared: compare ratios taken in one invocation).
+ratio <= 1.5. `--repeats R` runs fedsim and the bare loop R times per N, alternating, and prints each ratio's
+mean and standard deviation (one pair is at the mercy of the host's drift between its two halves). Each row
+records the load average before and after the fedsim run and after the bare loop, and the memory available (the
+machine is shared: compare ratios taken in one invocation).
 """
 
 from __future__ import annotations
@@ -209,6 +212,9 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=4, help="Flower nodes; each serves ceil(N / nodes) clients")
     parser.add_argument("--dim", type=int, default=None, help="feature dimension (default: the scenario's)")
     parser.add_argument("--fedavg-rounds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="fedsim run and bare loop this many times per N, alternating (the host's drift then "
+                             "hits both sides alike); the summary gives each ratio's mean and spread")
     parser.add_argument("--skip-fedavg", action="store_true")
     parser.add_argument("--bare-threads", type=int, nargs="+", default=sorted({1, os.cpu_count() or 1}),
                         help="BLAS/torch thread counts to time the bare loop with (the fastest counts)")
@@ -253,68 +259,76 @@ def main() -> None:
             common.append(f"model.feature_dim={args.dim}")
         if args.max_train:
             common.append(f"data.max_train={args.max_train}")
-        print(f"N={n}: AFL through Flower + Ray ({math.ceil(n / per_node)} nodes x {per_node} clients) ...",
-              file=sys.stderr, flush=True)
-        before = machine_state()
-        afl = run_child(SCENARIO, common, out / f"afl-{n}")
-        after = machine_state()
-        s = afl["summary"]
-        if args.bare_max_clients is None or n <= args.bare_max_clients:
-            print(f"N={n}: bare loop ...", file=sys.stderr, flush=True)
-            bare_runs = {t: bare_loop(common, t) for t in args.bare_threads}
-        else:  # the target at this size is against the floor; the per-client bare loop would take minutes
-            bare_runs = {t: {"bare_s": float("nan"), "accuracy": float("nan")} for t in args.bare_threads}
-        after_bare = machine_state()
-        bare = min(bare_runs.values(), key=lambda b: b["bare_s"])  # the faster threading: the conservative ratio
-        row = {
-            "clients": n, "nodes": math.ceil(n / per_node), "wall_s": s["wall_seconds"],
-            "round_s": afl["rounds"]["elapsed_seconds"][-1], "process_s": round(afl["process_s"], 2),
-            **{f"bare_{t}thr_s": round(b["bare_s"], 2) for t, b in bare_runs.items()},
-            "bare_s": round(bare["bare_s"], 2),
-            "ratio": round(s["wall_seconds"] / bare["bare_s"], 2),
-            "round_ratio": round(afl["rounds"]["elapsed_seconds"][-1] / bare["bare_s"], 2),
-            "floor_s": round(floor, 2), "wall_to_floor": round(s["wall_seconds"] / floor, 2),
-            "server_rss_mb": round(afl["max_rss_mb"]), "bytes_up_mb": round(s["bytes_up"] / 2**20, 1),
-            "packed_up_mb": round(s["answered_clients"] * packed_reply_bytes(s["feature_dim"], 10) / 2**20, 1),
-            "accuracy": s["final_accuracy"], "bare_accuracy": bare["accuracy"],
-            "dropped": s["dropped_clients"],
-            "load_before": before["load"], "load_after": after["load"], "load_after_bare": after_bare["load"],
-            "mem_avail_gb": min(before["mem_avail_gb"], after["mem_avail_gb"]),
-        }
-        if not args.skip_fedavg:
-            print(f"N={n}: FedAvg, {args.fedavg_rounds} rounds ...", file=sys.stderr, flush=True)
-            fed = run_child(SCENARIO, common + [f"rounds={args.fedavg_rounds}", "model.name=cnn", "model.width=16"],
-                            out / f"fedavg-{n}", strategy="fedavg")
-            row.update(fedavg_to_target(fed, s["final_accuracy"]))
-            row["fedavg_wall_s"] = fed["summary"]["wall_seconds"]
-        rows.append(row)
-        print(json.dumps(row), file=sys.stderr, flush=True)
+        for rep in range(1, args.repeats + 1):
+            print(f"N={n}{f' (repeat {rep} of {args.repeats})' if args.repeats > 1 else ''}: AFL through Flower + "
+                  f"Ray ({math.ceil(n / per_node)} nodes x {per_node} clients) ...", file=sys.stderr, flush=True)
+            before = machine_state()
+            afl = run_child(SCENARIO, common, out / f"afl-{n}")
+            after = machine_state()
+            s = afl["summary"]
+            if args.bare_max_clients is None or n <= args.bare_max_clients:
+                print(f"N={n}: bare loop ...", file=sys.stderr, flush=True)
+                bare_runs = {t: bare_loop(common, t) for t in args.bare_threads}
+            else:  # the target at this size is against the floor; the per-client bare loop would take minutes
+                bare_runs = {t: {"bare_s": float("nan"), "accuracy": float("nan")} for t in args.bare_threads}
+            after_bare = machine_state()
+            bare = min(bare_runs.values(), key=lambda b: b["bare_s"])  # the faster threading: the conservative ratio
+            row = {
+                "clients": n, "repeat": rep, "nodes": math.ceil(n / per_node), "wall_s": s["wall_seconds"],
+                "round_s": afl["rounds"]["elapsed_seconds"][-1], "process_s": round(afl["process_s"], 2),
+                **{f"bare_{t}thr_s": round(b["bare_s"], 2) for t, b in bare_runs.items()},
+                "bare_s": round(bare["bare_s"], 2),
+                "ratio": round(s["wall_seconds"] / bare["bare_s"], 2),
+                "round_ratio": round(afl["rounds"]["elapsed_seconds"][-1] / bare["bare_s"], 2),
+                "floor_s": round(floor, 2), "wall_to_floor": round(s["wall_seconds"] / floor, 2),
+                "server_rss_mb": round(afl["max_rss_mb"]), "bytes_up_mb": round(s["bytes_up"] / 2**20, 1),
+                "packed_up_mb": round(s["answered_clients"] * packed_reply_bytes(s["feature_dim"], 10) / 2**20, 1),
+                "accuracy": s["final_accuracy"], "bare_accuracy": bare["accuracy"],
+                "dropped": s["dropped_clients"],
+                "load_before": before["load"], "load_after": after["load"], "load_after_bare": after_bare["load"],
+                "mem_avail_gb": min(before["mem_avail_gb"], after["mem_avail_gb"]),
+            }
+            if not args.skip_fedavg:
+                print(f"N={n}: FedAvg, {args.fedavg_rounds} rounds ...", file=sys.stderr, flush=True)
+                fed = run_child(SCENARIO, common + [f"rounds={args.fedavg_rounds}", "model.name=cnn", "model.width=16"],
+                                out / f"fedavg-{n}", strategy="fedavg")
+                row.update(fedavg_to_target(fed, s["final_accuracy"]))
+                row["fedavg_wall_s"] = fed["summary"]["wall_seconds"]
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
     table = pd.DataFrame(rows)
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "bench_afl.csv", index=False)
     print(table.to_markdown(index=False) if _has_tabulate() else table.to_string(index=False))
+    t = table.groupby("clients").mean(numeric_only=True)  # over the repeats
+    spread = table.groupby("clients")[["ratio", "round_ratio", "wall_s", "bare_s", "process_s"]].agg(["mean", "std"])
+    if args.repeats > 1:
+        print(f"\nover {args.repeats} alternating repeats (mean +- sd):")
+        for n, r in spread.iterrows():
+            pm = {col: f"{r[(col, 'mean')]:.2f} +- {r[(col, 'std')]:.2f}" for col in spread.columns.levels[0]}
+            print(f"  N={n}: ratio {pm['ratio']}, round_ratio {pm['round_ratio']}, wall {pm['wall_s']} s, "
+                  f"bare {pm['bare_s']} s, fedsim process {pm['process_s']} s")
     if 100000 in sizes:
-        r = table.set_index("clients").loc[100000]
-        print(f"100000 clients: wall {r['wall_s']} s = {r['wall_to_floor']}x the physical floor {r['floor_s']} s "
-              f"(issue #26 target <= 3x)")
+        r = t.loc[100000]
+        print(f"100000 clients: wall {r['wall_s']:.1f} s = {r['wall_to_floor']:.2f}x the physical floor "
+              f"{r['floor_s']:.2f} s (issue #26 target <= 3x)")
     if 10 in sizes:
-        print(f"10 clients: {table.set_index('clients').loc[10, 'ratio']}x the bare loop (issue #26 target <= 1.5x)")
+        print(f"10 clients: {t.loc[10, 'ratio']:.2f}x the bare loop (issue #26 target <= 1.5x)")
     if 1000 in sizes:
-        r = table.set_index("clients").loc[1000, "ratio"]
-        print(f"\nframework overhead ratio at 1000 clients: {r} (target <= 1.5)")
+        print(f"\nframework overhead ratio at 1000 clients: {t.loc[1000, 'ratio']:.2f} (target <= 1.5)")
     if 10000 in sizes:
-        r = table.set_index("clients").loc[10000]
-        print(f"10000 clients: wall {r['wall_s']} s (target <= 60), bytes up {r['bytes_up_mb']} MiB vs packed "
+        r = t.loc[10000]
+        print(f"10000 clients: wall {r['wall_s']:.1f} s (target <= 60), bytes up {r['bytes_up_mb']} MiB vs packed "
               f"{r['packed_up_mb']} MiB ({r['packed_up_mb'] / max(r['bytes_up_mb'], 1e-9):.1f}x, target >= 10x)")
     if 100 in sizes and 100000 in sizes:
-        t = table.set_index("clients")
-        print(f"server peak RSS 100000 vs 100 clients: {t.loc[100000, 'server_rss_mb']} vs {t.loc[100, 'server_rss_mb']} MB "
-              f"({t.loc[100000, 'server_rss_mb'] / t.loc[100, 'server_rss_mb']:.2f}x, target <= 1.2x); accuracy "
-              f"{t.loc[100000, 'accuracy']} vs {t.loc[100, 'accuracy']}")
+        rss = t["server_rss_mb"]
+        print(f"server peak RSS 100000 vs 100 clients: {rss[100000]:.0f} vs {rss[100]:.0f} MB "
+              f"({rss[100000] / rss[100]:.2f}x, target <= 1.2x); accuracy {t.loc[100000, 'accuracy']} vs "
+              f"{t.loc[100, 'accuracy']}")
     if 100 in sizes and 10000 in sizes:
-        t = table.set_index("clients")["server_rss_mb"]
-        print(f"server peak RSS 10000 vs 100 clients: {t[10000]} MB vs {t[100]} MB "
-              f"({100 * (t[10000] / t[100] - 1):+.1f}%, target within 20%)")
+        rss = t["server_rss_mb"]
+        print(f"server peak RSS 10000 vs 100 clients: {rss[10000]:.0f} MB vs {rss[100]:.0f} MB "
+              f"({100 * (rss[10000] / rss[100] - 1):+.1f}%, target within 20%)")
 
 
 def _has_tabulate() -> bool:
