@@ -301,8 +301,10 @@ def main() -> None:
     table.to_csv(out / "bench_afl.csv", index=False)
     print(table.to_markdown(index=False) if _has_tabulate() else table.to_string(index=False))
     t = table.groupby("clients").mean(numeric_only=True)  # over the repeats
-    spread = table.groupby("clients")[["ratio", "round_ratio", "wall_s", "bare_s", "process_s"]].agg(["mean", "std"])
+    rss = t["server_rss_mb"]
     if args.repeats > 1:
+        spread = table.groupby("clients")[["ratio", "round_ratio", "wall_s", "bare_s", "process_s"]].agg(
+            ["mean", "std"])
         print(f"\nover {args.repeats} alternating repeats (mean +- sd):")
         for n, r in spread.iterrows():
             pm = {col: f"{r[(col, 'mean')]:.2f} +- {r[(col, 'std')]:.2f}" for col in spread.columns.levels[0]}
@@ -321,12 +323,10 @@ def main() -> None:
         print(f"10000 clients: wall {r['wall_s']:.1f} s (target <= 60), bytes up {r['bytes_up_mb']} MiB vs packed "
               f"{r['packed_up_mb']} MiB ({r['packed_up_mb'] / max(r['bytes_up_mb'], 1e-9):.1f}x, target >= 10x)")
     if 100 in sizes and 100000 in sizes:
-        rss = t["server_rss_mb"]
         print(f"server peak RSS 100000 vs 100 clients: {rss[100000]:.0f} vs {rss[100]:.0f} MB "
               f"({rss[100000] / rss[100]:.2f}x, target <= 1.2x); accuracy {t.loc[100000, 'accuracy']} vs "
               f"{t.loc[100, 'accuracy']}")
     if 100 in sizes and 10000 in sizes:
-        rss = t["server_rss_mb"]
         print(f"server peak RSS 10000 vs 100 clients: {rss[10000]:.0f} MB vs {rss[100]:.0f} MB "
               f"({100 * (rss[10000] / rss[100] - 1):+.1f}%, target within 20%)")
 

@@ -119,6 +119,8 @@ def test_a_closed_queue_wakes_a_waiting_get_and_keeps_its_items():
     open_queue = _ClosableQueue()
     with pytest.raises(Empty):
         open_queue.get(timeout=0.01)  # an open queue still times out as a Queue does
+    with pytest.raises(ValueError, match="non-negative"):
+        open_queue.get(timeout=-1)  # and refuses a negative timeout as a Queue does
     open_queue.put(1)
     assert open_queue.get(block=False) == 1
 

@@ -157,6 +157,8 @@ class _ClosableQueue(Queue):
             self.not_empty.notify_all()
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        if block and timeout is not None and timeout < 0:
+            raise ValueError("'timeout' must be a non-negative number")  # as Queue.get
         with self.not_empty:
             deadline = None if timeout is None else time.monotonic() + timeout
             while not self._qsize():
@@ -194,7 +196,8 @@ def _add_messages_to_queue(state: Any, queue: Queue, nodes_mapping: dict[int, in
     order, as ``get_message_ins(node_id, limit=1)`` finds it) is marked delivered and queued, node by node in the
     order of ``nodes_mapping``; every stored message is checked once per poll (expired ones dropped, as
     ``get_message_ins`` does). A link state other than Flower's in-memory one (without the attributes read
-    here) gets ``flower_poller``, Flower's own."""
+    here) gets ``flower_poller``, Flower's own. Once the run has stopped, the run's queues are closed
+    (``_close_queues_of``), so the threads waiting on them leave at once."""
     try:
         return _poll(state, queue, nodes_mapping, f_stop, flower_poller)
     finally:
